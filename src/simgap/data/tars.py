@@ -1,0 +1,121 @@
+"""Webdataset tar shards (img2dataset layout), read and written safely and reproducibly.
+
+Reading streams members in order and groups them by key (the part of the basename before the
+first dot, as webdataset does). Only regular files with a plain relative name are read: absolute
+names, ``..`` components, links and devices are skipped and counted, never followed or extracted.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+from braceexpand import braceexpand
+
+from simgap.io import write_atomic
+
+Sample = tuple[str, dict[str, bytes]]  # key -> {extension: bytes}
+
+
+class ShardError(ValueError):
+    """A shard or shard list cannot be read."""
+
+
+def expand_shards(spec: str | Path | list[str]) -> list[str]:
+    """Brace pattern (``pool/{00000..00127}.tar``), '::'-joined list, folder or glob → tar paths."""
+    if isinstance(spec, list):
+        return [p for s in spec for p in expand_shards(s)]
+    spec = str(spec)
+    if "::" in spec:
+        return expand_shards(spec.split("::"))
+    path = Path(spec)
+    if path.is_dir():
+        found = sorted(str(p) for p in path.glob("*.tar"))
+        if not found:
+            raise ShardError(f"{path}: folder holds no .tar shards")
+        return found
+    if any(c in spec for c in "*?["):
+        found = sorted(glob.glob(spec))
+        if not found:
+            raise ShardError(f"{spec}: pattern matches no files")
+        return found
+    expanded = list(braceexpand(spec))
+    missing = [p for p in expanded if "://" not in p and not Path(p).exists()]
+    if missing:
+        raise ShardError(f"{missing[0]}: no such shard ({len(missing)} of {len(expanded)} missing)")
+    return expanded
+
+
+def safe_member_name(name: str) -> bool:
+    p = PurePosixPath(name)
+    return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``dir/abc.jpg`` → (``dir/abc``, ``jpg``); keys never contain dots."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), (ext if dot else "")
+
+
+def iter_samples(path: str, skipped: Counter[str] | None = None) -> Iterator[Sample]:
+    """Yield (key, {ext: bytes}) from a tar; unsafe or truncated members are counted in ``skipped``.
+
+    A key whose members are not adjacent (``a.jpg b.jpg a.txt``) is split by webdataset into two
+    samples; here it raises, because it would silently pair the wrong caption with an image.
+    """
+    skipped = skipped if skipped is not None else Counter()
+    current: str | None = None
+    members: dict[str, bytes] = {}
+    finished: set[str] = set()
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    skipped["unsafe_member"] += 1
+                    continue
+                if not safe_member_name(info.name):
+                    skipped["unsafe_member"] += 1
+                    continue
+                key, ext = split_name(info.name)
+                f = tar.extractfile(info)
+                data = f.read() if f is not None else b""
+                if key != current:
+                    if current is not None:
+                        yield current, members
+                        finished.add(current)
+                    if key in finished:
+                        raise ShardError(f"{path}: members of key {key!r} are not adjacent")
+                    current, members = key, {}
+                members[ext] = data
+    except (tarfile.ReadError, EOFError, OSError) as e:
+        # A truncated shard keeps the samples read before the damage; the rest is counted.
+        skipped["truncated_shard"] += 1
+        if current is None and not finished:
+            raise ShardError(f"{path}: not a readable tar ({e})") from None
+        members = {}
+    if current is not None and members:
+        yield current, members
+
+
+def write_tar(path: Path, samples: list[Sample]) -> None:
+    """Write samples as a reproducible tar: sorted members, fixed mtime and owner."""
+
+    def write(f: io.BufferedIOBase) -> None:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, members in samples:
+                for ext in sorted(members):
+                    data = members[ext]
+                    info = tarfile.TarInfo(f"{key}.{ext}" if ext else key)
+                    info.size = len(data)
+                    info.mtime = 0
+                    info.mode = 0o644
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    tar.addfile(info, io.BytesIO(data))
+
+    write_atomic(path, write)

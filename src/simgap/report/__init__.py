@@ -1,0 +1,5 @@
+"""The run report: figures and tables built only from a run directory's files."""
+
+from simgap.report.build import build_report, summary_table
+
+__all__ = ["build_report", "summary_table"]

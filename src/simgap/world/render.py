@@ -1,0 +1,627 @@
+"""Pure image renderers of the built-in world: (class, rng, size) -> PIL RGB image.
+
+Every function here is a pure function of its arguments: all randomness comes from the
+``np.random.Generator`` the caller passes, so the writer can make every file reproducible.
+Images are drawn on a canvas ``SUPERSAMPLE`` times larger than the output and box-reduced, which
+anti-aliases PIL's polygon edges at no extra dependency.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+SUPERSAMPLE = 2
+
+# A shape is a list of parts; each part is a closed polygon in unit coordinates (x right, y down)
+# that is either solid or a hole cut out of the parts drawn before it.
+Part = tuple[np.ndarray, bool]
+Shape = list[Part]
+
+
+# --------------------------------------------------------------------------------------------
+# Class shapes
+
+
+def _ellipse(cx: float, cy: float, rx: float, ry: float, n: int = 40, a0: float = 0.0) -> np.ndarray:
+    t = a0 + np.linspace(0.0, 2.0 * math.pi, n, endpoint=False)
+    return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
+
+
+def _circle(cx: float, cy: float, r: float, n: int = 40) -> np.ndarray:
+    return _ellipse(cx, cy, r, r, n)
+
+
+def _regular(n: int, r: float, phase: float = -math.pi / 2) -> np.ndarray:
+    return _ellipse(0.0, 0.0, r, r, n, phase)
+
+
+def _star(points: int, outer: float, inner: float) -> np.ndarray:
+    t = -math.pi / 2 + np.arange(2 * points) * math.pi / points
+    r = np.where(np.arange(2 * points) % 2 == 0, outer, inner)
+    return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
+
+
+def _poly(*xy: tuple[float, float]) -> np.ndarray:
+    return np.asarray(xy, dtype=np.float64)
+
+
+def _heart() -> np.ndarray:
+    t = np.linspace(0.0, 2.0 * math.pi, 60, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
+    return np.stack([x, -y], axis=1)
+
+
+def _arc(cx: float, cy: float, r: float, a0: float, a1: float, n: int = 30) -> np.ndarray:
+    t = np.linspace(a0, a1, n)
+    return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1)
+
+
+def _semicircle(r: float, n: int = 24) -> np.ndarray:
+    t = np.linspace(math.pi, 2 * math.pi, n)
+    return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
+
+
+_SHAPE_BUILDERS: tuple[tuple[str, Callable[[], Shape]], ...] = (
+    ("circle", lambda: [(_circle(0, 0, 1), True)]),
+    ("square", lambda: [(_poly((-1, -1), (1, -1), (1, 1), (-1, 1)), True)]),
+    ("triangle", lambda: [(_poly((0, -1), (1, 0.75), (-1, 0.75)), True)]),
+    ("star", lambda: [(_star(5, 1.0, 0.42), True)]),
+    (
+        "cross",
+        lambda: [
+            (
+                _poly(
+                    (-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3),
+                    (0.3, 1), (-0.3, 1), (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3),
+                ),
+                True,
+            )
+        ],
+    ),
+    ("ring", lambda: [(_circle(0, 0, 1), True), (_circle(0, 0, 0.58), False)]),
+    ("crescent", lambda: [(_circle(0, 0, 1), True), (_circle(0.45, -0.2, 0.85), False)]),
+    ("heart", lambda: [(_heart(), True)]),
+    (
+        "arrow",
+        lambda: [
+            (
+                _poly((-1, -0.22), (0.15, -0.22), (0.15, -0.6), (1, 0), (0.15, 0.6),
+                      (0.15, 0.22), (-1, 0.22)),
+                True,
+            )
+        ],
+    ),
+    (
+        "house",
+        lambda: [
+            (_poly((-0.7, 1), (-0.7, 0), (-0.95, 0), (0, -0.9), (0.95, 0), (0.7, 0), (0.7, 1)),
+             True),
+            (_poly((-0.15, 1), (-0.15, 0.45), (0.15, 0.45), (0.15, 1)), False),
+        ],
+    ),
+    ("diamond", lambda: [(_poly((0, -1), (0.62, 0), (0, 1), (-0.62, 0)), True)]),
+    ("hexagon", lambda: [(_regular(6, 1.0, 0.0), True)]),
+    (
+        "tree",
+        lambda: [
+            (_poly((0, -1), (0.75, 0.35), (-0.75, 0.35)), True),
+            (_poly((-0.16, 0.3), (0.16, 0.3), (0.16, 1), (-0.16, 1)), True),
+        ],
+    ),
+    (
+        "flower",
+        lambda: [
+            *[
+                (_circle(0.55 * math.cos(a), 0.55 * math.sin(a), 0.38, 24), True)
+                for a in np.linspace(-math.pi / 2, 1.5 * math.pi, 5, endpoint=False)
+            ],
+            (_circle(0, 0, 0.25, 24), False),
+        ],
+    ),
+    (
+        "bolt",
+        lambda: [
+            (_poly((0.15, -1), (-0.55, 0.1), (-0.05, 0.1), (-0.3, 1), (0.55, -0.2), (0.05, -0.2),
+                   (0.4, -1)), True)
+        ],
+    ),
+    (
+        "fish",
+        lambda: [
+            (_ellipse(-0.2, 0, 0.75, 0.45), True),
+            (_poly((0.4, 0), (1, -0.5), (1, 0.5)), True),
+            (_circle(-0.6, -0.1, 0.09, 12), False),
+        ],
+    ),
+    ("drop", lambda: [(np.concatenate([_poly((0, -1)), _arc(0, 0.35, 0.62, -0.4, math.pi + 0.4)]),
+                       True)]),
+    (
+        "cloud",
+        lambda: [
+            (_circle(-0.5, 0.15, 0.42), True),
+            (_circle(0.05, -0.15, 0.55), True),
+            (_circle(0.55, 0.15, 0.4), True),
+            (_poly((-0.5, 0.15), (0.55, 0.15), (0.55, 0.55), (-0.5, 0.57)), True),
+        ],
+    ),
+    (
+        "mushroom",
+        lambda: [
+            (np.concatenate([_semicircle(1.0), _poly((1, 0.05), (-1, 0.05))]), True),
+            (_poly((-0.28, 0), (0.28, 0), (0.35, 1), (-0.35, 1)), True),
+        ],
+    ),
+    (
+        "hourglass",
+        lambda: [
+            (_poly((-0.75, -1), (0.75, -1), (0.1, 0), (0.75, 1), (-0.75, 1), (-0.1, 0)), True)
+        ],
+    ),
+)
+
+
+def _normalise(shape: Shape) -> Shape:
+    """Centre the bounding box at 0 and fit it in [-1, 1] so every class has the same size."""
+    allpts = np.concatenate([p for p, solid in shape if solid])
+    lo, hi = allpts.min(axis=0), allpts.max(axis=0)
+    centre, half = (lo + hi) / 2, (hi - lo).max() / 2
+    return [((p - centre) / half, solid) for p, solid in shape]
+
+
+CLASSNAMES: tuple[str, ...] = tuple(name for name, _ in _SHAPE_BUILDERS)
+SHAPES: tuple[Shape, ...] = tuple(_normalise(build()) for _, build in _SHAPE_BUILDERS)
+MAX_CLASSES = len(CLASSNAMES)
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry and drawing helpers
+
+
+def _place(
+    shape: Shape,
+    centre: tuple[float, float],
+    radius: float,
+    angle: float,
+    squash: float = 1.0,
+    shear: float = 0.0,
+) -> Shape:
+    """Map unit-coordinate parts to canvas pixels: shear/squash (a cheap stand-in for a
+    perspective view), then rotation, then scale and translation."""
+    c, s = math.cos(angle), math.sin(angle)
+    m = np.array([[c, -s], [s, c]]) @ np.array([[squash, shear], [0.0, 1.0]]) * radius
+    off = np.asarray(centre)
+    return [(p @ m.T + off, solid) for p, solid in shape]
+
+
+def _xy(points: np.ndarray) -> list[tuple[float, float]]:
+    return [(float(x), float(y)) for x, y in points]
+
+
+def _mask(parts: Shape, side: int) -> Image.Image:
+    mask = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(mask)
+    for points, solid in parts:
+        draw.polygon(_xy(points), fill=255 if solid else 0)
+    return mask
+
+
+def _to_float(mask: Image.Image) -> np.ndarray:
+    return np.asarray(mask, dtype=np.float32) / 255.0
+
+
+def _blend(under: np.ndarray, over: np.ndarray | tuple | float, alpha: np.ndarray) -> np.ndarray:
+    a = alpha[..., None]
+    return under * (1.0 - a) + np.asarray(over, dtype=np.float32) * a
+
+
+def _grid(side: int) -> tuple[np.ndarray, np.ndarray]:
+    ax = np.arange(side, dtype=np.float32)
+    return np.meshgrid(ax, ax)  # x, y
+
+
+def _smooth_noise(rng: np.random.Generator, side: int, cells: int, channels: int = 3) -> np.ndarray:
+    """Low-frequency noise (unit std at the grid points), bicubic-upsampled from a coarse grid."""
+    small = rng.standard_normal((cells, cells, channels)).astype(np.float32)
+    out = np.empty((side, side, channels), np.float32)
+    for ch in range(channels):
+        layer = Image.fromarray(np.ascontiguousarray(small[..., ch]))
+        out[..., ch] = np.asarray(layer.resize((side, side), Image.Resampling.BICUBIC))
+    return out
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    return np.asarray(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32) * 255.0
+
+
+def _jitter(rng: np.random.Generator, colour: tuple[float, ...], amount: float) -> np.ndarray:
+    return np.clip(np.asarray(colour, np.float32) + rng.uniform(-amount, amount, 3), 0, 255)
+
+
+def _finish(
+    canvas: np.ndarray,
+    rng: np.random.Generator,
+    size: int,
+    noise: float = 0.0,
+    blur: float = 0.0,
+) -> Image.Image:
+    """Canvas (float, supersampled) -> output image: box-reduce, optional blur and sensor noise."""
+    img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).reduce(SUPERSAMPLE)
+    if blur > 0:
+        img = img.filter(ImageFilter.GaussianBlur(blur))
+    if noise > 0:
+        arr = np.asarray(img, dtype=np.float32) + rng.normal(0.0, noise, (size, size, 3))
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return img
+
+
+def _blob(rng: np.random.Generator, n_min: int = 5, n_max: int = 9) -> np.ndarray:
+    """An irregular polygon (a rock, a bag, a stain): clutter that is not any class."""
+    n = int(rng.integers(n_min, n_max + 1))
+    t = np.sort(rng.uniform(0, 2 * math.pi, n))
+    r = rng.uniform(0.5, 1.0, n)
+    return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Photo-like scenes
+
+# (top, bottom) colours of everyday scenes: sky over grass, wall over floor, sky over sand, ...
+_SCENES = (
+    ((135, 180, 225), (85, 140, 65)),
+    ((205, 195, 175), (125, 90, 60)),
+    ((170, 200, 230), (215, 195, 150)),
+    ((95, 125, 85), (65, 90, 50)),
+    ((185, 185, 190), (110, 110, 118)),
+    ((225, 215, 195), (160, 135, 105)),
+    ((150, 170, 190), (90, 95, 100)),
+)
+
+# Natural object colours: red, orange, yellow, green, blue, brown, purple, white, grey, black, pink.
+_NATURAL = (
+    (200, 40, 35),
+    (230, 130, 30),
+    (235, 205, 55),
+    (55, 150, 60),
+    (40, 90, 185),
+    (125, 75, 40),
+    (120, 60, 150),
+    (238, 236, 230),
+    (125, 125, 130),
+    (40, 38, 40),
+    (230, 130, 165),
+)
+
+
+def _scene(rng: np.random.Generator, side: int) -> np.ndarray:
+    top, bottom = _SCENES[int(rng.integers(len(_SCENES)))]
+    top, bottom = _jitter(rng, top, 20), _jitter(rng, bottom, 20)
+    _, y = _grid(side)
+    horizon = rng.uniform(0.3, 0.7) * side
+    t = 1.0 / (1.0 + np.exp(-(y - horizon) / (side * rng.uniform(0.02, 0.12))))
+    bg = _blend(np.broadcast_to(top, (side, side, 3)), bottom, t)
+    # Mostly brightness variation (light, foliage, stains); only a little hue variation.
+    cells = int(rng.integers(3, 7))
+    bg = bg + 16.0 * _smooth_noise(rng, side, cells, 1) + 6.0 * _smooth_noise(rng, side, cells)
+    return bg + 7.0 * _smooth_noise(rng, side, side // 8, 1)
+
+
+def _object_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
+    """A natural colour that stands out from the background, so the class stays visible."""
+    mean = background.reshape(-1, 3).mean(axis=0)
+    colour = _jitter(rng, _NATURAL[0], 15)
+    for _ in range(6):
+        colour = _jitter(rng, _NATURAL[int(rng.integers(len(_NATURAL)))], 15)
+        if np.abs(colour - mean).sum() > 150:
+            break
+    return colour
+
+
+def _shaded_object(
+    rng: np.random.Generator, side: int, colour: np.ndarray, centre: tuple[float, float],
+    radius: float,
+) -> np.ndarray:
+    """Object surface: one light direction plus a little low-frequency texture."""
+    x, y = _grid(side)
+    phi = rng.uniform(0, 2 * math.pi)
+    d = ((x - centre[0]) * math.cos(phi) + (y - centre[1]) * math.sin(phi)) / max(radius, 1.0)
+    shade = np.clip(1.0 + 0.22 * d, 0.6, 1.35)[..., None]
+    return colour * shade + 10.0 * _smooth_noise(rng, side, 6)
+
+
+def _photo_object(
+    rng: np.random.Generator,
+    bg: np.ndarray,
+    parts: Shape,
+    centre: tuple[float, float],
+    radius: float,
+) -> np.ndarray:
+    """Composite a shaded, shadow-casting object onto a photo-like background."""
+    side = bg.shape[0]
+    dx, dy = rng.uniform(0.02, 0.07, 2) * side
+    shadow_parts = [(p + (dx, dy), solid) for p, solid in parts]
+    shadow = _to_float(_mask(shadow_parts, side).filter(ImageFilter.GaussianBlur(side / 40)))
+    bg = bg * (1.0 - 0.45 * shadow)[..., None]
+    colour = _object_colour(rng, bg)
+    surface = _shaded_object(rng, side, colour, centre, radius)
+    return _blend(bg, surface, _to_float(_mask(parts, side)))
+
+
+def _photo_canvas(label: int, rng: np.random.Generator, size: int, small: bool = False) -> np.ndarray:
+    side = size * SUPERSAMPLE
+    bg = _scene(rng, side)
+    lo, hi = (0.2, 0.32) if small else (0.26, 0.4)
+    radius = rng.uniform(lo, hi) * side
+    centre = tuple(rng.uniform(0.5 * side - 0.12 * side, 0.5 * side + 0.12 * side, 2))
+    parts = _place(SHAPES[label], centre, radius, rng.uniform(-0.3, 0.3))
+    return _photo_object(rng, bg, parts, centre, radius)
+
+
+def render_photo(label: int, rng: np.random.Generator, size: int) -> Image.Image:
+    """ImageNet role: a natural-coloured object on an everyday scene, with shadow and noise."""
+    return _finish(_photo_canvas(label, rng, size), rng, size, noise=rng.uniform(3, 6))
+
+
+def render_photo_v2(label: int, rng: np.random.Generator, size: int) -> Image.Image:
+    """ImageNet-V2 role: the photo renderer under other lighting, a warm cast and a softer lens."""
+    canvas = _photo_canvas(label, rng, size, small=True)
+    cast = np.asarray([1.1, 1.0, 0.82], np.float32) * rng.uniform(0.95, 1.05, 3)
+    mean = canvas.mean()
+    canvas = (canvas - mean) * rng.uniform(0.75, 0.9) + mean * rng.uniform(1.0, 1.12)
+    return _finish(canvas * cast, rng, size, noise=rng.uniform(5, 8), blur=rng.uniform(0.5, 0.8))
+
+
+# --------------------------------------------------------------------------------------------
+# Sketch
+
+
+def _resample(points: np.ndarray, step: float) -> np.ndarray:
+    """Closed polygon -> points at most `step` apart (so jitter bends edges, not just corners)."""
+    closed = np.concatenate([points, points[:1]])
+    out = []
+    for a, b in zip(closed[:-1], closed[1:], strict=True):
+        n = max(1, int(math.ceil(np.linalg.norm(b - a) / step)))
+        out.append(a + (b - a) * (np.arange(n)[:, None] / n))
+    return np.concatenate(out)
+
+
+def _pencil(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, points: np.ndarray, side: int,
+    ink: tuple[int, int, int], width: int,
+) -> None:
+    pts = _resample(points, side * 0.035)
+    # A smoothed random walk wobbles the stroke like a hand; white jitter would look like noise.
+    wobble = np.cumsum(rng.normal(0, side * 0.004, pts.shape), axis=0)
+    wobble -= np.linspace(0, 1, len(pts))[:, None] * wobble[-1]
+    pts = pts + wobble + rng.normal(0, side * 0.002, pts.shape)
+    start = int(rng.integers(len(pts)))
+    pts = np.roll(pts, -start, axis=0)
+    overshoot = int(rng.integers(1, 4))
+    draw.line(_xy(np.concatenate([pts, pts[:overshoot]])), fill=ink, width=width, joint="curve")
+
+
+def render_sketch(label: int, rng: np.random.Generator, size: int) -> Image.Image:
+    """ImageNet-Sketch role: dark pencil outline on off-white paper, optional hatching."""
+    side = size * SUPERSAMPLE
+    paper = _jitter(rng, (244, 241, 230), 8)
+    canvas = np.broadcast_to(paper, (side, side, 3)) + 4.0 * _smooth_noise(rng, side, side // 4, 1)
+    radius = rng.uniform(0.28, 0.42) * side
+    centre = tuple(rng.uniform(0.38 * side, 0.62 * side, 2))
+    parts = _place(SHAPES[label], centre, radius, rng.uniform(-0.25, 0.25))
+    if rng.random() < 0.4:
+        x, y = _grid(side)
+        period = rng.uniform(0.04, 0.07) * side
+        hatch = (np.mod(x + y * rng.choice([-1.0, 1.0]), period) < side * 0.012).astype(np.float32)
+        canvas = _blend(canvas, 60.0, 0.5 * hatch * _to_float(_mask(parts, side)))
+    img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    grey = int(rng.integers(15, 75))
+    ink = (grey, grey, grey + int(rng.integers(0, 15)))
+    width = max(1, round(side * rng.uniform(0.012, 0.028)))
+    for _ in range(int(rng.integers(1, 3))):
+        for points, _solid in parts:
+            _pencil(draw, rng, points, side, ink, width)
+    return _finish(np.asarray(img, np.float32), rng, size, noise=1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Rendition (cartoon, pattern-filled, painted)
+
+
+def _outline(mask: Image.Image, width: int) -> np.ndarray:
+    """Outer + hole outline of a mask: dilation minus the mask, so unions get one clean contour."""
+    size = 2 * width + 1
+    return np.clip(_to_float(mask.filter(ImageFilter.MaxFilter(size))) - _to_float(mask), 0, 1)
+
+
+def _pattern(rng: np.random.Generator, side: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    x, y = _grid(side)
+    period = rng.uniform(0.07, 0.13) * side
+    if rng.random() < 0.5:
+        angle = rng.uniform(0, math.pi)
+        u = x * math.cos(angle) + y * math.sin(angle)
+        sel = np.mod(u, period) < period / 2
+    else:
+        dx, dy = np.mod(x, period) - period / 2, np.mod(y, period) - period / 2
+        sel = dx * dx + dy * dy < (period * 0.3) ** 2
+    return np.where(sel[..., None], a, b)
+
+
+def render_rendition(label: int, rng: np.random.Generator, size: int) -> Image.Image:
+    """ImageNet-R role: flat saturated cartoon, pattern-filled clipart or a posterised painting,
+    all with a thick outline."""
+    side = size * SUPERSAMPLE
+    style = int(rng.integers(3))
+    hue = rng.uniform()
+    bg_colour = _hsv(hue, rng.uniform(0.45, 0.9), rng.uniform(0.8, 1.0))
+    fg_hue = hue + rng.uniform(0.3, 0.7)
+    fg = _hsv(fg_hue, rng.uniform(0.75, 1.0), rng.uniform(0.75, 1.0))
+    radius = rng.uniform(0.28, 0.42) * side
+    centre = tuple(rng.uniform(0.38 * side, 0.62 * side, 2))
+    parts = _place(SHAPES[label], centre, radius, rng.uniform(-0.35, 0.35))
+    mask = _mask(parts, side)
+    if style == 0:  # flat cartoon, sometimes on comic stripes
+        bg = np.broadcast_to(bg_colour, (side, side, 3)).astype(np.float32)
+        if rng.random() < 0.4:
+            bg = _pattern(rng, side, bg_colour, _hsv(hue, 0.25, 1.0))
+        surface = np.broadcast_to(fg, (side, side, 3))
+        line = np.zeros(3, np.float32)
+    elif style == 1:  # pattern-filled object on a pastel ground
+        bg = np.broadcast_to(_hsv(hue, 0.25, 1.0), (side, side, 3)).astype(np.float32)
+        surface = _pattern(rng, side, fg, _hsv(fg_hue + 0.5, 0.9, 0.95))
+        line = np.zeros(3, np.float32)
+    else:  # painted: blotchy brush colours, dark coloured outline
+        bg = bg_colour + 45.0 * _smooth_noise(rng, side, int(rng.integers(3, 6)))
+        surface = fg + 35.0 * _smooth_noise(rng, side, 5)
+        line = _hsv(fg_hue, 0.8, 0.3)
+    canvas = _blend(bg, surface, _to_float(mask))
+    canvas = _blend(canvas, line, _outline(mask, max(2, round(side * rng.uniform(0.025, 0.04)))))
+    if style == 2:
+        canvas = np.floor(np.clip(canvas, 0, 255) / 48.0) * 48.0 + 24.0  # posterise
+    return _finish(canvas, rng, size)
+
+
+# --------------------------------------------------------------------------------------------
+# Hard (ImageNet-A role): clutter, occlusion, small objects
+
+
+def _clutter(rng: np.random.Generator, canvas: np.ndarray, n: int, lo: float, hi: float) -> np.ndarray:
+    side = canvas.shape[0]
+    for _ in range(n):
+        centre = tuple(rng.uniform(0, side, 2))
+        parts = _place([(_blob(rng), True)], centre, rng.uniform(lo, hi) * side, 0.0)
+        colour = _jitter(rng, _NATURAL[int(rng.integers(len(_NATURAL)))], 30)
+        canvas = _blend(canvas, colour * rng.uniform(0.7, 1.1), _to_float(_mask(parts, side)))
+    return canvas
+
+
+def render_hard(label: int, rng: np.random.Generator, size: int) -> Image.Image:
+    """ImageNet-A role: a small object among distractor blobs and sticks, partly occluded, dim."""
+    side = size * SUPERSAMPLE
+    canvas = _scene(rng, side) * rng.uniform(0.6, 0.85)
+    canvas = _clutter(rng, canvas, int(rng.integers(6, 12)), 0.06, 0.16)
+    img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 6))):  # sticks, cables, edges of furniture
+        a, b = rng.uniform(0, side, 2), rng.uniform(0, side, 2)
+        colour = tuple(int(v) for v in rng.integers(20, 230, 3))
+        draw.line([tuple(a), tuple(b)], fill=colour, width=int(rng.integers(2, 6)))
+    canvas = np.asarray(img, np.float32)
+    radius = rng.uniform(0.16, 0.24) * side
+    centre = tuple(rng.uniform(0.25 * side, 0.75 * side, 2))
+    parts = _place(SHAPES[label], centre, radius, rng.uniform(-0.6, 0.6))
+    canvas = _photo_object(rng, canvas, parts, centre, radius)
+    # One occluder overlapping the object's edge: hides part of it, never most of it.
+    phi = rng.uniform(0, 2 * math.pi)
+    occ_centre = (centre[0] + 1.1 * radius * math.cos(phi), centre[1] + 1.1 * radius * math.sin(phi))
+    occ = _place([(_blob(rng, 4, 7), True)], occ_centre, radius * rng.uniform(0.5, 0.7), 0.0)
+    colour = _jitter(rng, _NATURAL[int(rng.integers(len(_NATURAL)))], 30)
+    canvas = _blend(canvas, colour, _to_float(_mask(occ, side)))
+    return _finish(canvas, rng, size, noise=rng.uniform(5, 9))
+
+
+# --------------------------------------------------------------------------------------------
+# Pose (ObjectNet role): unusual rotation and viewpoint, unusual backgrounds
+
+
+def _unusual_background(rng: np.random.Generator, side: int) -> np.ndarray:
+    x, y = _grid(side)
+    a, b = _hsv(rng.uniform(), rng.uniform(0.2, 0.7), rng.uniform(0.5, 0.95)), _hsv(
+        rng.uniform(), rng.uniform(0.1, 0.5), rng.uniform(0.3, 0.9)
+    )
+    kind = int(rng.integers(3))
+    angle = rng.uniform(0, math.pi)
+    u = x * math.cos(angle) + y * math.sin(angle)
+    v = -x * math.sin(angle) + y * math.cos(angle)
+    cell = rng.uniform(0.1, 0.2) * side
+    if kind == 0:  # tiled floor (rotated checkerboard)
+        sel = (np.floor(u / cell) + np.floor(v / cell)) % 2 == 0
+        bg = np.where(sel[..., None], a, b)
+    elif kind == 1:  # bed sheet / cloth with folds
+        folds = np.sin(u / cell * 2.0 + 2.0 * np.sin(v / (cell * 3.0)))
+        bg = a * (0.8 + 0.2 * folds)[..., None]
+    else:  # striped fabric or wood planks
+        sel = np.mod(u, cell) < cell * rng.uniform(0.3, 0.7)
+        bg = np.where(sel[..., None], a, a * 0.6 + b * 0.4)
+    return bg.astype(np.float32) + 8.0 * _smooth_noise(rng, side, 5)
+
+
+def render_pose(label: int, rng: np.random.Generator, size: int) -> Image.Image:
+    """ObjectNet role: the object turned far from upright and seen at a slant, on home-like
+    backgrounds (tiles, cloth, planks)."""
+    side = size * SUPERSAMPLE
+    bg = _unusual_background(rng, side)
+    radius = rng.uniform(0.3, 0.42) * side
+    centre = tuple(rng.uniform(0.4 * side, 0.6 * side, 2))
+    angle = rng.choice([-1.0, 1.0]) * rng.uniform(math.pi / 3, math.pi)
+    parts = _place(
+        SHAPES[label], centre, radius, angle,
+        squash=rng.uniform(0.5, 0.75), shear=rng.choice([-1.0, 1.0]) * rng.uniform(0.25, 0.6),
+    )
+    return _finish(_photo_object(rng, bg, parts, centre, radius), rng, size, noise=rng.uniform(3, 6))
+
+
+# --------------------------------------------------------------------------------------------
+# Class-less pool images and near-duplicates
+
+
+def render_distractor(rng: np.random.Generator, size: int) -> Image.Image:
+    """A pool image with no class: a scene with clutter, a colour texture, a pattern or doodles."""
+    side = size * SUPERSAMPLE
+    kind = int(rng.integers(4))
+    if kind == 0:
+        canvas = _clutter(rng, _scene(rng, side), int(rng.integers(3, 8)), 0.08, 0.22)
+    elif kind == 1:
+        canvas = 128.0 + 70.0 * _smooth_noise(rng, side, int(rng.integers(4, 16)))
+    elif kind == 2:
+        canvas = _unusual_background(rng, side)
+    else:
+        paper = _jitter(rng, (244, 241, 230), 8)
+        img = Image.new("RGB", (side, side), tuple(int(v) for v in paper))
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(2, 6))):
+            walk = np.cumsum(rng.normal(0, side * 0.05, (12, 2)), axis=0) + rng.uniform(0, side, 2)
+            draw.line(_xy(walk), fill=(40, 40, 45), width=int(rng.integers(2, 5)), joint="curve")
+        canvas = np.asarray(img, np.float32)
+    return _finish(canvas, rng, size, noise=rng.uniform(2, 6))
+
+
+def near_duplicate(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A mild copy of a test image as a web crawl would hold it: small crop or shift, resized back,
+    slightly brighter or darker. (The caller re-encodes it at another JPEG quality.)"""
+    w, h = image.size
+    frac = rng.uniform(0.9, 0.97)
+    cw, ch = round(w * frac), round(h * frac)
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    img = image.convert("RGB").crop((x0, y0, x0 + cw, y0 + ch))
+    img = img.resize((w, h), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, np.float32) * rng.uniform(0.92, 1.08)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+Renderer = Callable[[int, np.random.Generator, int], Image.Image]
+
+RENDERERS: dict[str, Renderer] = {
+    "photo": render_photo,
+    "photo-v2": render_photo_v2,
+    "sketch": render_sketch,
+    "rendition": render_rendition,
+    "hard": render_hard,
+    "pose": render_pose,
+}
+
+DOMAINS: tuple[str, ...] = tuple(RENDERERS)
+
+
+def render_image(domain: str, label: int, rng: np.random.Generator, size: int) -> Image.Image:
+    """Render class `label` in `domain` at `size`x`size`, drawing all randomness from `rng`."""
+    if domain not in RENDERERS:
+        raise ValueError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
+    if not 0 <= label < MAX_CLASSES:
+        raise ValueError(f"label {label} outside 0..{MAX_CLASSES - 1}")
+    return RENDERERS[domain](label, rng, size)
