@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import io
+import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
@@ -63,7 +64,8 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 def iter_samples(path: str, skipped: Counter[str] | None = None) -> Iterator[Sample]:
-    """Yield (key, {ext: bytes}) from a tar; unsafe or truncated members are counted in ``skipped``.
+    """Yield (key, {ext: bytes}) from a tar; unsafe members and a cut shard's tail are counted in
+    ``skipped``.
 
     A key whose members are not adjacent (``a.jpg b.jpg a.txt``) is split by webdataset into two
     samples; here it raises, because it would silently pair the wrong caption with an image.
@@ -73,17 +75,17 @@ def iter_samples(path: str, skipped: Counter[str] | None = None) -> Iterator[Sam
     members: dict[str, bytes] = {}
     finished: set[str] = set()
     try:
-        with tarfile.open(path, "r|*") as tar:
+        with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
             for info in tar:
-                if not info.isreg():
-                    skipped["unsafe_member"] += 1
-                    continue
-                if not safe_member_name(info.name):
+                if not info.isreg() or not safe_member_name(info.name):
                     skipped["unsafe_member"] += 1
                     continue
                 key, ext = split_name(info.name)
                 f = tar.extractfile(info)
                 data = f.read() if f is not None else b""
+                if len(data) != info.size:
+                    # tarfile returns short data at a cut instead of raising.
+                    raise EOFError(f"member {info.name} cut at {len(data)} of {info.size} bytes")
                 if key != current:
                     if current is not None:
                         yield current, members
@@ -92,13 +94,17 @@ def iter_samples(path: str, skipped: Counter[str] | None = None) -> Iterator[Sam
                         raise ShardError(f"{path}: members of key {key!r} are not adjacent")
                     current, members = key, {}
                 members[ext] = data
+            # tarfile takes a missing end-of-archive marker for the end: check it is there.
+            if path.endswith(".tar") and os.fstat(fh.fileno()).st_size < tar.offset + 1024:
+                raise EOFError("no end-of-archive marker")
     except (tarfile.ReadError, EOFError, OSError) as e:
-        # A truncated shard keeps the samples read before the damage; the rest is counted.
-        skipped["truncated_shard"] += 1
         if current is None and not finished:
             raise ShardError(f"{path}: not a readable tar ({e})") from None
-        members = {}
-    if current is not None and members:
+        # A cut shard keeps the samples before the damage; the sample at the cut may lack members.
+        skipped["truncated_shard"] += 1
+        skipped["truncated_sample"] += 1
+        return
+    if current is not None:
         yield current, members
 
 

@@ -14,12 +14,13 @@ import html
 import json
 import math
 import os
-import tempfile
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simgap.report import figures
@@ -72,10 +73,11 @@ def _read_gaps(path: Path) -> dict[str, np.ndarray]:
     missing = [c for c in _GAP_BASE_SETS if c not in table.column_names]
     if missing:
         raise ValueError(f"{path}: missing gap columns {missing}")
+    # Every float column is a set's NN similarity; keys and labels are not.
     return {
-        name: table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
-        for name in table.column_names
-        if name not in _GAP_ID_COLUMNS
+        f.name: table.column(f.name).to_numpy(zero_copy_only=False).astype(np.float64)
+        for f in table.schema
+        if f.name not in _GAP_ID_COLUMNS and pa.types.is_floating(f.type)
     }
 
 
@@ -154,8 +156,11 @@ class Table:
     header: list[str]
     rows: list[list[str]]
     caption: str = ""
-    # Columns from this index on are numeric and right-aligned.
-    numeric_from: int = 1
+    # Indices of the numeric (right-aligned) columns; None: every column but the first.
+    numeric: tuple[int, ...] | None = None
+
+    def is_numeric(self, column: int) -> bool:
+        return column > 0 if self.numeric is None else column in self.numeric
 
 
 @dataclass(frozen=True)
@@ -282,12 +287,16 @@ def _plotted_sets(files: RunFiles, bench: str) -> dict[str, np.ndarray]:
     """Reference, pool, then the gap-matched splits made for this benchmark (controls would crowd
     the plot; their medians are in the table)."""
     columns = files.gaps[bench]
-    out = {name: columns[name] for name in _GAP_BASE_SETS}
-    for name in columns:
-        split = files.splits.get(name)
-        if split and _is_gap_matched(split) and bench in _split_benchmarks(split):
-            out[name] = columns[name]
-    return out
+    matched = [
+        name
+        for name in columns
+        if (split := files.splits.get(name))
+        and _is_gap_matched(split)
+        and bench in _split_benchmarks(split)
+    ]
+    # Splits made for more benchmarks first, so the benchmark's own split is drawn on top.
+    matched.sort(key=lambda name: -len(_split_benchmarks(files.splits[name])))
+    return {name: columns[name] for name in [*_GAP_BASE_SETS, *matched]}
 
 
 def _gap_median_table(files: RunFiles, benches: Sequence[str]) -> Table:
@@ -338,7 +347,7 @@ def _gap_check_table(files: RunFiles, benches: Sequence[str]) -> Table:
         rows,
         caption="Gap check: a gap-matched split must leave no test point more similar to the "
         "split than to the reference set.",
-        numeric_from=2,
+        numeric=(2, 3, 4),
     )
 
 
@@ -369,10 +378,12 @@ def _accuracy_section(files: RunFiles, colors: Mapping[str, str]) -> Section:
     section.blocks.append(
         FigureBlock(
             "fig-accuracy.png",
-            figures.accuracy_bars(benches, _accuracy_bars(files, evaluated, benches, colors)),
+            figures.accuracy_bars(
+                [*benches, "mean"], _accuracy_bars(files, evaluated, benches, colors)
+            ),
             "Bar chart of top-1 accuracy per benchmark and split",
-            "Top-1 (%) per benchmark; hatched bars are random controls, drawn in the colour "
-            "of the split they control.",
+            "Top-1 (%) per benchmark and the mean over benchmarks; hatched bars are random "
+            "controls, drawn in the colour of the split they control.",
         )
     )
     return section
@@ -388,7 +399,8 @@ def _accuracy_table(files: RunFiles, splits: Sequence[str], benches: Sequence[st
         values = [_top1(files, split, b) for b in benches]
         policy = str(files.splits.get(split, {}).get("policy", "—"))
         rows.append([split, policy, *map(_pct, values), _pct(_mean(values))])
-    return Table(["split", "policy", *benches, "mean"], rows, "Top-1 (%).", numeric_from=2)
+    header = ["split", "policy", *benches, "mean"]
+    return Table(header, rows, "Top-1 (%).", numeric=tuple(range(2, len(header))))
 
 
 def _control_pairs(files: RunFiles) -> list[tuple[str, str]]:
@@ -425,18 +437,12 @@ def _control_table(
 def _accuracy_bars(
     files: RunFiles, splits: Sequence[str], benches: Sequence[str], colors: Mapping[str, str]
 ) -> list[figures.AccuracyBar]:
+    controls = {c for cs in _controls(files).values() for c in cs}
     bars = []
     for split in splits:
-        parent = files.splits.get(split, {}).get("control_of")
-        hatched = bool(parent) and parent in colors
-        bars.append(
-            figures.AccuracyBar(
-                split,
-                [_top1(files, split, b) for b in benches],
-                colors[parent] if hatched else colors[split],
-                hatched,
-            )
-        )
+        values = [_top1(files, split, b) for b in benches]
+        hatched = split in controls
+        bars.append(figures.AccuracyBar(split, [*values, _mean(values)], colors[split], hatched))
     return bars
 
 
@@ -504,7 +510,7 @@ def _sizes_table(files: RunFiles) -> Table:
         ],
         rows,
         caption="Split sizes.",
-        numeric_from=3,
+        numeric=(3, 4, 5),
     )
 
 
@@ -545,7 +551,7 @@ def _provenance_section(files: RunFiles) -> Section:
     versions = run.get("versions") or {}
     if versions:
         rows = [[k, v if isinstance(v, str) else json.dumps(v)] for k, v in versions.items()]
-        section.blocks.append(Table(["package", "version"], rows, "Versions.", numeric_from=2))
+        section.blocks.append(Table(["package", "version"], rows, "Versions.", numeric=()))
     timings = run.get("timings") or {}
     if timings:
         section.blocks.append(_timings_table(timings))
@@ -564,9 +570,18 @@ def _timings_table(timings: Mapping[str, float]) -> Table:
     return Table(["stage", "seconds", "% of total"], rows, "Stage timings.")
 
 
+def _colors(files: RunFiles) -> dict[str, str]:
+    """One colour per split for every figure; a control shares its split's colour (it is told
+    apart by hatching), so controls do not use up the palette."""
+    controls = {c: split for split, cs in _controls(files).items() for c in cs}
+    colors = figures.split_colors([s for s in split_order(files) if s not in controls])
+    colors.update({c: colors[split] for c, split in controls.items()})
+    return colors
+
+
 def build_sections(files: RunFiles) -> list[Section]:
     """The report's content, independent of output format."""
-    colors = figures.split_colors(split_order(files))
+    colors = _colors(files)
     return [
         _intro(files),
         _gaps_section(files, colors),
@@ -632,7 +647,7 @@ def _html_table(table: Table) -> str:
     for row in table.rows:
         cells = "".join(
             f'<td class="num">{html.escape(c)}</td>'
-            if j >= table.numeric_from
+            if table.is_numeric(j)
             else f"<td>{html.escape(c)}</td>"
             for j, c in enumerate(row)
         )
@@ -669,7 +684,7 @@ def _md_table(table: Table) -> str:
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    align = ["---:" if j >= table.numeric_from else "---" for j in range(len(table.header))]
+    align = ["---:" if table.is_numeric(j) else "---" for j in range(len(table.header))]
     lines = [line(table.header), "|" + "|".join(align) + "|", *(line(r) for r in table.rows)]
     caption = f"*{table.caption}*\n\n" if table.caption else ""
     return caption + "\n".join(lines)
@@ -699,13 +714,14 @@ def build_report(run_dir: Path) -> dict[str, Path]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # open(..., "xb") rather than mkstemp: the file gets the umask's mode (mkstemp forces 0600).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

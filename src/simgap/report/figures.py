@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 # Fixed colours for the two sets every gap is measured against; splits get the palette below,
 # assigned once per report so a split has the same colour in every figure.
@@ -99,12 +100,13 @@ def gap_histograms(panels: Sequence[GapPanel], colors: Mapping[str, str]) -> byt
     with _style():
         fig = _figure(4.0 * ncols, 3.0 * nrows + 0.7)
         axes = fig.subplots(nrows, ncols, squeeze=False)
+        labels = list(dict.fromkeys(name for p in panels for name in p.series))
+        styles = {name: _gap_style(name, i, colors) for i, name in enumerate(labels)}
         for ax, panel in zip(axes.flat, panels, strict=False):
-            _draw_gap_panel(ax, panel, colors)
+            _draw_gap_panel(ax, panel, styles)
         for ax in axes.flat[len(panels) :]:
             ax.set_visible(False)
-        labels = list(dict.fromkeys(name for p in panels for name in p.series))
-        handles = [_gap_handle(name, colors) for name in labels]
+        handles = [_gap_handle(name, styles[name]) for name in labels]
         fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5))
         return _png(fig)
 
@@ -138,7 +140,7 @@ def accuracy_bars(benchmarks: Sequence[str], bars: Sequence[AccuracyBar]) -> byt
     """Grouped bars of top-1 (%) per benchmark; controls hatched in their split's colour."""
     width = 0.8 / max(len(bars), 1)
     with _style():
-        fig = _figure(max(6.0, 1.1 * len(benchmarks) * max(1.0, len(bars) / 3)), 3.8)
+        fig = _figure(min(11.0, max(6.0, 1.0 + 0.14 * len(bars) * len(benchmarks))), 3.8)
         ax = fig.subplots()
         x = np.arange(len(benchmarks))
         for i, bar in enumerate(bars):
@@ -162,7 +164,24 @@ def accuracy_bars(benchmarks: Sequence[str], bars: Sequence[AccuracyBar]) -> byt
         return _png(fig)
 
 
-def _draw_gap_panel(ax, panel: GapPanel, colors: Mapping[str, str]) -> None:
+def _gap_style(name: str, index: int, colors: Mapping[str, str]) -> dict:
+    """Reference filled grey, pool blue, splits outlined in their colour. A gap-matched split
+    with the reference added equals the reference, and several splits can coincide, so splits
+    also cycle through dash patterns to stay visible on top of each other."""
+    if name == "reference":
+        return {"color": REFERENCE_COLOR, "alpha": 0.35}
+    if name == "pool":
+        return {"histtype": "step", "color": POOL_COLOR, "linewidth": 1.6}
+    dashes = ("-", "--", ":", "-.")
+    return {
+        "histtype": "step",
+        "color": colors[name],
+        "linewidth": 1.6,
+        "linestyle": dashes[max(index - 2, 0) % len(dashes)],
+    }
+
+
+def _draw_gap_panel(ax, panel: GapPanel, styles: Mapping[str, dict]) -> None:
     finite = [v[np.isfinite(v)] for v in panel.series.values()]
     values = np.concatenate(finite) if finite else np.zeros(0)
     lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
@@ -170,30 +189,24 @@ def _draw_gap_panel(ax, panel: GapPanel, colors: Mapping[str, str]) -> None:
         lo, hi = lo - 0.01, hi + 0.01
     bins = np.linspace(lo, hi, 41)
     n = max((v.size for v in finite), default=0)
-    for (name, _), data in zip(panel.series.items(), finite, strict=True):
-        color = _gap_color(name, colors)
-        if name == "reference":
-            ax.hist(data, bins=bins, color=color, alpha=0.35, label=name)
-        else:
-            ax.hist(data, bins=bins, histtype="step", color=color, linewidth=1.6, label=name)
+    for name, data in zip(panel.series, finite, strict=True):
+        ax.hist(data, bins=bins, label=name, **styles[name])
     ax.set_title(f"{panel.benchmark} (n={n:,})")
     ax.set_xlabel("NN similarity of test point to set")
     ax.set_ylabel("test points")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _gap_color(name: str, colors: Mapping[str, str]) -> str:
-    if name == "reference":
-        return REFERENCE_COLOR
-    if name == "pool":
-        return POOL_COLOR
-    return colors[name]
-
-
-def _gap_handle(name: str, colors: Mapping[str, str]) -> Patch:
-    color = _gap_color(name, colors)
-    if name == "reference":
-        return Patch(facecolor=color, alpha=0.35, label=name)
-    return Patch(facecolor="none", edgecolor=color, linewidth=1.6, label=name)
+def _gap_handle(name: str, style: Mapping) -> Patch:
+    if style.get("histtype") != "step":
+        return Patch(facecolor=style["color"], alpha=style["alpha"], label=name)
+    return Patch(
+        facecolor="none",
+        edgecolor=style["color"],
+        linewidth=style["linewidth"],
+        linestyle=style.get("linestyle", "-"),
+        label=name,
+    )
 
 
 @contextmanager
