@@ -55,14 +55,17 @@ def _info(name, size=0, kind=tarfile.REGTYPE, link=""):
 
 def test_hostile_members_are_skipped_and_counted(tmp_path):
     ok = b"hello"
-    _raw_tar(tmp_path / "h.tar", [
-        (_info("../evil.txt", len(ok)), ok),
-        (_info("/abs.txt", len(ok)), ok),
-        (_info("link.txt", kind=tarfile.SYMTYPE, link="/etc/passwd"), None),
-        (_info("hard.txt", kind=tarfile.LNKTYPE, link="good.txt"), None),
-        (_info("dev", kind=tarfile.CHRTYPE), None),
-        (_info("good.txt", len(ok)), ok),
-    ])
+    _raw_tar(
+        tmp_path / "h.tar",
+        [
+            (_info("../evil.txt", len(ok)), ok),
+            (_info("/abs.txt", len(ok)), ok),
+            (_info("link.txt", kind=tarfile.SYMTYPE, link="/etc/passwd"), None),
+            (_info("hard.txt", kind=tarfile.LNKTYPE, link="good.txt"), None),
+            (_info("dev", kind=tarfile.CHRTYPE), None),
+            (_info("good.txt", len(ok)), ok),
+        ],
+    )
     skipped = Counter()
     got = list(iter_samples(str(tmp_path / "h.tar"), skipped))
     assert got == [("good", {"txt": ok})]
@@ -89,9 +92,10 @@ def test_not_a_tar_and_empty_file_are_clear_errors(tmp_path):
 
 
 def test_non_adjacent_members_refused(tmp_path):
-    _raw_tar(tmp_path / "n.tar", [
-        (_info("a.jpg", 1), b"x"), (_info("b.jpg", 1), b"y"), (_info("a.txt", 1), b"z")
-    ])
+    _raw_tar(
+        tmp_path / "n.tar",
+        [(_info("a.jpg", 1), b"x"), (_info("b.jpg", 1), b"y"), (_info("a.txt", 1), b"z")],
+    )
     with pytest.raises(ShardError, match="not adjacent"):
         list(iter_samples(str(tmp_path / "n.tar")))
 
@@ -133,8 +137,14 @@ def test_truncated_jpeg_counted():
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "LA", "I;16"])
 def test_non_rgb_images_converted(mode):
-    color = {"L": 128, "CMYK": (0, 0, 0, 0), "P": 3, "RGBA": (0, 0, 0, 0), "LA": (0, 0),
-             "I;16": 40000}[mode]
+    color = {
+        "L": 128,
+        "CMYK": (0, 0, 0, 0),
+        "P": 3,
+        "RGBA": (0, 0, 0, 0),
+        "LA": (0, 0),
+        "I;16": 40000,
+    }[mode]
     fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
     skipped = Counter()
     img = decode_rgb(_jpeg(color, mode=mode, fmt=fmt), skipped)
@@ -161,7 +171,10 @@ def test_image_folder_with_class_subset(tmp_path):
     (root / "classnames.txt").write_text("star\ncircle\n")
     items = image_folder_items(root)
     assert [(k, lbl) for k, _, lbl in items] == [
-        ("star-0", 0), ("star-1", 0), ("circle-0", 1), ("circle-1", 1)
+        ("star-0", 0),
+        ("star-1", 0),
+        ("circle-0", 1),
+        ("circle-1", 1),
     ]
     tasks = shard_tasks(root, shard_size=3)
     assert [len(t.files) for t in tasks] == [3, 1]

@@ -20,14 +20,14 @@ BENCHMARKS = ("photo", "sketch", "rendition")
 POOL_SIZE = 10_000
 # split -> (policy, benchmarks, size, control_of)
 SPLITS = {
-    "gap-sketch": ("gapmatch", ["sketch"], 9_200, None),
-    "gap-combined": ("gapmatch", list(BENCHMARKS), 8_400, None),
-    "random-gap-sketch": ("random", list(BENCHMARKS), 9_200, "gap-sketch"),
+    "combined": ("gapmatch", list(BENCHMARKS), 8_400, None),
+    "sketch": ("gapmatch", ["sketch"], 9_200, None),
+    "sketch-random": ("random", [], 9_200, "sketch"),
 }
-# split -> benchmark -> top-1; "gap-combined" is not evaluated in the full run either.
+# split -> benchmark -> top-1; "combined" is not evaluated in the full run either.
 TOP1 = {
-    "gap-sketch": {"photo": 0.4321, "sketch": 0.3012, "rendition": 0.5550},
-    "random-gap-sketch": {"photo": 0.4100, "sketch": 0.3500, "rendition": 0.5000},
+    "sketch": {"photo": 0.4321, "sketch": 0.3012, "rendition": 0.5550},
+    "sketch-random": {"photo": 0.4100, "sketch": 0.3500, "rendition": 0.5000},
 }
 
 
@@ -46,10 +46,11 @@ def _write_gaps(run: Path, rng: np.random.Generator) -> None:
             "label": rng.integers(0, 10, n),
             "reference": reference,
             "pool": pool,
-            # Gap-matched: never above the reference (pruned pool + reference added).
-            "gap-sketch": reference if bench == "sketch" else pool,
-            "gap-combined": reference,
-            "random-gap-sketch": pool - np.float32(0.001),
+            # As the pipeline writes them: the reference set is part of every split, so a
+            # gap-matched split's NN similarity equals the reference's on its benchmarks.
+            "sketch": reference if bench == "sketch" else pool,
+            "combined": reference,
+            "sketch-random": np.maximum(pool - np.float32(0.01), reference),
         }
         (run / "gaps").mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table(columns), run / "gaps" / f"{bench}.parquet")
@@ -69,7 +70,7 @@ def _write_splits(run: Path) -> None:
             "fingerprints": {},
         }
         if policy == "gapmatch":
-            split["guarantee"] = {"ok": True, "violations": 0}
+            split["guarantee"] = {"holds": True, "tests": 1050, "violations": 0}
         _write_json(run / "splits" / name / "split.json", split)
 
 
@@ -117,11 +118,16 @@ def _images(html: str) -> list[Image.Image]:
     return [Image.open(io.BytesIO(base64.b64decode(s))) for s in sources]
 
 
-def _table(html: str, caption: str) -> dict[str, list[str]]:
-    """Rows (first cell -> other cells) of the HTML table whose caption starts with `caption`."""
+def _rows(html: str, caption: str) -> list[list[str]]:
+    """Body rows of the HTML table whose caption starts with `caption`."""
     [body] = re.findall(rf"<table><caption>{re.escape(caption)}.*?</table>", html)
     rows = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in re.findall(r"<tr[^>]*>(.*?)</tr>", body)]
-    return {r[0]: r[1:] for r in rows if r}
+    return [r for r in rows if r]
+
+
+def _table(html: str, caption: str) -> dict[str, list[str]]:
+    """The same rows keyed by their first cell."""
+    return {r[0]: r[1:] for r in _rows(html, caption)}
 
 
 def test_full_report_is_self_contained_with_figures_and_tables(built) -> None:
@@ -143,26 +149,25 @@ def test_full_report_is_self_contained_with_figures_and_tables(built) -> None:
 
     # Accuracy: 0.4321 is shown as 43.2; the control row and the difference are present.
     accuracy = _table(html, "Top-1")
-    assert list(accuracy) == ["gap-sketch", "random-gap-sketch"]
-    assert accuracy["gap-sketch"] == ["gapmatch", "43.2", "30.1", "55.5", "42.9"]
+    assert list(accuracy) == ["sketch", "sketch-random"]
+    assert accuracy["sketch"] == ["gapmatch", "43.2", "30.1", "55.5", "42.9"]
     controls = _table(html, "Each split against")
-    assert controls["control: random-gap-sketch"] == ["41.0", "35.0", "50.0", "42.0"]
+    assert controls["control: sketch-random"] == ["41.0", "35.0", "50.0", "42.0"]
     mean_diff = ((0.4321 + 0.3012 + 0.555) - (0.41 + 0.35 + 0.5)) / 3
-    assert controls["Δ gap-sketch − control"] == ["+2.2", "-4.9", "+5.5", f"{100 * mean_diff:+.1f}"]
-    assert "Not evaluated: gap-combined." in html
+    assert controls["Δ sketch − control"] == ["+2.2", "-4.9", "+5.5", f"{100 * mean_diff:+.1f}"]
+    assert "Not evaluated: combined." in html
 
     # Split sizes: kept, removed, fraction of pool, reference added, guarantee.
     sizes = _table(html, "Split sizes")
-    assert list(sizes) == ["gap-combined", "gap-sketch", "random-gap-sketch"]
-    assert sizes["gap-combined"][2:6] == ["8,400", "1,600", "84.0", "yes"]
-    assert sizes["gap-combined"][7].startswith("pass")
-    assert sizes["random-gap-sketch"][6] == "gap-sketch"
+    assert list(sizes) == ["sketch", "sketch-random", "combined"]
+    assert sizes["combined"][2:6] == ["8,400", "1,600", "84.0", "yes"]
+    assert sizes["combined"][7] == "pass; tests=1050; violations=0"
+    assert sizes["sketch-random"][6] == "sketch"
 
     # Gap check: the gap-matched splits leave no test point above the reference.
-    checks = re.findall(r"<tr><td>(gap-[a-z]+)</td><td>([a-z]+)</td><td[^>]*>(\d+)</td>", html)
-    assert sorted(checks) == sorted(
-        [("gap-combined", b, "0") for b in BENCHMARKS] + [("gap-sketch", "sketch", "0")]
-    )
+    checks = _rows(html, "Gap check")
+    assert [r[:2] for r in checks] == [["sketch", "sketch"]] + [["combined", b] for b in BENCHMARKS]
+    assert all(r[3] == "0" and r[4] == r[2] for r in checks)
     medians = _table(html, "Median NN similarity")
     assert list(medians) == ["reference", "pool", *SPLITS]
 
@@ -206,6 +211,11 @@ def test_partial_run_builds_with_not_run_notes(tmp_path: Path) -> None:
     assert len(_images(html)) == 1
     md = (run / "report" / "report.md").read_text(encoding="utf-8")
     assert "Evaluation was not run" in md
+    assert summary_table(run) == "no splits in this run"
+    _write_splits(run)
+    text = summary_table(run)
+    assert text.startswith("evaluation was not run")
+    assert all(split in text for split in SPLITS)
 
 
 def test_partial_run_drops_stale_figures(tmp_path: Path) -> None:
@@ -239,4 +249,4 @@ def test_summary_table_names_every_split(built) -> None:
     lines = text.splitlines()
     [delta] = [line for line in lines if "Δ" in line]
     assert delta.split()[-4:] == ["+2.2", "-4.9", "+5.5", "+0.9"]
-    assert "not evaluated" in next(line for line in lines if line.startswith("gap-combined"))
+    assert "not evaluated" in next(line for line in lines if line.startswith("combined"))

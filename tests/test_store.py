@@ -94,7 +94,9 @@ def test_nan_and_zero_rows_refused():
 
 def test_stores_from_different_models_refused(tmp_path):
     a = write_store(tmp_path / "a", _random(5, 4), list("abcde"), MODEL)
-    b = write_store(tmp_path / "b", _random(5, 4), list("abcde"), {**MODEL, "checkpoint_sha256": "x"})
+    b = write_store(
+        tmp_path / "b", _random(5, 4), list("abcde"), {**MODEL, "checkpoint_sha256": "x"}
+    )
     c = write_store(tmp_path / "c", _random(5, 8), list("abcde"), MODEL)
     check_compatible(a, a)
     with pytest.raises(StoreError, match="different similarity models"):

@@ -52,8 +52,9 @@ def cmd_embed(a: argparse.Namespace) -> None:
 
     spec = ModelSpec(arch=a.model, checkpoint=a.checkpoint, pretrained=a.pretrained)
     executor = Executor(make_engine(a.engine, a.workers, a.address))
-    store = embed(a.source, Path(a.out), spec, executor, a.device, a.batch_size,
-                  a.shard_size, progress=_log)
+    store = embed(
+        a.source, Path(a.out), spec, executor, a.device, a.batch_size, a.shard_size, progress=_log
+    )
     print(f"{store.rows} rows in {len(store.shards)} shards → {a.out}")
 
 
@@ -74,8 +75,14 @@ def cmd_scan(a: argparse.Namespace) -> None:
     if a.thresholds_from:
         ref = scan_store(stores[-1], test_emb, topk=1)
         thresholds = ref.topk_sim[:, 0].copy()
-    res = scan_store(base, test_emb, thresholds=thresholds, topk=a.topk, out_dir=Path(a.out),
-                     progress=lambda done, total: _log(f"scan: {done}/{total} rows"))
+    res = scan_store(
+        base,
+        test_emb,
+        thresholds=thresholds,
+        topk=a.topk,
+        out_dir=Path(a.out),
+        progress=lambda done, total: _log(f"scan: {done}/{total} rows"),
+    )
     msg = f"scanned {base.rows} rows × {len(test_emb)} tests → {a.out}"
     if res.row_margin is not None:
         msg += f"; {int((res.row_margin > 0).sum())} rows above a threshold"
@@ -85,10 +92,13 @@ def cmd_scan(a: argparse.Namespace) -> None:
 def cmd_materialize(a: argparse.Namespace) -> None:
     from simgap.splits import materialize
 
-    summary = materialize(Path(a.split), a.source, Path(a.out),
-                          reference=Path(a.reference) if a.reference else None)
-    print(f"kept {summary['kept']}, missing {summary['missing']}, "
-          f"reference {summary['reference']} → {a.out}")
+    summary = materialize(
+        Path(a.split), a.source, Path(a.out), reference=Path(a.reference) if a.reference else None
+    )
+    print(
+        f"kept {summary['kept']}, missing {summary['missing']}, "
+        f"reference {summary['reference']} → {a.out}"
+    )
 
 
 def cmd_train(a: argparse.Namespace) -> None:

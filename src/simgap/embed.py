@@ -9,7 +9,6 @@ the rest on an executor and writes the manifest.
 from __future__ import annotations
 
 import functools
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch
 from simgap.data.images import decode_rgb
 from simgap.data.sources import ShardTask, shard_tasks
 from simgap.models import LoadedModel, ModelSpec, load_model
-from simgap.parallel import Executor, LocalEngine
+from simgap.parallel import Executor, LocalEngine, Progress
 from simgap.store import Store, StoreWriter, normalize_fp16
 
 
@@ -40,7 +39,9 @@ def encode_images(
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = torch.stack([loaded.preprocess(im) for im in images[start : start + batch_size]])
+            batch = torch.stack(
+                [loaded.preprocess(im) for im in images[start : start + batch_size]]
+            )
             out.append(loaded.model.encode_image(batch.to(device)).float().cpu().numpy())
     if not out:
         return np.zeros((0, dim), np.float16)
@@ -102,15 +103,5 @@ def embed(
     writer = StoreWriter(Path(out), loaded.identity, dim, {"spec": str(source)})
     worker = EmbedShard(str(out), spec, dim, device, batch_size)
     executor = executor or Executor(LocalEngine(1))
-    start = time.perf_counter()
-    records = []
-    # Shard by shard through the executor so progress can be reported as shards finish.
-    for i, task in enumerate(tasks):
-        records.extend(executor.map(worker, [task]))
-        if progress:
-            rows = sum(r["rows"] for r in records)
-            rate = rows / max(time.perf_counter() - start, 1e-9)
-            eta = (len(tasks) - i - 1) * (time.perf_counter() - start) / (i + 1)
-            progress(f"embed {out.name}: shard {i + 1}/{len(tasks)}, {rows} rows, "
-                     f"{rate:.0f} rows/s, ETA {eta:.0f}s")
+    records = executor.map(worker, tasks, on_done=Progress(f"embed {Path(out).name}", progress))
     return writer.finish(records)

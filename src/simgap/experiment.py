@@ -73,7 +73,9 @@ class Runner:
         self.timings: dict[str, float] = {}
         self.keys: dict[str, str] = {}
 
-    def stage(self, name: str, inputs: Any, fn: Callable[[], Any], after: tuple[str, ...] = ()) -> Any:
+    def stage(
+        self, name: str, inputs: Any, fn: Callable[[], Any], after: tuple[str, ...] = ()
+    ) -> Any:
         key = _key(inputs, [self.keys[a] for a in after])
         path = self.dir / "stages" / f"{name}.json"
         if path.exists():
@@ -167,7 +169,9 @@ def select_splits(
         meta = {"control_of": None, **meta, "pool_size": len(keys), "reference_added": True}
         meta["fingerprints"] = {
             "pool": _key(pool.manifest),
-            "scans": {b: _key(read_json(run / "scans" / f"pool-{b}" / "scan.json")) for b in benchmarks},
+            "scans": {
+                b: _key(read_json(run / "scans" / f"pool-{b}" / "scan.json")) for b in benchmarks
+            },
         }
         splits[name] = write_split(run / "splits" / name, list(keys[mask]), meta)
         np.save(run / "splits" / name / "mask.npy", mask)
@@ -236,11 +240,13 @@ def evaluate_split(run: Path, world: Path, split: str, recipe: Recipe, ckpt: str
         preds = res.pop("predictions")
         write_parquet(
             run / "eval" / "predictions" / f"{split}-{bench}.parquet",
-            pa.table({
-                "key": [p[0] for p in preds],
-                "label": [int(p[1]) for p in preds],
-                "pred": [int(p[2]) for p in preds],
-            }),
+            pa.table(
+                {
+                    "key": [p[0] for p in preds],
+                    "label": [int(p[1]) for p in preds],
+                    "pred": [int(p[2]) for p in preds],
+                }
+            ),
         )
         out["benchmarks"][bench] = res
     write_json(run / "eval" / f"{split}.json", out)
@@ -261,8 +267,16 @@ def run_experiment(run_dir: Path, cfg: ExperimentConfig, log: Log = print) -> di
     sim_ckpt = r.stage(
         "similarity-model",
         cfg.section("similarity_recipe"),
-        lambda: str(train(cfg.similarity_recipe, _pool_pattern(world), pool_samples,
-                          run / "models", "similarity", log)),
+        lambda: str(
+            train(
+                cfg.similarity_recipe,
+                _pool_pattern(world),
+                pool_samples,
+                run / "models",
+                "similarity",
+                log,
+            )
+        ),
         after=("world",),
     )
     spec = ModelSpec(arch=cfg.similarity_recipe.model, checkpoint=sim_ckpt)
@@ -273,22 +287,34 @@ def run_experiment(run_dir: Path, cfg: ExperimentConfig, log: Log = print) -> di
             f"embed-{name}",
             {"source": str(source)},
             lambda name=name, source=source: embed(
-                source, run / "stores" / name, spec, executor, cfg.device,
+                source,
+                run / "stores" / name,
+                spec,
+                executor,
+                cfg.device,
                 progress=log,
             ).manifest["rows"],
             after=("similarity-model",),
         )
     embeds = tuple(f"embed-{n}" for n in sources)
-    r.stage("scan", {"topk": cfg.topk},
-            lambda: scan_benchmarks(run, benchmarks, cfg.topk, log), after=embeds)
+    r.stage(
+        "scan",
+        {"topk": cfg.topk},
+        lambda: scan_benchmarks(run, benchmarks, cfg.topk, log),
+        after=embeds,
+    )
     splits = r.stage(
         "select",
         {"coreset_fraction": cfg.coreset_fraction, "seed": cfg.seed},
         lambda: select_splits(run, benchmarks, cfg.coreset_fraction, cfg.seed),
         after=("scan",),
     )
-    r.stage("gaps", list(splits), lambda: check_and_gaps(run, benchmarks, list(splits)),
-            after=("select",))
+    r.stage(
+        "gaps",
+        list(splits),
+        lambda: check_and_gaps(run, benchmarks, list(splits)),
+        after=("select",),
+    )
 
     for split in cfg.train_splits:
         if split not in splits:
@@ -297,8 +323,11 @@ def run_experiment(run_dir: Path, cfg: ExperimentConfig, log: Log = print) -> di
             f"materialize-{split}",
             {"caption": cfg.reference_caption},
             lambda split=split: materialize(
-                run / "splits" / split, _pool_pattern(world), run / "shards" / split,
-                reference=world / "reference", caption_template=cfg.reference_caption,
+                run / "splits" / split,
+                _pool_pattern(world),
+                run / "shards" / split,
+                reference=world / "reference",
+                caption_template=cfg.reference_caption,
                 executor=executor,
             ),
             after=("select",),
@@ -306,24 +335,31 @@ def run_experiment(run_dir: Path, cfg: ExperimentConfig, log: Log = print) -> di
         ckpt = r.stage(
             f"train-{split}",
             cfg.section("train_recipe"),
-            lambda split=split, shards=shards: str(train(
-                cfg.train_recipe, shards["shards"], shards["samples"], run / "train", split, log
-            )),
+            lambda split=split, shards=shards: str(
+                train(
+                    cfg.train_recipe, shards["shards"], shards["samples"], run / "train", split, log
+                )
+            ),
             after=(f"materialize-{split}",),
         )
         r.stage(
             f"evaluate-{split}",
             {},
-            lambda split=split, ckpt=ckpt: evaluate_split(run, world, split, cfg.train_recipe, ckpt),
+            lambda split=split, ckpt=ckpt: evaluate_split(
+                run, world, split, cfg.train_recipe, ckpt
+            ),
             after=(f"train-{split}",),
         )
 
-    write_json(run / "run.json", {
-        "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
-        "versions": _versions(),
-        "timings": r.timings,
-        "world": info,
-    })
+    write_json(
+        run / "run.json",
+        {
+            "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+            "versions": _versions(),
+            "timings": r.timings,
+            "world": info,
+        },
+    )
     paths = {k: str(v) for k, v in build_report(run).items()}
     return {"timings": r.timings, "report": paths, "splits": splits}
 

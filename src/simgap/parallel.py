@@ -9,27 +9,36 @@ executor raises naming every failed task: nothing is dropped silently.
 from __future__ import annotations
 
 import multiprocessing
+import time
 import traceback
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+Outcome = tuple[int, bool, Any]  # task index, succeeded, record or (message, traceback)
+
 
 class ExecutorError(RuntimeError):
-    """Some tasks kept failing after their retries."""
+    """Some tasks kept failing after their retries; ``tracebacks`` holds their details."""
+
+    def __init__(self, message: str, tracebacks: list[str]):
+        super().__init__(message)
+        self.tracebacks = tracebacks
 
 
 class Engine(Protocol):
-    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[tuple[bool, Any]]: ...
+    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> Iterator[Outcome]:
+        """Yield one outcome per task, in completion order."""
+        ...
 
 
 def _call(fn: Callable[[Any], Any], task: Any) -> tuple[bool, Any]:
     # Exceptions become records so one bad shard does not take the whole pool down.
     try:
         return True, fn(task)
-    except Exception as e:  # noqa: BLE001 - reported with its traceback by the executor
-        return False, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
+    except Exception as e:  # noqa: BLE001 - reported, with its traceback, by the executor
+        return False, (f"{type(e).__name__}: {e}", traceback.format_exc(limit=8))
 
 
 @dataclass(frozen=True)
@@ -38,12 +47,16 @@ class LocalEngine:
 
     workers: int = 1
 
-    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[tuple[bool, Any]]:
+    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> Iterator[Outcome]:
         if self.workers <= 1 or len(tasks) <= 1:
-            return [_call(fn, t) for t in tasks]
+            for i, t in enumerate(tasks):
+                yield (i, *_call(fn, t))
+            return
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(self.workers, mp_context=ctx, max_tasks_per_child=16) as pool:
-            return list(pool.map(_call, [fn] * len(tasks), tasks))
+            futures = {pool.submit(_call, fn, t): i for i, t in enumerate(tasks)}
+            for future in as_completed(futures):
+                yield (futures[future], *future.result())
 
 
 @dataclass(frozen=True)
@@ -58,17 +71,20 @@ class RayEngine:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
 
-    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[tuple[bool, Any]]:
+    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> Iterator[Outcome]:
         try:
             import ray
         except ImportError:
-            raise ExecutorError(
-                "engine 'ray' needs Ray: pip install 'ray[default]'"
-            ) from None
+            raise ExecutorError("engine 'ray' needs Ray: pip install 'ray'", []) from None
         if not ray.is_initialized():
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
         remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus)(_call)
-        return ray.get([remote.remote(fn, t) for t in tasks])
+        fn_ref = ray.put(fn)
+        pending = {remote.remote(fn_ref, t): i for i, t in enumerate(tasks)}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                yield (pending.pop(ref), *ray.get(ref))
 
 
 def make_engine(name: str, workers: int = 1, address: str | None = None) -> Engine:
@@ -84,24 +100,57 @@ class Executor:
     engine: Engine
     retries: int = 1
 
-    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[Any]:
+    def map(
+        self,
+        fn: Callable[[Any], Any],
+        tasks: Sequence[Any],
+        on_done: Callable[[int, int, Any], None] | None = None,
+    ) -> list[Any]:
+        """Run ``fn`` over ``tasks``; ``on_done(finished, total, record)`` follows progress."""
         results: list[Any] = [None] * len(tasks)
         pending = list(range(len(tasks)))
-        errors: dict[int, str] = {}
+        errors: dict[int, tuple[str, str]] = {}
+        finished = 0
         for _ in range(self.retries + 1):
             if not pending:
                 break
-            outcomes = self.engine.run(fn, [tasks[i] for i in pending])
             failed = []
-            for i, (ok, value) in zip(pending, outcomes, strict=True):
+            for j, ok, value in self.engine.run(fn, [tasks[i] for i in pending]):
+                i = pending[j]
                 if ok:
                     results[i] = value
                     errors.pop(i, None)
+                    finished += 1
+                    if on_done:
+                        on_done(finished, len(tasks), value)
                 else:
                     errors[i] = value
                     failed.append(i)
-            pending = failed
+            pending = sorted(failed)
         if errors:
-            detail = "\n".join(f"- {tasks[i]!r}: {msg}" for i, msg in sorted(errors.items()))
-            raise ExecutorError(f"{len(errors)} task(s) failed after retries:\n{detail}")
+            # One line per failed task: the CLI prints it as is; tracebacks go to the attribute.
+            summary = "; ".join(f"task {tasks[i]!r}: {m}" for i, (m, _) in sorted(errors.items()))
+            raise ExecutorError(
+                f"{len(errors)} task(s) failed after {self.retries} retries: {summary}",
+                [tb for _, tb in errors.values()],
+            )
         return results
+
+
+class Progress:
+    """``on_done`` callback that logs rows/s and an ETA from the records' ``rows`` counts."""
+
+    def __init__(self, label: str, log: Callable[[str], None] | None):
+        self.label, self.log = label, log
+        self.start, self.rows = time.perf_counter(), 0
+
+    def __call__(self, finished: int, total: int, record: Any) -> None:
+        self.rows += int(record.get("rows", 0)) if isinstance(record, dict) else 0
+        if self.log is None:
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / finished * (total - finished)
+        self.log(
+            f"{self.label}: {finished}/{total} shards, {self.rows} rows, "
+            f"{self.rows / max(elapsed, 1e-9):.0f} rows/s, ETA {eta:.0f}s"
+        )

@@ -61,9 +61,11 @@ class FilterShard:
 def reference_samples(reference: Path, template: str) -> list[tuple[str, dict[str, bytes]]]:
     """The reference set as webdataset samples with a templated caption (the paper's
     ``a photo of a {class}``)."""
-    classes = read_classnames(Path(reference) / "classnames.txt") if (
-        Path(reference) / "classnames.txt"
-    ).exists() else None
+    classes = (
+        read_classnames(Path(reference) / "classnames.txt")
+        if (Path(reference) / "classnames.txt").exists()
+        else None
+    )
     samples = []
     for key, path, label in image_folder_items(Path(reference)):
         name = classes[label] if classes else Path(path).parent.name

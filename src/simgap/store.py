@@ -49,7 +49,9 @@ class Store:
         offset = 0
         shards = []
         for s in manifest["shards"]:
-            shards.append(ShardInfo(s["name"], s["rows"], offset, s["sha256"], s.get("skipped", {})))
+            shards.append(
+                ShardInfo(s["name"], s["rows"], offset, s["sha256"], s.get("skipped", {}))
+            )
             offset += s["rows"]
         self.shards: list[ShardInfo] = shards
         self.rows: int = offset
@@ -120,7 +122,9 @@ def check_compatible(*stores: Store) -> None:
     first = stores[0]
     for other in stores[1:]:
         if other.dim != first.dim:
-            raise StoreError(f"{other.path}: dim {other.dim} differs from {first.path}: {first.dim}")
+            raise StoreError(
+                f"{other.path}: dim {other.dim} differs from {first.path}: {first.dim}"
+            )
         if other.model != first.model:
             raise StoreError(
                 f"{other.path} and {first.path} were made by different similarity models "
@@ -207,9 +211,7 @@ class StoreWriter:
             "normalized": True,
             "rows": sum(r["rows"] for r in records),
             "source": self.source,
-            "shards": [
-                {k: r[k] for k in ("name", "rows", "sha256", "skipped")} for r in records
-            ],
+            "shards": [{k: r[k] for k in ("name", "rows", "sha256", "skipped")} for r in records],
         }
         write_json(self.path / "manifest.json", manifest)
         return Store(self.path, manifest)

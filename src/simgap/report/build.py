@@ -57,7 +57,7 @@ def load_run(run_dir: Path) -> RunFiles:
         splits={
             p.parent.name: _read_json(p) for p in sorted((run_dir / "splits").glob("*/split.json"))
         },
-        evals={_eval_name(p): _read_json(p) for p in sorted((run_dir / "eval").glob("*.json"))},
+        evals=dict(_read_eval(p) for p in sorted((run_dir / "eval").glob("*.json"))),
     )
 
 
@@ -81,12 +81,12 @@ def _read_gaps(path: Path) -> dict[str, np.ndarray]:
     }
 
 
-def _eval_name(path: Path) -> str:
+def _read_eval(path: Path) -> tuple[str, dict]:
     # The file name is the contract's key; the "split" field inside is only checked against it.
     data = _read_json(path)
     if data.get("split", path.stem) != path.stem:
         raise ValueError(f"{path}: names split {data['split']!r}, file name says {path.stem!r}")
-    return path.stem
+    return path.stem, data
 
 
 # ----------------------------------------------------------------------------- ordering
@@ -104,26 +104,47 @@ def benchmark_order(files: RunFiles) -> list[str]:
 
 
 def _configured_benchmarks(run: Mapping) -> list[str]:
-    listed = run.get("config", {}).get("benchmarks", [])
-    if not isinstance(listed, list):
-        return []
-    names = [
-        b if isinstance(b, str) else b.get("name") for b in listed if isinstance(b, str | dict)
-    ]
-    return [n for n in names if isinstance(n, str)]
+    """Benchmark names as the config or the world lists them (the world's order is the roles')."""
+    out: list[str] = []
+    for section in ("config", "world"):
+        listed = (run.get(section) or {}).get("benchmarks", [])
+        if isinstance(listed, list):
+            out += [b if isinstance(b, str) else b.get("name") for b in listed]
+    return [b for b in out if isinstance(b, str)]
+
+
+# Splits sort by policy first: the full pool, then the gap-matched splits, then the rest.
+_POLICY_RANK = {"full": 0, "gapmatch": 1, "near": 2, "far": 3}
 
 
 def split_order(files: RunFiles) -> list[str]:
-    """All known splits, sorted by name, each control right after the split it controls."""
-    names = sorted(set(files.splits) | set(files.evals))
+    """All known splits, each control right after the split it controls. Roots sort by policy,
+    then single-benchmark splits in benchmark order before multi-benchmark ones, then name."""
+    bench_rank = {b: i for i, b in enumerate(benchmark_order(files))}
+
+    def key(name: str) -> tuple:
+        split = files.splits.get(name, {})
+        policy = "gapmatch" if _is_gap_matched(split) else str(split.get("policy", ""))
+        benches = _split_benchmarks(split)
+        first = bench_rank.get(benches[0], len(bench_rank)) if len(benches) == 1 else 0
+        return (_POLICY_RANK.get(policy, len(_POLICY_RANK)), len(benches) > 1, first, name)
+
+    names = sorted(set(files.splits) | set(files.evals), key=key)
     controls = _controls(files)
     controlled = {c for cs in controls.values() for c in cs}
     order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name not in order:  # guards against control_of cycles
+            order.append(name)
+            for control in controls.get(name, []):
+                visit(control)
+
     for name in names:
-        if name in controlled:
-            continue
-        order.append(name)
-        order.extend(controls.get(name, []))
+        if name not in controlled:
+            visit(name)
+    for name in names:  # splits in a control_of cycle have no root
+        visit(name)
     return order
 
 
@@ -321,7 +342,9 @@ def _nanmedian(values: np.ndarray | None) -> float:
 
 def _gap_check_table(files: RunFiles, benches: Sequence[str]) -> Table:
     """Per gap-matched split and target benchmark: test points more similar to the split than to
-    the reference (strict >, the pruning rule). The method promises none."""
+    the reference (strict >, the pruning rule; the method promises none) and test points whose
+    NN similarity equals the reference's (all of them when the reference set is part of the
+    split: the gap is replicated exactly)."""
     rows = []
     for name in split_order(files):
         split = files.splits.get(name)
@@ -331,22 +354,22 @@ def _gap_check_table(files: RunFiles, benches: Sequence[str]) -> Table:
             columns = files.gaps[bench]
             if name not in columns or bench not in _split_benchmarks(split):
                 continue
-            excess = columns[name] - columns["reference"]
-            above = int(np.count_nonzero(excess > 0))
+            split_nn, reference = columns[name], columns["reference"]
             rows.append(
                 [
                     name,
                     bench,
-                    f"{above:,}",
-                    f"{excess.size:,}",
-                    f"{float(np.nanmax(excess)):+.4f}" if excess.size else "—",
+                    f"{split_nn.size:,}",
+                    f"{int(np.count_nonzero(split_nn > reference)):,}",
+                    f"{int(np.count_nonzero(split_nn == reference)):,}",
                 ]
             )
     return Table(
-        ["split", "benchmark", "points above reference", "test points", "max (split − reference)"],
+        ["split", "benchmark", "test points", "above reference", "equal to reference"],
         rows,
-        caption="Gap check: a gap-matched split must leave no test point more similar to the "
-        "split than to the reference set.",
+        caption="Gap check, from the gap files: test points whose NN similarity to a "
+        "gap-matched split is above (must be none) or equal to their NN similarity to the "
+        "reference set.",
         numeric=(2, 3, 4),
     )
 
@@ -537,8 +560,9 @@ def _removed_bars(files: RunFiles, colors: Mapping[str, str]) -> list[figures.Re
             continue
         benches = _split_benchmarks(split)
         target = benches[0] if len(benches) == 1 else f"{len(benches)} benchmarks"
+        label = name if target == name else f"{name} ({target})"
         size, pool = int(split["size"]), int(split["pool_size"])
-        bars.append(figures.RemovedBar(f"{name} ({target})", pool - size, pool, colors[name]))
+        bars.append(figures.RemovedBar(label, pool - size, pool, colors[name]))
     return sorted(bars, key=lambda b: -b.removed)
 
 
@@ -734,6 +758,8 @@ def summary_table(run_dir: Path) -> str:
     splits = split_order(files)
     if not splits:
         return "no splits in this run"
+    if not files.evals:
+        return "evaluation was not run (no eval/*.json); splits: " + ", ".join(splits)
     benches = [b for b in benchmark_order(files) if any(_evaluated(files, s, b) for s in splits)]
     rows: list[list[str]] = []
     for split in splits:

@@ -54,7 +54,6 @@ _RC = {
     "axes.spines.right": False,
     "axes.grid": True,
     "grid.alpha": 0.3,
-    "svg.hashsalt": "simgap",
 }
 
 
@@ -119,7 +118,7 @@ def removed_counts(bars: Sequence[RemovedBar]) -> bytes:
         y = np.arange(len(bars))
         ax.barh(y, [b.removed for b in bars], color=[b.color for b in bars], height=0.6)
         ax.set_yticks(y, [b.label for b in bars])
-        ax.invert_yaxis()  # first bar on top, as in the table
+        ax.invert_yaxis()  # largest removal on top
         ax.set_xlabel("pool points removed")
         ax.grid(axis="y", visible=False)
         top = max([b.removed for b in bars] + [1])

@@ -1,4 +1,4 @@
-"""Split policies as pure functions over scan outputs: each returns a boolean keep-mask over pool rows.
+"""Split policies as pure functions over scan outputs, each a boolean keep-mask over pool rows.
 
 Orderings are total (score, then row index), so every policy is deterministic; the random policy
 takes an explicit seed.

@@ -1,0 +1,47 @@
+"""Process entry point: ``python -m simgap._train_entry ARGV...`` runs open_clip_train.
+
+It is open_clip_train's ``main`` with two additions, both needed before ``main`` runs:
+
+1. simgap's shipped model configs are registered, so ``--model simgap-tiny`` resolves.
+2. The per-sample shuffle buffer of open_clip_train's webdataset pipeline is seeded from
+   ``--seed``: open_clip_train calls ``webdataset.shuffle(bufsize, initial)`` without an rng,
+   and webdataset then seeds it from ``pid + time``, so two runs of the same recipe would
+   see the samples in different orders. The replacement is webdataset's own ``detshuffle``.
+
+torchrun and srun launch this module on every rank, so both additions apply to every rank.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _seeded_sample_shuffle(seed: int):
+    import webdataset
+
+    def shuffle(bufsize: int = 1000, initial: int = 100, **_: object):
+        # detshuffle reseeds with seed + n on its n-th pass over the data in this worker.
+        return webdataset.detshuffle(bufsize=bufsize, initial=initial, seed=seed)
+
+    return shuffle
+
+
+def main(argv: list[str]) -> int:
+    import open_clip_train.data
+    import open_clip_train.main
+    from open_clip_train.params import parse_args
+
+    from simgap.models import register_shipped_configs
+
+    register_shipped_configs()
+    seed = parse_args(argv).seed
+    # open_clip_train.data looks up `wds.shuffle` at call time: patch that module attribute.
+    open_clip_train.data.wds.shuffle = _seeded_sample_shuffle(seed)
+    result = open_clip_train.main.main(argv)
+    # open_clip_train reports some refusals ("Experiment already exists") by returning -1
+    # after a print; turn them into a failing exit status.
+    return 1 if result == -1 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
