@@ -13,8 +13,6 @@ import base64
 import html
 import json
 import math
-import os
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from simgap.io import write_bytes
 from simgap.report import figures
 
 # Columns of gaps/<benchmark>.parquet that are not a split's NN similarity.
@@ -321,7 +320,10 @@ def _plotted_sets(files: RunFiles, bench: str) -> dict[str, np.ndarray]:
 
 
 def _gap_median_table(files: RunFiles, benches: Sequence[str]) -> Table:
-    sets = list(dict.fromkeys(name for b in benches for name in files.gaps[b]))
+    # Splits in the report's split order; columns of unknown splits last, in file order.
+    present = [name for b in benches for name in files.gaps[b]]
+    known = [s for s in split_order(files) if s in present]
+    sets = list(dict.fromkeys([*_GAP_BASE_SETS, *known, *present]))
     rows = []
     for name in sets:
         cells = [_sim(_nanmedian(files.gaps[b].get(name))) for b in benches]
@@ -726,34 +728,23 @@ def build_report(run_dir: Path) -> dict[str, Path]:
     written = set()
     for block in (b for s in sections for b in s.blocks):
         if isinstance(block, FigureBlock):
-            _write_atomic(out / block.filename, block.png)
+            write_bytes(out / block.filename, block.png)
             written.add(block.filename)
     # A figure left from an earlier, fuller build of this run would no longer match the report.
     for stale in set(_FIGURE_FILES) - written:
         (out / stale).unlink(missing_ok=True)
     paths = {"html": out / "report.html", "markdown": out / "report.md"}
-    _write_atomic(paths["markdown"], render_markdown(sections).encode("utf-8"))
-    _write_atomic(paths["html"], render_html(sections).encode("utf-8"))
+    write_bytes(paths["markdown"], render_markdown(sections).encode("utf-8"))
+    write_bytes(paths["html"], render_html(sections).encode("utf-8"))
     return paths
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # open(..., "xb") rather than mkstemp: the file gets the umask's mode (mkstemp forces 0600).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- terminal
 
 
 def summary_table(run_dir: Path) -> str:
-    """Top-1 (%) per split × benchmark, each control followed by its difference, as aligned text."""
+    """Top-1 (%) per evaluated split × benchmark, each control followed by its split's lead over
+    it, as aligned text; splits without evaluation are listed on a last line."""
     files = load_run(Path(run_dir))
     splits = split_order(files)
     if not splits:
@@ -762,10 +753,7 @@ def summary_table(run_dir: Path) -> str:
         return "evaluation was not run (no eval/*.json); splits: " + ", ".join(splits)
     benches = [b for b in benchmark_order(files) if any(_evaluated(files, s, b) for s in splits)]
     rows: list[list[str]] = []
-    for split in splits:
-        if split not in files.evals:
-            rows.append([split, *["—"] * len(benches), "not evaluated"])
-            continue
+    for split in (s for s in splits if s in files.evals):
         own = [_top1(files, split, b) for b in benches]
         parent = files.splits.get(split, {}).get("control_of")
         if parent not in files.evals or parent == split:
@@ -776,7 +764,9 @@ def summary_table(run_dir: Path) -> str:
         ref = [_top1(files, parent, b) for b in benches]
         diff = _diff(ref, own)
         rows.append([f"  Δ {parent} − control", *map(_pp, diff), _pp(_mean(diff))])
-    return _text_table(["top-1 (%)", *benches, "mean"], rows)
+    text = _text_table(["top-1 (%)", *benches, "mean"], rows)
+    unevaluated = [s for s in splits if s not in files.evals]
+    return text + ("\nnot evaluated: " + ", ".join(unevaluated) if unevaluated else "")
 
 
 def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -106,7 +106,9 @@ def gap_histograms(panels: Sequence[GapPanel], colors: Mapping[str, str]) -> byt
         for ax in axes.flat[len(panels) :]:
             ax.set_visible(False)
         handles = [_gap_handle(name, styles[name]) for name in labels]
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5))
+        # Splits are often named after the benchmark they were pruned for: say which is which.
+        names = [n if n in ("reference", "pool") else f"split {n}" for n in labels]
+        fig.legend(handles, names, loc="outside lower center", ncol=min(len(labels), 5))
         return _png(fig)
 
 
