@@ -12,12 +12,15 @@ gives the same bytes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
+import multiprocessing
 import os
 import shutil
 import tarfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +67,15 @@ _DISTRACTOR = "distractor"
 _NEAR = "near-duplicate"
 
 # Files and folders this module writes at the top of a world directory.
-_OWNED = {"world.json", "classnames.txt", "templates.txt", "reference", "pool", "benchmarks",
-          "ground_truth"}
+_OWNED = {
+    "world.json",
+    "classnames.txt",
+    "templates.txt",
+    "reference",
+    "pool",
+    "benchmarks",
+    "ground_truth",
+}
 
 
 @dataclass(frozen=True)
@@ -98,9 +108,38 @@ class WorldConfig:
     wrong_class_caption_fraction: float = 0.10
     no_class_caption_fraction: float = 0.10
     # Benchmarks that, like ImageNet-R / -A / ObjectNet, use only a share of the classes.
-    class_subsets: tuple[tuple[str, float], ...] = (("rendition", 0.7), ("hard", 0.7), ("pose", 0.8))
+    class_subsets: tuple[tuple[str, float], ...] = (
+        ("rendition", 0.7),
+        ("hard", 0.7),
+        ("pose", 0.8),
+    )
 
     def __post_init__(self) -> None:
+        # Normalise types so that configs read back from JSON/YAML (lists, ints for floats)
+        # compare, hash and serialise exactly like the defaults.
+        for name in (
+            "seed",
+            "n_classes",
+            "image_size",
+            "shard_size",
+            "jpeg_quality",
+            "reference_per_class",
+            "pool_size",
+            "benchmark_per_class",
+        ):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in (
+            "scale",
+            "near_duplicate_fraction",
+            "wrong_class_caption_fraction",
+            "no_class_caption_fraction",
+        ):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        for name in ("pool_mix", "class_subsets"):
+            pairs = tuple((str(k), float(w)) for k, w in getattr(self, name))
+            object.__setattr__(self, name, pairs)
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not 2 <= self.n_classes <= MAX_CLASSES:
             raise ValueError(f"n_classes must be in 2..{MAX_CLASSES}, got {self.n_classes}")
         if not self.scale > 0:
@@ -110,8 +149,11 @@ class WorldConfig:
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         kinds = {k for k, _ in self.pool_mix}
-        if not kinds <= set(DOMAINS) | {_DISTRACTOR} or any(w < 0 for _, w in self.pool_mix):
-            raise ValueError(f"pool_mix kinds must be among {DOMAINS + (_DISTRACTOR,)}, weights >= 0")
+        weights = [w for _, w in self.pool_mix]
+        if not kinds <= set(DOMAINS) | {_DISTRACTOR} or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(
+                f"pool_mix kinds must be among {DOMAINS + (_DISTRACTOR,)}, weights >= 0"
+            )
         if not {b for b, _ in self.class_subsets} <= set(BENCHMARKS):
             raise ValueError(f"class_subsets must name benchmarks among {BENCHMARKS}")
 
@@ -165,6 +207,7 @@ def _class_subsets(cfg: WorldConfig) -> dict[str, tuple[int, ...]]:
     return subsets
 
 
+@functools.lru_cache(maxsize=4)
 def _plan(cfg: WorldConfig) -> _Plan:
     subsets = _class_subsets(cfg)
     per_bench = _scaled(cfg.benchmark_per_class, cfg.scale)
@@ -179,14 +222,17 @@ def _plan(cfg: WorldConfig) -> _Plan:
     order = _rng(cfg, _PART_POOL_PLAN).permutation(len(kinds))
     pool_kinds = tuple(kinds[i] for i in order)
 
-    # Near-duplicates come from every benchmark in turn, distinct test images within each.
+    # Near-duplicates come from every benchmark in turn (round robin over those with unused
+    # test images), distinct test images within each.
+    per_bench_near = dict.fromkeys(BENCHMARKS, 0)
+    for _ in range(n_near):
+        open_benches = [b for b in BENCHMARKS if per_bench_near[b] < bench_sizes[b]]
+        per_bench_near[min(open_benches, key=per_bench_near.__getitem__)] += 1
     near_rng = _rng(cfg, _PART_NEAR_PICKS)
-    per_bench_near = _allocate(n_near, [1.0] * len(BENCHMARKS)) if n_near else [0] * len(BENCHMARKS)
     picks: list[tuple[str, int]] = []
-    for name, n in zip(BENCHMARKS, per_bench_near, strict=True):
-        n = min(n, bench_sizes[name])
-        picks += [(name, int(i)) for i in sorted(near_rng.choice(bench_sizes[name], n, replace=False))]
-    picks += [picks[0]] * (n_near - len(picks))  # only when a benchmark is too small to share
+    for name, n in per_bench_near.items():
+        chosen = near_rng.choice(bench_sizes[name], n, replace=False)
+        picks += [(name, int(i)) for i in sorted(chosen)]
     near_rng.shuffle(picks)
     near_slots = [i for i, k in enumerate(pool_kinds) if k == _NEAR]
     return _Plan(
@@ -221,7 +267,9 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _benchmark_image(cfg: WorldConfig, plan: _Plan, name: str, index: int) -> tuple[int, Image.Image]:
+def _benchmark_image(
+    cfg: WorldConfig, plan: _Plan, name: str, index: int
+) -> tuple[int, Image.Image]:
     """Test image `index` of benchmark `name` (class-major order) and its global label."""
     label = plan.benchmark_labels[name][index // plan.benchmark_per_class]
     rng = _rng(cfg, _PART_BENCHMARK + BENCHMARKS.index(name), index)
@@ -233,29 +281,55 @@ def _benchmark_image(cfg: WorldConfig, plan: _Plan, name: str, index: int) -> tu
 
 _STYLE_CAPTIONS: dict[str, tuple[str, ...]] = {
     "photo": (
-        "a photo of a {c}", "photo of my {c} on the table", "{c} in the garden",
-        "close-up of a {c}", "a {c} outside on a sunny day", "my new {c}", "a picture of a {c}",
+        "a photo of a {c}",
+        "photo of my {c} on the table",
+        "{c} in the garden",
+        "close-up of a {c}",
+        "a {c} outside on a sunny day",
+        "my new {c}",
+        "a picture of a {c}",
         "the {c} we found today",
     ),
     "photo-v2": (
-        "a photo of a {c} indoors", "{c}, evening light", "a dim photo of a {c}",
-        "warm photo of the {c}", "snapshot of a {c}", "a {c} at home",
+        "a photo of a {c} indoors",
+        "{c}, evening light",
+        "a dim photo of a {c}",
+        "warm photo of the {c}",
+        "snapshot of a {c}",
+        "a {c} at home",
     ),
     "sketch": (
-        "a sketch of a {c}", "pencil drawing of a {c}", "{c} line art", "hand drawn {c} doodle",
-        "black and white sketch of a {c}", "how to draw a {c}",
+        "a sketch of a {c}",
+        "pencil drawing of a {c}",
+        "{c} line art",
+        "hand drawn {c} doodle",
+        "black and white sketch of a {c}",
+        "how to draw a {c}",
     ),
     "rendition": (
-        "cartoon {c} drawing", "a painting of a {c}", "{c} clipart", "colorful {c} illustration",
-        "{c} sticker design", "cute cartoon {c}", "{c} icon vector art",
+        "cartoon {c} drawing",
+        "a painting of a {c}",
+        "{c} clipart",
+        "colorful {c} illustration",
+        "{c} sticker design",
+        "cute cartoon {c}",
+        "{c} icon vector art",
     ),
     "hard": (
-        "a small {c} in a messy room", "cluttered desk with a {c}", "can you spot the {c}",
-        "{c} among other things", "a {c} half hidden behind stuff", "junk pile with a {c}",
+        "a small {c} in a messy room",
+        "cluttered desk with a {c}",
+        "can you spot the {c}",
+        "{c} among other things",
+        "a {c} half hidden behind stuff",
+        "junk pile with a {c}",
     ),
     "pose": (
-        "upside down {c}", "a {c} lying on its side", "weird angle photo of a {c}",
-        "tilted {c} on the floor", "{c} on my bed", "a {c} on the kitchen tiles",
+        "upside down {c}",
+        "a {c} lying on its side",
+        "weird angle photo of a {c}",
+        "tilted {c} on the floor",
+        "{c} on my bed",
+        "a {c} on the kitchen tiles",
     ),
 }
 
@@ -269,14 +343,29 @@ _NO_CLASS_CAPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 _DISTRACTOR_CAPTIONS = (
-    "abstract texture background", "seamless pattern wallpaper", "noise texture",
-    "random stuff on the floor", "colorful abstract art", "doodles on paper", "fabric pattern",
+    "abstract texture background",
+    "seamless pattern wallpaper",
+    "noise texture",
+    "random stuff on the floor",
+    "colorful abstract art",
+    "doodles on paper",
+    "fabric pattern",
     "background image",
 )
 
 _EXTRA_WORDS = (
-    "free shipping", "stock image", "HD", "4k wallpaper", "best price", "#art", "2019",
-    "for sale", "high quality", "download", "| pinterest", "new",
+    "free shipping",
+    "stock image",
+    "HD",
+    "4k wallpaper",
+    "best price",
+    "#art",
+    "2019",
+    "for sale",
+    "high quality",
+    "download",
+    "| pinterest",
+    "new",
 )
 
 
@@ -304,7 +393,9 @@ def _caption(
     return _decorate(str(rng.choice(_STYLE_CAPTIONS[kind])).format(c=word), rng)
 
 
-def _clean_caption(kind: str, label: int, classnames: Sequence[str], rng: np.random.Generator) -> str:
+def _clean_caption(
+    kind: str, label: int, classnames: Sequence[str], rng: np.random.Generator
+) -> str:
     return _decorate(str(rng.choice(_STYLE_CAPTIONS[kind])).format(c=classnames[label]), rng)
 
 
@@ -342,16 +433,14 @@ def _lines(items: Sequence[str]) -> bytes:
     return ("\n".join(items) + "\n").encode("utf-8")
 
 
-def _write_reference(cfg: WorldConfig, plan: _Plan, out: Path) -> int:
-    index = 0
-    for label, name in enumerate(plan.classnames):
-        folder = out / "reference" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for _ in range(plan.reference_per_class):
-            img = render_image("photo", label, _rng(cfg, _PART_REFERENCE, index), cfg.image_size)
-            _write_atomic(folder / f"{reference_key(index)}.jpg", _jpeg(img, cfg.jpeg_quality))
-            index += 1
-    return index
+def _write_reference_class(cfg: WorldConfig, plan: _Plan, label: int, out: Path) -> int:
+    folder = out / "reference" / plan.classnames[label]
+    folder.mkdir(parents=True, exist_ok=True)
+    start = label * plan.reference_per_class
+    for index in range(start, start + plan.reference_per_class):
+        img = render_image("photo", label, _rng(cfg, _PART_REFERENCE, index), cfg.image_size)
+        _write_atomic(folder / f"{reference_key(index)}.jpg", _jpeg(img, cfg.jpeg_quality))
+    return plan.reference_per_class
 
 
 def _write_benchmark(cfg: WorldConfig, plan: _Plan, name: str, out: Path) -> int:
@@ -401,8 +490,13 @@ def _write_pool_shard(cfg: WorldConfig, plan: _Plan, shard: int, out: Path) -> i
         key = pool_key(index)
         jpg, caption, domain, label = _pool_sample(cfg, plan, index)
         meta = {
-            "key": key, "caption": caption, "domain": domain, "label": label,
-            "width": cfg.image_size, "height": cfg.image_size, "status": "success",
+            "key": key,
+            "caption": caption,
+            "domain": domain,
+            "label": label,
+            "width": cfg.image_size,
+            "height": cfg.image_size,
+            "status": "success",
         }
         members += [
             (f"{key}.jpg", jpg),
@@ -411,13 +505,15 @@ def _write_pool_shard(cfg: WorldConfig, plan: _Plan, shard: int, out: Path) -> i
         ]
         for col, value in zip(rows, (key, caption, domain, label, "success"), strict=True):
             rows[col].append(value)
-    table = pa.table({
-        "key": pa.array(rows["key"], pa.string()),
-        "caption": pa.array(rows["caption"], pa.string()),
-        "domain": pa.array(rows["domain"], pa.string()),
-        "label": pa.array(rows["label"], pa.int64()),
-        "status": pa.array(rows["status"], pa.string()),
-    })
+    table = pa.table(
+        {
+            "key": pa.array(rows["key"], pa.string()),
+            "caption": pa.array(rows["caption"], pa.string()),
+            "domain": pa.array(rows["domain"], pa.string()),
+            "label": pa.array(rows["label"], pa.int64()),
+            "status": pa.array(rows["status"], pa.string()),
+        }
+    )
     _write_atomic(out / "pool" / f"{shard:05d}.tar", _tar_bytes(members))
     _write_atomic(out / "pool" / f"{shard:05d}.parquet", _parquet_bytes(table))
     return stop - start
@@ -425,11 +521,13 @@ def _write_pool_shard(cfg: WorldConfig, plan: _Plan, shard: int, out: Path) -> i
 
 def _write_near_duplicates(plan: _Plan, out: Path) -> None:
     slots = sorted(plan.near_picks)
-    table = pa.table({
-        "pool_key": pa.array([pool_key(i) for i in slots], pa.string()),
-        "benchmark": pa.array([plan.near_picks[i][0] for i in slots], pa.string()),
-        "test_key": pa.array([benchmark_key(*plan.near_picks[i]) for i in slots], pa.string()),
-    })
+    table = pa.table(
+        {
+            "pool_key": pa.array([pool_key(i) for i in slots], pa.string()),
+            "benchmark": pa.array([plan.near_picks[i][0] for i in slots], pa.string()),
+            "test_key": pa.array([benchmark_key(*plan.near_picks[i]) for i in slots], pa.string()),
+        }
+    )
     (out / "ground_truth").mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "ground_truth" / "near_duplicates.parquet", _parquet_bytes(table))
 
@@ -494,7 +592,8 @@ def _existing_world(cfg: WorldConfig, out: Path) -> dict | None:
             f"({info.get('generator')}, {info.get('config')}); choose another folder"
         )
     foreign = [
-        p.name for p in out.iterdir()
+        p.name
+        for p in out.iterdir()
         if p.name not in _OWNED and not (p.name.startswith(".") and ".tmp" in p.name)
     ]
     if foreign:
@@ -508,15 +607,43 @@ def _existing_world(cfg: WorldConfig, out: Path) -> dict | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Task:
+    """One independent slice of the world (a reference class, a benchmark, a pool shard):
+    picklable, so a process pool can run it."""
+
+    cfg: WorldConfig
+    out: str
+    part: str
+    arg: int | str
+
+    def __call__(self) -> str:
+        plan, out = _plan(self.cfg), Path(self.out)
+        if self.part == "reference":
+            n = _write_reference_class(self.cfg, plan, int(self.arg), out)
+            return f"reference {plan.classnames[int(self.arg)]}: {n} images"
+        if self.part == "benchmark":
+            n = _write_benchmark(self.cfg, plan, str(self.arg), out)
+            return f"benchmark {self.arg}: {n} images"
+        n = _write_pool_shard(self.cfg, plan, int(self.arg), out)
+        return f"pool shard {int(self.arg):05d}: {n} samples"
+
+
+def _run_task(task: _Task) -> str:
+    return task()
+
+
 def generate_world(
     cfg: WorldConfig,
     out_dir: Path,
     progress: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> dict:
     """Write the world of `cfg` into `out_dir` and return the content of its world.json.
 
     Idempotent: a folder that already holds this world is left as is. world.json is written
-    last, so its presence marks a complete world.
+    last, so its presence marks a complete world. `workers` > 1 renders slices in that many
+    spawned processes; the bytes written do not depend on it.
     """
     out = Path(out_dir)
     existing = _existing_world(cfg, out)
@@ -527,24 +654,30 @@ def generate_world(
     report = progress or (lambda _msg: None)
     plan = _plan(cfg)
     n_pool = len(plan.pool_kinds)
-    if n_pool > 10**7 or max(
-        len(v) * plan.benchmark_per_class for v in plan.benchmark_labels.values()
-    ) > 10**5 or plan.reference_per_class * cfg.n_classes > 10**7:
+    if (
+        n_pool > 10**7
+        or max(len(v) * plan.benchmark_per_class for v in plan.benchmark_labels.values()) > 10**5
+        or plan.reference_per_class * cfg.n_classes > 10**7
+    ):
         raise ValueError(f"scale {cfg.scale} exceeds the fixed key widths of the world layout")
     out.mkdir(parents=True, exist_ok=True)
+    (out / "pool").mkdir(exist_ok=True)
     _write_atomic(out / "classnames.txt", _lines(plan.classnames))
     _write_atomic(out / "templates.txt", _lines(TEMPLATES))
 
-    n_ref = _write_reference(cfg, plan, out)
-    report(f"reference: {n_ref} images")
-    for name in BENCHMARKS:
-        n = _write_benchmark(cfg, plan, name, out)
-        report(f"benchmark {name}: {n} images")
-    (out / "pool").mkdir(parents=True, exist_ok=True)
+    # Biggest slices first, so a process pool ends evenly loaded.
     n_shards = -(-n_pool // cfg.shard_size)
-    for shard in range(n_shards):
-        n = _write_pool_shard(cfg, plan, shard, out)
-        report(f"pool shard {shard + 1}/{n_shards}: {n} samples")
+    tasks = [_Task(cfg, str(out), "pool", i) for i in range(n_shards)]
+    tasks += [_Task(cfg, str(out), "benchmark", name) for name in BENCHMARKS]
+    tasks += [_Task(cfg, str(out), "reference", label) for label in range(cfg.n_classes)]
+    if workers > 1:
+        context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            for message in pool.map(_run_task, tasks):
+                report(message)
+    else:
+        for task in tasks:
+            report(task())
     _write_near_duplicates(plan, out)
 
     info = _world_info(cfg, plan)
