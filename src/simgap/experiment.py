@@ -34,7 +34,7 @@ from simgap.select import far_pruned, gapmatch, random_split, union_score
 from simgap.splits import materialize, write_split
 from simgap.store import Store, check_compatible, open_store
 from simgap.train import Recipe, train
-from simgap.world import WorldConfig, generate_world
+from simgap.world import BENCHMARKS, WorldConfig, generate_world
 
 Log = Callable[[str], None]
 
@@ -97,7 +97,9 @@ class Runner:
 
 
 def _benchmarks(world: Path) -> list[str]:
-    return read_json(world / "world.json")["benchmarks"]
+    """The world's benchmarks in the paper's order (ImageNet val, V2, Sketch, R, A, ObjectNet)."""
+    present = read_json(world / "world.json")["benchmarks"]
+    return [b for b in BENCHMARKS if b in present]
 
 
 def _pool_pattern(world: Path) -> str:
@@ -262,7 +264,7 @@ def run_experiment(run_dir: Path, cfg: ExperimentConfig, log: Log = print) -> di
     executor = Executor(make_engine(cfg.engine, cfg.workers))
 
     info = r.stage("world", cfg.section("world"), lambda: generate_world(cfg.world, world, log))
-    benchmarks = info["benchmarks"]
+    benchmarks = _benchmarks(world)
     pool_samples = info["counts"]["pool"]
 
     sim_ckpt = r.stage(
@@ -355,7 +357,10 @@ def run_experiment(run_dir: Path, cfg: ExperimentConfig, log: Log = print) -> di
     write_json(
         run / "run.json",
         {
-            "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+            "config": {
+                **json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+                "benchmarks": benchmarks,
+            },
             "versions": _versions(),
             "timings": r.timings,
             "world": info,
