@@ -19,7 +19,9 @@ import sys
 def _seeded_sample_shuffle(seed: int):
     import webdataset
 
-    def shuffle(bufsize: int = 1000, initial: int = 100, **_: object):
+    # Only the arguments open_clip_train 3.3.0 passes: a call that passes more (an rng of
+    # its own) fails here instead of being ignored.
+    def shuffle(bufsize: int = 1000, initial: int = 100):
         # detshuffle reseeds with seed + n on its n-th pass over the data in this worker.
         return webdataset.detshuffle(bufsize=bufsize, initial=initial, seed=seed)
 
@@ -27,14 +29,18 @@ def _seeded_sample_shuffle(seed: int):
 
 
 def main(argv: list[str]) -> int:
+    # Parse first: params imports only argparse, so a bad command line fails in a second
+    # instead of after the ~5-10 s import of torch and open_clip.
+    from open_clip_train.params import parse_args
+
+    seed = parse_args(argv).seed
+
     import open_clip_train.data
     import open_clip_train.main
-    from open_clip_train.params import parse_args
 
     from simgap.models import register_shipped_configs
 
     register_shipped_configs()
-    seed = parse_args(argv).seed
     # open_clip_train.data looks up `wds.shuffle` at call time: patch that module attribute.
     open_clip_train.data.wds.shuffle = _seeded_sample_shuffle(seed)
     result = open_clip_train.main.main(argv)

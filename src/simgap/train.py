@@ -54,6 +54,11 @@ class Recipe:
     lr: float = 5e-4
     warmup: int = 10  # steps
     wd: float = 0.2
+    # AdamW betas/eps, always passed: open_clip_train picks its ViT defaults (0.9, 0.98, 1e-6)
+    # only when "vit" is in the model name, so "simgap-tiny" would silently get ResNet ones.
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
     precision: str = "fp32"  # "amp" / "amp_bf16" on GPUs; fp32 on CPU
     workers: int = 1  # dataloader workers per rank; needs at least that many shards per rank
     seed: int = 0
@@ -88,14 +93,17 @@ def open_clip_argv(
         "--lr", repr(recipe.lr),
         "--warmup", str(recipe.warmup),
         "--wd", repr(recipe.wd),
+        "--beta1", repr(recipe.beta1),
+        "--beta2", repr(recipe.beta2),
+        "--eps", repr(recipe.eps),
         "--precision", recipe.precision,
         "--workers", str(recipe.workers),
         "--seed", str(recipe.seed),
         "--logs", str(Path(out_dir).absolute()),
         "--name", name,
         # Resume from epoch_latest.pt, which open_clip_train replaces atomically (tmp.pt, then
-        # os.replace). Without --save-most-recent, "latest" globs *.pt and sorts mixed
-        # int/str keys, and could pick a half-written tmp.pt.
+        # os.replace). Without --save-most-recent, "latest" takes the last *.pt in natural
+        # order, which is the half-written tmp.pt a kill during a save leaves behind.
         "--resume", "latest",
         "--save-most-recent",
         "--save-frequency", str(recipe.save_frequency),
@@ -115,8 +123,13 @@ def train(
     log: Callable[[str], None] | None = None,
     *,
     device: str = "cpu",
+    threads: int | None = None,
 ) -> Path:
-    """Train (or resume, or skip if done) one run locally; return the final checkpoint path."""
+    """Train (or resume, or skip if done) one run locally; return the final checkpoint path.
+
+    ``threads`` caps the CPU threads of the training process (its OMP_NUM_THREADS); None keeps
+    torch's default of one per core. On a small shared machine 1 can be several times faster.
+    """
     final = final_checkpoint(out_dir, name, recipe)
     rdir = run_dir(out_dir, name)
     _claim_run_dir(rdir, _record(recipe, train_data, num_samples))
@@ -125,7 +138,8 @@ def train(
     _check_shards(train_data, recipe.workers)
     argv = open_clip_argv(recipe, train_data, num_samples, out_dir, name, device)
     cmd = [sys.executable, "-m", ENTRY_MODULE, *argv]
-    rc, tail = _run_streaming(cmd, rdir / LOG_FILE, log or _log_line)
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+    rc, tail = _run_streaming(cmd, rdir / LOG_FILE, log or _log_line, env)
     if rc != 0:
         raise TrainError(f"open_clip_train exited with status {rc}; last lines:\n{tail}")
     if not final.is_file():
@@ -262,10 +276,10 @@ def _check_shards(train_data: str, workers: int) -> None:
 
 
 def _run_streaming(
-    cmd: list[str], log_path: Path, emit: Callable[[str], None]
+    cmd: list[str], log_path: Path, emit: Callable[[str], None], extra_env: dict[str, str]
 ) -> tuple[int, str]:
     """Run cmd, copying its merged output to log_path and emit line by line."""
-    env = dict(os.environ)
+    env = {**os.environ, **extra_env}
     # The child must import this very simgap, installed or not.
     src = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)

@@ -1,0 +1,256 @@
+"""simgap.train: argv, launch scripts, and real open_clip_train runs on CPU on a tiny world."""
+
+from __future__ import annotations
+
+import io
+import shlex
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from open_clip_train.params import parse_args
+from PIL import Image
+
+from simgap.evaluate import evaluate_benchmark
+from simgap.models import ModelSpec, file_sha256, load_model
+from simgap.train import (
+    DONE_FILE,
+    ENTRY_MODULE,
+    Recipe,
+    TrainError,
+    open_clip_argv,
+    slurm_script,
+    torchrun_command,
+    train,
+)
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (230, 220, 30),
+}
+TINY = Recipe(epochs=2, batch_size=16, workers=1, seed=0)
+NASTY = "/data/my shards/$HOME;`id`&'q'/{00000..00003}.tar"
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_colour_shards(folder: Path, n: int = 64, shards: int = 2) -> str:
+    """n solid-colour 32px JPEGs captioned "a <colour> square", img2dataset layout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    per_shard = n // shards
+    for s in range(shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                colour = names[i % len(names)]
+                buf = io.BytesIO()
+                Image.new("RGB", (32, 32), COLOURS[colour]).save(buf, "JPEG")
+                _member(tar, f"p{i:07d}.jpg", buf.getvalue())
+                _member(tar, f"p{i:07d}.txt", f"a {colour} square".encode())
+    return str(folder / f"{{00000..{shards - 1:05d}}}.tar")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return write_colour_shards(tmp_path_factory.mktemp("world") / "pool")
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    out = tmp_path_factory.mktemp("train-a")
+    lines: list[str] = []
+    final = train(TINY, shards, 64, out, "tiny", log=lines.append, threads=1)
+    return out, final, lines
+
+
+# --- argv and launch scripts -------------------------------------------------------------
+
+
+def test_open_clip_argv_parses_with_open_clip_train(tmp_path):
+    argv = open_clip_argv(TINY, NASTY, 1000, tmp_path, "run-1")
+    args = parse_args(argv)
+    assert args.model == "simgap-tiny"
+    assert args.train_data == NASTY
+    assert args.train_num_samples == 1000
+    assert args.dataset_type == "webdataset"
+    assert (args.epochs, args.batch_size, args.workers, args.seed) == (2, 16, 1, 0)
+    assert (args.lr, args.wd, args.warmup) == (5e-4, 0.2, 10)
+    assert (args.beta1, args.beta2, args.eps) == (0.9, 0.98, 1e-6)
+    assert args.precision == "fp32"
+    assert args.device == "cpu"
+    assert args.resume == "latest" and args.save_most_recent
+    assert args.save_frequency == 0
+    assert args.logs == str(tmp_path.absolute()) and args.name == "run-1"
+    assert "wandb" not in args.report_to and "tensorboard" not in args.report_to
+
+
+def test_run_name_must_be_one_folder(tmp_path):
+    with pytest.raises(ValueError, match="single folder"):
+        open_clip_argv(TINY, NASTY, 10, tmp_path, "a/b")
+
+
+def test_torchrun_command_quotes_and_keeps_global_batch(tmp_path):
+    recipe = Recipe(model="ViT-B-32", batch_size=64, precision="amp")
+    out = tmp_path / "out dir; rm -rf ~"
+    cmd = torchrun_command(recipe, NASTY, 10_000, out, "split$(x)", nproc_per_node=8)
+    words = shlex.split(cmd)
+    assert words[:5] == ["torchrun", "--standalone", "--nproc_per_node=8", "-m", ENTRY_MODULE]
+    args = parse_args(words[5:])
+    assert args.train_data == NASTY
+    assert args.logs == str(out.absolute()) and args.name == "split$(x)"
+    assert args.batch_size == 8  # 64 global over 8 GPUs
+    assert args.device == "cuda" and args.precision == "amp"
+    assert args.local_loss and args.gather_with_grad
+    with pytest.raises(ValueError, match="divisible"):
+        torchrun_command(recipe, NASTY, 10, out, "x", nproc_per_node=5)
+
+
+def test_slurm_script_content(tmp_path):
+    recipe = Recipe(model="ViT-B-32", batch_size=256)
+    out = tmp_path / "runs & logs"
+    script = slurm_script(
+        recipe,
+        NASTY,
+        10_000,
+        out,
+        "near;x",
+        nodes=2,
+        gpus_per_node=4,
+        partition="gpu",
+        time="1:00:00",
+    )
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    for directive in (
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--partition=gpu",
+        "--time=1:00:00",
+    ):
+        assert f"#SBATCH {directive}" in lines
+    assert not any(line.startswith("#SBATCH --account") for line in lines)
+    srun = shlex.split(lines[-1])
+    assert srun[:7] == [
+        "srun",
+        "--cpu-bind=v",
+        "--accel-bind=gn",
+        "python",
+        "-u",
+        "-m",
+        ENTRY_MODULE,
+    ]
+    args = parse_args(srun[7:])
+    assert args.train_data == NASTY and args.name == "near;x"
+    assert args.logs == str(out.absolute())
+    assert args.batch_size == 32  # 256 global over 2 x 4 GPUs
+    assert "export MASTER_PORT=29500" in lines
+    with pytest.raises(ValueError, match="unsafe"):
+        slurm_script(recipe, NASTY, 10, out, "x", job_name="x\n#SBATCH --mem=0")
+    with pytest.raises(ValueError, match="unsafe"):
+        slurm_script(recipe, NASTY, 10, out, "x", partition="gpu; rm -rf ~")
+
+
+def test_missing_shards_fail_before_launch(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        train(TINY, str(tmp_path / "{00000..00001}.tar"), 64, tmp_path / "out", "x")
+
+
+# --- real open_clip_train runs on CPU ------------------------------------------------------
+
+
+def test_tiny_run_layout_and_checkpoint_loads(trained):
+    out, final, lines = trained
+    assert final == out / "tiny" / "checkpoints" / "epoch_2.pt"
+    assert (out / "tiny" / "checkpoints" / "epoch_latest.pt").is_file()
+    assert not (out / "tiny" / "checkpoints" / "epoch_1.pt").exists()  # save_frequency=0
+    assert (out / "tiny" / "out.log").is_file() and (out / "tiny" / DONE_FILE).is_file()
+    assert any("Device cpu" in line for line in lines)  # never tried CUDA
+    assert (out / "tiny" / "simgap-train.log").read_text().count("Start epoch") == 2
+    ckpt = torch.load(final, map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 2
+    loaded = load_model(ModelSpec("simgap-tiny", checkpoint=str(final)))
+    assert loaded.identity["checkpoint_sha256"] == file_sha256(final)
+    for key, value in loaded.model.state_dict().items():
+        assert torch.equal(value, ckpt["state_dict"][key]), key
+
+
+def test_trained_model_tells_colours_apart(trained, tmp_path):
+    # End to end: the trained checkpoint, loaded by simgap, classifies unseen shades zero-shot.
+    root = tmp_path / "bench"
+    root.mkdir()
+    (root / "classnames.txt").write_text("\n".join(COLOURS) + "\n")
+    for c, (r, g, b) in COLOURS.items():
+        (root / c).mkdir()
+        for j, d in enumerate((-20, 0, 20)):
+            shade = tuple(min(255, max(0, v + d)) for v in (r, g, b))
+            Image.new("RGB", (48, 48), shade).save(root / c / f"{c}-{j:05d}.jpg")
+    loaded = load_model(ModelSpec("simgap-tiny", checkpoint=str(trained[1])))
+    assert evaluate_benchmark(loaded, root, ["a {c} square"])["top1"] >= 0.75
+
+
+def test_completed_run_returns_without_training(trained, shards, monkeypatch):
+    out, final, _ = trained
+
+    def no_launch(*a, **k):
+        raise AssertionError("a completed run must not start open_clip_train")
+
+    monkeypatch.setattr(subprocess, "Popen", no_launch)
+    assert train(TINY, shards, 64, out, "tiny") == final
+
+
+def test_other_recipe_in_same_run_dir_is_refused(trained, shards):
+    out, _, _ = trained
+    with pytest.raises(ValueError, match="different recipe"):
+        train(Recipe(epochs=3, batch_size=16), shards, 64, out, "tiny")
+
+
+def test_same_seed_same_weights(trained, shards, tmp_path):
+    _, final_a, _ = trained
+    final_b = train(TINY, shards, 64, tmp_path, "tiny", log=lambda line: None, threads=1)
+    a = torch.load(final_a, map_location="cpu", weights_only=True)["state_dict"]
+    b = torch.load(final_b, map_location="cpu", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_killed_run_resumes_from_latest_checkpoint(shards, tmp_path):
+    """Kill the real subprocess (SIGKILL) right after epoch 1 was saved, then rerun."""
+    recipe = Recipe(epochs=2, batch_size=16, seed=1)
+
+    def kill_at_second_epoch(line: str) -> None:
+        # open_clip_train saves epoch_latest.pt before it logs the next "Start epoch".
+        if "Start epoch 1" in line:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(recipe, shards, 64, tmp_path, "k", log=kill_at_second_epoch, threads=1)
+    ckpts = tmp_path / "k" / "checkpoints"
+    assert torch.load(ckpts / "epoch_latest.pt", weights_only=True)["epoch"] == 1
+    assert not (ckpts / "epoch_2.pt").exists() and not (tmp_path / "k" / DONE_FILE).exists()
+
+    lines: list[str] = []
+    final = train(recipe, shards, 64, tmp_path, "k", log=lines.append, threads=1)
+    assert any("resuming checkpoint" in line and "(epoch 1)" in line for line in lines)
+    assert not any("Start epoch 0" in line for line in lines)
+    assert torch.load(final, weights_only=True)["epoch"] == 2
+
+
+def test_failed_run_raises_with_log_tail(shards, tmp_path):
+    # An option open_clip_train rejects: the child exits non-zero before training.
+    with pytest.raises(TrainError, match=r"(?s)exited with status 2.*precision"):
+        train(Recipe(precision="fp64"), shards, 64, tmp_path, "bad", log=lambda line: None)
