@@ -25,7 +25,7 @@ from simgap import __version__
 from simgap.data.sources import read_classnames
 from simgap.embed import embed
 from simgap.evaluate import evaluate_benchmark
-from simgap.io import read_json, write_json, write_parquet
+from simgap.io import read_json, write_json, write_npy, write_parquet
 from simgap.models import ModelSpec, load_model
 from simgap.parallel import Executor, make_engine
 from simgap.report import build_report
@@ -135,7 +135,7 @@ def _split_meta(name: str, policy: str, benchmarks: list[str], **params: Any) ->
 
 def select_splits(
     run: Path, benchmarks: list[str], coreset_fraction: float, seed: int
-) -> dict[str, dict[str, Any]]:
+) -> list[dict[str, Any]]:
     """Every split of the demo: gap-matched per benchmark and combined, a size-matched random
     control for each, the far-pruned coreset, and the full pool. The reference set is added to
     every split when it is trained (the paper's setting)."""
@@ -166,7 +166,7 @@ def select_splits(
                 "control_of": name,
             },
         )
-    splits = {}
+    splits = []
     for name, (mask, meta) in masks.items():
         meta = {"control_of": None, **meta, "pool_size": len(keys), "reference_added": True}
         meta["fingerprints"] = {
@@ -175,8 +175,8 @@ def select_splits(
                 b: _key(read_json(run / "scans" / f"pool-{b}" / "scan.json")) for b in benchmarks
             },
         }
-        splits[name] = write_split(run / "splits" / name, list(keys[mask]), meta)
-        np.save(run / "splits" / name / "mask.npy", mask)
+        splits.append(write_split(run / "splits" / name, list(keys[mask]), meta))
+        write_npy(run / "splits" / name / "mask.npy", mask)
     return splits
 
 
@@ -306,16 +306,18 @@ def run_experiment(run_dir: Path, cfg: ExperimentConfig, log: Log = print) -> di
         lambda: scan_benchmarks(run, benchmarks, cfg.topk, log),
         after=embeds,
     )
-    splits = r.stage(
+    made = r.stage(
         "select",
         {"coreset_fraction": cfg.coreset_fraction, "seed": cfg.seed},
         lambda: select_splits(run, benchmarks, cfg.coreset_fraction, cfg.seed),
         after=("scan",),
     )
+    # A list, not a dict: the cache stores JSON with sorted keys, and split order is shown.
+    splits = {meta["name"]: meta for meta in made}
     r.stage(
         "gaps",
         list(splits),
-        lambda: check_and_gaps(run, benchmarks, list(splits)),
+        lambda: check_and_gaps(run, benchmarks, list(splits)),  # the order select made them in
         after=("select",),
     )
 
