@@ -24,7 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run-dir", type=Path)
     ap.add_argument("--scale", type=float, default=1.0)
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=5)
     a = ap.parse_args()
     run_dir = a.run_dir or Path(tempfile.mkdtemp(prefix="simgap-demo-")) / "run"
     if run_dir.exists():

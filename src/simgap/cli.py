@@ -27,8 +27,8 @@ def _config(a: argparse.Namespace):
 
     return ExperimentConfig(
         world=WorldConfig(seed=a.seed, scale=a.scale, n_classes=a.classes),
-        similarity_recipe=Recipe(epochs=a.epochs, seed=a.seed),
-        train_recipe=Recipe(epochs=a.epochs, seed=a.seed),
+        similarity_recipe=Recipe(epochs=a.epochs, lr=1e-3, seed=a.seed),
+        train_recipe=Recipe(epochs=a.epochs, lr=1e-3, seed=a.seed),
         seed=a.seed,
         engine=a.engine,
         workers=a.workers,
@@ -162,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the paper's experiment end to end on the world")
     p.add_argument("run_dir", nargs="?", default="demo-run")
     _world_args(p)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=5)
     _engine_args(p)
     p.set_defaults(fn=cmd_demo)
 
