@@ -145,7 +145,7 @@ def main() -> None:
                 f"  {removed} rows above a threshold; {(res.count_above > 0).mean():.3f} of tests"
             )
 
-        first = np.asarray(next(store.iter_blocks())[2][: a.gemm_rows])
+        first = np.array(next(store.iter_blocks())[2][: a.gemm_rows])
         gemms = raw_gemms(first, tests)
         print(f"  raw GEMMs on {len(first)} x {a.tests} x {a.dim}: {gemms}", flush=True)
         faiss_s = None if a.skip_faiss else faiss_k1_seconds(path, tests)

@@ -115,19 +115,23 @@ def exact_sims(
     d = x.shape[1]
     xb = scratch.get("exact_x", (EXACT_CHUNK, d), torch.float32)
     tb = scratch.get("exact_t", (EXACT_CHUNK, d), torch.float32)
-    pb = scratch.get("exact_p", (EXACT_CHUNK, d), torch.float64)
     sb = scratch.get("exact_s", (EXACT_CHUNK,), torch.float64)
     out = torch.empty(len(rows), dtype=torch.float32, device=x.device)
+    # Per-row handlers ask for one pair per row, in order: then x needs no gather.
+    in_order = len(rows) == len(x) and bool(
+        torch.equal(rows, torch.arange(len(x), device=x.device))
+    )
     for s in range(0, len(rows), EXACT_CHUNK):
         r, c = rows[s : s + EXACT_CHUNK], cols[s : s + EXACT_CHUNK]
         n = len(r)
-        torch.index_select(x, 0, r, out=xb[:n])
+        xr = x[s : s + n] if in_order else torch.index_select(x, 0, r, out=xb[:n])
         torch.index_select(t, 0, c, out=tb[:n])
         if fp32_products:
-            torch.mul(xb[:n], tb[:n], out=pb[:n])  # exact in fp32, stored as fp64
+            prod = tb[:n].mul_(xr)
         else:
-            pb[:n].copy_(xb[:n]).mul_(tb[:n])  # tb promotes to float64 exactly
-        torch.sum(pb[:n], 1, out=sb[:n])
+            prod = scratch.get("exact_p", (EXACT_CHUNK, d), torch.float64)[:n]
+            prod.copy_(tb[:n]).mul_(xr)  # xr promotes to float64 exactly
+        torch.sum(prod, 1, dtype=torch.float64, out=sb[:n])
         out[s : s + n] = sb[:n]
     return out
 
@@ -542,7 +546,8 @@ def scan_block(
     """Hand every (row tile x test tile) of one block of base rows to every handler.
 
     ``x`` (n, d) holds base rows (fp16 as stored, or fp32) on ``cfg.device``; ``row_ids`` their
-    global ids. Per-row handlers are begun here; the caller ends them."""
+    global ids. Per-row handlers are begun here; the caller ends them. Everything but the GEMM
+    runs with ``cfg.reduce_threads`` torch threads."""
     n, d = x.shape
     for h in handlers:
         h.begin(n, x.device)
@@ -550,26 +555,27 @@ def scan_block(
     fp32_products = tests.fp16_values and x.dtype == torch.float16
     hg = cfg.row_group
     scratch = Scratch(x.device)
-    for r0 in range(0, n, cfg.tile_rows):
-        xt = x[r0 : r0 + cfg.tile_rows]
-        rn = len(xt)
-        rp = math.ceil(rn / hg) * hg
-        x32 = scratch.get("x32", (rp, d), torch.float32)
-        x32[:rn] = xt
-        x32[rn:] = 0
-        xs = x32 if screen_dtype == torch.float32 else scratch.get("xs", (rp, d), screen_dtype)
-        if xs is not x32:
-            xs.copy_(x32)
-        # A float32 norm is within d*u32 relative; the (1 + 2**-10) factor covers it and the
-        # float32 rounding of the bounds evaluated on values up to ~|x||t|.
-        x_norm = float(torch.linalg.vector_norm(x32[:rn], dim=1).max()) if rn else 0.0
-        eps = tests.eps_per_row_norm * x_norm * (1 + 2**-10) + SLACK
-        ids = row_ids[r0 : r0 + rn]
-        for tt in tests.tiles:
-            sims = tile_gemm(
-                xs, tt.screen, scratch.get("sims", (rp, tt.cols), screen_dtype), cfg.gemm
-            )
-            with _intra_op_threads(cfg.reduce_threads):
+    gemm_threads = torch.get_num_threads()
+    with _intra_op_threads(cfg.reduce_threads):
+        for r0 in range(0, n, cfg.tile_rows):
+            xt = x[r0 : r0 + cfg.tile_rows]
+            rn = len(xt)
+            rp = math.ceil(rn / hg) * hg
+            x32 = scratch.get("x32", (rp, d), torch.float32)
+            x32[:rn] = xt
+            x32[rn:] = 0
+            xs = x32
+            if screen_dtype != torch.float32:
+                xs = scratch.get("xs", (rp, d), screen_dtype).copy_(x32)
+            # A float32 norm is within d*u32 relative; the (1 + 2**-10) factor covers it and
+            # the float32 rounding of the bounds evaluated on values up to ~|x||t|.
+            x_norm = float(torch.linalg.vector_norm(x32[:rn], dim=1).max()) if rn else 0.0
+            eps = tests.eps_per_row_norm * x_norm * (1 + 2**-10) + SLACK
+            ids = row_ids[r0 : r0 + rn]
+            for tt in tests.tiles:
+                out = scratch.get("sims", (rp, tt.cols), screen_dtype)
+                with _intra_op_threads(gemm_threads if cfg.gemm == "torch" else None):
+                    sims = tile_gemm(xs, tt.screen, out, cfg.gemm)
                 sims[rn:] = -math.inf
                 if len(tt.pad_cols):
                     sims.index_fill_(1, tt.pad_cols, -math.inf)
