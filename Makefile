@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-run
 
-.PHONY: setup demo test test-extended lint bench clean
+.PHONY: setup demo test lint clean
 
 setup: $(STAMP)
 
@@ -25,9 +25,6 @@ demo: setup
 test: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest tests
-
-test-extended: setup
-	SIMGAP_EXTENDED=1 $(BIN)/python -m pytest tests
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
