@@ -13,6 +13,7 @@ torchrun and srun launch this module on every rank, so both additions apply to e
 
 from __future__ import annotations
 
+import logging
 import sys
 
 
@@ -44,6 +45,11 @@ def main(argv: list[str]) -> int:
     # open_clip_train.data looks up `wds.shuffle` at call time: patch that module attribute.
     open_clip_train.data.wds.shuffle = _seeded_sample_shuffle(seed)
     result = open_clip_train.main.main(argv)
+    # open_clip_train raised every logger to INFO, so torch's compiler prints its (empty)
+    # metrics at exit: quiet torch's loggers once training is over.
+    for name in list(logging.root.manager.loggerDict):
+        if name == "torch" or name.startswith("torch."):
+            logging.getLogger(name).setLevel(logging.WARNING)
     # open_clip_train reports some refusals ("Experiment already exists") by returning -1
     # after a print; turn them into a failing exit status.
     return 1 if result == -1 else 0
