@@ -115,3 +115,27 @@ def test_evaluate_missing_templates(bad_inputs):
         ),
         "none.pt",
     )
+
+
+def test_demo_refuses_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "mine.txt").write_text("precious")
+    _assert_one_line_error(
+        run_cli("demo", tmp_path, "--scale", "0.01"), str(tmp_path), "not a simgap run"
+    )
+    assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_world_refuses_a_different_config(tmp_path):
+    assert run_cli("world", tmp_path / "w", "--scale", "0.02").returncode == 0
+    _assert_one_line_error(
+        run_cli("world", tmp_path / "w", "--scale", "0.02", "--seed", "9"), str(tmp_path / "w")
+    )
+
+
+def test_embed_missing_source(tmp_path):
+    _assert_one_line_error(
+        run_cli(
+            "embed", tmp_path / "nothing", "-o", tmp_path / "s", "--checkpoint", tmp_path / "c.pt"
+        ),
+        "nothing",
+    )

@@ -261,6 +261,9 @@ def evaluate_split(run: Path, world: Path, split: str, recipe: Recipe, ckpt: str
 
 def run_experiment(run_dir: Path, cfg: ExperimentConfig, log: Log = print) -> dict[str, Any]:
     run = Path(run_dir)
+    if run.is_dir() and any(run.iterdir()) and not (run / "stages").is_dir():
+        # Resuming writes into the folder: never mix a run into someone else's files.
+        raise ValueError(f"{run}: folder is not empty and is not a simgap run; choose another")
     run.mkdir(parents=True, exist_ok=True)
     r = Runner(run, log)
     world = run / "world"
