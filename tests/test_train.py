@@ -14,7 +14,8 @@ from open_clip_train.params import parse_args
 from PIL import Image
 
 from simgap.evaluate import evaluate_benchmark
-from simgap.models import ModelSpec, file_sha256, load_model
+from simgap.io import sha256_file
+from simgap.models import ModelSpec, load_model
 from simgap.train import (
     DONE_FILE,
     ENTRY_MODULE,
@@ -180,7 +181,7 @@ def test_tiny_run_layout_and_checkpoint_loads(trained):
     ckpt = torch.load(final, map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 2
     loaded = load_model(ModelSpec(TINY.model, checkpoint=str(final)))
-    assert loaded.identity["checkpoint_sha256"] == file_sha256(final)
+    assert loaded.identity["checkpoint_sha256"] == sha256_file(final)
     for key, value in loaded.model.state_dict().items():
         assert torch.equal(value, ckpt["state_dict"][key]), key
 

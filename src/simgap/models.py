@@ -19,7 +19,6 @@ recorded in a store manifest is the SHA-256 of exactly the bytes in the model.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from simgap.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +81,6 @@ def register_shipped_configs() -> None:
     # add_model_config appends to a list and rescans each time: only call it when needed.
     if not names <= set(open_clip.list_models()):
         open_clip.add_model_config(shipped_configs_dir())
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def model_identity(spec: ModelSpec, cache_dir: str | None = None) -> dict:
@@ -146,7 +139,7 @@ def _identity(spec: ModelSpec, weights: str | None) -> dict:
     return {
         "arch": spec.arch,
         "pretrained": spec.pretrained,
-        "checkpoint_sha256": file_sha256(weights) if weights else None,
+        "checkpoint_sha256": sha256_file(weights) if weights else None,
     }
 
 
@@ -262,7 +255,7 @@ def _expected_sha256_prefix(url: str) -> str:
 
 def _check_tag_hash(spec: ModelSpec, cfg: dict) -> None:
     expected = _expected_sha256_prefix(cfg.get("url", ""))
-    if expected and not file_sha256(spec.checkpoint).startswith(expected):
+    if expected and not sha256_file(spec.checkpoint).startswith(expected):
         raise ModelLoadError(
             f"{spec.checkpoint} is not the weights of {spec.arch}/{spec.pretrained}: its SHA-256 "
             f"does not start with {expected} (from {cfg['url']})"

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from simgap.models import file_sha256
+from simgap.io import sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,8 @@ def train(
         raise TrainError(f"open_clip_train exited with status {rc}; last lines:\n{tail}")
     if not final.is_file():
         raise TrainError(f"open_clip_train finished but {final} is missing; last lines:\n{tail}")
-    done = {"final_checkpoint": final.name, "sha256": file_sha256(final), "argv": argv}
-    _write_json_atomic(rdir / DONE_FILE, done)
+    done = {"final_checkpoint": final.name, "sha256": sha256_file(final), "argv": argv}
+    write_json(rdir / DONE_FILE, done)
     return final
 
 
@@ -259,7 +259,7 @@ def _claim_run_dir(rdir: Path, record: dict) -> None:
     if (rdir / "checkpoints").exists():
         raise ValueError(f"{rdir} holds checkpoints not made by simgap.train; use another name")
     rdir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(path, record)
+    write_json(path, record)
 
 
 def _check_shards(train_data: str, workers: int) -> None:
@@ -312,9 +312,3 @@ def _run_streaming(
 
 def _log_line(line: str) -> None:
     log.info("%s", line)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
