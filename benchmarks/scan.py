@@ -52,17 +52,20 @@ def gemm_gflops(fn, flop: float, repeat: int = 3) -> float:
     return flop * repeat / (time.perf_counter() - t) / 1e9
 
 
-def raw_gemms(base: np.ndarray, tests: np.ndarray) -> dict[str, float]:
-    """Throughput of one (slice rows x all tests) GEMM, output materialised, as the scan does."""
-    flop = 2.0 * base.shape[0] * tests.shape[0] * base.shape[1]
-    xb, tb = torch.from_numpy(base).bfloat16(), torch.from_numpy(tests).bfloat16()
-    out_b = torch.empty((len(xb), len(tb)), dtype=torch.bfloat16)
+def fp32_gemm_gflops(base: np.ndarray, tests: np.ndarray) -> float:
+    """numpy (OpenBLAS) fp32 GEMM of one (slice rows x all tests) tile, output materialised."""
     x32, t32 = base.astype(np.float32), tests.astype(np.float32)
-    out_32 = np.empty((len(x32), len(t32)), np.float32)
-    return {
-        "bf16_matmul_gflops": gemm_gflops(lambda: torch.mm(xb, tb.T, out=out_b), flop),
-        "fp32_matmul_gflops": gemm_gflops(lambda: np.matmul(x32, t32.T, out=out_32), flop),
-    }
+    out = np.empty((len(x32), len(t32)), np.float32)
+    flop = 2.0 * x32.shape[0] * t32.shape[0] * x32.shape[1]
+    return gemm_gflops(lambda: np.matmul(x32, t32.T, out=out), flop)
+
+
+def bf16_gemm_gflops(base: np.ndarray, tests: np.ndarray) -> float:
+    """torch bf16 GEMM on the same shape."""
+    xb, tb = torch.from_numpy(base).bfloat16(), torch.from_numpy(tests).bfloat16()
+    out = torch.empty((len(xb), len(tb)), dtype=torch.bfloat16)
+    flop = 2.0 * xb.shape[0] * tb.shape[0] * xb.shape[1]
+    return gemm_gflops(lambda: torch.mm(xb, tb.T, out=out), flop, repeat=1)
 
 
 def faiss_k1_seconds(store_path: Path, tests: np.ndarray) -> float:
@@ -121,6 +124,10 @@ def main() -> None:
                 print(f"  scan {done}/{total} rows, {rate:.0f} rows/s, eta {eta:.0f}s", flush=True)
                 last[0] = now
 
+        first = np.array(next(store.iter_blocks())[2][: a.gemm_rows])
+        # The machine may be shared: measure the reference GEMM just before and after the scan.
+        fp32_before = fp32_gemm_gflops(first, tests)
+        load_before = os.getloadavg()[0]
         t_scan = time.perf_counter()
         res = scan_store(
             store,
@@ -145,9 +152,15 @@ def main() -> None:
                 f"  {removed} rows above a threshold; {(res.count_above > 0).mean():.3f} of tests"
             )
 
-        first = np.array(next(store.iter_blocks())[2][: a.gemm_rows])
-        gemms = raw_gemms(first, tests)
-        print(f"  raw GEMMs on {len(first)} x {a.tests} x {a.dim}: {gemms}", flush=True)
+        load_after = os.getloadavg()[0]
+        fp32_after = fp32_gemm_gflops(first, tests)
+        fp32 = (fp32_before + fp32_after) / 2
+        bf16 = bf16_gemm_gflops(first, tests)
+        print(
+            f"  raw GEMMs on {len(first)} x {a.tests} x {a.dim}: fp32 {fp32_before:.1f} before, "
+            f"{fp32_after:.1f} after the scan; bf16 {bf16:.1f} GFLOP/s",
+            flush=True,
+        )
         faiss_s = None if a.skip_faiss else faiss_k1_seconds(path, tests)
 
     flop = 2.0 * a.rows * a.tests * a.dim
@@ -162,13 +175,15 @@ def main() -> None:
         "rows_removed": removed,
         "scan_seconds": round(scan_s, 3),
         "scan_gflops": round(scan_gflops, 2),
-        "bf16_matmul_gflops": round(gemms["bf16_matmul_gflops"], 2),
-        "fp32_matmul_gflops": round(gemms["fp32_matmul_gflops"], 2),
-        "ratio_vs_bf16_matmul": round(scan_gflops / gemms["bf16_matmul_gflops"], 3),
-        "ratio_vs_fp32_matmul": round(scan_gflops / gemms["fp32_matmul_gflops"], 3),
+        "bf16_matmul_gflops": round(bf16, 2),
+        "fp32_matmul_gflops": round(fp32, 2),
+        "ratio_vs_bf16_matmul": round(scan_gflops / bf16, 3),
+        "ratio_vs_fp32_matmul": round(scan_gflops / fp32, 3),
         "faiss_k1_seconds": None if faiss_s is None else round(faiss_s, 3),
         "speedup_vs_faiss": None if faiss_s is None else round(faiss_s / scan_s, 3),
         "peak_rss_mb": round(peak_mb, 1),
+        "cpu_native_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        "loadavg_before_after": [round(load_before, 2), round(load_after, 2)],
     }
     print(json.dumps(out))
 

@@ -293,8 +293,8 @@ def _pairs_from_2d_blocks(
     return rows[real], cols[real]
 
 
-def _screen_pairs(tile: SimTile, lo: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(row, column) batches of every real pair whose screen value is >= lo[column].
+def _screen_pairs(tile: SimTile, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of every real pair whose screen value is >= lo[column].
 
     2D blocks whose max is below the smallest lo of their tests are skipped; when most blocks
     qualify (early in a scan) one dense comparison is cheaper than gathering them."""
@@ -304,12 +304,18 @@ def _screen_pairs(tile: SimTile, lo: torch.Tensor) -> Iterator[tuple[torch.Tenso
         mask = tile.scratch.get("dense_mask", tile.sims.shape, torch.bool)
         # Compared in float32 (type promotion): rounding lo to bf16 would not be conservative.
         torch.ge(tile.sims, lo, out=mask)
-        yield torch.nonzero(mask[: tile.n_rows], as_tuple=True)
-        return
+        return torch.nonzero(mask[: tile.n_rows], as_tuple=True)
+    rows, cols = [], []
     for s in range(0, len(j), BLOCK_CHUNK):
         jj, bb = j[s : s + BLOCK_CHUNK], b[s : s + BLOCK_CHUNK]
         mask = tile.block_2d(jj, bb) >= _col_values(lo, tile, bb)[:, None, :]
-        yield _pairs_from_2d_blocks(tile, jj, bb, mask)
+        r, c = _pairs_from_2d_blocks(tile, jj, bb, mask)
+        rows.append(r)
+        cols.append(c)
+    if not rows:
+        empty = torch.zeros(0, dtype=torch.int64, device=lo.device)
+        return empty, empty
+    return torch.cat(rows), torch.cat(cols)
 
 
 def _col_values(v: torch.Tensor, tile: SimTile, b: torch.Tensor) -> torch.Tensor:
@@ -415,7 +421,8 @@ class TopKHandler:
             # exact k-th value after this tile is >= v - eps and candidates have screen >= v - 2eps.
             v = torch.topk(tile.sims[: tile.n_rows], k, dim=0).values[-1].float()
             lo = torch.where(fresh, v - 2 * eps, lo)
-        for rows, cols in _screen_pairs(tile, lo):
+        rows, cols = _screen_pairs(tile, lo)
+        if len(rows):
             sims = tile.exact(rows, cols)
             keep = sims >= kth[cols]
             self.pending.append((tt.index[cols[keep]], sims[keep], tile.row_ids[rows[keep]]))
@@ -465,14 +472,15 @@ class CountAboveHandler:
         tt, eps = tile.tests, tile.eps
         # Screen below thr - eps: never above; above thr + eps: surely above; between: recheck.
         lo, hi = tt.thr - eps, tt.thr + eps
+        rows, cols = _screen_pairs(tile, lo)
+        if len(rows) == 0:
+            return
+        sure = tile.sims[rows, cols].float() > hi[cols]
+        band = ~sure
+        exact_above = tile.exact(rows[band], cols[band]) > tt.thr[cols[band]]
+        hits = torch.cat([cols[sure], cols[band][exact_above]])
         per_col = torch.zeros(tt.cols, dtype=torch.int64, device=lo.device)
-        for rows, cols in _screen_pairs(tile, lo):
-            screen = tile.sims[rows, cols].float()
-            sure = screen > hi[cols]
-            band = ~sure
-            exact_above = tile.exact(rows[band], cols[band]) > tt.thr[cols[band]]
-            hits = torch.cat([cols[sure], cols[band][exact_above]])
-            per_col.index_add_(0, hits, torch.ones_like(hits))
+        per_col.index_add_(0, hits, torch.ones_like(hits))
         real = tt.index >= 0
         self.count.index_add_(0, tt.index[real], per_col[real])
 
@@ -519,7 +527,7 @@ class KernelConfig:
     device: str = "cpu"
     tile_rows: int = 1024
     tile_tests: int = 8192
-    row_group: int = 8
+    row_group: int = 4
     test_group: int = 32
     gemm: str = "torch"  # "numpy": fp32 CPU GEMM through numpy's BLAS (faster on some CPUs)
     # torch intra-op threads for the reductions between GEMMs (None: leave torch's setting).

@@ -141,7 +141,7 @@ def kernel_config(
 
     CPU defaults were measured on the 2-core AVX2 development machine: fp32 screen (no native
     bf16 there), numpy's OpenBLAS GEMM (~1.4x torch's MKL GEMM on that AMD CPU), single-threaded
-    reductions, tiles of 1024 rows x 8192 tests. On CUDA: bf16, large tiles."""
+    reductions, tiles of 2048 rows x 8192 tests. On CUDA: bf16, large tiles."""
     precision = resolve_precision(precision, device)
     cuda = torch.device(device).type == "cuda"
     if gemm == "auto":
@@ -153,7 +153,7 @@ def kernel_config(
     return KernelConfig(
         precision=precision,
         device=device,
-        tile_rows=tile_rows or (8192 if cuda else 1024),
+        tile_rows=tile_rows or (8192 if cuda else 2048),
         tile_tests=tile_tests or (16384 if cuda else 8192),
         gemm=gemm,
         reduce_threads=reduce_threads,
