@@ -169,15 +169,17 @@ def select_splits(
                 "control_of": name,
             },
         )
+    # Every split is made from the same inputs: fingerprint them once.
+    fingerprints = {
+        "pool": _key(pool.manifest),
+        "scans": {
+            b: _key(read_json(run / "scans" / f"pool-{b}" / "scan.json")) for b in benchmarks
+        },
+    }
     splits = []
     for name, (mask, meta) in masks.items():
         meta = {"control_of": None, **meta, "pool_size": len(keys), "reference_added": True}
-        meta["fingerprints"] = {
-            "pool": _key(pool.manifest),
-            "scans": {
-                b: _key(read_json(run / "scans" / f"pool-{b}" / "scan.json")) for b in benchmarks
-            },
-        }
+        meta["fingerprints"] = fingerprints
         splits.append(write_split(run / "splits" / name, list(keys[mask]), meta))
         write_npy(run / "splits" / name / "mask.npy", mask)
     return splits
