@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-run
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-extended lint clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: setup
 test: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest tests
+
+# The full fault, kill and load suite (minutes to hours); `make test` runs its default subset.
+test-extended: setup
+	$(BIN)/python -m pytest tests -m extended
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
