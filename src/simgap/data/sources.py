@@ -100,3 +100,15 @@ def shard_tasks(spec: str | Path, shard_size: int = 1000) -> list[ShardTask]:
     if not tars:
         raise ShardError(f"{spec}: no shards")
     return [ShardTask(f"{i:05d}", tar=t) for i, t in enumerate(tars)]
+
+
+def fetch_samples(source: str, keys: set[str]) -> dict[str, dict[str, bytes]]:
+    """Find samples again by key, given the ``source`` locator a store's keys table records
+    (a tar shard, or an image file): key -> members (extension -> bytes). Missing keys are absent
+    from the result, so the caller decides whether that is an error."""
+    if source.endswith(".tar") or "://" in source:
+        return {k: m for k, m in iter_samples(source) if k in keys}
+    path = Path(source)
+    if path.stem not in keys or not path.exists():
+        return {}
+    return {path.stem: {path.suffix.lower().lstrip("."): path.read_bytes()}}
