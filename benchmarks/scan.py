@@ -7,6 +7,12 @@ vectors. The last line printed is one JSON object.
 
     python benchmarks/scan.py --rows 100000 --tests 2048      # quick
     python benchmarks/scan.py                                  # 1e6 x 8192 x 512
+    python benchmarks/scan.py --device cuda --precision bf16   # on a GPU node
+
+Memory bound (peak RSS of this process, ``ru_maxrss``) on an existing store, bounded portions:
+
+    python benchmarks/scan.py --store BASE --max-shards 1 --tests 50000 --skip-gemms --skip-faiss
+    python benchmarks/scan.py --store BASE --tests 512 --skip-gemms --skip-faiss
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from simgap.scan import iter_scan_rows, resolve_precision, scan_store
-from simgap.store import StoreWriter, open_store
+from simgap.scan import KernelConfig, iter_scan_rows, scan_store
+from simgap.store import Store, StoreWriter, open_store
 
 
 def random_unit_fp16(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -60,18 +66,33 @@ def fp32_gemm_gflops(base: np.ndarray, tests: np.ndarray) -> float:
     return gemm_gflops(lambda: np.matmul(x32, t32.T, out=out), flop)
 
 
-def bf16_gemm_gflops(base: np.ndarray, tests: np.ndarray) -> float:
-    """torch bf16 GEMM on the same shape."""
-    xb, tb = torch.from_numpy(base).bfloat16(), torch.from_numpy(tests).bfloat16()
-    out = torch.empty((len(xb), len(tb)), dtype=torch.bfloat16)
+def bf16_gemm_gflops(base: np.ndarray, tests: np.ndarray, device: str) -> float:
+    """torch bf16 GEMM on the same shape (on the scan's device)."""
+    xb = torch.from_numpy(base).to(device).bfloat16()
+    tb = torch.from_numpy(tests).to(device).bfloat16()
+    out = torch.empty((len(xb), len(tb)), dtype=torch.bfloat16, device=device)
     flop = 2.0 * xb.shape[0] * tb.shape[0] * xb.shape[1]
-    return gemm_gflops(lambda: torch.mm(xb, tb.T, out=out), flop, repeat=1)
+    cuda = device.startswith("cuda")
+
+    def run() -> None:
+        torch.mm(xb, tb.T, out=out)
+        if cuda:
+            torch.cuda.synchronize()
+
+    return gemm_gflops(run, flop, repeat=10 if cuda else 1)
 
 
-def faiss_k1_seconds(store_path: Path, tests: np.ndarray) -> float:
+def first_shards(store: Store, n: int | None) -> Store:
+    """The same store restricted to its first n shards (a bounded portion of a big scan)."""
+    if n is None:
+        return store
+    manifest = {**store.manifest, "shards": store.manifest["shards"][:n]}
+    return Store(store.path, manifest)
+
+
+def faiss_k1_seconds(store: Store, tests: np.ndarray) -> float:
     import faiss
 
-    store = open_store(store_path)
     index = faiss.IndexFlatIP(store.dim)
     for _, _, emb in store.iter_blocks():
         index.add(np.asarray(emb, np.float32))
@@ -96,6 +117,10 @@ def main() -> None:
     p.add_argument("--skip-faiss", action="store_true")
     p.add_argument("--gemm-rows", type=int, default=8192, help="rows of the raw GEMM slice")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--store", help="scan this existing store instead of a random one")
+    p.add_argument("--max-shards", type=int, help="scan only the store's first N shards")
+    p.add_argument("--skip-gemms", action="store_true", help="no raw GEMM reference runs")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -107,12 +132,23 @@ def main() -> None:
     thr = None if a.no_thresholds else rng.uniform(4.1 * sigma, 5.4 * sigma, a.tests)
     thr = None if thr is None else thr.astype(np.float32)
 
+    cfg = KernelConfig(
+        precision=a.precision,
+        device=a.device,
+        tile_rows=a.tile_rows,
+        tile_tests=a.tile_tests,
+        gemm=a.gemm,
+    ).resolved()
     with tempfile.TemporaryDirectory(prefix="simgap-bench-") as tmp:
-        path = Path(tmp) / "base"
-        t0 = time.perf_counter()
-        write_random_store(path, a.rows, a.dim, a.shard_rows, a.seed)
-        print(f"wrote {a.rows} x {a.dim} fp16 store in {time.perf_counter() - t0:.1f}s", flush=True)
-        store = open_store(path)
+        path = Path(a.store) if a.store else Path(tmp) / "base"
+        if not a.store:
+            t0 = time.perf_counter()
+            write_random_store(path, a.rows, a.dim, a.shard_rows, a.seed)
+            print(f"wrote {a.rows} x {a.dim} store in {time.perf_counter() - t0:.1f}s", flush=True)
+        full = open_store(path)
+        store = first_shards(full, a.max_shards)
+        if store.dim != a.dim:
+            raise SystemExit(f"{path}: dim {store.dim}, pass --dim {store.dim}")
 
         last = [time.perf_counter(), 0]
 
@@ -126,8 +162,9 @@ def main() -> None:
 
         first = np.array(next(store.iter_blocks())[2][: a.gemm_rows])
         # The machine may be shared: measure the reference GEMM just before and after the scan.
-        fp32_before = fp32_gemm_gflops(first, tests)
+        fp32_before = None if a.skip_gemms else fp32_gemm_gflops(first, tests)
         load_before = os.getloadavg()[0]
+        rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t_scan = time.perf_counter()
         res = scan_store(
             store,
@@ -136,10 +173,7 @@ def main() -> None:
             topk=a.topk,
             out_dir=Path(tmp) / "scan",
             progress=progress,
-            precision=a.precision,
-            gemm=a.gemm,
-            tile_rows=a.tile_rows,
-            tile_tests=a.tile_tests,
+            config=cfg,
             return_rows=False,
         )
         scan_s = time.perf_counter() - t_scan
@@ -153,35 +187,50 @@ def main() -> None:
             )
 
         load_after = os.getloadavg()[0]
-        fp32_after = fp32_gemm_gflops(first, tests)
-        fp32 = (fp32_before + fp32_after) / 2
-        bf16 = bf16_gemm_gflops(first, tests)
-        print(
-            f"  raw GEMMs on {len(first)} x {a.tests} x {a.dim}: fp32 {fp32_before:.1f} before, "
-            f"{fp32_after:.1f} after the scan; bf16 {bf16:.1f} GFLOP/s",
-            flush=True,
-        )
-        faiss_s = None if a.skip_faiss else faiss_k1_seconds(path, tests)
+        fp32 = bf16 = None
+        if not a.skip_gemms:
+            fp32_after = fp32_gemm_gflops(first, tests)
+            fp32 = (fp32_before + fp32_after) / 2
+            bf16 = bf16_gemm_gflops(first, tests, a.device)
+            print(
+                f"  raw GEMMs on {len(first)} x {a.tests} x {a.dim}: fp32 {fp32_before:.1f} "
+                f"before, {fp32_after:.1f} after the scan; bf16 {bf16:.1f} GFLOP/s",
+                flush=True,
+            )
+        faiss_s = None if a.skip_faiss else faiss_k1_seconds(store, tests)
 
-    flop = 2.0 * a.rows * a.tests * a.dim
+    flop = 2.0 * store.rows * a.tests * a.dim
     scan_gflops = flop / scan_s / 1e9
+    # The paper's full scan: 2e8 pool rows x 2e5 tests x 640 dims.
+    paper_flop = 2.0 * 2e8 * 2e5 * 640
+
+    def ratio(x: float | None, y: float | None) -> float | None:
+        return None if x is None or y is None else round(x / y, 3)
+
     out = {
-        "rows": a.rows,
+        "rows": store.rows,
+        "store_rows": full.rows,
+        "shards_scanned": len(store.shards),
         "tests": a.tests,
         "dim": a.dim,
         "threads": a.threads,
-        "precision": resolve_precision(a.precision, "cpu"),
+        "device": a.device,
+        "precision": cfg.precision,
+        "gemm": cfg.gemm,
         "thresholds": thr is not None,
         "rows_removed": removed,
         "scan_seconds": round(scan_s, 3),
         "scan_gflops": round(scan_gflops, 2),
-        "bf16_matmul_gflops": round(bf16, 2),
-        "fp32_matmul_gflops": round(fp32, 2),
-        "ratio_vs_bf16_matmul": round(scan_gflops / bf16, 3),
-        "ratio_vs_fp32_matmul": round(scan_gflops / fp32, 3),
+        "read_gb_per_s": round(store.rows * a.dim * 2 / scan_s / 1e9, 3),
+        "bf16_matmul_gflops": None if bf16 is None else round(bf16, 2),
+        "fp32_matmul_gflops": None if fp32 is None else round(fp32, 2),
+        "ratio_vs_bf16_matmul": ratio(scan_gflops, bf16),
+        "ratio_vs_fp32_matmul": ratio(scan_gflops, fp32),
         "faiss_k1_seconds": None if faiss_s is None else round(faiss_s, 3),
-        "speedup_vs_faiss": None if faiss_s is None else round(faiss_s / scan_s, 3),
+        "speedup_vs_faiss": ratio(faiss_s, scan_s),
         "peak_rss_mb": round(peak_mb, 1),
+        "peak_rss_before_scan_mb": round(rss_before_mb, 1),
+        "projected_paper_scan_hours": round(paper_flop / (scan_gflops * 1e9) / 3600, 2),
         "cpu_native_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
         "loadavg_before_after": [round(load_before, 2), round(load_after, 2)],
     }

@@ -1,5 +1,13 @@
 import io
+import json
 import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,7 +15,7 @@ import torch
 from PIL import Image
 
 from simgap.data.tars import write_tar
-from simgap.embed import embed
+from simgap.embed import autocast_dtype, embed
 from simgap.models import ModelSpec, load_model
 from simgap.parallel import Executor, LocalEngine, RayEngine
 from simgap.store import open_store
@@ -104,7 +112,11 @@ def test_image_folder_source(tmp_path, checkpoint):
 
 def test_duplicate_keys_across_shards_are_an_error(tmp_path, shards, checkpoint):
     shutil.copy(shards / "00000.tar", shards / "00003.tar")
-    with pytest.raises(ValueError, match="duplicate key 'p000' in shards 00000 and 00003"):
+    # The error names both shards and both source files.
+    with pytest.raises(
+        ValueError,
+        match=r"duplicate key 'p000' in shards 00000 and 00003 \(.*00000.tar and .*00003.tar",
+    ):
         embed(shards, tmp_path / "s", checkpoint)
 
 
@@ -125,3 +137,153 @@ def test_process_pool_and_ray_equal_local_byte_for_byte(tmp_path, shards, checkp
             for rel in [f"emb/{s.name}.npy", f"keys/{s.name}.parquet"]:
                 assert (local.path / rel).read_bytes() == (other.path / rel).read_bytes()
     assert open_store(tmp_path / "ray").rows == local.rows
+
+
+def _bomb_png(width=20000, height=20000):
+    """A real PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    data = bytearray(_png((0, 0, 0)))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def _encoded(mode, color, fmt, **save):
+    buf = io.BytesIO()
+    Image.new(mode, (12, 12), color).save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def test_corrupt_image_catalogue_is_converted_or_skipped_and_counted(tmp_path, checkpoint):
+    good = _png((10, 200, 30))
+    catalogue = {
+        "a-corrupt": {"jpg": b"\xff\xd8\xff\xe0 not really a jpeg"},
+        "b-truncated": {"jpg": _encoded("RGB", (1, 2, 3), "JPEG")[:60]},
+        "c-zero-size": {"png": b""},
+        "d-gray": {"jpg": _encoded("L", 90, "JPEG")},
+        "e-cmyk": {"jpg": _encoded("CMYK", (0, 50, 100, 0), "JPEG")},
+        "f-palette": {"png": _encoded("P", 3, "PNG")},
+        "g-alpha": {"png": _encoded("RGBA", (9, 9, 9, 0), "PNG")},
+        "h-bomb": {"png": _bomb_png()},
+        "i-no-image": {"txt": b"caption only"},
+        "j-good": {"png": good},
+    }
+    write_tar(tmp_path / "pool" / "00000.tar", sorted(catalogue.items()))
+    store = embed(tmp_path / "pool", tmp_path / "store", checkpoint)
+    assert store.manifest["shards"][0]["skipped"] == {
+        "corrupt_image": 2,
+        "empty_image": 1,
+        "missing_image": 1,
+        "oversized_image": 1,
+    }
+    assert store.keys() == ["d-gray", "e-cmyk", "f-palette", "g-alpha", "j-good"]
+    emb = store.embeddings().astype(np.float32)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=2e-3)
+    # Transparent pixels composite on white: the alpha image embeds as a white image does.
+    white = embed_one(checkpoint, Image.new("RGB", (12, 12), (255, 255, 255)))
+    np.testing.assert_allclose(emb[3], white, atol=2e-3)
+
+
+def embed_one(spec, image):
+    loaded = load_model(spec)
+    with torch.inference_mode():
+        v = loaded.model.encode_image(loaded.preprocess(image)[None]).float().numpy()[0]
+    return v / np.linalg.norm(v)
+
+
+def test_decode_workers_and_text_keep_the_bytes(tmp_path, shards, checkpoint):
+    plain = embed(shards, tmp_path / "a", checkpoint, batch_size=4, text=True)
+    threaded = embed(shards, tmp_path / "b", checkpoint, batch_size=4, text=True, decode_workers=2)
+    assert threaded.manifest == plain.manifest and plain.has_text
+    for rel in ["emb/00001.npy", "text/00001.npy", "keys/00001.parquet"]:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    # Caption embeddings are the model's normalised text embeddings, row-aligned with the keys.
+    loaded = load_model(checkpoint)
+    keys = plain.read_keys("00002").to_pydict()
+    with torch.inference_mode():
+        direct = loaded.model.encode_text(loaded.tokenizer([keys["caption"][3]])).numpy()[0]
+    direct /= np.linalg.norm(direct)
+    np.testing.assert_allclose(
+        plain.read_text_emb("00002")[3].astype(np.float32), direct, atol=2e-3
+    )
+    plain.verify()
+
+
+def test_another_model_redoes_every_shard(tmp_path, shards, checkpoint):
+    first = embed(shards, tmp_path / "s", checkpoint)
+    before = first.embeddings()  # a copy: the store's files are about to be replaced
+    state = torch.load(checkpoint.checkpoint, weights_only=True)["state_dict"]
+    other = tmp_path / "other.pt"
+    gen = torch.Generator().manual_seed(5)
+    noisy = {
+        k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+        for k, v in state.items()
+    }
+    torch.save(noisy, other)
+    second = embed(shards, tmp_path / "s", ModelSpec("simgap-tiny", checkpoint=str(other)))
+    assert second.model != first.model
+    assert not np.array_equal(second.embeddings(), before)
+    fresh = embed(shards, tmp_path / "t", ModelSpec("simgap-tiny", checkpoint=str(other)))
+    np.testing.assert_array_equal(second.embeddings(), fresh.embeddings())
+
+
+def test_precision_choices():
+    assert autocast_dtype("cpu", "auto") is None
+    assert autocast_dtype("cpu", "bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        autocast_dtype("cpu", "fp16")
+    with pytest.raises(ValueError, match="unknown precision"):
+        autocast_dtype("cpu", "int8")
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _kill_when(cmd: list[str], ready) -> None:
+    """Start ``cmd``, SIGKILL it as soon as ``ready()`` holds; fail if it finished first."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while proc.poll() is None and not ready():
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read().decode()
+    assert proc.returncode == -signal.SIGKILL, f"finished before the kill point: {err[-500:]}"
+
+
+def test_sigkill_at_several_points_then_rerun_gives_the_same_bytes(tmp_path, checkpoint):
+    rng = np.random.default_rng(1)
+    for s in range(6):
+        samples = [
+            (f"q{s}{i:02d}", {"png": _png(tuple(int(c) for c in rng.integers(0, 255, 3)))})
+            for i in range(6)
+        ]
+        write_tar(tmp_path / "pool" / f"{s:05d}.tar", samples)
+    flags = ["--checkpoint", checkpoint.checkpoint, "--batch-size", "4"]
+    reference = embed(tmp_path / "pool", tmp_path / "ref", checkpoint, batch_size=4)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "simgap.cli", "embed", str(tmp_path / "pool"), "-o", str(out)]
+    kill_points = [
+        lambda: (out / "emb").is_dir(),  # model loaded, nothing written yet
+        lambda: (out / "done" / "00001.json").exists(),  # mid-run
+        lambda: (out / "done" / "00003.json").exists(),  # later, after a resume
+    ]
+    for ready in kill_points:
+        _kill_when(cmd + flags, ready)
+        assert not (out / "manifest.json").exists()
+        # No shard is half-written under its final name: each done record's checksum holds.
+        for done in (out / "done").glob("*.json"):
+            record = json.loads(done.read_text())
+            emb = np.load(out / "emb" / f"{record['name']}.npy")
+            assert emb.dtype == np.float16 and len(emb) == record["rows"] == 6
+    done_before = len(list((out / "done").glob("*.json")))
+    assert 2 <= done_before < 6
+    resumed = embed(tmp_path / "pool", out, checkpoint, batch_size=4)
+    assert resumed.manifest == reference.manifest
+    assert _tree(out) == _tree(tmp_path / "ref")  # same files, same bytes, no temporaries left

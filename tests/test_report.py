@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import re
 import shutil
 from pathlib import Path
@@ -14,103 +13,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from report_run import (
+    AUDIT,
+    BENCHMARKS,
+    CONFIG_TEXT,
+    SPLITS,
+    make_run,
+    robustness_doc,
+    write_json,
+)
 
 from simgap.report import build_report, summary_table
-
-BENCHMARKS = ("photo", "sketch", "rendition")
-POOL_SIZE = 10_000
-# split -> (policy, benchmarks, size, control_of)
-SPLITS = {
-    "combined": ("gapmatch", list(BENCHMARKS), 8_400, None),
-    "sketch": ("gapmatch", ["sketch"], 9_200, None),
-    "sketch-random": ("random", [], 9_200, "sketch"),
-}
-# split -> benchmark -> top-1; "combined" is not evaluated in the full run either.
-TOP1 = {
-    "sketch": {"photo": 0.4321, "sketch": 0.3012, "rendition": 0.5550},
-    "sketch-random": {"photo": 0.4100, "sketch": 0.3500, "rendition": 0.5000},
-}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
-
-
-def _write_gaps(run: Path, rng: np.random.Generator) -> None:
-    for i, bench in enumerate(BENCHMARKS):
-        n = 300 + 50 * i
-        reference = rng.beta(5, 3, n).astype(np.float32)
-        pool = np.minimum(reference + rng.uniform(0.02, 0.2, n), 1).astype(np.float32)
-        columns = {
-            "test_key": [f"{bench}-{j:05d}" for j in range(n)],
-            "label": rng.integers(0, 10, n),
-            "reference": reference,
-            "pool": pool,
-            # As the pipeline writes them: the reference set is part of every split, so a
-            # gap-matched split's NN similarity equals the reference's on its benchmarks.
-            "sketch": reference if bench == "sketch" else pool,
-            "combined": reference,
-            "sketch-random": np.maximum(pool - np.float32(0.01), reference),
-        }
-        (run / "gaps").mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table(columns), run / "gaps" / f"{bench}.parquet")
-
-
-def _write_splits(run: Path) -> None:
-    for name, (policy, benches, size, control_of) in SPLITS.items():
-        split = {
-            "name": name,
-            "policy": policy,
-            "params": {"seed": 0} if policy == "random" else {},
-            "benchmarks": benches,
-            "size": size,
-            "pool_size": POOL_SIZE,
-            "reference_added": policy == "gapmatch",
-            "control_of": control_of,
-            "fingerprints": {},
-        }
-        if policy == "gapmatch":
-            split["guarantee"] = {"holds": True, "tests": 1050, "violations": 0}
-        _write_json(run / "splits" / name / "split.json", split)
-
-
-def _write_evals(run: Path) -> None:
-    for split, scores in TOP1.items():
-        benchmarks = {
-            b: {"top1": t, "top5": min(1.0, t + 0.2), "mean_per_class_recall": t, "n": 300}
-            for b, t in scores.items()
-        }
-        _write_json(
-            run / "eval" / f"{split}.json",
-            {"split": split, "checkpoint": f"train/{split}/final.pt", "benchmarks": benchmarks},
-        )
-
-
-def _write_run_json(run: Path) -> None:
-    _write_json(
-        run / "run.json",
-        {
-            "config": {"seed": 0, "benchmarks": list(BENCHMARKS)},
-            "versions": {"simgap": "0.1.0", "numpy": np.__version__},
-            "timings": {"embed": 12.5, "scan": 3.25, "train": 80.0},
-            "world": {"seed": 0, "scale": "tiny"},
-        },
-    )
-
-
-def _make_full_run(run: Path) -> Path:
-    _write_run_json(run)
-    _write_gaps(run, np.random.default_rng(0))
-    _write_splits(run)
-    _write_evals(run)
-    return run
+from simgap.report.blocks import FigureBlock, Note, Table
+from simgap.report.gallery import gallery_section, pick_tests
+from simgap.report.runfiles import load_run
+from simgap.store import open_store
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
     """A full synthetic run, built once for the read-only tests (figures take ~1 s a build)."""
-    run = _make_full_run(tmp_path_factory.mktemp("report") / "run")
+    run = make_run(tmp_path_factory.mktemp("report") / "run")
     return run, build_report(run)
 
 
@@ -131,6 +54,20 @@ def _table(html: str, caption: str) -> dict[str, list[str]]:
     return {r[0]: r[1:] for r in _rows(html, caption)}
 
 
+FIGURES = [
+    "fig-accuracy-similarity.png",
+    "fig-accuracy.png",
+    *(f"fig-gallery-{b}.png" for b in sorted(BENCHMARKS)),
+    "fig-gaps.png",
+    "fig-removed.png",
+    "fig-robustness.png",
+    "fig-size-curves.png",
+]
+EVALUATED = ["full", "sketch", "sketch-random"] + [
+    f"{p}-{f}" for p in ("near", "far", "random") for f in (0.25, 0.5)
+]
+
+
 def test_full_report_is_self_contained_with_figures_and_tables(built) -> None:
     full_run, paths = built
     assert paths == {
@@ -140,17 +77,18 @@ def test_full_report_is_self_contained_with_figures_and_tables(built) -> None:
     html = paths["html"].read_text(encoding="utf-8")
     assert not re.search(r'(src|href)\s*=\s*"?(https?:)?//', html)
     assert "<script" not in html
+    assert "not computed in this run" not in html
 
     images = _images(html)
-    assert len(images) == 3  # gaps, accuracy, removed counts
+    assert len(images) == len(FIGURES)
     for image in images:
         assert image.format == "PNG"
         assert image.width > 300 and image.height > 150
         assert np.asarray(image.convert("L"), dtype=float).std() > 0
 
     # Accuracy: 0.4321 is shown as 43.2; the control row and the difference are present.
-    accuracy = _table(html, "Top-1")
-    assert list(accuracy) == ["sketch", "sketch-random"]
+    accuracy = _table(html, "Zero-shot top-1")
+    assert list(accuracy) == EVALUATED
     assert accuracy["sketch"] == ["gapmatch", "43.2", "30.1", "55.5", "42.9"]
     controls = _table(html, "Each split against")
     assert controls["control: sketch-random"] == ["41.0", "35.0", "50.0", "42.0"]
@@ -160,7 +98,8 @@ def test_full_report_is_self_contained_with_figures_and_tables(built) -> None:
 
     # Split sizes: kept, removed, fraction of pool, reference added, guarantee.
     sizes = _table(html, "Split sizes")
-    assert list(sizes) == ["sketch", "sketch-random", "combined"]
+    assert set(sizes) == set(SPLITS)
+    assert list(sizes)[:4] == ["full", "sketch", "sketch-random", "combined"]
     assert sizes["combined"][2:6] == ["8,400", "1,600", "84.0", "yes"]
     assert sizes["combined"][7] == "pass; tests=1050; violations=0"
     assert sizes["sketch-random"][6] == "sketch"
@@ -172,19 +111,87 @@ def test_full_report_is_self_contained_with_figures_and_tables(built) -> None:
     medians = _table(html, "Median NN similarity")
     assert list(medians) == ["reference", "pool", "sketch", "sketch-random", "combined"]
 
-    # Provenance: timings total and config text.
+    # Near / far / random: fraction and size per split, smallest first within a policy.
+    curves = _table(html, "Near / far / random")
+    assert list(curves) == EVALUATED[3:]
+    assert curves["far-0.25"] == ["far", "0.25", "2,500", "20.0", "15.0", "25.0", "20.0"]
+
+    # Effective robustness: the points as given, in percentage points.
+    robust = _table(html, "Effective robustness")
+    doc = robustness_doc()
+    assert list(robust) == [p["split"] for p in doc["points"]]
+    far = next(p for p in doc["points"] if p["split"] == "far-0.5")
+    assert robust["far-0.5"][2] == f"{100 * far['effective_robustness']:+.1f}"
+    assert robust["full"][3] == "yes" and robust["far-0.5"][3] == "no"
+
+    # Accuracy against NN similarity: least vs most similar bin per split and benchmark.
+    bins = _rows(html, "Top-1 (%) in the least")
+    assert {(r[0], r[1]) for r in bins} == {(b, s) for b in BENCHMARKS for s in ("full", "sketch")}
+    assert all(r[2] == "5" for r in bins)
+
+    # Audit: counts per benchmark, ground truth, most similar pairs first.
+    audit = _table(html, "Contaminated test points")
+    assert audit["photo"] == ["300", "12", "4.00"]
+    assert audit["rendition"] == ["400", "3", "0.75"]
+    assert _rows(html, "Audit against")[0] == ["0.938", "1.000", "15", "1", "0"]
+    pairs = _rows(html, "The 10 most similar of 15")
+    assert pairs[0] == ["rendition", "rendition-00002", "p0000014", "0.999"]
+    assert AUDIT["threshold"] == 0.95 and "similarity &gt; 0.95" in html
+
+    # Provenance: timings total, the config file as given and the resolved config.
     assert _table(html, "Stage timings")["total"] == ["95.8", "100.0"]
+    assert "[[splits]]" in html and CONFIG_TEXT.splitlines()[0] in html
     assert "&quot;scale&quot;: &quot;tiny&quot;" in html
+
+
+def test_gallery_shows_the_brute_force_nearest_neighbours(built) -> None:
+    # The gallery's nearest reference and pool images, recomputed from the stores' embeddings.
+    run, paths = built
+    html = paths["html"].read_text(encoding="utf-8")
+    gallery = _rows(html, "Gallery test images")
+    assert [r[0] for r in gallery] == [b for b in BENCHMARKS for _ in range(3)]
+    reference, pool = (open_store(run / "stores" / n) for n in ("reference", "pool"))
+    for bench in BENCHMARKS:
+        tests = open_store(run / "stores" / f"bench-{bench}")
+        t = tests.embeddings().astype(np.float32)
+        sims = {
+            name: t @ store.embeddings().astype(np.float32).T
+            for name, store in (("reference", reference), ("pool", pool))
+        }
+        keys = {"reference": reference.keys(), "pool": pool.keys()}
+        pool_nn = sims["pool"].max(axis=1)
+        rows = [r for r in gallery if r[0] == bench]
+        assert [r[1] for r in rows] == ["highest", "median", "lowest"]
+        assert rows[0][2] == tests.keys()[int(np.argmax(pool_nn))]
+        assert rows[2][2] == tests.keys()[int(np.argmin(pool_nn))]
+        for row in rows:
+            i = tests.keys().index(row[2])
+            for name, col in (("reference", 3), ("pool", 5)):
+                assert row[col] == keys[name][int(np.argmax(sims[name][i]))]
+                assert float(row[col + 1]) == pytest.approx(sims[name][i].max(), abs=1e-3)
+    # Every gallery thumbnail was found again: no "could not be found" note.
+    assert "could not be found again" not in html
+
+
+def test_pick_tests_is_highest_median_lowest() -> None:
+    assert pick_tests(np.array([0.5, 0.9, 0.1, 0.7, 0.3])) == [
+        ("highest", 1),
+        ("median", 0),
+        ("lowest", 2),
+    ]
+    assert pick_tests(np.array([0.4])) == [("highest", 0)]
+    assert pick_tests(np.array([0.2, 0.2])) == [("highest", 0), ("median", 1)]
 
 
 def test_markdown_references_existing_figures(built) -> None:
     md_path = built[1]["markdown"]
     md = md_path.read_text(encoding="utf-8")
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert sorted(refs) == ["fig-accuracy.png", "fig-gaps.png", "fig-removed.png"]
+    assert sorted(refs) == FIGURES
     for ref in refs:
         assert Image.open(md_path.parent / ref).format == "PNG"
     assert "| sketch | gapmatch | 43.2 | 30.1 | 55.5 | 42.9 |" in md
+    assert "```text\n" + CONFIG_TEXT in md
 
 
 def test_same_run_gives_same_bytes(built) -> None:
@@ -193,50 +200,114 @@ def test_same_run_gives_same_bytes(built) -> None:
     build_report(built[0])
     second = {p.name: p.read_bytes() for p in sorted(report.iterdir())}
     assert first == second
-    assert sorted(first) == [
-        "fig-accuracy.png",
+    assert sorted(first) == [*FIGURES, "report.html", "report.md"]
+
+
+def test_partial_run_says_what_was_not_computed(built, tmp_path: Path) -> None:
+    # A copy of the full run, report included, losing one stage's files after another: the
+    # rebuilt report says which part was not computed and drops the figures those files fed.
+    run = shutil.copytree(built[0], tmp_path / "partial")
+    (run / "report" / "report.md").write_text("stale")
+    shutil.rmtree(run / "analysis")
+    shutil.rmtree(run / "audit")
+    shutil.rmtree(run / "scans" / "pool-sketch")
+    shutil.rmtree(run / "eval")
+    html = build_report(run)["html"].read_text(encoding="utf-8")
+    for part in ("Accuracy against NN similarity", "Effective robustness", "Contamination audit"):
+        assert f"{part}: not computed in this run" in html
+    assert "Galleries not computed in this run for: sketch." in html
+    report = sorted(p.name for p in (run / "report").iterdir())
+    assert report == [
+        "fig-gallery-photo.png",
+        "fig-gallery-rendition.png",
         "fig-gaps.png",
         "fig-removed.png",
         "report.html",
         "report.md",
     ]
-
-
-def test_partial_run_builds_with_not_run_notes(built, tmp_path: Path) -> None:
-    # A copy of the full run, report included, with evaluation and then selection taken away:
-    # the rebuilt report says so and drops the figures those stages fed.
-    run = shutil.copytree(built[0], tmp_path / "partial")
-    shutil.rmtree(run / "eval")
-    (run / "report" / "report.md").write_text("stale")
-    html = build_report(run)["html"].read_text(encoding="utf-8")
-    assert "Evaluation was not run" in html
-    assert len(_images(html)) == 2
-    report = sorted(p.name for p in (run / "report").iterdir())
-    assert report == ["fig-gaps.png", "fig-removed.png", "report.html", "report.md"]
+    assert "Evaluation: not computed in this run" in html
+    assert "Evaluation of these splits: not computed in this run." in html
     md = (run / "report" / "report.md").read_text(encoding="utf-8")
-    assert "Evaluation was not run" in md
+    assert "Evaluation: not computed in this run" in md
     text = summary_table(run)
     assert text.startswith("evaluation was not run")
     assert all(split in text for split in SPLITS)
 
     shutil.rmtree(run / "splits")
+    shutil.rmtree(run / "scans")
     html = build_report(run)["html"].read_text(encoding="utf-8")
-    assert "Split selection was not run" in html
+    assert "Split selection: not computed in this run" in html
+    assert "Near / far / random splits: not computed in this run" in html
+    assert "Nearest-neighbour galleries: not computed in this run" in html
     assert len(_images(html)) == 1
-    assert not (run / "report" / "fig-removed.png").exists()
+    assert sorted(p.name for p in (run / "report").iterdir()) == [
+        "fig-gaps.png",
+        "report.html",
+        "report.md",
+    ]
     assert summary_table(run) == "no splits in this run"
+
+
+def test_gallery_images_lost_are_counted_not_fatal(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    for tar in (run / "images").glob("pool-*.tar"):
+        tar.unlink()
+    section = gallery_section(load_run(run))
+    # 3 benchmarks x 3 test images x 3 pool neighbours, some shared: all lost, all counted;
+    # the test and reference images are still found, and every gallery is drawn.
+    pool_keys = {r[5] for r in next(b for b in section.blocks if isinstance(b, Table)).rows}
+    [note] = [b.text for b in section.blocks if isinstance(b, Note)]
+    lost, total, reasons = re.fullmatch(
+        r"(\d+) of (\d+) gallery images could not be found again \(([^)]*)\)\.", note
+    ).groups()
+    assert reasons == f"source_unreadable: {lost}"
+    assert len(pool_keys) <= int(lost) < int(total)
+    assert sum(isinstance(b, FigureBlock) for b in section.blocks) == len(BENCHMARKS)
 
 
 def test_run_json_only(tmp_path: Path) -> None:
     run = tmp_path / "bare"
-    _write_json(run / "run.json", {"config": {}})
+    write_json(run / "run.json", {"config": {}})
     html = build_report(run)["html"].read_text(encoding="utf-8")
-    assert "Similarity gaps were not run" in html
+    assert html.count("not computed in this run") == 8
+    assert "No stage timings recorded" in html
     assert summary_table(run) == "no splits in this run"
 
 
 def test_missing_run_json_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run.json"):
+        build_report(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "message"),
+    [
+        ("analysis/robustness.json", {"points": []}, "robustness.json: 'line' must hold"),
+        (
+            "analysis/robustness.json",
+            {"line": {"slope": 1, "intercept": 0}, "points": [{"split": "a"}]},
+            r"points\[0\] lacks \['id_acc', 'ood_acc'\]",
+        ),
+        ("audit/audit.json", {"threshold": 0.9}, "audit.json: 'benchmarks' must map"),
+        ("audit/audit.json", {"benchmarks": {"photo": {"tests": 3}}}, "benchmarks.photo lacks"),
+    ],
+)
+def test_malformed_analysis_files_name_the_file(
+    tmp_path: Path, path: str, content: dict, message: str
+) -> None:
+    write_json(tmp_path / "run.json", {"config": {}})
+    write_json(tmp_path / path, content)
+    with pytest.raises(ValueError, match=message):
+        build_report(tmp_path)
+
+
+def test_accuracy_by_similarity_needs_its_columns(tmp_path: Path) -> None:
+    write_json(tmp_path / "run.json", {"config": {}})
+    (tmp_path / "analysis").mkdir()
+    pq.write_table(
+        pa.table({"split": ["a"]}), tmp_path / "analysis" / "accuracy_by_similarity.parquet"
+    )
+    with pytest.raises(ValueError, match=r"accuracy_by_similarity.parquet: missing columns"):
         build_report(tmp_path)
 
 

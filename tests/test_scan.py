@@ -8,9 +8,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simgap.scan import load_scan, merge_topk, scan_arrays, scan_store, write_scan
+from simgap.scan import (
+    KernelConfig,
+    iter_scan_rows,
+    load_scan,
+    merge_topk,
+    scan_arrays,
+    scan_store,
+    write_scan,
+)
 from simgap.scan.kernel import error_coefficient
-from simgap.scan.scan import iter_scan_rows
 from simgap.store import write_store
 
 MODEL = {"arch": "test", "pretrained": "none"}
@@ -84,15 +91,19 @@ def test_random_matches_bruteforce(data, precision, gemm):
     x, t, thr = data
     blocks = split_blocks(x, [100, 100, 333])  # includes an empty block
     res = scan_arrays(
-        blocks, t, thr, topk=7, precision=precision, gemm=gemm, tile_rows=128, tile_tests=40
+        blocks,
+        t,
+        thr,
+        topk=7,
+        config=KernelConfig(precision, gemm=gemm, tile_rows=128, tile_tests=40),
     )
     assert_matches(res, brute(x, t, thr, 7))
 
 
 def test_precisions_agree_without_thresholds(data):
     x, t, _ = data
-    a = scan_arrays([(0, x)], t, topk=5, precision="fp32", tile_rows=256, tile_tests=64)
-    b = scan_arrays([(0, x)], t, topk=5, precision="bf16", tile_rows=96, tile_tests=32)
+    a = scan_arrays([(0, x)], t, topk=5, config=KernelConfig("fp32", tile_rows=256, tile_tests=64))
+    b = scan_arrays([(0, x)], t, topk=5, config=KernelConfig("bf16", tile_rows=96, tile_tests=32))
     assert_matches(a, brute(x, t, None, 5))
     for name in ("topk_sim", "topk_row", "row_max", "row_argmax"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
@@ -113,9 +124,7 @@ def test_ties_duplicates_and_thresholds_at_similarities():
             t,
             thr,
             topk=9,
-            precision=precision,
-            tile_rows=32,
-            tile_tests=7,
+            config=KernelConfig(precision, tile_rows=32, tile_tests=7),
         )
         assert_matches(res, brute(x, t, thr, 9))
     assert (s == thr[None, :]).any(0).all()
@@ -130,7 +139,10 @@ def test_massive_ties_across_merges():
     t = np.concatenate([base, unit_fp16(rng.standard_normal((2, 10)))])
     for precision in ("fp32", "bf16"):
         res = scan_arrays(
-            split_blocks(x, [2500]), t, topk=7, precision=precision, tile_rows=256, tile_tests=3
+            split_blocks(x, [2500]),
+            t,
+            topk=7,
+            config=KernelConfig(precision, tile_rows=256, tile_tests=3),
         )
         assert_matches(res, brute(x, t, None, 7))
 
@@ -148,7 +160,8 @@ def test_bf16_adversarial_near_thresholds():
     thr = (s[pick, np.arange(len(t))] + delta).astype(np.float32)
     screen = (torch.from_numpy(x).bfloat16() @ torch.from_numpy(t).bfloat16().T).float().numpy()
     assert ((screen > thr) != (s > thr)).any(), "the case must be adversarial for plain bf16"
-    res = scan_arrays([(0, x)], t, thr, topk=4, precision="bf16", tile_rows=64, tile_tests=16)
+    cfg = KernelConfig("bf16", tile_rows=64, tile_tests=16)
+    res = scan_arrays([(0, x)], t, thr, topk=4, config=cfg)
     assert_matches(res, brute(x, t, thr, 4))
 
 
@@ -179,7 +192,7 @@ def test_edge_sizes():
     for blocks in cases:
         x = np.concatenate([b for _, b in blocks]) if blocks else np.zeros((0, 6), np.float16)
         for precision in ("fp32", "bf16"):
-            res = scan_arrays(blocks, t, thr, topk=3, precision=precision)
+            res = scan_arrays(blocks, t, thr, topk=3, config=KernelConfig(precision))
             assert_matches(res, brute(x, t, thr, 3))
     single = scan_arrays([(0, one)], t[:1], topk=1)
     assert single.topk_row.tolist() == [[0]] and single.row_argmax.tolist() == [0]
@@ -269,7 +282,7 @@ def test_scan_store_keep_mask_and_files(tmp_path, data):
         thr,
         topk=5,
         keep=lambda name: mask[offsets[name] : offsets[name] + 250],
-        precision="bf16",
+        config=KernelConfig("bf16"),
     )
     kept = np.flatnonzero(mask)
     sub_ref = brute(x[kept], t, thr, 5)
@@ -301,7 +314,7 @@ def test_rejects_bad_inputs(data):
     with pytest.raises(ValueError, match="d="):
         scan_arrays([(0, x[:, :5])], t)
     with pytest.raises(ValueError, match="precision"):
-        scan_arrays([(0, x)], t, precision="fp16")
+        scan_arrays([(0, x)], t, config=KernelConfig("fp16"))
 
 
 # Small integer grids give duplicates, ties and thresholds exactly at similarities.
@@ -332,8 +345,6 @@ def test_property_matches_bruteforce(case):
         t,
         thr,
         topk=k,
-        precision=precision,
-        tile_rows=tile_rows,
-        tile_tests=tile_tests,
+        config=KernelConfig(precision, tile_rows=tile_rows, tile_tests=tile_tests),
     )
     assert_matches(res, brute(x, t, thr, k))

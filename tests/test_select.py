@@ -144,3 +144,175 @@ def test_executor_runs_in_order_and_names_failures():
 
 def test_executor_process_pool_equals_in_process():
     assert Executor(LocalEngine(2)).map(_fails_on_odd, [0, 2, 4, 6]) == [0, 20, 40, 60]
+
+
+# ----------------------------------------------------------------------------- simgap select
+
+
+from simgap.cli import main as cli_main  # noqa: E402
+from simgap.scan import scan_store  # noqa: E402
+from simgap.select import coreset  # noqa: E402
+from simgap.select.build import SelectConfig, check_guarantee, select  # noqa: E402
+from simgap.select.policies import parse_size  # noqa: E402
+from simgap.store import open_store, write_store  # noqa: E402
+
+MODEL = {"arch": "test", "checkpoint_sha256": "0"}
+
+
+def _unit(rng, n, d=16):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A small pool (3 shards), a reference set and two benchmarks, with scans made by the scan."""
+    root = tmp_path_factory.mktemp("sel")
+    rng = np.random.default_rng(5)
+    pool = write_store(root / "pool", _unit(rng, 300), [f"p{i:04d}" for i in range(300)], MODEL, 100)
+    ref = write_store(root / "reference", _unit(rng, 60), [f"r{i:03d}" for i in range(60)], MODEL)
+    out = {"root": root, "pool": pool, "ref": ref, "bench": {}}
+    for b in ("alpha", "beta"):
+        store = write_store(
+            root / f"bench-{b}", _unit(rng, 12), [f"{b}-{i:03d}" for i in range(12)], MODEL
+        )
+        tests = store.embeddings()
+        thr = scan_store(ref, tests, topk=1).topk_sim[:, 0].copy()
+        scan_store(ref, tests, topk=1, out_dir=root / f"reference-{b}")
+        scan_store(pool, tests, thresholds=thr, topk=2, out_dir=root / f"pool-{b}")
+        out["bench"][b] = (store, tests.astype(np.float32), thr)
+    return out
+
+
+def _f32(store):
+    return store.embeddings().astype(np.float32)
+
+
+def _kept(folder):
+    keys = (folder / "keys.txt").read_text().splitlines()
+    assert keys == sorted(keys)
+    assert pq.read_table(folder / "keys.parquet").column("key").to_pylist() == keys
+    return keys
+
+
+def _run(*args):
+    assert cli_main(["select", *map(str, args)]) == 0
+
+
+def test_select_gapmatch_combined_equals_brute_force_and_is_checked(world, tmp_path):
+    root, pool = world["root"], world["pool"]
+    p = _f32(pool)
+    brute = np.ones(len(p), bool)
+    for _, tests, thr in world["bench"].values():
+        brute &= ~((p @ tests.T) > thr[None, :]).any(axis=1)
+    want = sorted(np.array(pool.keys())[brute])
+    assert 0 < len(want) < len(p)
+    benches = [root / "bench-alpha", root / "bench-beta"]
+    # Thresholds from the reference store, scores from a fresh scan ...
+    _run("gapmatch", root / "pool", "-o", tmp_path / "a", "--benchmarks", *benches,
+         "--reference", root / "reference")  # fmt: skip
+    # ... or both from the scan outputs: same split, same bytes except the fingerprints.
+    _run("gapmatch", root / "pool", "-o", tmp_path / "b", "--benchmarks", *benches,
+         "--scans", root / "pool-alpha", root / "pool-beta",
+         "--reference-scans", root / "reference-alpha", root / "reference-beta")  # fmt: skip
+    assert _kept(tmp_path / "a") == want == _kept(tmp_path / "b")
+    meta = json.loads((tmp_path / "a" / "split.json").read_text())
+    assert meta["policy"] == "gapmatch" and meta["benchmarks"] == ["alpha", "beta"]
+    assert meta["size"] == len(want) and meta["removed"] == 300 - len(want)
+    assert meta["reference_added"] is True
+    g = meta["guarantee"]
+    assert g["holds"] and g["violations"] == 0 and g["tests"] == 24 and g["equal"] == 24
+    assert set(meta["fingerprints"]) == {"pool", "benchmarks", "reference"}
+    meta_b = json.loads((tmp_path / "b" / "split.json").read_text())
+    assert set(meta_b["fingerprints"]["scans"]) == {"alpha", "beta"}
+    # Same inputs, same bytes.
+    before = {f: (tmp_path / "a" / f).read_bytes() for f in ("keys.parquet", "keys.txt", "split.json")}
+    _run("gapmatch", root / "pool", "-o", tmp_path / "a", "--benchmarks", *benches,
+         "--reference", root / "reference")  # fmt: skip
+    assert before == {f: (tmp_path / "a" / f).read_bytes() for f in before}
+
+
+def test_select_gapmatch_per_benchmark_without_reference(world, tmp_path):
+    root, pool = world["root"], world["pool"]
+    _, tests, thr = world["bench"]["alpha"]
+    brute = ~((_f32(pool) @ tests.T) > thr[None, :]).any(axis=1)
+    _run("gapmatch", root / "pool", "-o", tmp_path / "s", "--benchmarks", root / "bench-alpha",
+         "--reference", root / "reference", "--no-add-reference", "--control", "--seed", "4")  # fmt: skip
+    assert _kept(tmp_path / "s") == sorted(np.array(pool.keys())[brute])
+    meta = json.loads((tmp_path / "s" / "split.json").read_text())
+    assert meta["reference_added"] is False and "equal" not in meta["guarantee"]
+    control = json.loads((tmp_path / "s-random" / "split.json").read_text())
+    assert control["control_of"] == "s" and control["policy"] == "random"
+    assert control["size"] == meta["size"] and control["seed"] == 4
+    assert _kept(tmp_path / "s-random") == sorted(
+        np.array(pool.keys())[random_split(300, meta["size"], 4)]
+    )
+
+
+def test_guarantee_check_catches_a_broken_split(world, tmp_path, monkeypatch):
+    root, pool = world["root"], world["pool"]
+    _, tests, thr = world["bench"]["beta"]
+    _run("gapmatch", root / "pool", "-o", tmp_path / "ok", "--scans", root / "pool-beta",
+         "--benchmarks", root / "bench-beta", "--reference", root / "reference")  # fmt: skip
+    kept = _kept(tmp_path / "ok")
+    sims = _f32(pool) @ tests.T
+    removed = [k for k, bad in zip(pool.keys(), (sims > thr).any(axis=1), strict=True) if bad]
+    # Put one removed row back: the rescan must find the test point it is too close to.
+    write_split(tmp_path / "broken", [*kept, removed[0]], {"name": "broken"})
+    check = check_guarantee(pool, tmp_path / "broken", [tests], [thr])
+    assert not check["holds"] and check["violations"] >= 1 and check["max_excess"] > 0
+    assert check_guarantee(pool, tmp_path / "ok", [tests], [thr])["holds"]
+    # A policy bug that keeps everything is caught by select itself, and reported.
+    import simgap.select.build as build
+
+    monkeypatch.setattr(build, "gapmatch", lambda margins: np.ones(len(margins[0]), bool))
+    cfg = SelectConfig("gapmatch", root / "pool", tmp_path / "bug", (root / "bench-beta",),
+                       reference=root / "reference")  # fmt: skip
+    with pytest.raises(RuntimeError, match="guarantee does not hold"):
+        select(cfg)
+    assert json.loads((tmp_path / "bug" / "split.json").read_text())["guarantee"]["holds"] is False
+
+
+def test_select_near_far_coreset_random_by_size(world, tmp_path):
+    root, pool = world["root"], world["pool"]
+    p = _f32(pool)
+    keys = np.array(pool.keys())
+    score_a = (p @ world["bench"]["alpha"][1].T).max(axis=1)
+    union = np.maximum(score_a, (p @ world["bench"]["beta"][1].T).max(axis=1))
+    _run("near", root / "pool", "-o", tmp_path / "near", "--size", "0.25",
+         "--scans", root / "pool-alpha")  # fmt: skip
+    assert _kept(tmp_path / "near") == sorted(keys[np.argsort(score_a, kind="stable")[:75]])
+    _run("far", root / "pool", "-o", tmp_path / "far", "--size", "40",
+         "--benchmarks", root / "bench-alpha", root / "bench-beta")  # fmt: skip
+    assert _kept(tmp_path / "far") == sorted(keys[np.argsort(-union, kind="stable")[:40]])
+    _run("coreset", root / "pool", "-o", tmp_path / "core",
+         "--scans", root / "pool-alpha", root / "pool-beta")  # fmt: skip
+    core = json.loads((tmp_path / "core" / "split.json").read_text())
+    assert core["size"] == 150 and core["params"] == {"size": 0.5}
+    assert _kept(tmp_path / "core") == sorted(keys[np.argsort(-union, kind="stable")[:150]])
+    _run("random", root / "pool", "-o", tmp_path / "rnd", "--size", "30", "--seed", "9")
+    assert _kept(tmp_path / "rnd") == sorted(keys[random_split(300, 30, 9)])
+    assert json.loads((tmp_path / "rnd" / "split.json").read_text())["seed"] == 9
+
+
+def test_select_refuses_mismatched_inputs(world, tmp_path):
+    root = world["root"]
+    # The alpha scan paired with the beta benchmark: its recorded test hash differs.
+    with pytest.raises(ValueError, match="test points"):
+        select(SelectConfig("gapmatch", root / "pool", tmp_path / "x", (root / "bench-beta",),
+                            (root / "pool-alpha",)))  # fmt: skip
+    with pytest.raises(ValueError, match="needs --size"):
+        select(SelectConfig("near", root / "pool", tmp_path / "x", scans=(root / "pool-alpha",)))
+    with pytest.raises(ValueError, match="thresholds"):
+        select(SelectConfig("gapmatch", root / "pool", tmp_path / "x", (root / "bench-beta",)))
+
+
+def test_size_parsing_and_coreset():
+    assert parse_size("0.25") == 0.25 and parse_size("1000") == 1000
+    assert resolve_size(1.0, 10) == 10 and resolve_size(0.0, 10) == 0
+    with pytest.raises(ValueError, match="neither"):
+        parse_size("a lot")
+    with pytest.raises(ValueError, match="outside"):
+        resolve_size(1.5, 10)
+    score = np.array([0.2, 0.9, 0.5])
+    assert coreset(score, 2).tolist() == [False, True, True]

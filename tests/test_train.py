@@ -3,25 +3,39 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import shlex
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from open_clip_train.params import parse_args
 from PIL import Image
 
+from simgap._train_entry import _weights_only_load, split_own_options
 from simgap.evaluate import evaluate_benchmark
 from simgap.io import sha256_file
 from simgap.models import ModelSpec, load_model
 from simgap.train import (
     DONE_FILE,
     ENTRY_MODULE,
+    KEY_HASHES_FILE,
+    RECORD_FILE,
     Recipe,
     TrainError,
+    check_resumable,
+    count_samples,
+    key_hash,
     open_clip_argv,
+    prepare_run,
+    read_key_list,
     slurm_script,
     torchrun_command,
     train,
@@ -36,6 +50,7 @@ COLOURS = {
 # The ViT variant learns solid colours in a handful of steps; the adapter, not the model, is tested.
 TINY = Recipe(model="simgap-tiny-vit", epochs=2, batch_size=16, workers=1, seed=0)
 NASTY = "/data/my shards/$HOME;`id`&'q'/{00000..00003}.tar"
+HOSTILE = "$(touch pwned) `touch pwned2`; echo 'x' \"y\" > z"
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -45,19 +60,39 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_colour_shards(folder: Path, n: int = 64, shards: int = 2) -> str:
-    """n solid-colour 32px JPEGs captioned "a <colour> square", img2dataset layout."""
+def _colour_sample(i: int) -> list[tuple[str, bytes]]:
+    colour = list(COLOURS)[i % len(COLOURS)]
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), COLOURS[colour]).save(buf, "JPEG")
+    return [(f"p{i:07d}.jpg", buf.getvalue()), (f"p{i:07d}.txt", f"a {colour} square".encode())]
+
+
+def _distractor(i: int) -> list[tuple[str, bytes]]:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (i, i, i)).save(buf, "JPEG")
+    return [(f"d{i:07d}.jpg", buf.getvalue()), (f"d{i:07d}.txt", b"a dark square")]
+
+
+def write_colour_shards(
+    folder: Path, n: int = 64, shards: int = 2, distractors_every: int = 0
+) -> str:
+    """n solid-colour 32px JPEGs captioned "a <colour> square", img2dataset layout; with
+    distractors_every=k, a dark "d..." sample follows every k-th colour sample."""
     folder.mkdir(parents=True, exist_ok=True)
-    names = list(COLOURS)
     per_shard = n // shards
+    sizes = {}
     for s in range(shards):
+        count = 0
         with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
             for i in range(s * per_shard, (s + 1) * per_shard):
-                colour = names[i % len(names)]
-                buf = io.BytesIO()
-                Image.new("RGB", (32, 32), COLOURS[colour]).save(buf, "JPEG")
-                _member(tar, f"p{i:07d}.jpg", buf.getvalue())
-                _member(tar, f"p{i:07d}.txt", f"a {colour} square".encode())
+                members = _colour_sample(i)
+                if distractors_every and i % distractors_every == 0:
+                    members += _distractor(i)
+                for name, data in members:
+                    _member(tar, name, data)
+                count += len(members) // 2
+        sizes[f"{s:05d}.tar"] = count
+    (folder / "sizes.json").write_text(json.dumps(sizes))
     return str(folder / f"{{00000..{shards - 1:05d}}}.tar")
 
 
@@ -256,3 +291,165 @@ def test_failed_run_raises_with_log_tail(shards, tmp_path):
     # An option open_clip_train rejects: the child exits non-zero before training.
     with pytest.raises(TrainError, match=r"(?s)exited with status 2.*precision"):
         train(Recipe(precision="fp64"), shards, 64, tmp_path, "bad", log=lambda line: None)
+
+
+# --- key lists applied on the fly -----------------------------------------------------------
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    sd = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_key_list_over_source_shards_trains_exactly_the_listed_samples(trained, tmp_path):
+    """Source shards = the 64 training samples with 16 dark distractors interleaved; the key
+    list names the 64. The filtered stream is then the materialized one, sample for sample,
+    so the weights must equal the run on the materialized shards bit for bit."""
+    source = write_colour_shards(tmp_path / "source", distractors_every=4)
+    keys = tmp_path / "split" / "keys.txt"
+    keys.parent.mkdir()
+    keys.write_text("".join(f"p{i:07d}\n" for i in range(64)))
+    assert count_samples(source) == 80
+    final = train(TINY, source, None, tmp_path / "out", "keyed", log=lambda _: None, keys=keys)
+    _assert_same_weights(final, trained[1])
+    record = json.loads((tmp_path / "out" / "keyed" / RECORD_FILE).read_text())
+    assert record["num_samples"] == 64 and record["keys"]["count"] == 64
+    hashes = np.load(tmp_path / "out" / "keyed" / KEY_HASHES_FILE)
+    assert hashes.dtype == np.uint64 and hashes.tolist() == sorted(
+        key_hash(f"p{i:07d}") for i in range(64)
+    )
+    # Another key list in the same run folder is another run.
+    keys.write_text("".join(f"p{i:07d}\n" for i in range(32)))
+    with pytest.raises(ValueError, match="different recipe"):
+        train(TINY, source, None, tmp_path / "out", "keyed", keys=keys)
+
+
+def test_key_list_files(tmp_path):
+    txt = tmp_path / "keys.txt"
+    txt.write_text("b\na\n\n")
+    assert read_key_list(txt) == ["b", "a"]
+    pq_file = tmp_path / "keys.parquet"
+    pq.write_table(pa.table({"key": ["p1", "p2"]}), pq_file)
+    assert read_key_list(pq_file) == ["p1", "p2"]
+    pq.write_table(pa.table({"name": ["p1"]}), pq_file)
+    with pytest.raises(ValueError, match="no 'key' column"):
+        read_key_list(pq_file)
+    txt.write_text("a\na\n")
+    with pytest.raises(ValueError, match="repeats"):
+        read_key_list(txt)
+    txt.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        read_key_list(txt)
+    with pytest.raises(ValueError, match=r"\.txt or \.parquet"):
+        (tmp_path / "keys.csv").write_text("a\n")
+        read_key_list(tmp_path / "keys.csv")
+    with pytest.raises(FileNotFoundError, match="key list not found"):
+        read_key_list(tmp_path / "nope.txt")
+
+
+def test_sample_count_from_sizes_json(shards, tmp_path):
+    assert count_samples(shards) == 64
+    with pytest.raises(FileNotFoundError, match="sizes.json"):
+        count_samples(str(tmp_path / "{00000..00001}.tar"))
+
+
+def test_entry_splits_its_own_option():
+    assert split_own_options(["--simgap-keys", "/k.npy", "--model", "x"]) == (
+        "/k.npy",
+        ["--model", "x"],
+    )
+    assert split_own_options(["--model", "x"]) == (None, ["--model", "x"])
+
+
+# --- checkpoints load with weights_only -----------------------------------------------------
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    check_resumable(tmp_path / "run")  # nothing to resume: fine
+    good = {"epoch": 1, "state_dict": {"w": torch.ones(2)}, "optimizer": {"state": {}}}
+    torch.save(good, ckpts / "epoch_latest.pt")
+    check_resumable(tmp_path / "run")
+    assert _weights_only_load(str(ckpts / "epoch_latest.pt"))["epoch"] == 1
+    torch.save({**good, "hook": os.system}, ckpts / "epoch_latest.pt")
+    with pytest.raises(ValueError, match=r"epoch_latest\.pt: refusing to resume.*weights_only"):
+        check_resumable(tmp_path / "run")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        _weights_only_load(str(ckpts / "epoch_latest.pt"))
+
+
+def test_train_refuses_to_resume_a_pickled_callable(shards, tmp_path):
+    prepare_run(TINY, shards, 64, tmp_path, "evil")
+    ckpts = tmp_path / "evil" / "checkpoints"
+    ckpts.mkdir()
+    torch.save({"epoch": 1, "hook": os.system}, ckpts / "epoch_latest.pt")
+    with pytest.raises(ValueError, match="refusing to resume"):
+        train(TINY, shards, 64, tmp_path, "evil")
+
+
+# --- launchers: quoting, and a real torchrun with one CPU process ---------------------------
+
+
+def test_hostile_values_stay_literal_in_launch_commands(tmp_path):
+    out = tmp_path / f"runs {HOSTILE}"
+    keys = tmp_path / f"k {HOSTILE}.npy"
+    recipe = Recipe(model="ViT-B-32", batch_size=64, precision="amp")
+    cmd = torchrun_command(recipe, HOSTILE, 10, out, HOSTILE, 8, key_filter=keys)
+    words = shlex.split(cmd)
+    assert words[5:7] == ["--simgap-keys", str(keys.absolute())]
+    args = parse_args(words[7:])
+    assert (args.train_data, args.name, args.logs) == (HOSTILE, HOSTILE, str(out.absolute()))
+    script = slurm_script(recipe, HOSTILE, 10, out, HOSTILE, python=f"/opt/py {HOSTILE}/python")
+    srun = shlex.split(script.splitlines()[-1])
+    assert srun[3] == f"/opt/py {HOSTILE}/python"
+    assert parse_args(srun[7:]).train_data == HOSTILE
+    # Run through a real shell: echo each word back; nothing may be executed or expanded.
+    echoed = subprocess.run(
+        ["bash", "-c", cmd.replace("torchrun", "printf '%s\\n'", 1)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert echoed == words[1:]
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "z").exists()
+
+
+def test_samples_seen_recipe(tmp_path):
+    recipe = Recipe(epochs=32, samples_seen=12_800_000_000)
+    args = parse_args(open_clip_argv(recipe, NASTY, 1000, tmp_path, "x"))
+    assert args.train_num_samples == 400_000_000 and args.epochs == 32
+    assert args.dataset_resampled
+
+
+def test_torchrun_one_cpu_process_reproduces_the_local_run(trained, shards, tmp_path):
+    """The generated torchrun command, run by bash: 1 process, gloo on CPU, DDP and the
+    distributed loss options on; same recipe and data as the local run -> same weights."""
+    out = tmp_path / "out dir $(touch pwned)"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    cmd = torchrun_command(TINY, shards, 64, out, "tr", 1, device="cpu", torchrun=torchrun)
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        ["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / "tr" / "out.log").read_text()
+    assert "world size 1" in log.lower() or "world_size: 1" in log
+    assert "distributed: True" in log and "dist_backend: gloo" in log
+    final = out / "tr" / "checkpoints" / "epoch_2.pt"
+    assert next(iter(_state_raw(final))).startswith("module.")  # trained under DDP
+    _assert_same_weights(final, trained[1])
+    assert not (tmp_path / "pwned").exists()
+
+
+def _state_raw(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]

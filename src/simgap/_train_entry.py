@@ -1,14 +1,20 @@
 """Process entry point: ``python -m simgap._train_entry ARGV...`` runs open_clip_train.
 
-It is open_clip_train's ``main`` with two additions, both needed before ``main`` runs:
+It is open_clip_train's ``main`` with these additions, all made before ``main`` runs:
 
 1. simgap's shipped model configs are registered, so ``--model simgap-tiny`` resolves.
 2. The per-sample shuffle buffer of open_clip_train's webdataset pipeline is seeded from
    ``--seed``: open_clip_train calls ``webdataset.shuffle(bufsize, initial)`` without an rng,
    and webdataset then seeds it from ``pid + time``, so two runs of the same recipe would
    see the samples in different orders. The replacement is webdataset's own ``detshuffle``.
+3. ``--simgap-keys FILE`` (first on the command line, not an open_clip_train option): only
+   samples whose ``__key__`` is in the key list pass, filtered right after the tar reader
+   (before the shuffle buffer and the image decoder). FILE holds the sorted 64-bit key hashes
+   that :func:`simgap.train.prepare_run` writes; it is memory-mapped, so every dataloader
+   worker on a node shares one copy in the page cache.
+4. A checkpoint is resumed only if it loads with ``torch.load(weights_only=True)``.
 
-torchrun and srun launch this module on every rank, so both additions apply to every rank.
+torchrun and srun launch this module on every rank, so the additions apply to every rank.
 """
 
 from __future__ import annotations
@@ -29,7 +35,59 @@ def _seeded_sample_shuffle(seed: int):
     return shuffle
 
 
+class KeyFilter:
+    """Keeps the samples whose key hash is in a sorted uint64 array (loaded lazily, mmap)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._hashes = None
+
+    def __call__(self, sample: dict) -> bool:
+        import numpy as np
+
+        from simgap.train import key_hash
+
+        if self._hashes is None:
+            self._hashes = np.load(self.path, mmap_mode="r")
+        h = np.uint64(key_hash(sample["__key__"]))
+        i = int(np.searchsorted(self._hashes, h))
+        return i < len(self._hashes) and self._hashes[i] == h
+
+
+class FilteredReader:
+    """open_clip_train's tar reader stage (``tarfile_to_samples_nothrow(src, handler=...)``)
+    with the key filter after it; a class, so that spawned dataloader workers can unpickle it."""
+
+    def __init__(self, reader, keep: KeyFilter):
+        self.reader, self.keep = reader, keep
+
+    def __call__(self, src, *args, **kwargs):
+        for sample in self.reader(src, *args, **kwargs):
+            if self.keep(sample):
+                yield sample
+
+
+def _weights_only_load(file_path, map_location=None):
+    import fsspec
+    import torch
+
+    with fsspec.open(file_path, "rb") as f:
+        return torch.load(f, map_location=map_location, weights_only=True)
+
+
+def split_own_options(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(key filter file or None, open_clip_train's argv)."""
+    from simgap.train import KEYS_OPTION
+
+    if argv[:1] == [KEYS_OPTION]:
+        if len(argv) < 2:
+            raise SystemExit(f"{KEYS_OPTION} needs a file")
+        return argv[1], argv[2:]
+    return None, argv
+
+
 def main(argv: list[str]) -> int:
+    keys, argv = split_own_options(argv)
     # Parse first: params imports only argparse, so a bad command line fails in a second
     # instead of after the ~5-10 s import of torch and open_clip.
     from open_clip_train.params import parse_args
@@ -42,8 +100,13 @@ def main(argv: list[str]) -> int:
     from simgap.models import register_shipped_configs
 
     register_shipped_configs()
-    # open_clip_train.data looks up `wds.shuffle` at call time: patch that module attribute.
+    # open_clip_train.data looks up `wds.shuffle` and `tarfile_to_samples_nothrow` at call
+    # time, and open_clip_train.main `pt_load`: patch those module attributes.
     open_clip_train.data.wds.shuffle = _seeded_sample_shuffle(seed)
+    if keys is not None:
+        reader = open_clip_train.data.tarfile_to_samples_nothrow
+        open_clip_train.data.tarfile_to_samples_nothrow = FilteredReader(reader, KeyFilter(keys))
+    open_clip_train.main.pt_load = _weights_only_load
     result = open_clip_train.main.main(argv)
     # open_clip_train raised every logger to INFO, so torch's compiler prints its (empty)
     # metrics at exit: quiet torch's loggers once training is over.

@@ -20,83 +20,172 @@ def cmd_world(a: argparse.Namespace) -> None:
     print(f"world written to {a.out}: {info['counts']}")
 
 
-def _config(a: argparse.Namespace):
-    from simgap.experiment import ExperimentConfig
-    from simgap.train import Recipe
-    from simgap.world import WorldConfig
-
-    return ExperimentConfig(
-        world=WorldConfig(seed=a.seed, scale=a.scale, n_classes=a.classes),
-        similarity_recipe=Recipe(epochs=a.epochs, lr=1e-3, seed=a.seed),
-        train_recipe=Recipe(epochs=a.epochs, lr=1e-3, seed=a.seed),
-        seed=a.seed,
-        engine=a.engine,
-        workers=a.workers,
-    )
-
-
-def cmd_demo(a: argparse.Namespace) -> None:
-    from simgap.experiment import run_experiment
+def _run_config(a: argparse.Namespace, name: str, settings: dict) -> None:
+    from simgap import config
+    from simgap.experiment import run_config
     from simgap.report import summary_table
 
-    result = run_experiment(Path(a.run_dir), _config(a), _log)
+    cfg = config.load(name)
+    if settings:
+        cfg = config.override(cfg, settings)
+    result = run_config(cfg, Path(a.run_dir), _log, dry_run=a.dry_run)
+    if a.dry_run:
+        print(result["text"])
+        return
     print(summary_table(Path(a.run_dir)))
     print(f"report: {result['report']['html']}")
     print(f"total {sum(result['timings'].values()):.0f}s over {len(result['timings'])} stages")
 
 
+def cmd_run(a: argparse.Namespace) -> None:
+    from simgap.config import parse_setting
+
+    settings = dict(parse_setting(s) for s in a.set)
+    if a.engine:
+        settings["engine.name"] = a.engine
+    if a.run_dir is None:
+        a.run_dir = f"runs/{Path(a.config).stem}"
+    _run_config(a, a.config, settings)
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    """`simgap run demo` with the world's knobs on the command line."""
+    flags = {
+        "seed": ["seed", "sources.world.seed", "similarity.recipe.seed", "train.recipe.seed"],
+        "scale": ["sources.world.scale"],
+        "classes": ["sources.world.n_classes"],
+        "epochs": ["similarity.recipe.epochs", "train.recipe.epochs"],
+        "engine": ["engine.name"],
+        "workers": ["engine.workers"],
+    }
+    settings = {
+        key: getattr(a, flag)
+        for flag, keys in flags.items()
+        if getattr(a, flag) is not None
+        for key in keys
+    }
+    _run_config(a, "demo", settings)
+
+
 def cmd_embed(a: argparse.Namespace) -> None:
+    from simgap.data.tables import TableSpec, is_table
     from simgap.embed import embed
     from simgap.models import ModelSpec
     from simgap.parallel import Executor, make_engine
 
     spec = ModelSpec(arch=a.model, checkpoint=a.checkpoint, pretrained=a.pretrained)
-    executor = Executor(make_engine(a.engine, a.workers, a.address))
+    source = a.source
+    if is_table(source) and "#" not in source:
+        source = TableSpec(
+            source, a.csv_img_key, a.csv_caption_key, a.csv_key, a.csv_separator
+        ).locator()
+    gpus = 1.0 if a.device.startswith("cuda") else 0.0
+    executor = Executor(make_engine(a.engine, a.workers, a.address, num_gpus=gpus))
     store = embed(
-        a.source, Path(a.out), spec, executor, a.device, a.batch_size, a.shard_size, progress=_log
+        source,
+        Path(a.out),
+        spec,
+        executor,
+        a.device,
+        a.batch_size,
+        a.shard_size,
+        progress=_log,
+        decode_workers=a.decode_workers,
+        text=a.text,
+        precision=a.precision,
     )
     print(f"{store.rows} rows in {len(store.shards)} shards → {a.out}")
 
 
 def cmd_scan(a: argparse.Namespace) -> None:
-    import numpy as np
+    from simgap.parallel import Executor, RayEngine, make_engine
+    from simgap.scan import KernelConfig, iter_scan_rows
+    from simgap.scan.run import scan_benchmarks
 
-    from simgap.scan import scan_store
-    from simgap.store import check_compatible, open_store
-
-    base = open_store(a.base)
-    tests = [open_store(b) for b in a.benchmarks]
-    stores = [base, *tests]
-    thresholds = None
-    if a.thresholds_from:
-        stores.append(open_store(a.thresholds_from))
-    check_compatible(*stores)
-    test_emb = np.concatenate([t.embeddings() for t in tests])
-    if a.thresholds_from:
-        ref = scan_store(stores[-1], test_emb, topk=1)
-        thresholds = ref.topk_sim[:, 0].copy()
-    res = scan_store(
-        base,
-        test_emb,
-        thresholds=thresholds,
+    if a.engine == "ray" and a.device == "cuda":
+        engine = RayEngine(a.address, num_cpus=1, num_gpus=1)  # one GPU per shard task
+    else:
+        engine = make_engine(a.engine, a.workers, a.address)
+    res = scan_benchmarks(
+        a.base,
+        a.benchmarks,
+        Path(a.out),
+        reference=a.thresholds_from,
         topk=a.topk,
-        out_dir=Path(a.out),
-        progress=lambda done, total: _log(f"scan: {done}/{total} rows"),
+        config=KernelConfig(precision=a.precision, device=a.device),
+        executor=Executor(engine),
+        bad_rows="skip" if a.skip_bad else "error",
+        log=_log,
     )
-    msg = f"scanned {base.rows} rows × {len(test_emb)} tests → {a.out}"
-    if res.row_margin is not None:
-        msg += f"; {int((res.row_margin > 0).sum())} rows above a threshold"
+    msg = f"scanned {a.base} × {len(res.topk_sim)} tests → {a.out}"
+    if res.bad_rows:
+        msg += f"; {res.bad_rows} bad base rows skipped"
+    if res.count_above is not None:
+        above = sum(int((rec["margin"] > 0).sum()) for _, _, rec in iter_scan_rows(a.out))
+        msg += f"; {above} rows above a threshold"
     print(msg)
 
 
+def cmd_select(a: argparse.Namespace) -> None:
+    from simgap.select.build import SelectConfig, select
+    from simgap.select.policies import parse_size
+
+    cfg = SelectConfig(
+        policy=a.policy,
+        pool=Path(a.pool),
+        out=Path(a.out),
+        benchmarks=tuple(Path(b) for b in a.benchmarks or ()),
+        scans=tuple(Path(s) for s in a.scans or ()),
+        reference=Path(a.reference) if a.reference else None,
+        reference_scans=tuple(Path(s) for s in a.reference_scans or ()),
+        size=parse_size(a.size) if a.size else None,
+        seed=a.seed,
+        add_reference=a.add_reference,
+        check=a.check,
+        control=a.control,
+        clusters=a.clusters,
+        eps=a.eps,
+        rule=a.rule,
+    )
+    meta = select(cfg, _log)
+    msg = f"{meta['policy']}: kept {meta['size']} of {meta['pool_size']} → {a.out}"
+    if "guarantee" in meta:
+        msg += f"; guarantee holds on {meta['guarantee']['tests']} test points"
+    print(msg)
+
+
+def cmd_audit(a: argparse.Namespace) -> None:
+    import pyarrow.parquet as pq
+
+    from simgap.select.audit import audit, store_name
+    from simgap.store import open_store
+
+    tests = {store_name(s): s for s in (open_store(b) for b in a.benchmarks)}
+    truth = pq.read_table(a.ground_truth) if a.ground_truth else None
+    report = audit(tests, open_store(a.base), a.threshold, truth, Path(a.out))
+    for name, r in report["benchmarks"].items():
+        print(f"{name}: {r['contaminated']}/{r['tests']} test points ({r['fraction']:.2%})")
+    if "ground_truth" in report:
+        g = report["ground_truth"]
+        print(f"ground truth: precision {g['precision']:.3f}, recall {g['recall']:.3f}")
+
+
 def cmd_materialize(a: argparse.Namespace) -> None:
+    from simgap.parallel import Executor, make_engine
     from simgap.splits import materialize
 
     summary = materialize(
-        Path(a.split), a.source, Path(a.out), reference=Path(a.reference) if a.reference else None
+        Path(a.split),
+        a.source,
+        Path(a.out),
+        reference=Path(a.reference) if a.reference else None,
+        shard_size=a.shard_size,
+        executor=Executor(make_engine(a.engine, a.workers)),
+        keys_only=a.keys_only,
+        log=_log,
     )
     print(
-        f"kept {summary['kept']}, missing {summary['missing']}, "
+        f"kept {summary['kept']}, missing {summary['missing']}, corrupt {summary['corrupt']}, "
         f"reference {summary['reference']} → {a.out}"
     )
 
@@ -159,22 +248,48 @@ def parser() -> argparse.ArgumentParser:
     _world_args(p)
     p.set_defaults(fn=cmd_world)
 
-    p = sub.add_parser("demo", help="run the paper's experiment end to end on the world")
+    p = sub.add_parser("run", help="run an experiment config (a file, or a shipped name)")
+    p.add_argument("config", help="config file (.toml/.yaml) or demo | paper-world | paper-laion")
+    p.add_argument("--run-dir", help="run folder (default: runs/<config name>)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
+    p.add_argument("--engine", choices=["local", "ray"], help="override engine.name")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("demo", help="run the shipped demo config end to end on the world")
     p.add_argument("run_dir", nargs="?", default="demo-run")
-    _world_args(p)
-    p.add_argument("--epochs", type=int, default=5)
-    _engine_args(p)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--scale", type=float, help="world size knob (1.0 = default demo)")
+    p.add_argument("--classes", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--engine", choices=["local", "ray"])
+    p.add_argument("--workers", type=int)
+    p.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("embed", help="embed a source into an embedding store")
-    p.add_argument("source", help="tar shards (folder, brace pattern) or an image folder")
+    p.add_argument(
+        "source",
+        help="tar shards (folder, brace pattern, '::' list, fsspec URL), an image folder, a "
+        "CLIP_benchmark wds folder, a csv/tsv/parquet table, or a clip-retrieval folder "
+        "(linked in place, not re-embedded)",
+    )
     p.add_argument("-o", "--out", required=True)
     _model_args(p)
     _engine_args(p)
     p.add_argument("--address", help="Ray cluster address")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (Ray: one GPU per task)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (folders)")
+    p.add_argument("--decode-workers", type=int, default=0, help="decode threads per shard task")
+    p.add_argument("--text", action="store_true", help="also store caption embeddings")
+    p.add_argument("--csv-img-key", default="filepath", help="table column of image paths")
+    p.add_argument("--csv-caption-key", default="title", help="caption column ('' for none)")
+    p.add_argument("--csv-key", default="", help="key column (default: row number)")
+    p.add_argument("--csv-separator", default="", help="default: tab for .tsv, sniffed for .csv")
     p.set_defaults(fn=cmd_embed)
 
     p = sub.add_parser("scan", help="exact NN scan of a base store against benchmark stores")
@@ -183,13 +298,55 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds-from", help="reference store: thresholds = NN similarity to it")
     p.add_argument("--topk", type=int, default=10)
     p.add_argument("-o", "--out", required=True)
+    _engine_args(p)
+    p.add_argument("--address", help="Ray cluster address")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="exclude and count base/reference rows that are NaN/Inf or not unit-norm "
+        "(default: refuse them, naming their keys)",
+    )
     p.set_defaults(fn=cmd_scan)
 
+    p = sub.add_parser("select", help="make a split: gapmatch, near, far, random, coreset, ...")
+    p.add_argument("policy", choices=["gapmatch", "near", "far", "random", "coreset", "semdedup",
+                                      "image-based"])  # fmt: skip
+    p.add_argument("pool", help="the pool's embedding store")
+    p.add_argument("-o", "--out", required=True, help="split folder")
+    p.add_argument("--benchmarks", nargs="+", help="benchmark stores (the union is used)")
+    p.add_argument("--scans", nargs="+", help="pool scans, one per benchmark, in order")
+    p.add_argument("--reference", help="reference store (thresholds; image-based clusters)")
+    p.add_argument("--reference-scans", nargs="+", help="reference scans: thresholds")
+    p.add_argument("--size", help="kept size: a count (1000) or a fraction (0.25)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-add-reference", dest="add_reference", action="store_false",
+                   help="gapmatch ablation: the reference set is not added to the split")  # fmt: skip
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the rescan that checks the gapmatch guarantee")  # fmt: skip
+    p.add_argument("--control", action="store_true", help="also write <out>-random, size-matched")
+    p.add_argument("--clusters", type=int, default=100, help="k-means clusters")
+    p.add_argument("--eps", type=float, default=0.124, help="semdedup: drop above 1 - eps")
+    p.add_argument("--rule", choices=["kept", "any"], default="kept", help="semdedup keep rule")
+    p.set_defaults(fn=cmd_select)
+
+    p = sub.add_parser("audit", help="near-duplicates of benchmark test points in a store")
+    p.add_argument("base")
+    p.add_argument("--benchmarks", nargs="+", required=True)
+    p.add_argument("--threshold", type=float, default=0.95)
+    p.add_argument("--ground-truth", help="parquet of injected pairs (the world's)")
+    p.add_argument("-o", "--out", required=True)
+    p.set_defaults(fn=cmd_audit)
+
     p = sub.add_parser("materialize", help="write a split as webdataset shards")
-    p.add_argument("split")
+    p.add_argument("split", help="split folder or key list (.txt/.parquet)")
     p.add_argument("source", help="the pool's tar shards")
     p.add_argument("-o", "--out", required=True)
     p.add_argument("--reference", help="image folder appended with 'a photo of a {class}'")
+    p.add_argument("--shard-size", type=int, help="samples per output shard (default: per input)")
+    p.add_argument("--keys-only", action="store_true", help="write only the key list")
+    _engine_args(p)
     p.set_defaults(fn=cmd_materialize)
 
     p = sub.add_parser("train", help="train CLIP with open_clip_train on shards")

@@ -1,16 +1,24 @@
 """Source → embedding store, one shard task at a time, resumable.
 
-``EmbedShard`` is the worker: a frozen, picklable callable that reads one shard task, decodes and
-transforms its images, runs the similarity model, and writes the store shard atomically with a
-done record last. ``embed`` plans the tasks, skips those already done from the same input, runs
-the rest on an executor and writes the manifest.
+``EmbedShard`` is the worker: a frozen, picklable callable that streams one shard task's samples,
+decodes and transforms their images (in ``decode_workers`` threads, a batch ahead of the model),
+runs the similarity model batch by batch, and writes the store shard atomically with a done
+record last. ``embed`` plans the tasks, skips those already done from the same input and model,
+runs the rest on an executor and writes the manifest.
+
+A clip-retrieval folder as source is not re-embedded: ``embed`` records the model the user names
+for it in a link store that reads the folder in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections import Counter
-from collections.abc import Callable
+import hashlib
+import json
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +28,14 @@ import pyarrow as pa
 import torch
 
 from simgap.data.images import decode_rgb
-from simgap.data.sources import ShardTask, shard_tasks
-from simgap.models import LoadedModel, ModelSpec, load_model
+from simgap.data.sources import Record, shard_tasks
+from simgap.models import LoadedModel, ModelSpec, load_model, model_identity
 from simgap.parallel import Executor, LocalEngine, Progress
-from simgap.store import Store, StoreWriter, normalize_fp16
+from simgap.store import Store, StoreWriter, is_clip_retrieval, link_clip_retrieval, normalize_fp16
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# One prepared sample: key, metadata, pixels (None if skipped), why it was skipped.
+Prepared = tuple[str, dict[str, Any], torch.Tensor | None, Counter]
 
 
 @functools.lru_cache(maxsize=2)
@@ -32,20 +44,111 @@ def _cached_model(spec: ModelSpec, device: str) -> LoadedModel:
     return load_model(spec, device=device)
 
 
+def autocast_dtype(device: str, precision: str) -> torch.dtype | None:
+    """The autocast dtype for a device and precision choice; None runs in float32.
+
+    ``auto`` is bf16 on GPUs that support it, else fp16 on GPU, float32 on CPU. fp16 on CPU is
+    refused: CPU fp16 matmul is two orders of magnitude slower than float32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: choose one of {PRECISIONS}")
+    on_gpu = str(device).startswith("cuda")
+    if precision == "auto":
+        if not on_gpu:
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and not on_gpu:
+        raise ValueError("precision fp16 needs a GPU (device cuda); on CPU use fp32 or bf16")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def encode_batch(
+    loaded: LoadedModel, pixels: torch.Tensor, device: str, precision: str = "auto"
+) -> np.ndarray:
+    """One batch of preprocessed images → float32 image features (not yet normalised)."""
+    dtype = autocast_dtype(device, precision)
+    x = pixels.to(device, non_blocking=True)
+    cast = (
+        torch.autocast(torch.device(device).type, dtype=dtype)
+        if dtype is not None
+        else contextlib.nullcontext()
+    )
+    with torch.inference_mode(), cast:
+        return loaded.model.encode_image(x).float().cpu().numpy()
+
+
 def encode_images(
     loaded: LoadedModel, images: list, device: str, batch_size: int, dim: int
 ) -> np.ndarray:
-    """Images → L2-normalised float16 embeddings (the store's format)."""
+    """PIL images → L2-normalised float16 embeddings (the store's format)."""
     out = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack(
-                [loaded.preprocess(im) for im in images[start : start + batch_size]]
-            )
-            out.append(loaded.model.encode_image(batch.to(device)).float().cpu().numpy())
-    if not out:
-        return np.zeros((0, dim), np.float16)
-    return normalize_fp16(np.concatenate(out))
+    for start in range(0, len(images), batch_size):
+        pixels = torch.stack([loaded.preprocess(im) for im in images[start : start + batch_size]])
+        out.append(encode_batch(loaded, pixels, device))
+    return normalize_fp16(np.concatenate(out)) if out else np.zeros((0, dim), np.float16)
+
+
+def encode_texts(
+    loaded: LoadedModel, texts: list[str], device: str, batch_size: int, precision: str = "auto"
+) -> np.ndarray:
+    """Captions → float32 text features; a missing caption is embedded as the empty string."""
+    dtype = autocast_dtype(device, precision)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = loaded.tokenizer(texts[start : start + batch_size]).to(device)
+        cast = (
+            torch.autocast(torch.device(device).type, dtype=dtype)
+            if dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), cast:
+            out.append(loaded.model.encode_text(tokens).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def _prepare(preprocess: Callable[[Any], torch.Tensor], record: Record) -> Prepared:
+    key, data, meta = record
+    skipped: Counter[str] = Counter()
+    image = decode_rgb(data, skipped)
+    return key, meta, (preprocess(image) if image is not None else None), skipped
+
+
+def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    chunk: list[Record] = []
+    for r in records:
+        chunk.append(r)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def prepared_batches(
+    records: Iterable[Record],
+    preprocess: Callable[[Any], torch.Tensor],
+    batch_size: int,
+    workers: int = 0,
+) -> Iterator[list[Prepared]]:
+    """Decode + transform in order, ``batch_size`` records at a time.
+
+    With ``workers`` > 0 a thread pool decodes the next batches while the caller runs the model
+    on this one (PIL decode and resize release the GIL); order is kept, so the bytes written do
+    not depend on the number of workers.
+    """
+    prepare = functools.partial(_prepare, preprocess)
+    if workers <= 0:
+        for chunk in _chunks(records, batch_size):
+            yield [prepare(r) for r in chunk]
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        ahead: deque = deque()
+        for chunk in _chunks(records, batch_size):
+            ahead.append([pool.submit(prepare, r) for r in chunk])
+            if len(ahead) > 2:  # two batches in flight keep the model busy, memory bounded
+                yield [f.result() for f in ahead.popleft()]
+        while ahead:
+            yield [f.result() for f in ahead.popleft()]
 
 
 @functools.lru_cache(maxsize=2)
@@ -65,26 +168,75 @@ class EmbedShard:
     dim: int
     device: str = "cpu"
     batch_size: int = 256
+    decode_workers: int = 0
+    text: bool = False
+    precision: str = "auto"
+    model_sha256: str = ""  # the weights' identity: a shard made by other weights is redone
 
-    def __call__(self, task: ShardTask) -> dict[str, Any]:
+    def fingerprint(self, task_fingerprint: str) -> str:
+        config = [task_fingerprint, self.model_sha256, self.text, self.precision, self.batch_size]
+        return hashlib.sha256(json.dumps(config).encode()).hexdigest()
+
+    def __call__(self, task) -> dict[str, Any]:  # task: simgap.data.sources.ShardTask
         writer = StoreWriter(Path(self.store), {}, self.dim, {})
-        fingerprint = task.fingerprint()
+        fingerprint = self.fingerprint(task.fingerprint())
         if (done := writer.done_record(task.name, fingerprint)) is not None:
             return done
         loaded = _cached_model(self.spec, self.device)
         skipped: Counter[str] = Counter()
-        keys, images, meta = [], [], []
-        for key, data, m in task.records(skipped):
-            image = decode_rgb(data, skipped)
-            if image is not None:
-                keys.append(key)
-                images.append(image)
-                meta.append(m)
-        emb = encode_images(loaded, images, self.device, self.batch_size, self.dim)
+        keys: list[str] = []
+        meta: list[dict[str, Any]] = []
+        features: list[np.ndarray] = []
+        batches = prepared_batches(
+            task.records(skipped), loaded.preprocess, self.batch_size, self.decode_workers
+        )
+        for batch in batches:
+            kept = [p for p in batch if p[2] is not None]
+            for p in batch:
+                skipped.update(p[3])
+            if kept:
+                pixels = torch.stack([p[2] for p in kept])
+                features.append(encode_batch(loaded, pixels, self.device, self.precision))
+                keys += [p[0] for p in kept]
+                meta += [p[1] for p in kept]
+        emb = normalize_fp16(np.concatenate(features)) if features else _empty(self.dim)
+        _check_unique(task.name, keys, meta)
         columns: dict[str, list] = {"key": keys}
         for name in sorted({k for m in meta for k in m}):
             columns[name] = [m.get(name) for m in meta]
-        return writer.write_shard(task.name, emb, pa.table(columns), fingerprint, dict(skipped))
+        text_emb = None
+        if self.text:
+            captions = [m.get("caption") or "" for m in meta]
+            text_emb = (
+                normalize_fp16(
+                    encode_texts(loaded, captions, self.device, self.batch_size, self.precision)
+                )
+                if captions
+                else _empty(self.dim)
+            )
+        table = pa.table(columns) if keys else pa.table({"key": pa.array([], pa.string())})
+        return writer.write_shard(task.name, emb, table, fingerprint, dict(skipped), text_emb)
+
+
+def _empty(dim: int) -> np.ndarray:
+    return np.zeros((0, dim), np.float16)
+
+
+def _check_unique(shard: str, keys: list[str], meta: list[dict[str, Any]]) -> None:
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if k in first:
+            a, b = meta[first[k]].get("source", "?"), meta[i].get("source", "?")
+            raise ValueError(f"duplicate key {k!r} in shard {shard}: {a} and {b}")
+        first[k] = i
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    # A killed run leaves write_atomic's temp files; only the planner removes them, before any
+    # worker of this run starts writing.
+    for sub in ("emb", "keys", "text", "done"):
+        for tmp in (out / sub).glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def embed(
@@ -96,12 +248,35 @@ def embed(
     batch_size: int = 256,
     shard_size: int = 1000,
     progress: Callable[[str], None] | None = None,
+    *,
+    decode_workers: int = 0,
+    text: bool = False,
+    precision: str = "auto",
 ) -> Store:
+    """Embed ``source`` into the store at ``out`` (resuming a killed run)."""
+    out = Path(out)
+    if not str(source).partition("#")[0].endswith((".csv", ".tsv", ".parquet")) and (
+        is_clip_retrieval(source)
+    ):
+        return link_clip_retrieval(out, Path(source), model_identity(spec))
+    autocast_dtype(device, precision)  # a bad choice fails before any work
     tasks = shard_tasks(source, shard_size)
     loaded = _cached_model(spec, device)
     dim = _dim_of(spec, device)
-    writer = StoreWriter(Path(out), loaded.identity, dim, {"spec": str(source)})
-    worker = EmbedShard(str(out), spec, dim, device, batch_size)
+    manifest_source: dict[str, Any] = {"spec": str(source)}
+    writer = StoreWriter(out, loaded.identity, dim, manifest_source)
+    _remove_stale_temporaries(out)
+    worker = EmbedShard(
+        str(out),
+        spec,
+        dim,
+        device,
+        batch_size,
+        decode_workers,
+        text,
+        precision,
+        loaded.identity["checkpoint_sha256"] or "",
+    )
     executor = executor or Executor(LocalEngine(1))
-    records = executor.map(worker, tasks, on_done=Progress(f"embed {Path(out).name}", progress))
+    records = executor.map(worker, tasks, on_done=Progress(f"embed {out.name}", progress))
     return writer.finish(records)

@@ -1,54 +1,33 @@
 """Zero-shot classification, computed by simgap itself.
 
-The classifier of a benchmark is built over that benchmark's own classes only (the ImageNet-R /
-ImageNet-A way: a class mask over the global list), from the mean of the L2-normalised text
-embeddings of every template, re-normalised (METHOD.md section 6). Accuracy is counted here
-rather than with open_clip's helper (``open_clip_train.zero_shot.accuracy``), which breaks
-on numpy >= 2.
+The classifier of a benchmark is built over that benchmark's own classes only (its class mask:
+200 of the 1000 ImageNet classes for ImageNet-R and -A, 113 ObjectNet classes), from the mean of
+the L2-normalised text embeddings of every template, re-normalised (METHOD.md section 6), as
+CLIP_benchmark and open_clip do. Benchmark layouts are read by
+:mod:`simgap.data.clip_benchmark`. Accuracy is counted here rather than with open_clip's helper
+(``open_clip_train.zero_shot.accuracy``), which breaks on numpy >= 2.4.
 """
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from simgap.data.clip_benchmark import Benchmark, open_benchmark
+from simgap.data.images import decode_rgb
+from simgap.io import write_parquet
 from simgap.models import LoadedModel
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-
-
-def read_benchmark(root: Path) -> tuple[list[str], list[tuple[str, Path, int]]]:
-    """A benchmark folder: ``classnames.txt`` plus ``<classname>/<key>.jpg``.
-
-    Returns the benchmark's class names (in file order) and its samples sorted by key, each
-    ``(key, path, label)`` with label an index into those class names.
-    """
-    root = Path(root)
-    classnames = [c for c in (root / "classnames.txt").read_text().splitlines() if c.strip()]
-    if len(set(classnames)) != len(classnames):
-        raise ValueError(f"{root}/classnames.txt repeats a class name")
-    folders = {p.name for p in root.iterdir() if p.is_dir()}
-    unknown = folders - set(classnames)
-    if unknown:
-        raise ValueError(f"{root} has folders not in classnames.txt: {sorted(unknown)}")
-    samples = []
-    for label, name in enumerate(classnames):
-        folder = root / name
-        if not folder.is_dir():
-            continue  # a class without test images is allowed; it still competes in the classifier
-        for path in folder.iterdir():
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise ValueError(f"not an image file in a benchmark: {path}")
-            samples.append((path.stem, path, label))
-    samples.sort(key=lambda s: s[0])
-    keys = [s[0] for s in samples]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"{root}: image keys are not unique across class folders")
-    return classnames, samples
+PREDICTION_SCHEMA = pa.schema(
+    [("key", pa.string()), ("label", pa.int32()), ("pred", pa.int32()), ("correct", pa.bool_())]
+)
 
 
 @torch.no_grad()
@@ -66,24 +45,13 @@ def zero_shot_classifier(
     return torch.stack(columns, dim=1).cpu()
 
 
-@torch.no_grad()
-def image_embeddings(loaded: LoadedModel, paths: list[Path], batch_size: int = 256) -> torch.Tensor:
-    """(n, d) float32 L2-normalised image embeddings, with the model's eval transform."""
-    chunks = []
-    for start in range(0, len(paths), batch_size):
-        batch = torch.stack([_load(loaded, p) for p in paths[start : start + batch_size]])
-        emb = loaded.model.encode_image(batch.to(loaded.device)).float()
-        chunks.append(F.normalize(emb, dim=-1).cpu())
-    if not chunks:
-        raise ValueError("no images to embed")
-    return torch.cat(chunks)
-
-
 def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
     """top-1, top-k (k = min(5, C)) and mean per-class recall of (n, C) logits.
 
     top-1 is the argmax (first index on ties). A sample is top-k correct when fewer than k
     classes score strictly higher than its label, so exact ties never count against it.
+    Mean per-class recall averages over the classes that have test samples (a class without
+    samples has no recall), which is sklearn's balanced accuracy as CLIP_benchmark reports it.
     """
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
@@ -91,8 +59,7 @@ def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -
     own = logits[np.arange(len(labels)), labels]
     rank = (logits > own[:, None]).sum(axis=1)
     hit = pred == labels
-    present = np.unique(labels)  # recall is undefined for a class without test images
-    recall = [hit[labels == c].mean() for c in present]
+    recall = [hit[labels == c].mean() for c in np.unique(labels)]
     return {
         "top1": float(hit.mean()),
         "top5": float((rank < min(5, num_classes)).mean()),
@@ -101,29 +68,118 @@ def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -
     }
 
 
+@torch.no_grad()
 def evaluate_benchmark(
-    loaded: LoadedModel, root: Path, templates: list[str], batch_size: int = 256
+    loaded: LoadedModel,
+    root: Path | Benchmark,
+    templates: list[str] | None = None,
+    batch_size: int = 256,
+    *,
+    layout: str = "auto",
+    log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Zero-shot accuracy on one benchmark folder, over that benchmark's classes only.
+    """Zero-shot accuracy on one benchmark, over that benchmark's classes only.
 
-    Returns ``{"top1", "top5", "mean_per_class_recall", "n", "predictions"}`` with
-    predictions ``[(key, label, pred), ...]`` (indices into the benchmark's class names).
+    ``root`` is a benchmark folder in any layout :func:`open_benchmark` reads (or an opened
+    :class:`Benchmark`). ``templates`` None uses the benchmark's own (the wds templates file,
+    OpenAI's 80 ImageNet templates for the ImageNet family). Returns ``{"top1", "top5",
+    "mean_per_class_recall", "n", "skipped", "predictions"}`` with predictions
+    ``[(key, label, pred), ...]`` sorted by key (indices into the benchmark's class names) and
+    ``skipped`` the count of unreadable images by reason.
     """
-    classnames, samples = read_benchmark(root)
-    if not samples:
-        raise ValueError(f"benchmark {root} has no images")
-    weights = zero_shot_classifier(loaded, classnames, templates)
-    images = image_embeddings(loaded, [s[1] for s in samples], batch_size)
-    logits = (images @ weights).numpy()
-    labels = np.array([s[2] for s in samples])
-    metrics = accuracy_metrics(logits, labels, len(classnames))
+    bench = root if isinstance(root, Benchmark) else open_benchmark(root, layout)
+    templates = list(templates) if templates is not None else _own_templates(bench)
+    weights = zero_shot_classifier(loaded, list(bench.classnames), templates)
+    skipped: Counter[str] = Counter()
+    keys, labels, chunks = [], [], []
+    progress = _Progress(bench.root.name, log)
+    for batch in _batches(bench.samples(skipped), batch_size, len(bench.classnames), bench.root):
+        pixels = []
+        for key, data, label in batch:
+            img = decode_rgb(data, skipped)
+            if img is not None:
+                keys.append(key)
+                labels.append(label)
+                pixels.append(loaded.preprocess(img))
+        if pixels:
+            emb = loaded.model.encode_image(torch.stack(pixels).to(loaded.device)).float()
+            chunks.append(F.normalize(emb, dim=-1).cpu() @ weights)
+        progress(len(batch))
+    if not keys:
+        raise ValueError(
+            f"benchmark {bench.root} has no readable images (skipped: {dict(skipped)})"
+        )
+    order = np.argsort(np.array(keys), kind="stable")
+    logits = torch.cat(chunks).numpy()[order]
+    label_arr = np.array(labels, dtype=np.int64)[order]
+    sorted_keys = [keys[i] for i in order]
+    if len(set(sorted_keys)) != len(sorted_keys):
+        raise ValueError(f"benchmark {bench.root}: sample keys are not unique")
+    metrics = accuracy_metrics(logits, label_arr, len(bench.classnames))
+    metrics["skipped"] = dict(sorted(skipped.items()))
     pred = logits.argmax(axis=1)  # the same argmax as top-1
     metrics["predictions"] = [
-        (key, int(label), int(p)) for (key, _, label), p in zip(samples, pred, strict=True)
+        (k, int(y), int(p)) for k, y, p in zip(sorted_keys, label_arr, pred, strict=True)
     ]
     return metrics
 
 
-def _load(loaded: LoadedModel, path: Path) -> torch.Tensor:
-    with Image.open(path) as img:
-        return loaded.preprocess(img.convert("RGB"))
+def predictions_table(predictions: list[tuple[str, int, int]]) -> pa.Table:
+    """Per-sample predictions as a table: key, label, pred, correct."""
+    keys, labels, preds = zip(*predictions, strict=True) if predictions else ((), (), ())
+    return pa.table(
+        {
+            "key": list(keys),
+            "label": list(labels),
+            "pred": list(preds),
+            "correct": [y == p for y, p in zip(labels, preds, strict=True)],
+        },
+        schema=PREDICTION_SCHEMA,
+    )
+
+
+def write_predictions(path: Path, predictions: list[tuple[str, int, int]]) -> None:
+    write_parquet(path, predictions_table(predictions))
+
+
+def _own_templates(bench: Benchmark) -> list[str]:
+    if bench.templates is None:
+        raise ValueError(
+            f"benchmark {bench.root} ({bench.layout} layout) has no templates of its own: "
+            'pass templates (a file of prompts, one per line, each with "{c}")'
+        )
+    return list(bench.templates)
+
+
+def _batches(
+    samples: Iterable[tuple[str, bytes, int]], size: int, num_classes: int, root: Path
+) -> Iterator[list[tuple[str, bytes, int]]]:
+    batch = []
+    for key, data, label in samples:
+        if not 0 <= label < num_classes:
+            raise ValueError(
+                f"{root}: sample {key!r} has label {label}, not in 0..{num_classes - 1}"
+            )
+        batch.append((key, data, label))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _Progress:
+    """Logs images/s every ~10 s."""
+
+    def __init__(self, name: str, log: Callable[[str], None] | None, every_s: float = 10.0):
+        self.name, self.log, self.every_s = name, log, every_s
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.log is not None and now - self.last >= self.every_s:
+            self.last = now
+            rate = self.done / (now - self.start)
+            self.log(f"evaluate {self.name}: {self.done} images, {rate:.0f} images/s")

@@ -1,9 +1,12 @@
 """The paper's experiment as cached stages: world → similarity model → embed → scan → select →
-materialize → train → evaluate → report.
+gaps → materialize → train → evaluate → analysis → report.
 
-Each stage's result is cached in ``stages/<name>.json`` under a key of its inputs (its config plus
-the keys of the stages it reads); a rerun skips stages whose key is unchanged and redoes the
-rest, so a killed run resumes where it stopped and a changed knob redoes only what depends on it.
+A config (:mod:`simgap.config`) becomes a *plan*: a list of stages, each with the part of the
+config it reads and the stages it reads from. A stage's key hashes both, so every key is known
+before anything runs (``--dry-run`` shows the plan and what is cached). A stage's result is cached
+in ``stages/<name>.json`` under its key; a rerun skips stages whose key is unchanged, so a killed
+run resumes and a changed knob redoes only what depends on it: every split has its own select,
+gap check, materialize, train and evaluate stages.
 """
 
 from __future__ import annotations
@@ -12,7 +15,12 @@ import dataclasses
 import hashlib
 import json
 import platform
+import shlex
+import shutil
+import subprocess
+import threading
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,106 +29,408 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from simgap import __version__
-from simgap.data.sources import read_classnames
-from simgap.embed import embed
+from simgap import select as policies
+from simgap.config import Config, ConfigError, to_json
+from simgap.data.tars import expand_shards
 from simgap.evaluate import evaluate_benchmark
-from simgap.io import read_json, write_json, write_npy, write_parquet
+from simgap.io import read_json, write_bytes, write_json, write_npy, write_parquet
 from simgap.models import ModelSpec, load_model
 from simgap.parallel import Executor, make_engine
-from simgap.report import build_report
 from simgap.scan import load_scan, scan_store
-from simgap.select import far_pruned, gapmatch, random_split, union_score
 from simgap.splits import materialize, write_split
 from simgap.store import Store, check_compatible, open_store
-from simgap.train import Recipe, train
-from simgap.world import BENCHMARKS, WorldConfig, generate_world
+from simgap.train import TrainError, final_checkpoint, torchrun_command, train
+from simgap.world import BENCHMARKS, generate_world
 
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    world: WorldConfig = WorldConfig()
-    similarity_recipe: Recipe = Recipe(epochs=5, lr=1e-3)
-    train_recipe: Recipe = Recipe(epochs=5, lr=1e-3)
-    # Splits trained and evaluated; every split is built, sized and plotted regardless.
-    train_splits: tuple[str, ...] = ("full", "combined", "combined-random", "coreset")
-    coreset_fraction: float = 0.5
-    reference_caption: str = "a photo of a {c}"
-    topk: int = 10
-    seed: int = 0
-    engine: str = "local"
-    workers: int = 1
-    train_parallel: int = 2  # trainings run side by side
-    train_threads: int | None = 1  # CPU threads per training process (None: torch's default)
-    device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def section(self, name: str) -> Any:
-        value = getattr(self, name)
-        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+Results = dict[str, Any]
 
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class Runner:
-    """Runs stages with caching; records each stage's key, result and wall time."""
+# ----------------------------------------------------------------------------- stages and runner
 
-    def __init__(self, run_dir: Path, log: Log):
+
+@dataclass(frozen=True)
+class Stage:
+    """One cached step. ``fn`` gets the results of the stages run so far."""
+
+    name: str
+    inputs: Any  # the config values it reads (JSON data)
+    fn: Callable[[Results], Any]
+    after: tuple[str, ...] = ()
+    owns: tuple[str, ...] = ()  # run-relative folders it writes: cleared when its key changes
+    chain: str | None = None  # a split's materialize → train → evaluate; chains run side by side
+
+
+class Runner:
+    """Computes every stage's key, runs the stages whose cached key differs, records timings."""
+
+    def __init__(self, run_dir: Path, stages: list[Stage], log: Log):
         self.dir = Path(run_dir)
+        self.stages = stages
         self.log = log
         self.timings: dict[str, float] = {}
+        self.results: Results = {}
         self.keys: dict[str, str] = {}
+        for s in stages:
+            missing = [a for a in s.after if a not in self.keys]
+            if missing:
+                raise ValueError(f"stage {s.name} comes before {missing}, which it reads")
+            self.keys[s.name] = _key(s.inputs, [self.keys[a] for a in s.after])
 
-    def stage(
-        self, name: str, inputs: Any, fn: Callable[[], Any], after: tuple[str, ...] = ()
-    ) -> Any:
-        key = _key(inputs, [self.keys[a] for a in after])
-        path = self.dir / "stages" / f"{name}.json"
-        if path.exists():
-            cached = read_json(path)
-            if cached.get("key") == key:
-                self.keys[name] = key
-                self.timings[name] = cached["seconds"]
-                self.log(f"[cached] {name}")
-                return cached["result"]
-        self.log(f"[run] {name}")
+    def _record(self, name: str) -> Path:
+        return self.dir / "stages" / f"{name}.json"
+
+    def cached(self, name: str) -> dict | None:
+        path = self._record(name)
+        if path.is_file():
+            record = read_json(path)
+            if record.get("key") == self.keys[name]:
+                return record
+        return None
+
+    def plan(self) -> list[dict[str, Any]]:
+        return [
+            {"stage": s.name, "key": self.keys[s.name], "cached": self.cached(s.name) is not None}
+            for s in self.stages
+        ]
+
+    def run(self, s: Stage) -> Any:
+        record = self.cached(s.name)
+        if record is not None:
+            self.log(f"[cached] {s.name}")
+            self.timings[s.name] = record["seconds"]
+            self.results[s.name] = record["result"]
+            return record["result"]
+        self._claim(s)
+        self.log(f"[run] {s.name}")
         start = time.perf_counter()
-        result = fn()
+        result = s.fn(self.results)
         seconds = round(time.perf_counter() - start, 3)
-        write_json(path, {"key": key, "result": result, "seconds": seconds})
-        self.keys[name] = key
-        self.timings[name] = seconds
-        self.log(f"[done] {name} in {seconds:.1f}s")
+        write_json(
+            self._record(s.name), {"key": self.keys[s.name], "result": result, "seconds": seconds}
+        )
+        self.timings[s.name] = seconds
+        self.results[s.name] = result
+        self.log(f"[done] {s.name} in {seconds:.1f}s")
         return result
 
-
-def _benchmarks(world: Path) -> list[str]:
-    """The world's benchmarks in the paper's order (ImageNet val, V2, Sketch, R, A, ObjectNet)."""
-    present = read_json(world / "world.json")["benchmarks"]
-    return [b for b in BENCHMARKS if b in present]
-
-
-def _pool_pattern(world: Path) -> str:
-    return "::".join(str(p) for p in sorted((world / "pool").glob("*.tar")))
-
-
-def _test_embeddings(run: Path, bench: str) -> tuple[Store, np.ndarray]:
-    store = open_store(run / "stores" / f"bench-{bench}")
-    return store, store.embeddings()
+    def _claim(self, s: Stage) -> None:
+        """A stage resumes its own partial output, but never builds on output made for another key
+        (a resized split must not reuse the old split's shards or checkpoints)."""
+        marker = self.dir / "stages" / f"{s.name}.started"
+        started = marker.read_text().strip() if marker.is_file() else None
+        if started != self.keys[s.name]:
+            for folder in s.owns:
+                if (self.dir / folder).exists():
+                    self.log(f"[clear] {folder}: made for other inputs")
+                    shutil.rmtree(self.dir / folder)
+            write_bytes(marker, (self.keys[s.name] + "\n").encode())
 
 
-def scan_benchmarks(run: Path, benchmarks: list[str], topk: int, log: Log) -> dict[str, Any]:
+def execute(runner: Runner, parallel: int) -> None:
+    """Stages in plan order; each run of consecutive chain stages goes to a thread pool, one chain
+    per thread (each training is its own process: several single-threaded trainings side by side
+    use a small machine's cores better than one multi-threaded training of a tiny model)."""
+    stages = runner.stages
+    i = 0
+    while i < len(stages):
+        if stages[i].chain is None:
+            runner.run(stages[i])
+            i += 1
+            continue
+        j = i
+        while j < len(stages) and stages[j].chain is not None:
+            j += 1
+        chains: dict[str, list[Stage]] = {}
+        for s in stages[i:j]:
+            chains.setdefault(s.chain, []).append(s)
+        _run_chains(runner, list(chains.values()), parallel)
+        i = j
+
+
+def _run_chains(runner: Runner, chains: list[list[Stage]], parallel: int) -> None:
+    failed = threading.Event()
+
+    def run_chain(chain: list[Stage]) -> None:
+        for s in chain:
+            if failed.is_set():
+                return  # another chain failed: do not start more work
+            try:
+                runner.run(s)
+            except BaseException:
+                failed.set()
+                raise
+
+    with ThreadPoolExecutor(max(1, parallel)) as pool:
+        futures = [pool.submit(run_chain, c) for c in chains]
+    for f in futures:
+        f.result()  # re-raise the first failure
+
+
+# ----------------------------------------------------------------------------- the data
+
+
+@dataclass(frozen=True)
+class Data:
+    """Where the experiment's inputs are, world or real, once the world exists."""
+
+    reference: str
+    pool: str  # shards
+    pool_store: str  # an existing pool store ("" = embed the pool)
+    benchmarks: dict[str, str]
+    templates: str  # "" = open_clip's OpenAI ImageNet templates
+
+
+def data_of(cfg: Config, run: Path) -> Data:
+    if cfg.sources.kind == "world":
+        world = run / "world"
+        return Data(
+            reference=str(world / "reference"),
+            pool=str(world / "pool"),
+            pool_store="",
+            benchmarks={b: str(world / "benchmarks" / b) for b in BENCHMARKS},
+            templates=str(world / "templates.txt"),
+        )
+    real = cfg.sources.real
+    return Data(
+        real.reference, real.pool, real.pool_embeddings, dict(real.benchmarks), real.templates
+    )
+
+
+def missing_paths(cfg: Config) -> list[str]:
+    """The real sources' paths that do not exist, as ``key = path`` (the world has none)."""
+    if cfg.sources.kind != "real":
+        return []
+    real = cfg.sources.real
+    paths = {
+        "sources.real.reference": real.reference,
+        "sources.real.pool": real.pool,
+        "sources.real.pool_embeddings": real.pool_embeddings,
+        "sources.real.templates": real.templates,
+        "similarity.checkpoint": cfg.similarity.checkpoint,
+    }
+    paths |= {f"sources.real.benchmarks.{b}": p for b, p in real.benchmarks.items()}
+    out = []
+    for key, path in paths.items():
+        if not path:
+            continue
+        try:
+            exists = (
+                bool(expand_shards(path)) if key == "sources.real.pool" else Path(path).exists()
+            )
+        except (ValueError, OSError):
+            exists = False
+        if not exists:
+            out.append(f"{key} = {path}")
+    return out
+
+
+def benchmarks_of(cfg: Config) -> list[str]:
+    if cfg.sources.kind == "world":
+        return list(BENCHMARKS)
+    return list(cfg.sources.real.benchmarks)
+
+
+def _templates(data: Data) -> list[str]:
+    if data.templates:
+        return [t for t in Path(data.templates).read_text().splitlines() if t.strip()]
+    from open_clip import OPENAI_IMAGENET_TEMPLATES
+
+    # open_clip's templates are callables; simgap's are "{c}" strings.
+    return [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+def _pool_shards(data: Data) -> str:
+    return "::".join(expand_shards(data.pool))
+
+
+def _pool_samples(data: Data, results: Results) -> int:
+    if "world" in results:
+        return int(results["world"]["counts"]["pool"])
+    sizes = Path(data.pool) / "sizes.json"
+    if not sizes.is_file():
+        raise FileNotFoundError(f"{sizes}: needed to train on the pool (shard -> sample count)")
+    return sum(read_json(sizes).values())
+
+
+def _store(run: Path, name: str, data: Data) -> Store:
+    if name == "pool" and data.pool_store:
+        return open_store(data.pool_store)
+    return open_store(run / "stores" / name)
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How one split is made: its policy, the benchmarks it is scored against, parameters."""
+
+    name: str
+    policy: str  # full | gapmatch | near | far | random | semdedup | image-based
+    benchmarks: tuple[str, ...] = ()
+    params: dict[str, Any] = field(default_factory=dict)
+    control_of: str | None = None
+
+
+def _seed(cfg: Config, name: str) -> int:
+    # From the split's own name, not its position: adding a split changes no other split.
+    return (cfg.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+def _fraction_name(policy: str, f: float) -> str:
+    return f"{policy}-{f:g}"
+
+
+def split_specs(cfg: Config, benchmarks: list[str]) -> list[SplitSpec]:
+    sp = cfg.splits
+    specs: list[SplitSpec] = []
+    if sp.full:
+        specs.append(SplitSpec("full", "full"))
+    controlled: list[str] = []
+    if sp.gapmatch.per_benchmark:
+        specs += [SplitSpec(b, "gapmatch", (b,)) for b in benchmarks]
+        controlled += benchmarks
+    if sp.gapmatch.combined:
+        specs.append(SplitSpec("combined", "gapmatch", tuple(benchmarks)))
+        controlled.append("combined")
+    if not sp.gapmatch.controls:
+        controlled = []
+    for policy in ("near", "far", "random"):
+        sized = getattr(sp, policy)
+        scored = sized.benchmarks or tuple(benchmarks)
+        _check_benchmarks(cfg, f"splits.{policy}.benchmarks", scored, benchmarks)
+        for f in dict.fromkeys(sized.sizes):
+            name = _fraction_name(policy, f)
+            params: dict[str, Any] = {"fraction": f}
+            if policy == "random":
+                params["seed"] = _seed(cfg, name)
+            specs.append(SplitSpec(name, policy, () if policy == "random" else scored, params))
+    if sp.coreset.fraction > 0:
+        specs.append(
+            SplitSpec("coreset", "far", tuple(benchmarks), {"fraction": sp.coreset.fraction})
+        )
+        if sp.coreset.control:
+            controlled.append("coreset")
+    if sp.semdedup.n_clusters:
+        _need("semdedup", "splits.semdedup")
+        params = {"n_clusters": sp.semdedup.n_clusters, "eps": sp.semdedup.eps, "seed": cfg.seed}
+        specs.append(SplitSpec("semdedup", "semdedup", (), params))
+        if sp.semdedup.control:
+            controlled.append("semdedup")
+    if sp.image_based.n_clusters:
+        _need("image_based", "splits.image_based")
+        params = {"n_clusters": sp.image_based.n_clusters, "seed": cfg.seed}
+        specs.append(SplitSpec("image-based", "image-based", (), params))
+        if sp.image_based.control:
+            controlled.append("image-based")
+    for name in controlled:
+        control = f"{name}-random"
+        specs.append(SplitSpec(control, "random", (), {"seed": _seed(cfg, control)}, name))
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{_where(cfg)}: splits: two splits are named {dupes}")
+    return specs
+
+
+def _need(function: str, key: str) -> None:
+    if not hasattr(policies, function):
+        raise ConfigError(f"{key}: simgap.select.{function} is not available in this version")
+
+
+def _where(cfg: Config) -> str:
+    return Path(cfg.path).name or "config"
+
+
+def _check_benchmarks(cfg: Config, key: str, names: tuple[str, ...], known: list[str]) -> None:
+    for i, b in enumerate(names):
+        if b not in known:
+            raise ConfigError(
+                f'{_where(cfg)}: {key}[{i}]: unknown benchmark "{b}"; '
+                f"benchmarks: {', '.join(known)}"
+            )
+
+
+def _scores(run: Path, benchmarks: tuple[str, ...]) -> np.ndarray:
+    return policies.union_score(
+        [load_scan(run / "scans" / f"pool-{b}").row_max for b in benchmarks]
+    )
+
+
+def select_split(
+    run: Path, data: Data, spec: SplitSpec, reference_added: bool, results: Results
+) -> dict[str, Any]:
+    """Make one split's keep-mask, write ``splits/<name>/`` (keys, split.json, mask.npy)."""
+    pool = _store(run, "pool", data)
+    keys = np.array(pool.keys(), dtype=object)
+    total = len(keys)
+    p = spec.params
+    if spec.policy == "full":
+        mask = np.ones(total, bool)
+    elif spec.policy == "gapmatch":
+        mask = policies.gapmatch(
+            [load_scan(run / "scans" / f"pool-{b}").row_margin for b in spec.benchmarks]
+        )
+    elif spec.policy in ("near", "far"):
+        n = int(round(p["fraction"] * total))
+        pick = policies.near_pruned if spec.policy == "near" else policies.far_pruned
+        mask = pick(_scores(run, spec.benchmarks), n)
+    elif spec.policy == "random":
+        n = (
+            results[f"select-{spec.control_of}"]["size"]
+            if spec.control_of
+            else int(round(p["fraction"] * total))
+        )
+        mask = policies.random_split(total, n, p["seed"])
+    elif spec.policy == "semdedup":
+        mask, stats = policies.semdedup(pool, p["n_clusters"], p["eps"], seed=p["seed"])
+        write_parquet(run / "splits" / spec.name / "clusters.parquet", stats)
+    elif spec.policy == "image-based":
+        reference = _store(run, "reference", data)
+        mask = policies.image_based(pool, reference, p["n_clusters"], seed=p["seed"])
+    else:  # split_specs makes no other policy
+        raise ValueError(f"unknown split policy {spec.policy!r}")
+    mask = np.asarray(mask, bool)
+    meta = {
+        "name": spec.name,
+        "policy": spec.policy,
+        "benchmarks": list(spec.benchmarks),
+        "params": p,
+        "control_of": spec.control_of,
+        "pool_size": total,
+        "reference_added": reference_added,
+        "fingerprints": {
+            "pool": _key(pool.manifest),
+            "scans": {
+                b: _key(read_json(run / "scans" / f"pool-{b}" / "scan.json"))
+                for b in spec.benchmarks
+            },
+        },
+    }
+    write_npy(run / "splits" / spec.name / "mask.npy", mask)
+    meta = write_split(run / "splits" / spec.name, list(keys[mask]), meta)
+    return {"size": meta["size"], "keys_sha256": meta["keys_sha256"]}
+
+
+# ----------------------------------------------------------------------------- scan and gaps
+
+
+def scan_benchmarks(run: Path, data: Data, benchmarks: list[str], topk: int, log: Log) -> dict:
     """Per benchmark: thresholds (NN similarity to the reference set), then the pool scanned
     against them (per-row max and margin, per-test pool NN)."""
-    reference, pool = open_store(run / "stores" / "reference"), open_store(run / "stores" / "pool")
+    reference, pool = _store(run, "reference", data), _store(run, "pool", data)
     removed = {}
     for bench in benchmarks:
-        tests_store, tests = _test_embeddings(run, bench)
+        tests_store = _store(run, f"bench-{bench}", data)
+        tests = tests_store.embeddings()
         check_compatible(reference, pool, tests_store)
         ref = scan_store(reference, tests, topk=topk, out_dir=run / "scans" / f"reference-{bench}")
         thresholds = ref.topk_sim[:, 0].copy()
@@ -132,99 +442,33 @@ def scan_benchmarks(run: Path, benchmarks: list[str], topk: int, log: Log) -> di
     return {"removed": removed}
 
 
-def _split_meta(name: str, policy: str, benchmarks: list[str], **params: Any) -> dict[str, Any]:
-    return {"name": name, "policy": policy, "benchmarks": benchmarks, "params": params}
-
-
-def select_splits(
-    run: Path, benchmarks: list[str], coreset_fraction: float, seed: int
-) -> list[dict[str, Any]]:
-    """Every split of the demo: gap-matched per benchmark and combined, a size-matched random
-    control for each, the far-pruned coreset, and the full pool. The reference set is added to
-    every split when it is trained (the paper's setting)."""
-    pool = open_store(run / "stores" / "pool")
-    keys = np.array(pool.keys(), dtype=object)
-    scans = {b: load_scan(run / "scans" / f"pool-{b}") for b in benchmarks}
-    masks: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
-    masks["full"] = (np.ones(len(keys), bool), _split_meta("full", "full", []))
-    for b in benchmarks:
-        masks[b] = (gapmatch([scans[b].row_margin]), _split_meta(b, "gapmatch", [b]))
-    masks["combined"] = (
-        gapmatch([scans[b].row_margin for b in benchmarks]),
-        _split_meta("combined", "gapmatch", benchmarks),
-    )
-    n_core = int(round(coreset_fraction * len(keys)))
-    score = union_score([scans[b].row_max for b in benchmarks])
-    masks["coreset"] = (
-        far_pruned(score, n_core),
-        _split_meta("coreset", "far", benchmarks, fraction=coreset_fraction),
-    )
-    for i, name in enumerate([*benchmarks, "combined", "coreset"]):
-        mask, _ = masks[name]
-        control_seed = seed + 1 + i
-        masks[f"{name}-random"] = (
-            random_split(len(keys), int(mask.sum()), control_seed),
-            {
-                **_split_meta(f"{name}-random", "random", [], seed=control_seed),
-                "control_of": name,
-            },
-        )
-    # Every split is made from the same inputs: fingerprint them once.
-    fingerprints = {
-        "pool": _key(pool.manifest),
-        "scans": {
-            b: _key(read_json(run / "scans" / f"pool-{b}" / "scan.json")) for b in benchmarks
-        },
-    }
-    splits = []
-    for name, (mask, meta) in masks.items():
-        meta = {"control_of": None, **meta, "pool_size": len(keys), "reference_added": True}
-        meta["fingerprints"] = fingerprints
-        splits.append(write_split(run / "splits" / name, list(keys[mask]), meta))
-        write_npy(run / "splits" / name / "mask.npy", mask)
-    return splits
-
-
-def check_and_gaps(run: Path, benchmarks: list[str], splits: list[str]) -> dict[str, Any]:
-    """Rescan each split against each benchmark: the split's NN similarity per test point (the gap
-    figure) and the gap-matching guarantee, checked rather than assumed."""
-    pool = open_store(run / "stores" / "pool")
-    results: dict[str, Any] = {}
+def split_gaps(run: Path, data: Data, spec: SplitSpec, benchmarks: list[str]) -> dict[str, Any]:
+    """Rescan the split against every benchmark: its NN similarity per test point (the gap
+    figure), and for a gap-matched split the guarantee, checked rather than assumed."""
+    pool = _store(run, "pool", data)
+    mask = np.load(run / "splits" / spec.name / "mask.npy")
+    check = {"violations": 0, "tests": 0}
     for bench in benchmarks:
-        tests_store, tests = _test_embeddings(run, bench)
-        thresholds = load_scan(run / "scans" / f"reference-{bench}").topk_sim[:, 0]
-        pool_nn = load_scan(run / "scans" / f"pool-{bench}").topk_sim[:, 0]
-        table = tests_store.keys_table()
-        columns = {
-            "test_key": table.column("key"),
-            "label": table.column("label"),
-            "reference": pa.array(thresholds, pa.float32()),
-            "pool": pa.array(pool_nn, pa.float32()),
-        }
-        for name in splits:
-            mask = np.load(run / "splits" / name / "mask.npy")
-            kept_nn = _masked_nn(pool, tests, mask)
-            # The pool part only: with the reference set added, the split's NN similarity is
-            # max(reference, this), which for a gap-matched split is the reference exactly.
-            columns[name] = pa.array(kept_nn, pa.float32())
-            meta = read_json(run / "splits" / name / "split.json")
-            if meta["policy"] == "gapmatch" and bench in meta["benchmarks"]:
-                violations = int((kept_nn > thresholds).sum())
-                results.setdefault(name, {"violations": 0, "tests": 0})
-                results[name]["violations"] += violations
-                results[name]["tests"] += len(tests)
-        write_parquet(run / "gaps" / f"{bench}.parquet", pa.table(columns))
-    for name, check in results.items():
-        meta_path = run / "splits" / name / "split.json"
-        meta = read_json(meta_path)
-        meta["guarantee"] = {**check, "holds": check["violations"] == 0}
-        write_json(meta_path, meta)
-        if check["violations"]:
-            raise RuntimeError(
-                f"split {name}: {check['violations']} test points have a pool neighbour above "
-                "their threshold; the gap-matching guarantee does not hold"
-            )
-    return results
+        tests = _store(run, f"bench-{bench}", data).embeddings()
+        kept_nn = _masked_nn(pool, tests, mask)
+        write_npy(run / "gaps" / "by-split" / spec.name / f"{bench}.npy", kept_nn)
+        if spec.policy == "gapmatch" and bench in spec.benchmarks:
+            thresholds = load_scan(run / "scans" / f"reference-{bench}", rows=False).topk_sim[:, 0]
+            check["violations"] += int((kept_nn > thresholds).sum())
+            check["tests"] += len(tests)
+    if spec.policy != "gapmatch":
+        return {}
+    meta_path = run / "splits" / spec.name / "split.json"
+    write_json(
+        meta_path,
+        {**read_json(meta_path), "guarantee": {**check, "holds": not check["violations"]}},
+    )
+    if check["violations"]:
+        raise RuntimeError(
+            f"split {spec.name}: {check['violations']} test points have a pool neighbour above "
+            "their threshold; the gap-matching guarantee does not hold"
+        )
+    return check
 
 
 def _masked_nn(pool: Store, tests: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -239,12 +483,89 @@ def _masked_nn(pool: Store, tests: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return scan_store(pool, tests, topk=1, keep=keep).topk_sim[:, 0]
 
 
-def evaluate_split(run: Path, world: Path, split: str, recipe: Recipe, ckpt: str) -> dict:
-    loaded = load_model(ModelSpec(arch=recipe.model, checkpoint=ckpt))
-    templates = [t for t in (world / "templates.txt").read_text().splitlines() if t.strip()]
-    out = {"split": split, "checkpoint": ckpt, "benchmarks": {}}
-    for bench in _benchmarks(world):
-        res = evaluate_benchmark(loaded, world / "benchmarks" / bench, templates)
+def write_gaps(run: Path, data: Data, benchmarks: list[str], splits: list[str]) -> dict:
+    """``gaps/<benchmark>.parquet``: per test point its NN similarity to the reference set, the
+    pool and every split (the pool part; with the reference added, the split's NN similarity is
+    the max of this and the reference column)."""
+    for bench in benchmarks:
+        table = _store(run, f"bench-{bench}", data).keys_table()
+        columns = {
+            "test_key": table.column("key"),
+            "label": table.column("label"),
+            "reference": pa.array(_nn(run, "reference", bench), pa.float32()),
+            "pool": pa.array(_nn(run, "pool", bench), pa.float32()),
+        }
+        for name in splits:
+            columns[name] = pa.array(
+                np.load(run / "gaps" / "by-split" / name / f"{bench}.npy"), pa.float32()
+            )
+        write_parquet(run / "gaps" / f"{bench}.parquet", pa.table(columns))
+    return {"benchmarks": benchmarks, "splits": splits}
+
+
+def _nn(run: Path, scanned: str, bench: str) -> np.ndarray:
+    return load_scan(run / "scans" / f"{scanned}-{bench}", rows=False).topk_sim[:, 0]
+
+
+# ----------------------------------------------------------------------------- train, evaluate
+
+
+def materialize_split(run: Path, data: Data, cfg: Config, split: str, executor: Executor) -> dict:
+    return materialize(
+        run / "splits" / split,
+        _pool_shards(data),
+        run / "shards" / split,
+        reference=Path(data.reference) if cfg.reference.add_to_splits else None,
+        caption_template=cfg.reference.caption,
+        executor=executor,
+    )
+
+
+def train_split(run: Path, cfg: Config, split: str, shards: dict, log: Log) -> str:
+    recipe = cfg.train.recipe
+    if cfg.train.gpus > 1:
+        return _torchrun(run, cfg, split, shards, log)
+    ckpt = train(
+        recipe,
+        shards["shards"],
+        shards["samples"],
+        run / "train",
+        split,
+        lambda m: log(f"[{split}] {m}"),
+        device=cfg.train.device,
+        threads=cfg.train.threads or None,
+    )
+    return str(ckpt)
+
+
+def _torchrun(run: Path, cfg: Config, split: str, shards: dict, log: Log) -> str:
+    """One node, ``train.gpus`` ranks; the global batch is kept (simgap.train.torchrun_command)."""
+    recipe = cfg.train.recipe
+    cmd = torchrun_command(
+        recipe, shards["shards"], shards["samples"], run / "train", split, cfg.train.gpus
+    )
+    log(f"[{split}] $ {cmd}")
+    rc = subprocess.run(shlex.split(cmd), check=False).returncode
+    final = final_checkpoint(run / "train", split, recipe)
+    if rc != 0 or not final.is_file():
+        raise TrainError(
+            f"torchrun for split {split} exited with {rc}; see {run / 'train' / split}"
+        )
+    return str(final)
+
+
+def evaluate_split(
+    run: Path, data: Data, cfg: Config, split: str, ckpt: str, benchmarks: list[str]
+) -> dict:
+    loaded = load_model(
+        ModelSpec(arch=cfg.train.recipe.model, checkpoint=ckpt), device=cfg.evaluate.device
+    )
+    templates = _templates(data)
+    out: dict[str, Any] = {"split": split, "checkpoint": ckpt, "benchmarks": {}}
+    for bench in benchmarks:
+        res = evaluate_benchmark(
+            loaded, Path(data.benchmarks[bench]), templates, cfg.evaluate.batch_size
+        )
         preds = res.pop("predictions")
         write_parquet(
             run / "eval" / "predictions" / f"{split}-{bench}.parquet",
@@ -258,138 +579,479 @@ def evaluate_split(run: Path, world: Path, split: str, recipe: Recipe, ckpt: str
         )
         out["benchmarks"][bench] = res
     write_json(run / "eval" / f"{split}.json", out)
-    return out
+    return {b: r["top1"] for b, r in out["benchmarks"].items()}
 
 
-def run_experiment(run_dir: Path, cfg: ExperimentConfig, log: Log = print) -> dict[str, Any]:
-    run = Path(run_dir)
+# ----------------------------------------------------------------------------- analysis
+
+
+def _optional(module: str, name: str) -> Any:
+    """A contract function another module may not have yet; None when absent."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+def robustness_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: list[str]) -> dict:
+    """Effective robustness (Taori et al.): fit OOD vs ID accuracy over the trained splits (logit
+    axes), then each split's distance above that line, averaged over the OOD benchmarks."""
+    fit_line = _optional("simgap.robustness", "fit_line")
+    effective = _optional("simgap.robustness", "effective_robustness")
+    if fit_line is None or effective is None:
+        return {"computed": False, "why": "simgap.robustness is not available"}
+    id_bench = cfg.analysis.id_benchmark or benchmarks[0]
+    ood = [b for b in benchmarks if b != id_bench]
+    if len(trained) < 2 or not ood:
+        return {"computed": False, "why": "needs two trained splits and an OOD benchmark"}
+    evals = {s: read_json(run / "eval" / f"{s}.json")["benchmarks"] for s in trained}
+    id_acc = np.array([evals[s][id_bench]["top1"] for s in trained])
+    ood_acc = np.array([np.mean([evals[s][b]["top1"] for b in ood]) for s in trained])
+    line = fit_line(id_acc, ood_acc)
+    points = [
+        {
+            "split": s,
+            "id_acc": float(a),
+            "ood_acc": float(o),
+            "effective_robustness": float(effective(line, float(a), float(o))),
+        }
+        for s, a, o in zip(trained, id_acc, ood_acc, strict=True)
+    ]
+    out = {
+        "line": {
+            "slope": float(line.slope),
+            "intercept": float(line.intercept),
+            "id_benchmark": id_bench,
+            "ood_benchmarks": ood,
+            "reference_models": trained,
+        },
+        "points": points,
+    }
+    write_json(run / "analysis" / "robustness.json", out)
+    return {"computed": True}
+
+
+def similarity_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: list[str]) -> dict:
+    """Accuracy against each test point's NN similarity to the split the model was trained on
+    (with the reference set added, the max of the reference and split columns)."""
+    by_similarity = _optional("simgap.robustness", "accuracy_by_similarity")
+    if by_similarity is None:
+        return {"computed": False, "why": "simgap.robustness is not available"}
+    tables = []
+    for bench in benchmarks:
+        gaps = pq.read_table(run / "gaps" / f"{bench}.parquet").to_pydict()
+        order = {k: i for i, k in enumerate(gaps["test_key"])}
+        reference = np.array(gaps["reference"], np.float32)
+        for split in trained:
+            preds = pq.read_table(
+                run / "eval" / "predictions" / f"{split}-{bench}.parquet"
+            ).to_pydict()
+            rows = np.array([order[k] for k in preds["key"]])
+            nn = np.array(gaps[split], np.float32)[rows]
+            if cfg.reference.add_to_splits:
+                nn = np.maximum(nn, reference[rows])
+            correct = np.array(preds["pred"]) == np.array(preds["label"])
+            t = by_similarity(correct, nn, bins=cfg.analysis.bins)
+            n = t.num_rows
+            t = t.add_column(0, "benchmark", pa.array([bench] * n, pa.string()))
+            tables.append(t.add_column(0, "split", pa.array([split] * n, pa.string())))
+    if not tables:
+        return {"computed": False, "why": "no trained split"}
+    write_parquet(run / "analysis" / "accuracy_by_similarity.parquet", pa.concat_tables(tables))
+    return {"computed": True}
+
+
+def audit_analysis(run: Path, data: Data, cfg: Config, benchmarks: list[str], log: Log) -> dict:
+    """The contamination audit: test points with a near-duplicate in the pool (select.audit),
+    scored against the world's injected near-duplicates when there are some."""
+    audit = _optional("simgap.select", "audit")
+    if audit is None:
+        return {"computed": False, "why": "simgap.select.audit is not available"}
+    tests = {b: _store(run, f"bench-{b}", data) for b in benchmarks}
+    truth_path = run / "world" / "ground_truth" / "near_duplicates.parquet"
+    truth = pq.read_table(truth_path) if cfg.sources.kind == "world" else None
+    result = audit(
+        tests,
+        _store(run, "pool", data),
+        cfg.analysis.audit_threshold,
+        ground_truth=truth,
+        out_dir=run / "audit",
+    )
+    log(f"audit: {result['pairs']} pairs above {cfg.analysis.audit_threshold}")
+    return {"computed": True, "pairs": result["pairs"]}
+
+
+def _analysis(name: str, fn: Callable[[], dict], log: Log) -> dict:
+    """An analysis that the data cannot support (e.g. a robustness line through models of equal
+    ID accuracy) is recorded as not computed, with why, and the report says so."""
+    try:
+        return fn()
+    except ValueError as err:
+        log(f"{name}: not computed: {err}")
+        return {"computed": False, "why": str(err)}
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    stages: list[Stage]
+    benchmarks: list[str]
+    splits: list[SplitSpec]
+    trained: list[str]
+    evaluated: list[str]
+
+
+def _trained(cfg: Config, names: list[str]) -> list[str]:
+    if cfg.train.splits == ("all",):
+        return names
+    for i, s in enumerate(cfg.train.splits):
+        if s not in names:
+            raise ConfigError(
+                f'{_where(cfg)}: train.splits[{i}]: unknown split "{s}"; splits of this config: '
+                + ", ".join(names)
+            )
+    return list(dict.fromkeys(cfg.train.splits))
+
+
+def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
+    run = Path(run)
+    data = data_of(cfg, run)
+    benchmarks = benchmarks_of(cfg)
+    evaluated = list(cfg.evaluate.benchmarks) or benchmarks
+    _check_benchmarks(cfg, "evaluate.benchmarks", tuple(evaluated), benchmarks)
+    if cfg.analysis.id_benchmark and cfg.analysis.id_benchmark not in evaluated:
+        raise ConfigError(
+            f'{_where(cfg)}: analysis.id_benchmark: "{cfg.analysis.id_benchmark}" is not an '
+            f"evaluated benchmark ({', '.join(evaluated)})"
+        )
+    specs = split_specs(cfg, benchmarks)
+    trained = _trained(cfg, [s.name for s in specs])
+    stages: list[Stage] = []
+    add = stages.append
+    if cfg.sources.kind == "world":
+        add(
+            Stage(
+                "world",
+                cfg.section("sources")["world"],
+                lambda r: generate_world(cfg.sources.world, run / "world", log),
+            )
+        )
+    upstream = ("world",) if cfg.sources.kind == "world" else ()
+    sim = cfg.similarity
+    if sim.train_on_pool:
+        add(
+            Stage(
+                "similarity-model",
+                {"model": sim.model, "recipe": dataclasses.asdict(sim.recipe)},
+                lambda r: {
+                    "arch": sim.recipe.model,
+                    "checkpoint": str(
+                        train(
+                            sim.recipe,
+                            _pool_shards(data),
+                            _pool_samples(data, r),
+                            run / "models",
+                            "similarity",
+                            log,
+                            threads=cfg.train.threads or None,
+                        )
+                    ),
+                    "pretrained": None,
+                },
+                after=upstream,
+                owns=("models/similarity",),
+            )
+        )
+    else:
+        spec = {
+            "arch": sim.model,
+            "checkpoint": sim.checkpoint or None,
+            "pretrained": sim.pretrained or None,
+        }
+        add(Stage("similarity-model", spec, lambda r, spec=spec: spec, after=upstream))
+
+    sources = {"reference": data.reference}
+    if not data.pool_store:
+        sources["pool"] = data.pool
+    sources |= {f"bench-{b}": data.benchmarks[b] for b in benchmarks}
+    for name, source in sources.items():
+        add(
+            Stage(
+                f"embed-{name}",
+                {
+                    "source": _portable(source, run),
+                    "batch_size": sim.batch_size,
+                    "device": sim.device,
+                },
+                lambda r, name=name, source=source: embed_source(
+                    run, name, source, r, sim, executor, log
+                ),
+                after=("similarity-model",),
+                owns=(f"stores/{name}",),
+            )
+        )
+    embeds = tuple(f"embed-{n}" for n in sources)
+    pool_input = {"pool_embeddings": data.pool_store}
+    add(
+        Stage(
+            "scan",
+            {"topk": cfg.scan.topk, "benchmarks": benchmarks, **pool_input},
+            lambda r: scan_benchmarks(run, data, benchmarks, cfg.scan.topk, log),
+            after=embeds,
+            owns=("scans",),
+        )
+    )
+    for spec in specs:
+        inputs = {**dataclasses.asdict(spec), "reference_added": cfg.reference.add_to_splits}
+        after = ("scan",) + ((f"select-{spec.control_of}",) if spec.control_of else ())
+        add(
+            Stage(
+                f"select-{spec.name}",
+                inputs,
+                lambda r, spec=spec: select_split(run, data, spec, cfg.reference.add_to_splits, r),
+                after=after,
+            )
+        )
+    for spec in specs:
+        add(
+            Stage(
+                f"gaps-{spec.name}",
+                {},
+                lambda r, spec=spec: split_gaps(run, data, spec, benchmarks),
+                after=(f"select-{spec.name}",),
+            )
+        )
+    names = [s.name for s in specs]
+    add(
+        Stage(
+            "gaps",
+            names,
+            lambda r: write_gaps(run, data, benchmarks, names),
+            after=tuple(f"gaps-{n}" for n in names),
+        )
+    )
+
+    recipe = dataclasses.asdict(cfg.train.recipe)
+    for split in trained:
+        add(
+            Stage(
+                f"materialize-{split}",
+                {"caption": cfg.reference.caption, "reference": cfg.reference.add_to_splits},
+                lambda r, split=split: materialize_split(run, data, cfg, split, executor),
+                after=(f"select-{split}",),
+                owns=(f"shards/{split}",),
+                chain=split,
+            )
+        )
+        add(
+            Stage(
+                f"train-{split}",
+                {"recipe": recipe, "gpus": cfg.train.gpus, "device": cfg.train.device},
+                lambda r, split=split: train_split(run, cfg, split, r[f"materialize-{split}"], log),
+                after=(f"materialize-{split}",),
+                owns=(f"train/{split}",),
+                chain=split,
+            )
+        )
+        add(
+            Stage(
+                f"evaluate-{split}",
+                {"benchmarks": evaluated, "batch_size": cfg.evaluate.batch_size},
+                lambda r, split=split: evaluate_split(
+                    run, data, cfg, split, r[f"train-{split}"], evaluated
+                ),
+                after=(f"train-{split}",),
+                chain=split,
+            )
+        )
+    evals = tuple(f"evaluate-{s}" for s in trained)
+    analysis = cfg.section("analysis")
+    add(
+        Stage(
+            "analysis-robustness",
+            {
+                "id_benchmark": cfg.analysis.id_benchmark,
+                "available": _optional("simgap.robustness", "fit_line") is not None,
+            },
+            lambda r: _analysis(
+                "robustness", lambda: robustness_analysis(run, cfg, trained, evaluated), log
+            ),
+            after=evals,
+        )
+    )
+    add(
+        Stage(
+            "analysis-similarity",
+            {
+                "bins": analysis["bins"],
+                "available": _optional("simgap.robustness", "accuracy_by_similarity") is not None,
+            },
+            lambda r: _analysis(
+                "accuracy by similarity",
+                lambda: similarity_analysis(run, cfg, trained, evaluated),
+                log,
+            ),
+            after=(*evals, "gaps"),
+        )
+    )
+    if cfg.analysis.audit_threshold:
+        add(
+            Stage(
+                "audit",
+                {
+                    "threshold": cfg.analysis.audit_threshold,
+                    "available": _optional("simgap.select", "audit") is not None,
+                },
+                lambda r: audit_analysis(run, data, cfg, benchmarks, log),
+                after=embeds,
+                owns=("audit",),
+            )
+        )
+    return Plan(stages, benchmarks, specs, trained, evaluated)
+
+
+def _portable(source: str, run: Path) -> str:
+    """Sources inside the run folder are keyed relative to it: a moved run stays cached."""
+    try:
+        return str(Path(source).relative_to(run))
+    except ValueError:
+        return source
+
+
+def embed_source(
+    run: Path, name: str, source: str, r: Results, sim: Any, executor: Executor, log: Log
+) -> int:
+    from simgap.embed import embed
+
+    m = r["similarity-model"]
+    spec = ModelSpec(arch=m["arch"], checkpoint=m["checkpoint"], pretrained=m["pretrained"])
+    store = embed(
+        source, run / "stores" / name, spec, executor, sim.device, sim.batch_size, progress=log
+    )
+    return store.manifest["rows"]
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _prepare_dir(run: Path) -> None:
     if run.is_dir() and any(run.iterdir()) and not (run / "stages").is_dir():
         # Resuming writes into the folder: never mix a run into someone else's files.
         raise ValueError(f"{run}: folder is not empty and is not a simgap run; choose another")
     run.mkdir(parents=True, exist_ok=True)
-    r = Runner(run, log)
-    world = run / "world"
-    executor = Executor(make_engine(cfg.engine, cfg.workers))
+    (run / "stages").mkdir(exist_ok=True)
 
-    info = r.stage("world", cfg.section("world"), lambda: generate_world(cfg.world, world, log))
-    benchmarks = _benchmarks(world)
-    pool_samples = info["counts"]["pool"]
 
-    sim_ckpt = r.stage(
-        "similarity-model",
-        cfg.section("similarity_recipe"),
-        lambda: str(
-            train(
-                cfg.similarity_recipe,
-                _pool_pattern(world),
-                pool_samples,
-                run / "models",
-                "similarity",
-                log,
-                threads=cfg.train_threads,
-            )
-        ),
-        after=("world",),
+def _retire_stale(run: Path, plan: Plan, log: Log) -> None:
+    """Splits a previous config made but this one does not: remove their outputs so the report
+    shows only this config's splits (their checkpoints stay, as train/<split>)."""
+    planned = {s.name for s in plan.splits}
+    for folder in sorted((run / "splits").glob("*/")):
+        name = folder.name
+        if name in planned:
+            continue
+        log(f"[retire] split {name}: not in this config")
+        shutil.rmtree(folder)
+        shutil.rmtree(run / "gaps" / "by-split" / name, ignore_errors=True)
+        (run / "eval" / f"{name}.json").unlink(missing_ok=True)
+        for p in (run / "eval" / "predictions").glob(f"{name}-*.parquet"):
+            if p.name[len(name) + 1 : -len(".parquet")] in plan.benchmarks:
+                p.unlink()
+        for stage in ("select", "gaps", "materialize", "train", "evaluate"):
+            (run / "stages" / f"{stage}-{name}.json").unlink(missing_ok=True)
+
+
+def format_plan(runner: Runner, cfg: Config, plan: Plan) -> str:
+    rows = runner.plan()
+    todo = sum(not r["cached"] for r in rows)
+    lines = [
+        f"plan of {cfg.name} ({cfg.path or 'config'}): {len(rows)} stages, "
+        f"{len(rows) - todo} cached, {todo} to run",
+        f"benchmarks: {', '.join(plan.benchmarks)}",
+        f"splits ({len(plan.splits)}): {', '.join(s.name for s in plan.splits)}",
+        f"trained ({len(plan.trained)}): {', '.join(plan.trained)}",
+        f"engine: {cfg.engine.name}; training: {cfg.train.gpus} x {cfg.train.device}, "
+        f"recipe {cfg.train.recipe.model} {cfg.train.recipe.epochs} epochs, "
+        f"global batch {cfg.train.recipe.batch_size}",
+    ]
+    missing = missing_paths(cfg)
+    if missing:
+        lines.append(f"missing paths ({len(missing)}); a real run stops on them:")
+        lines += [f"  missing: {m}" for m in missing]
+    width = max(len(r["stage"]) for r in rows)
+    lines += [
+        f"  {'cached' if r['cached'] else 'run   '}  {r['stage']:<{width}}  {r['key']}"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def run_config(
+    cfg: Config, run_dir: Path, log: Log = print, dry_run: bool = False, report: bool = True
+) -> dict[str, Any]:
+    """Plan the config's stages in ``run_dir`` and run them (or, dry, only print the plan)."""
+    run = Path(run_dir)
+    executor = Executor(
+        make_engine(cfg.engine.name, cfg.engine.workers, cfg.engine.address or None)
     )
-    spec = ModelSpec(arch=cfg.similarity_recipe.model, checkpoint=sim_ckpt)
-    sources = {"reference": world / "reference", "pool": world / "pool"}
-    sources |= {f"bench-{b}": world / "benchmarks" / b for b in benchmarks}
-    for name, source in sources.items():
-        r.stage(
-            f"embed-{name}",
-            {"source": str(source)},
-            lambda name=name, source=source: embed(
-                source,
-                run / "stores" / name,
-                spec,
-                executor,
-                cfg.device,
-                progress=log,
-            ).manifest["rows"],
-            after=("similarity-model",),
-        )
-    embeds = tuple(f"embed-{n}" for n in sources)
-    r.stage(
-        "scan",
-        {"topk": cfg.topk},
-        lambda: scan_benchmarks(run, benchmarks, cfg.topk, log),
-        after=embeds,
-    )
-    made = r.stage(
-        "select",
-        {"coreset_fraction": cfg.coreset_fraction, "seed": cfg.seed},
-        lambda: select_splits(run, benchmarks, cfg.coreset_fraction, cfg.seed),
-        after=("scan",),
-    )
-    # A list, not a dict: the cache stores JSON with sorted keys, and split order is shown.
-    splits = {meta["name"]: meta for meta in made}
-    r.stage(
-        "gaps",
-        list(splits),
-        lambda: check_and_gaps(run, benchmarks, list(splits)),  # the order select made them in
-        after=("select",),
-    )
-
-    unknown = [s for s in cfg.train_splits if s not in splits]
-    if unknown:
-        raise ValueError(f"train_splits names {unknown}, which are not splits: {list(splits)}")
-
-    def train_and_evaluate(split: str) -> None:
-        shards = r.stage(
-            f"materialize-{split}",
-            {"caption": cfg.reference_caption},
-            lambda: materialize(
-                run / "splits" / split,
-                _pool_pattern(world),
-                run / "shards" / split,
-                reference=world / "reference",
-                caption_template=cfg.reference_caption,
-                executor=executor,
-            ),
-            after=("select",),
-        )
-        ckpt = r.stage(
-            f"train-{split}",
-            cfg.section("train_recipe"),
-            lambda: str(
-                train(
-                    cfg.train_recipe,
-                    shards["shards"],
-                    shards["samples"],
-                    run / "train",
-                    split,
-                    lambda m: log(f"[{split}] {m}"),
-                    threads=cfg.train_threads,
-                )
-            ),
-            after=(f"materialize-{split}",),
-        )
-        r.stage(
-            f"evaluate-{split}",
-            {},
-            lambda: evaluate_split(run, world, split, cfg.train_recipe, ckpt),
-            after=(f"train-{split}",),
-        )
-
-    # Each training is its own process: on a small machine, several single-threaded trainings
-    # side by side use the cores better than one multi-threaded training of a tiny model.
-    with ThreadPoolExecutor(max(1, cfg.train_parallel)) as pool:
-        list(pool.map(train_and_evaluate, cfg.train_splits))
-
+    plan = make_plan(cfg, run, log, executor)
+    if dry_run:
+        # Reads only: a dry run of a folder that is not a run says so, but writes nothing.
+        stages_dir = run / "stages"
+        runner = Runner(run if stages_dir.is_dir() else run / "(new)", plan.stages, log)
+        text = format_plan(runner, cfg, plan)
+        return {"plan": runner.plan(), "text": text}
+    missing = missing_paths(cfg)
+    if missing:
+        raise FileNotFoundError(f"{_where(cfg)}: missing inputs: " + "; ".join(missing))
+    _prepare_dir(run)
+    _retire_stale(run, plan, log)
+    runner = Runner(run, plan.stages, log)
+    started = time.time()
+    provenance = {
+        "config": {**to_json(cfg), "benchmarks": plan.benchmarks},
+        "config_text": cfg.text,
+        "config_path": cfg.path,
+        "versions": _versions(),
+        "started": _utc(started),
+    }
+    write_json(run / "run.json", provenance)  # a killed run still says what it was
+    execute(runner, cfg.train.parallel)
     write_json(
         run / "run.json",
         {
-            "config": {
-                **json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
-                "benchmarks": benchmarks,
+            **provenance,
+            "world": runner.results.get("world"),
+            "splits": [s.name for s in plan.splits],
+            "trained": plan.trained,
+            "timings": runner.timings,
+            "finished": _utc(time.time()),
+            "wall_seconds": round(time.time() - started, 1),
+            "analysis": {
+                k: runner.results.get(k)
+                for k in ("analysis-robustness", "analysis-similarity", "audit")
             },
-            "versions": _versions(),
-            "timings": r.timings,
-            "world": info,
         },
     )
-    paths = {k: str(v) for k, v in build_report(run).items()}
-    return {"timings": r.timings, "report": paths, "splits": splits}
+    paths: dict[str, str] = {}
+    if report:
+        from simgap.report import build_report
+
+        paths = {k: str(v) for k, v in build_report(run).items()}
+    return {
+        "timings": runner.timings,
+        "report": paths,
+        "splits": plan.splits,
+        "trained": plan.trained,
+    }
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _versions() -> dict[str, str]:
@@ -402,7 +1064,8 @@ def _versions() -> dict[str, str]:
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
         "numpy": np.__version__,
+        "pyarrow": pa.__version__,
     }
 
 
-__all__ = ["ExperimentConfig", "Runner", "run_experiment", "read_classnames"]
+__all__ = ["Plan", "Runner", "Stage", "format_plan", "make_plan", "run_config", "split_specs"]

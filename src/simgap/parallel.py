@@ -87,11 +87,15 @@ class RayEngine:
                 yield (pending.pop(ref), *ray.get(ref))
 
 
-def make_engine(name: str, workers: int = 1, address: str | None = None) -> Engine:
+def make_engine(
+    name: str, workers: int = 1, address: str | None = None, num_gpus: float = 0.0
+) -> Engine:
+    """``num_gpus``: GPUs each Ray task asks for (Ray places it on a GPU node and sets
+    CUDA_VISIBLE_DEVICES); a Ray worker process keeps its loaded model across tasks."""
     if name == "local":
         return LocalEngine(workers)
     if name == "ray":
-        return RayEngine(address)
+        return RayEngine(address, num_gpus=num_gpus)
     raise ValueError(f"unknown engine {name!r}: choose 'local' or 'ray'")
 
 

@@ -1,14 +1,32 @@
-"""Split files, and materializing a split into training shards.
+"""Split files, key lists, and materializing a split into training shards.
 
-A split is ``keys.parquet`` (kept pool keys, sorted) and ``split.json`` (how it was made).
-Materialize filters the source webdataset shards by the split, one input shard per task, copying
-every member of a kept sample verbatim; the reference set can be appended with templated captions.
+A split folder holds ``keys.parquet`` (column ``key``, sorted), ``keys.txt`` (the same keys, one
+per line, UTF-8) and ``split.json`` (how it was made). A key list (folder, ``.txt`` or
+``.parquet``) is all a loader needs to apply a split on the fly to the source shards.
+
+Materialize runs in two parallel phases through the executor:
+
+1. index, one task per input shard: read the tar's headers only, note where each member of a
+   kept sample lies (offset, size); unsafe members (absolute, ``..``, links, devices) are skipped
+   and counted, a cut or damaged tar keeps what precedes the damage and counts the rest;
+2. write, one task per output shard: copy the kept members' bytes by offset into a reproducible
+   tar, one sample at a time. Output shards hold ``shard_size`` samples each (resharded across
+   input boundaries), or mirror the input shards when ``shard_size`` is None.
+
+Each task leaves a done record tied to its inputs, so a killed run resumes where it stopped.
+Archive members are never extracted: the only files written are the output folder's own.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
 import json
+import os
+import tarfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,14 +35,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simgap.data.sources import image_folder_items, read_classnames
-from simgap.data.tars import expand_shards, iter_samples, write_tar
-from simgap.io import read_json, sha256_bytes, write_json, write_parquet
-from simgap.parallel import Executor, LocalEngine
+from simgap.data.tars import ShardError, expand_shards, safe_member_name, split_name, write_tar
+from simgap.io import read_json, sha256_bytes, write_atomic, write_bytes, write_json, write_parquet
+from simgap.parallel import Executor, LocalEngine, Progress
+
+Member = tuple[str, int, int]  # extension, data offset in the tar, size
+
+
+# ----------------------------------------------------------------------------- split files
 
 
 def write_split(folder: Path, keys: list[str], meta: dict[str, Any]) -> dict[str, Any]:
+    """Write keys.parquet, keys.txt and split.json (last: a split is complete iff it exists)."""
     keys = sorted(keys)
+    folder = Path(folder)
     write_parquet(folder / "keys.parquet", pa.table({"key": pa.array(keys, pa.string())}))
+    write_bytes(folder / "keys.txt", "".join(f"{k}\n" for k in keys).encode())
     meta = {**meta, "size": len(keys), "keys_sha256": sha256_bytes("\n".join(keys).encode())}
     write_json(folder / "split.json", meta)
     return meta
@@ -33,29 +59,218 @@ def write_split(folder: Path, keys: list[str], meta: dict[str, Any]) -> dict[str
 def read_split(folder: Path) -> tuple[set[str], dict[str, Any]]:
     folder = Path(folder)
     meta = read_json(folder / "split.json")
-    keys = pq.read_table(folder / "keys.parquet").column("key").to_pylist()
-    return set(keys), meta
+    return set(read_key_list(folder)), meta
+
+
+def read_key_list(path: Path | str) -> list[str]:
+    """Keys of a split folder, a ``.txt`` key list (one per line) or a ``.parquet`` with ``key``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "keys.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: key list not found")
+    if path.suffix == ".txt":
+        return [k for k in path.read_text(encoding="utf-8").splitlines() if k]
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        if "key" not in table.column_names:
+            raise ValueError(f"{path}: no 'key' column (has {table.column_names})")
+        return table.column("key").to_pylist()
+    raise ValueError(f"{path}: a key list is a split folder, a .txt or a .parquet file")
+
+
+@functools.lru_cache(maxsize=2)
+def _key_set(path: str, _mtime_ns: int) -> frozenset[str]:
+    # Cached per process: every index task of a worker reads the same list.
+    return frozenset(read_key_list(path))
+
+
+def _keys_path(split: Path | str) -> Path:
+    path = Path(split)
+    return path / "keys.parquet" if path.is_dir() else path
+
+
+# ----------------------------------------------------------------------------- phase 1: index
+
+
+def _file_fingerprint(path: str) -> str:
+    st = os.stat(path)
+    return f"{path}\0{st.st_size}\0{st.st_mtime_ns}"
+
+
+def _tail_is_zeros(fh: io.BufferedReader, offset: int) -> bool:
+    """A tar ends with zero blocks; tarfile stops silently at a bad header mid-file, so
+    anything but zeros after the last member means members were lost."""
+    fh.seek(offset)
+    while block := fh.read(1 << 20):
+        if block.count(0) != len(block):
+            return False
+    return True
+
+
+def index_tar(path: str, keep: frozenset[str] | set[str]) -> dict[str, Any]:
+    """Where the kept samples' members lie in one tar, without reading their bytes."""
+    skipped: Counter[str] = Counter()
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    bad: set[str] = set()
+    seen: set[str] = set()
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
+            for info in tar:
+                if not info.isreg() or not safe_member_name(info.name):
+                    skipped["unsafe_member"] += 1
+                    continue
+                key, ext = split_name(info.name)
+                seen.add(key)
+                if key not in keep:
+                    continue
+                if info.offset_data + info.size > size:
+                    bad.add(key)  # a member cut by a truncated file
+                    skipped["truncated_shard"] += 1
+                    continue
+                if ext in samples.setdefault(key, {}):
+                    bad.add(key)
+                    skipped["duplicate_member"] += 1
+                samples[key][ext] = (info.offset_data, info.size)
+            end = tar.offset
+            if size < end + 1024 or not _tail_is_zeros(fh, end):
+                skipped["damaged_tail"] += 1
+    except (tarfile.ReadError, EOFError, OSError) as e:
+        raise ShardError(f"{path}: not a readable tar ({e})") from None
+    kept = [
+        [k, [[ext, off, n] for ext, (off, n) in sorted(m.items())]]
+        for k, m in samples.items()
+        if k not in bad
+    ]
+    return {"samples": kept, "corrupt": len(bad), "skipped": dict(sorted(skipped.items()))}
 
 
 @dataclass(frozen=True)
-class FilterShard:
-    """Worker: copy the kept samples of one input shard into one output shard."""
+class IndexShard:
+    """Phase 1 worker: index one input shard (reused when its inputs are unchanged)."""
 
-    split: str  # folder of the split (keys.parquet)
+    keys: str  # key list file
     out: str
 
     def __call__(self, task: tuple[str, str]) -> dict[str, Any]:
         name, tar = task
-        done = Path(self.out) / "done" / f"{name}.json"
+        keys_path = Path(self.keys)
+        fingerprint = sha256_bytes(
+            f"{_file_fingerprint(tar)}\0{_file_fingerprint(str(keys_path))}".encode()
+        )
+        done = Path(self.out) / ".index" / f"{name}.json"
         if done.exists():
-            return read_json(done)
-        keep, _ = read_split(Path(self.split))
-        skipped: Counter[str] = Counter()
-        kept = [(k, m) for k, m in iter_samples(tar, skipped) if k in keep]
-        write_tar(Path(self.out) / f"{name}.tar", kept)
-        record = {"name": name, "kept": len(kept), "skipped": dict(skipped), "source": tar}
+            record = read_json(done)
+            if record.get("fingerprint") == fingerprint:
+                return record
+        keep = _key_set(str(keys_path), keys_path.stat().st_mtime_ns)
+        record = {"name": name, "source": tar, "fingerprint": fingerprint, **index_tar(tar, keep)}
+        record["rows"] = len(record["samples"])
         write_json(done, record)
         return record
+
+
+# ----------------------------------------------------------------------------- phase 2: write
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+def _pread_exact(fd: int, size: int, offset: int, source: str) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise ShardError(f"{source}: member at {offset} cut ({len(data)} of {size} bytes)")
+    return data
+
+
+def write_plan_tar(path: Path, plan: list[tuple[str, str, list[Member]]]) -> None:
+    """Copy (source tar, key, members) into ``path`` as a reproducible tar (the same bytes as
+    ``write_tar`` would give), streaming one member at a time."""
+
+    def write(f: io.BufferedIOBase) -> None:
+        fds: dict[str, int] = {}
+        try:
+            for source, key, members in plan:
+                if source not in fds:
+                    fds[source] = os.open(source, os.O_RDONLY)
+                for ext, offset, size in members:
+                    f.write(_tar_header(f"{key}.{ext}" if ext else key, size))
+                    f.write(_pread_exact(fds[source], size, offset, source))
+                    if size % tarfile.BLOCKSIZE:
+                        f.write(b"\0" * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
+            # End of archive: two zero blocks, padded to a full record like tarfile does.
+            written = f.tell()
+            end = written + 2 * tarfile.BLOCKSIZE
+            f.write(b"\0" * (-(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE - written))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    write_atomic(path, write)
+
+
+@dataclass(frozen=True)
+class WriteShard:
+    """Phase 2 worker: write one output shard from its plan (reused when the plan is unchanged)."""
+
+    out: str
+
+    def __call__(self, task: tuple[str, list[tuple[str, str, list[Member]]]]) -> dict[str, Any]:
+        name, plan = task
+        fingerprint = sha256_bytes(json.dumps(plan).encode())
+        tar = Path(self.out) / f"{name}.tar"
+        done = Path(self.out) / ".done" / f"{name}.json"
+        if done.exists() and tar.exists():
+            record = read_json(done)
+            if record.get("fingerprint") == fingerprint:
+                return record
+        write_plan_tar(tar, plan)
+        record = {
+            "name": name,
+            "rows": len(plan),
+            "bytes": sum(n for _, _, ms in plan for _, _, n in ms),
+            "fingerprint": fingerprint,
+        }
+        write_json(done, record)
+        return record
+
+
+def plan_shards(
+    records: list[dict[str, Any]], shard_size: int | None
+) -> tuple[list[tuple[str, list]], int]:
+    """Output shards as (name, [(source, key, members)]) and the number of duplicate keys
+    dropped (a key kept in an earlier input shard)."""
+    seen: set[str] = set()
+    per_input: list[list[tuple[str, str, list]]] = []
+    duplicates = 0
+    for r in records:
+        part = []
+        for key, members in r["samples"]:
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            part.append((r["source"], key, [tuple(m) for m in members]))
+        per_input.append(part)
+    if shard_size is None:
+        shards = [(r["name"], p) for r, p in zip(records, per_input, strict=True) if p]
+        return shards, duplicates
+    if shard_size < 1:
+        raise ValueError(f"shard size must be >= 1, not {shard_size}")
+    flat = [s for p in per_input for s in p]
+    return [
+        (f"{i:05d}", flat[start : start + shard_size])
+        for i, start in enumerate(range(0, len(flat), shard_size))
+    ], duplicates
+
+
+# ----------------------------------------------------------------------------- reference set
 
 
 def reference_samples(reference: Path, template: str) -> list[tuple[str, dict[str, bytes]]]:
@@ -79,42 +294,81 @@ def reference_samples(reference: Path, template: str) -> list[tuple[str, dict[st
     return samples
 
 
+def _write_reference(out: Path, reference: Path, template: str, shard_size: int) -> dict[str, int]:
+    samples = reference_samples(reference, template)
+    sizes = {}
+    for i, start in enumerate(range(0, len(samples), shard_size)):
+        name = f"ref-{i:05d}.tar"
+        part = samples[start : start + shard_size]
+        write_tar(out / name, part)  # small and reproducible: rewritten, never stale
+        sizes[name] = len(part)
+    return sizes
+
+
+# ----------------------------------------------------------------------------- materialize
+
+
 def materialize(
     split: Path,
     source: str,
     out: Path,
     reference: Path | None = None,
     caption_template: str = "a photo of a {c}",
-    shard_size: int = 1000,
+    shard_size: int | None = None,
     executor: Executor | None = None,
+    keys_only: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Write the split's samples (plus the reference set) as shards; returns counts and the
-    brace pattern that open_clip_train reads."""
+    """Write the split's samples (every member) as shards, plus the reference set; returns the
+    counts and the '::'-joined shard list that open_clip_train reads.
+
+    ``split``: a split folder or a key list file. ``shard_size``: samples per output shard
+    (None: one output shard per input shard). ``keys_only``: write only the key list of the
+    samples found (``keys.txt``, ``keys.parquet``) and ``sources.json`` (input shard → kept
+    count) for a loader that filters the source shards on the fly."""
     out = Path(out)
+    keys_path = _keys_path(split)
+    wanted = read_key_list(keys_path)
     tars = expand_shards(source)
+    executor = executor or Executor(LocalEngine(1))
     tasks = [(f"{i:05d}", t) for i, t in enumerate(tars)]
-    records = (executor or Executor(LocalEngine(1))).map(FilterShard(str(split), str(out)), tasks)
-    sizes = {f"{r['name']}.tar": r["kept"] for r in records}
-    n_reference = 0
-    if reference is not None:
-        samples = reference_samples(reference, caption_template)
-        n_reference = len(samples)
-        for i, start in enumerate(range(0, len(samples), shard_size)):
-            name = f"ref-{i:05d}"
-            if not (out / f"{name}.tar").exists():
-                write_tar(out / f"{name}.tar", samples[start : start + shard_size])
-            sizes[f"{name}.tar"] = len(samples[start : start + shard_size])
-    sizes = {k: v for k, v in sorted(sizes.items()) if v > 0}
-    write_json(out / "sizes.json", sizes)
-    keys, _ = read_split(Path(split))
-    kept = sum(r["kept"] for r in records)
-    summary = {
-        "kept": kept,
-        "missing": len(keys) - kept,
-        "reference": n_reference,
-        "samples": kept + n_reference,
+    records = executor.map(
+        IndexShard(str(keys_path), str(out)), tasks, on_done=Progress("materialize: index", log)
+    )
+    shards, duplicates = plan_shards(records, shard_size)
+    found = sorted(k for _, plan in shards for _, k, _ in plan)
+    write_split(
+        out, found, {"name": out.name, "policy": "materialized", "source_keys": len(wanted)}
+    )
+    summary: dict[str, Any] = {
+        "kept": len(found),
+        "missing": len(set(wanted)) - len(found),
+        "corrupt": sum(r["corrupt"] for r in records),
+        "duplicate": duplicates,
         "skipped": dict(sum((Counter(r["skipped"]) for r in records), Counter())),
-        "shards": "::".join(str(out / name) for name in sizes),
+        "input_shards": len(tars),
     }
+    if keys_only:
+        sources = Counter(src for _, plan in shards for src, _, _ in plan)
+        write_json(out / "sources.json", dict(sorted(sources.items())))
+        summary["reference"] = 0
+        summary["samples"] = len(found)
+        write_json(out / "materialize.json", summary)
+        return summary
+    written = executor.map(
+        WriteShard(str(out)), shards, on_done=Progress("materialize: write", log)
+    )
+    sizes = {f"{r['name']}.tar": r["rows"] for r in written}
+    if reference is not None:
+        sizes.update(_write_reference(out, reference, caption_template, shard_size or 1000))
+    n_reference = sum(v for k, v in sizes.items() if k.startswith("ref-"))
+    sizes = dict(sorted(sizes.items()))
+    write_json(out / "sizes.json", sizes)
+    summary.update(
+        reference=n_reference,
+        samples=len(found) + n_reference,
+        output_shards=len(sizes),
+        shards="::".join(str(out / name) for name in sizes),
+    )
     write_json(out / "materialize.json", summary)
     return summary

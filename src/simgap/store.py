@@ -24,6 +24,9 @@ import pyarrow.parquet as pq
 from simgap.io import read_json, sha256_file, write_json, write_npy, write_parquet
 
 FORMAT = "simgap-store/1"
+LINK_FORMAT = "simgap-clip-retrieval-link/1"
+# What a clip-retrieval folder's model is when nobody said: scanning it against anything is refused.
+UNKNOWN_MODEL: dict[str, Any] = {"arch": "unknown", "pretrained": None, "checkpoint_sha256": None}
 NORM_TOLERANCE = 1e-2  # fp16 storage of a unit vector has norm within ~1e-3 of 1
 
 
@@ -62,7 +65,9 @@ class Store:
         return f"Store({self.path}, rows={self.rows}, dim={self.dim}, shards={len(self.shards)})"
 
     def read_emb(self, shard: str) -> np.ndarray:
-        path = self.path / "emb" / f"{shard}.npy"
+        return self._load_fp16(self.path / "emb" / f"{shard}.npy")
+
+    def _load_fp16(self, path: Path) -> np.ndarray:
         try:
             emb = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as e:
@@ -75,6 +80,17 @@ class Store:
 
     def read_keys(self, shard: str) -> pa.Table:
         return pq.read_table(self.path / "keys" / f"{shard}.parquet")
+
+    @property
+    def has_text(self) -> bool:
+        """Whether caption (text) embeddings are stored beside the image embeddings."""
+        return bool(self.manifest.get("text", False))
+
+    def read_text_emb(self, shard: str) -> np.ndarray:
+        """float16 (rows, dim) L2-normalised caption embeddings, row-aligned with ``read_emb``."""
+        if not self.has_text:
+            raise StoreError(f"{self.path}: store holds no text embeddings (embed with --text)")
+        return self._load_fp16(self.path / "text" / f"{shard}.npy")
 
     def iter_blocks(self) -> Iterator[tuple[int, str, np.ndarray]]:
         """Yield (global row offset, shard name, fp16 embeddings) shard by shard."""
@@ -96,30 +112,186 @@ class Store:
 
     def verify(self) -> None:
         """Check every shard's checksum and row count against the manifest."""
+        text_sums = {s["name"]: s.get("text_sha256") for s in self.manifest["shards"]}
         for s in self.shards:
             path = self.path / "emb" / f"{s.name}.npy"
             if sha256_file(path) != s.sha256:
                 raise StoreError(f"{path}: checksum does not match {self.path}/manifest.json")
+            text = self.path / "text" / f"{s.name}.npy"
+            if self.has_text and sha256_file(text) != text_sums[s.name]:
+                raise StoreError(f"{text}: checksum does not match {self.path}/manifest.json")
             if len(self.read_emb(s.name)) != s.rows or self.read_keys(s.name).num_rows != s.rows:
                 raise StoreError(f"{path}: row count differs from the manifest ({s.rows})")
 
 
-def open_store(path: Path | str) -> Store:
+def open_store(path: Path | str, model: dict[str, Any] | None = None) -> Store:
+    """Open a simgap store, a link to a clip-retrieval folder, or a clip-retrieval folder itself
+    (``model`` then names the model that made it; unknown if not given)."""
     path = Path(path)
     if not path.is_dir():
         raise StoreError(f"{path}: no such store folder")
     manifest_path = path / "manifest.json"
     if not manifest_path.exists():
+        if is_clip_retrieval(path):
+            return ClipRetrievalStore(path, model)
         raise StoreError(f"{path}: not a finished embedding store (no manifest.json)")
     manifest = read_json(manifest_path)
+    if manifest.get("format") == LINK_FORMAT:
+        return ClipRetrievalStore(Path(manifest["path"]), model or manifest["model"])
     if manifest.get("format") != FORMAT:
         raise StoreError(f"{manifest_path}: unknown store format {manifest.get('format')!r}")
     return Store(path, manifest)
 
 
+def is_clip_retrieval(path: Path | str) -> bool:
+    return any(_clip_retrieval_files(Path(path)))
+
+
+def _clip_retrieval_files(path: Path) -> list[Path]:
+    found = (path / "img_emb").glob("img_emb_*.npy")
+    return [p for p in found if p.stem.rpartition("_")[2].isdigit()]
+
+
+def link_clip_retrieval(out: Path, folder: Path, model: dict[str, Any]) -> Store:
+    """Record which model made a clip-retrieval folder, in a store folder that points at it:
+    nothing is copied, the embeddings are read in place."""
+    store = ClipRetrievalStore(Path(folder).resolve(), model)
+    write_json(
+        Path(out) / "manifest.json",
+        {"format": LINK_FORMAT, "path": str(store.path), "model": model},
+    )
+    return store
+
+
+class ClipRetrievalStore(Store):
+    """clip-retrieval's layout read in place: ``img_emb/img_emb_{i}.npy`` (float16 or float32,
+    L2-normalised) + ``metadata/metadata_{i}.parquet`` (+ ``text_emb/text_emb_{i}.npy``).
+
+    Shard ``i`` is named ``f"{i:05d}"``. Keys come from the metadata's ``key`` column, else its
+    ``image_path``, else the position (``<shard><row>``). float32 files are cast to float16 per
+    shard on read. Rows are checked to be unit norm: a sample of each shard on open, all of
+    them in :meth:`verify`.
+    """
+
+    SAMPLE_ROWS = 1024
+
+    def __init__(self, path: Path, model: dict[str, Any] | None = None):
+        path = Path(path)
+        files = sorted(_clip_retrieval_files(path), key=_clip_retrieval_index)
+        if not files:
+            raise StoreError(f"{path}: no img_emb/img_emb_*.npy files (not clip-retrieval layout)")
+        text = all(self._file(path, "text", _clip_retrieval_index(f)).exists() for f in files)
+        shards, dims, dtypes = [], set(), set()
+        for f in files:
+            i = _clip_retrieval_index(f)
+            emb = self._mmap(f)
+            meta = self._file(path, "meta", i)
+            if not meta.exists():
+                raise StoreError(f"{meta}: missing (metadata of {f})")
+            meta_rows = pq.ParquetFile(meta).metadata.num_rows
+            if meta_rows != len(emb):
+                raise StoreError(f"{f} has {len(emb)} rows but {meta} has {meta_rows}")
+            dims.add(emb.shape[1])
+            dtypes.add(str(emb.dtype))
+            shards.append({"name": f"{i:05d}", "rows": len(emb), "sha256": "", "skipped": {}})
+        if len(dims) != 1:
+            raise StoreError(f"{path}: img_emb files differ in dimension: {sorted(dims)}")
+        manifest = {
+            "format": "clip-retrieval",
+            "model": model or UNKNOWN_MODEL,
+            "dim": dims.pop(),
+            "dtype": "float16",
+            "source_dtype": sorted(dtypes),
+            "normalized": True,
+            "rows": sum(s["rows"] for s in shards),
+            "source": {"layout": "clip-retrieval", "path": str(path)},
+            "shards": shards,
+            "text": text,
+        }
+        super().__init__(path, manifest)
+        for s in self.shards:
+            self._check_norms(s.name, rows=self.SAMPLE_ROWS)
+
+    @staticmethod
+    def _file(path: Path, kind: str, i: int) -> Path:
+        return {
+            "emb": path / "img_emb" / f"img_emb_{i}.npy",
+            "text": path / "text_emb" / f"text_emb_{i}.npy",
+            "meta": path / "metadata" / f"metadata_{i}.parquet",
+        }[kind]
+
+    @staticmethod
+    def _mmap(path: Path) -> np.ndarray:
+        try:
+            emb = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{path}: cannot read embeddings ({e})") from None
+        if emb.ndim != 2 or emb.dtype not in (np.float16, np.float32, np.float64):
+            raise StoreError(f"{path}: expected a float (rows, dim) array, found {emb.dtype}")
+        return emb
+
+    def _read(self, kind: str, shard: str) -> np.ndarray:
+        emb = self._mmap(self._file(self.path, kind, int(shard)))
+        # float16 files stay memory-mapped; wider ones are cast shard by shard, never copied.
+        return emb if emb.dtype == np.float16 else emb.astype(np.float16)
+
+    def read_emb(self, shard: str) -> np.ndarray:
+        return self._read("emb", shard)
+
+    def read_text_emb(self, shard: str) -> np.ndarray:
+        if not self.has_text:
+            raise StoreError(f"{self.path}: no text_emb/text_emb_*.npy for every img_emb file")
+        return self._read("text", shard)
+
+    def read_keys(self, shard: str) -> pa.Table:
+        meta = pq.read_table(self._file(self.path, "meta", int(shard)))
+        if "key" in meta.column_names:
+            keys = meta.column("key").cast(pa.string())
+            meta = meta.drop_columns(["key"])
+        elif "image_path" in meta.column_names:
+            keys = meta.column("image_path").cast(pa.string())
+        else:
+            keys = pa.array([f"{shard}{r:09d}" for r in range(meta.num_rows)], pa.string())
+        return meta.add_column(0, "key", keys)
+
+    def _check_norms(self, shard: str, rows: int | None = None) -> None:
+        path = self._file(self.path, "emb", int(shard))
+        emb = self._mmap(path)
+        step = 1 << 16
+        for start in range(0, len(emb) if rows is None else min(rows, len(emb)), step):
+            block = np.asarray(emb[start : start + step], np.float32)
+            norms = np.linalg.norm(block, axis=1)
+            bad = np.flatnonzero(np.abs(norms - 1) > NORM_TOLERANCE)
+            if len(bad):
+                r = start + int(bad[0])
+                raise StoreError(
+                    f"{path}: {len(bad)} row(s) not L2-normalised (row {r} has norm "
+                    f"{norms[bad[0]]:.4f}); similarity needs unit rows: re-export normalised "
+                    "embeddings (clip-retrieval's default)"
+                )
+
+    def verify(self) -> None:
+        """Every row unit norm, every metadata file as long as its embeddings."""
+        for s in self.shards:
+            self._check_norms(s.name)
+            if self.has_text and len(self.read_text_emb(s.name)) != s.rows:
+                raise StoreError(f"{self._file(self.path, 'text', int(s.name))}: row count differs")
+
+
+def _clip_retrieval_index(path: Path) -> int:
+    return int(path.stem.rpartition("_")[2])
+
+
 def check_compatible(*stores: Store) -> None:
     """Refuse to compare embeddings made by different similarity models."""
     first = stores[0]
+    for store in stores:
+        if len(stores) > 1 and store.model == UNKNOWN_MODEL:
+            raise StoreError(
+                f"{store.path}: the model that made these embeddings is unknown; record it with "
+                "`simgap embed FOLDER -o LINK --model ... --checkpoint ...` (same flags as the "
+                "stores it is compared with) and use LINK"
+            )
     for other in stores[1:]:
         if other.dim != first.dim:
             raise StoreError(
@@ -172,12 +344,16 @@ class StoreWriter:
         keys: pa.Table,
         fingerprint: str = "",
         skipped: dict[str, int] | None = None,
+        text_emb: np.ndarray | None = None,
     ) -> dict[str, Any]:
-        if emb.shape != (keys.num_rows, self.dim) or emb.dtype != np.float16:
-            raise ValueError(
-                f"shard {name}: embeddings {emb.dtype} {emb.shape} do not match "
-                f"{keys.num_rows} keys of dim {self.dim} (float16 expected)"
-            )
+        for what, array in (("embeddings", emb), ("text embeddings", text_emb)):
+            if array is None:
+                continue
+            if array.shape != (keys.num_rows, self.dim) or array.dtype != np.float16:
+                raise ValueError(
+                    f"shard {name}: {what} {array.dtype} {array.shape} do not match "
+                    f"{keys.num_rows} keys of dim {self.dim} (float16 expected)"
+                )
         emb_path = self.path / "emb" / f"{name}.npy"
         write_npy(emb_path, emb)
         write_parquet(self.path / "keys" / f"{name}.parquet", keys)
@@ -188,21 +364,41 @@ class StoreWriter:
             "skipped": dict(sorted((skipped or {}).items())),
             "fingerprint": fingerprint,
         }
+        if text_emb is not None:
+            text_path = self.path / "text" / f"{name}.npy"
+            write_npy(text_path, text_emb)
+            record["text_sha256"] = sha256_file(text_path)
         # The done record is written last: it is what marks the shard finished.
         write_json(self._done_path(name), record)
         return record
 
+    def _check_unique_keys(self, records: list[dict[str, Any]]) -> None:
+        """A key must name one sample: a repeat is an error naming both locations."""
+        seen: dict[str, tuple[str, str]] = {}
+        for r in records:
+            table = pq.read_table(self.path / "keys" / f"{r['name']}.parquet")
+            keys = table.column("key").to_pylist()
+            sources = (
+                table.column("source").to_pylist()
+                if "source" in table.column_names
+                else [""] * len(keys)
+            )
+            for k, source in zip(keys, sources, strict=True):
+                if k in seen:
+                    first_shard, first_source = seen[k]
+                    where = f" ({first_source} and {source})" if source else ""
+                    raise StoreError(
+                        f"{self.path}: duplicate key {k!r} in shards {first_shard} and "
+                        f"{r['name']}{where}"
+                    )
+                seen[k] = (r["name"], source)
+
     def finish(self, records: list[dict[str, Any]]) -> Store:
         records = sorted(records, key=lambda r: r["name"])
-        seen: dict[str, str] = {}
-        for r in records:
-            for key in pq.read_table(self.path / "keys" / f"{r['name']}.parquet").column("key"):
-                k = key.as_py()
-                if k in seen:
-                    raise StoreError(
-                        f"{self.path}: duplicate key {k!r} in shards {seen[k]} and {r['name']}"
-                    )
-                seen[k] = r["name"]
+        self._check_unique_keys(records)
+        text = [("text_sha256" in r) for r in records]
+        if any(text) and not all(text):
+            raise StoreError(f"{self.path}: some shards have text embeddings and some do not")
         manifest = {
             "format": FORMAT,
             "model": self.model,
@@ -211,8 +407,13 @@ class StoreWriter:
             "normalized": True,
             "rows": sum(r["rows"] for r in records),
             "source": self.source,
-            "shards": [{k: r[k] for k in ("name", "rows", "sha256", "skipped")} for r in records],
+            "shards": [
+                {k: r[k] for k in ("name", "rows", "sha256", "skipped", "text_sha256") if k in r}
+                for r in records
+            ],
         }
+        if records and all(text):
+            manifest["text"] = True
         write_json(self.path / "manifest.json", manifest)
         return Store(self.path, manifest)
 

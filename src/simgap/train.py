@@ -11,6 +11,12 @@ shuffle). Layout of a run, as open_clip_train writes it under ``--logs out_dir -
     out_dir/name/simgap-train.json        what was trained: recipe, data, sample count
     out_dir/name/simgap-train.log         the subprocess's stdout+stderr (appended)
     out_dir/name/simgap-done.json         written last, after a successful run
+    out_dir/name/keys.u64.npy             the key list as sorted 64-bit hashes (key-list runs)
+
+Training data is either materialized shards (every sample is trained on) or source shards plus
+a key list (``keys.txt`` / ``keys.parquet`` of a split): the key list is applied on the fly, in
+the data pipeline right after the tar reader, so only the listed samples are shuffled, decoded
+and trained on, and nothing is resharded.
 
 A run killed at any point is resumed by calling :func:`train` again with the same arguments:
 open_clip_train's ``--resume latest --save-most-recent`` restarts from ``epoch_latest.pt``.
@@ -19,6 +25,7 @@ open_clip_train's ``--resume latest --save-most-recent`` restarts from ``epoch_l
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from simgap.io import sha256_file, write_json
+import numpy as np
+
+from simgap.io import sha256_file, write_json, write_npy
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,8 @@ LATEST_CHECKPOINT = "epoch_latest.pt"
 RECORD_FILE = "simgap-train.json"
 LOG_FILE = "simgap-train.log"
 DONE_FILE = "simgap-done.json"
+KEY_HASHES_FILE = "keys.u64.npy"
+KEYS_OPTION = "--simgap-keys"  # read by simgap._train_entry, never passed to open_clip_train
 
 
 class TrainError(RuntimeError):
@@ -63,6 +74,9 @@ class Recipe:
     workers: int = 1  # dataloader workers per rank; needs at least that many shards per rank
     seed: int = 0
     save_frequency: int = 0  # 0: keep only the final epoch_<E>.pt (and epoch_latest.pt)
+    # None: `epochs` passes over the data. Else a budget of samples seen, cut into `epochs`
+    # checkpointed parts of samples_seen // epochs samples drawn with replacement from shards.
+    samples_seen: int | None = None
 
 
 def run_dir(out_dir: Path, name: str) -> Path:
@@ -83,10 +97,17 @@ def open_clip_argv(
 ) -> list[str]:
     """The open_clip_train command line for one recipe (per-rank batch = recipe.batch_size)."""
     _check_name(name)
+    resampled = []
+    if recipe.samples_seen is not None:
+        if recipe.samples_seen < recipe.epochs:
+            raise ValueError(f"samples_seen {recipe.samples_seen} < epochs {recipe.epochs}")
+        num_samples = recipe.samples_seen // recipe.epochs
+        resampled = ["--dataset-resampled"]
     return [
         "--model", recipe.model,
         "--train-data", train_data,
         "--train-num-samples", str(num_samples),
+        *resampled,
         "--dataset-type", "webdataset",
         "--epochs", str(recipe.epochs),
         "--batch-size", str(recipe.batch_size),
@@ -117,27 +138,32 @@ def open_clip_argv(
 def train(
     recipe: Recipe,
     train_data: str,
-    num_samples: int,
+    num_samples: int | None,
     out_dir: Path,
     name: str,
     log: Callable[[str], None] | None = None,
     *,
+    keys: Path | str | None = None,
     device: str = "cpu",
     threads: int | None = None,
 ) -> Path:
     """Train (or resume, or skip if done) one run locally; return the final checkpoint path.
 
-    ``threads`` caps the CPU threads of the training process (its OMP_NUM_THREADS); None keeps
-    torch's default of one per core. On a small shared machine 1 can be several times faster.
+    ``keys``: a key list (``.txt`` / ``.parquet``) applied on the fly to ``train_data``, the
+    source shards. ``num_samples`` None counts the samples: the keys of the list, or the
+    ``sizes.json`` beside materialized shards. ``threads`` caps the CPU threads of the training
+    process (its OMP_NUM_THREADS); None keeps torch's default of one per core. On a small
+    shared machine 1 can be several times faster.
     """
     final = final_checkpoint(out_dir, name, recipe)
     rdir = run_dir(out_dir, name)
-    _claim_run_dir(rdir, _record(recipe, train_data, num_samples))
+    num_samples, key_filter = prepare_run(recipe, train_data, num_samples, out_dir, name, keys)
     if (rdir / DONE_FILE).is_file() and final.is_file():
         return final
     _check_shards(train_data, recipe.workers)
+    check_resumable(rdir)
     argv = open_clip_argv(recipe, train_data, num_samples, out_dir, name, device)
-    cmd = [sys.executable, "-m", ENTRY_MODULE, *argv]
+    cmd = [sys.executable, "-m", ENTRY_MODULE, *entry_argv(argv, key_filter)]
     env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     rc, tail = _run_streaming(cmd, rdir / LOG_FILE, log or _log_line, env)
     if rc != 0:
@@ -149,6 +175,126 @@ def train(
     return final
 
 
+def prepare_run(
+    recipe: Recipe,
+    train_data: str,
+    num_samples: int | None,
+    out_dir: Path,
+    name: str,
+    keys: Path | str | None = None,
+) -> tuple[int, Path | None]:
+    """Claim the run folder for this run and write its key filter (before any launch).
+
+    Returns the sample count and the key filter file (None without a key list). A folder that
+    holds another run (other recipe, data or key list) is refused.
+    """
+    _check_name(name)
+    rdir = run_dir(out_dir, name)
+    key_list = read_key_list(keys) if keys is not None else None
+    if num_samples is None:
+        num_samples = len(key_list) if key_list is not None else count_samples(train_data)
+    if num_samples < 1:
+        raise ValueError(f"nothing to train on: {num_samples} samples")
+    record = _record(recipe, train_data, num_samples)
+    if keys is not None:
+        record["keys"] = {"file": str(keys), "sha256": sha256_file(keys), "count": len(key_list)}
+    _claim_run_dir(rdir, record)
+    if key_list is None:
+        return num_samples, None
+    path = rdir / KEY_HASHES_FILE
+    if not path.is_file():  # written atomically, and the record pins the key list
+        write_npy(path, key_hashes(key_list))
+    return num_samples, path
+
+
+def entry_argv(open_clip: list[str], key_filter: Path | None = None) -> list[str]:
+    """Arguments of ``python -m simgap._train_entry``: simgap's own options, then open_clip's."""
+    own = [KEYS_OPTION, str(Path(key_filter).absolute())] if key_filter is not None else []
+    return [*own, *open_clip]
+
+
+def read_key_list(path: Path | str) -> list[str]:
+    """The keys of a split: ``keys.txt`` (one per line) or ``keys.parquet`` (column ``key``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: key list not found")
+    if path.suffix == ".txt":
+        keys = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        keys = [k for k in keys if k]
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "key" not in table.column_names:
+            raise ValueError(f"{path}: no 'key' column (columns: {table.column_names})")
+        keys = table.column("key").to_pylist()
+        if any(k is None for k in keys):
+            raise ValueError(f"{path}: the 'key' column holds nulls")
+    else:
+        raise ValueError(f"{path}: a key list must be a .txt or .parquet file")
+    if not keys:
+        raise ValueError(f"{path}: the key list is empty")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{path}: the key list repeats keys")
+    return keys
+
+
+def key_hash(key: str) -> int:
+    """64-bit hash of a sample key (what the key filter compares)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def key_hashes(keys: list[str]) -> np.ndarray:
+    """Sorted uint64 hashes of a key list: 8 bytes a key, memory-mapped and shared by every
+    dataloader worker. A pool key outside the list passes by chance with probability
+    len(keys) / 2**64 (about 5e-12 for 100M keys)."""
+    hashes = np.unique(np.fromiter((key_hash(k) for k in keys), np.uint64, len(keys)))
+    if hashes.size != len(keys):
+        raise ValueError("two keys of the key list share a 64-bit hash; rename one")
+    return hashes
+
+
+def count_samples(train_data: str) -> int:
+    """Samples in materialized shards, from the ``sizes.json`` (shard file -> count) beside them."""
+    import webdataset
+
+    urls = webdataset.shardlists.expand_urls(train_data)
+    total = 0
+    for folder, names in _by_folder(urls).items():
+        sizes_file = folder / "sizes.json"
+        if not sizes_file.is_file():
+            raise FileNotFoundError(
+                f"{sizes_file}: not found; pass the sample count (--samples) or a key list"
+            )
+        sizes = json.loads(sizes_file.read_text())
+        missing = [n for n in names if n not in sizes]
+        if missing:
+            raise ValueError(f"{sizes_file}: no count for shard {missing[0]}")
+        total += sum(int(sizes[n]) for n in names)
+    return total
+
+
+def check_resumable(rdir: Path) -> None:
+    """Refuse to resume from a checkpoint that torch cannot load with ``weights_only=True``
+    (one that carries pickled code), before open_clip_train would load it."""
+    import pickle
+
+    import torch
+
+    latest = rdir / "checkpoints" / LATEST_CHECKPOINT
+    if not latest.is_file():
+        return
+    try:
+        # mmap: only the pickle is read here, not the tensors.
+        torch.load(latest, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{latest}: refusing to resume from this checkpoint: it does not load with "
+            f"torch.load(weights_only=True) ({first}). Remove it to restart the run."
+        ) from None
+
+
 def torchrun_command(
     recipe: Recipe,
     train_data: str,
@@ -156,11 +302,15 @@ def torchrun_command(
     out_dir: Path,
     name: str,
     nproc_per_node: int,
+    *,
+    key_filter: Path | None = None,
+    device: str = "cuda",
+    torchrun: str = "torchrun",
 ) -> str:
     """A one-node torchrun command line; recipe.batch_size stays the global batch."""
-    argv = _distributed_argv(recipe, train_data, num_samples, out_dir, name, nproc_per_node)
-    launcher = ["torchrun", "--standalone", f"--nproc_per_node={nproc_per_node}"]
-    return shlex.join([*launcher, "-m", ENTRY_MODULE, *argv])
+    argv = _distributed_argv(recipe, train_data, num_samples, out_dir, name, nproc_per_node, device)
+    launcher = [torchrun, "--standalone", f"--nproc_per_node={int(nproc_per_node)}"]
+    return shlex.join([*launcher, "-m", ENTRY_MODULE, *entry_argv(argv, key_filter)])
 
 
 def slurm_script(
@@ -179,13 +329,14 @@ def slurm_script(
     job_name: str = "simgap-train",
     python: str = "python",
     master_port: int = 29500,
+    key_filter: Path | None = None,
 ) -> str:
     """An sbatch script: one task per GPU, open_clip_train reads ranks from SLURM_* variables.
 
     Resubmitting the same script resumes the run (``--resume latest``).
     """
     world = nodes * gpus_per_node
-    argv = _distributed_argv(recipe, train_data, num_samples, out_dir, name, world)
+    argv = _distributed_argv(recipe, train_data, num_samples, out_dir, name, world, "cuda")
     directives = {
         "job-name": job_name,
         "nodes": nodes,
@@ -198,7 +349,8 @@ def slurm_script(
     }
     lines = ["#!/bin/bash"]
     lines += [f"#SBATCH --{k}={_sbatch_value(v)}" for k, v in directives.items() if v is not None]
-    run = ["srun", "--cpu-bind=v", "--accel-bind=gn", python, "-u", "-m", ENTRY_MODULE, *argv]
+    run = ["srun", "--cpu-bind=v", "--accel-bind=gn", python, "-u", "-m", ENTRY_MODULE]
+    run += entry_argv(argv, key_filter)
     lines += [
         "set -euo pipefail",
         f"export MASTER_PORT={int(master_port)}",
@@ -210,7 +362,13 @@ def slurm_script(
 
 
 def _distributed_argv(
-    recipe: Recipe, train_data: str, num_samples: int, out_dir: Path, name: str, world: int
+    recipe: Recipe,
+    train_data: str,
+    num_samples: int,
+    out_dir: Path,
+    name: str,
+    world: int,
+    device: str,
 ) -> list[str]:
     if world < 1 or recipe.batch_size % world:
         raise ValueError(
@@ -218,7 +376,7 @@ def _distributed_argv(
             "the per-GPU batch must be an integer"
         )
     per_rank = dataclasses.replace(recipe, batch_size=recipe.batch_size // world)
-    argv = open_clip_argv(per_rank, train_data, num_samples, out_dir, name, device="cuda")
+    argv = open_clip_argv(per_rank, train_data, num_samples, out_dir, name, device=device)
     # The memory-efficient, gradient-correct contrastive loss across ranks (open_clip README).
     return [*argv, "--local-loss", "--gather-with-grad"]
 
@@ -273,6 +431,13 @@ def _check_shards(train_data: str, workers: int) -> None:
     # open_clip_train asserts this later, after building the model.
     if len(urls) < max(1, workers):
         raise ValueError(f"{len(urls)} shards cannot feed {workers} dataloader workers")
+
+
+def _by_folder(urls: list[str]) -> dict[Path, list[str]]:
+    folders: dict[Path, list[str]] = {}
+    for url in urls:
+        folders.setdefault(Path(url).parent, []).append(Path(url).name)
+    return folders
 
 
 def _run_streaming(

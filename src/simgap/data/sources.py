@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from simgap.data.images import IMAGE_EXTENSIONS, pick_image
-from simgap.data.tars import ShardError, expand_shards, iter_samples
+from simgap.data.tables import TableSpec, is_table, table_rows, table_samples
+from simgap.data.tars import ShardError, expand_shards, is_url, iter_samples, shard_stat
 
 Record = tuple[str, bytes | None, dict[str, Any]]  # key, image bytes, metadata columns
 
@@ -23,33 +24,62 @@ Record = tuple[str, bytes | None, dict[str, Any]]  # key, image bytes, metadata 
 @dataclass(frozen=True)
 class ShardTask:
     name: str  # output shard name, fixed width: "00000"
-    tar: str | None = None  # a webdataset shard ...
-    files: tuple[tuple[str, str, int], ...] = field(default=())  # ... or (key, path, label) items
+    tar: str | None = None  # a webdataset shard (local path or fsspec URL) ...
+    files: tuple[tuple[str, str, Any], ...] = field(default=())  # ... or (key, path, value) items
+    column: str = "label"  # what an item's value is: "label" (image folders), "caption" (tables)
+    table: str | None = None  # the table locator the items came from, if any
+    labelled: bool = False  # tar samples must carry a ``.cls`` label (CLIP_benchmark wds)
 
     def fingerprint(self) -> str:
         """Identifies the task's input: paths, sizes and mtimes (cheap, changes when data does)."""
         h = hashlib.sha256(self.name.encode())
         paths = [self.tar] if self.tar else [p for _, p, _ in self.files]
+        if self.table:
+            paths.append(TableSpec.from_locator(self.table).path)
+            h.update(self.table.encode())
         for p in paths:
-            st = Path(p).stat()
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            h.update(f"{p}\0{_stat_or_missing(p)}\0".encode())
         return h.hexdigest()
 
     def records(self, skipped: Counter[str]) -> Iterator[Record]:
         if self.tar is not None:
-            for key, members in iter_samples(self.tar, skipped):
-                meta: dict[str, Any] = {"source": self.tar}
-                if "txt" in members:
-                    meta["caption"] = members["txt"].decode("utf-8", errors="replace")
-                yield key, pick_image(members), meta
+            yield from _tar_records(self.tar, skipped, self.labelled)
             return
-        for key, path, label in self.files:
+        for key, path, value in self.files:
             try:
                 data = Path(path).read_bytes()
             except OSError:
                 skipped["unreadable_file"] += 1
                 continue
-            yield key, data, {"source": path, "label": label}
+            meta: dict[str, Any] = {"source": self.table or path, self.column: value}
+            if self.table:
+                meta["path"] = path
+            yield key, data, meta
+
+
+def _stat_or_missing(path: str) -> str:
+    # A file missing now is skipped and counted; if it appears later the fingerprint changes.
+    try:
+        return shard_stat(path)
+    except OSError:
+        return "missing"
+
+
+def _tar_records(tar: str, skipped: Counter[str], labelled: bool) -> Iterator[Record]:
+    for key, members in iter_samples(tar, skipped):
+        if labelled and "cls" not in members:
+            skipped["missing_label"] += 1
+            continue
+        meta: dict[str, Any] = {"source": tar}
+        if "txt" in members:
+            meta["caption"] = members["txt"].decode("utf-8", errors="replace")
+        if "cls" in members:  # CLIP_benchmark's wds: the class index as text
+            try:
+                meta["label"] = int(members["cls"].decode().strip())
+            except ValueError:
+                skipped["bad_label"] += 1
+                continue
+        yield key, pick_image(members), meta
 
 
 def read_classnames(path: Path) -> list[str]:
@@ -74,28 +104,61 @@ def image_folder_items(root: Path) -> list[tuple[str, str, int]]:
         else sorted(p.name for p in root.iterdir() if p.is_dir())
     )
     items = []
+    seen: dict[str, Path] = {}
     for label, name in enumerate(classes):
         folder = root / name
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: class folder listed in {listing} is missing")
         for path in sorted(folder.iterdir()):
             if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+                if path.stem in seen:
+                    raise ValueError(f"duplicate key {path.stem!r}: {seen[path.stem]} and {path}")
+                seen[path.stem] = path
                 items.append((path.stem, str(path), label))
     if not items:
         raise ValueError(f"{root}: image folder holds no images")
     return items
 
 
+def _chunks(items: list, shard_size: int) -> list[tuple[str, tuple]]:
+    return [
+        (f"{i:05d}", tuple(items[start : start + shard_size]))
+        for i, start in enumerate(range(0, len(items), shard_size))
+    ]
+
+
+def _wds_benchmark_shards(path: Path) -> list[str] | None:
+    """The tars of a CLIP_benchmark ``wds/<name>`` folder, or None if ``path`` is not one."""
+    try:
+        from simgap.data import clip_benchmark
+    except ImportError:  # written by another part of the project; absent in older checkouts
+        return None
+    if not clip_benchmark.is_wds_benchmark(path):
+        return None
+    return [str(p) for p in clip_benchmark.wds_shards(path)]
+
+
 def shard_tasks(spec: str | Path, shard_size: int = 1000) -> list[ShardTask]:
-    """Tasks for a source: a tar shard list/pattern/folder, or an image folder."""
-    path = Path(str(spec))
-    is_tar_source = str(spec).endswith(".tar") or "{" in str(spec) or "::" in str(spec)
-    if path.is_dir() and not is_tar_source and not any(path.glob("*.tar")):
-        items = image_folder_items(path)
+    """Tasks for a source: a table (csv/tsv/parquet, optionally ``#options``), a CLIP_benchmark
+    wds folder, an image folder, or tar shards (list, pattern, folder, fsspec URL)."""
+    if shard_size < 1:
+        raise ValueError(f"shard size must be at least 1, got {shard_size}")
+    if is_table(spec):
+        table = TableSpec.from_locator(str(spec))
         return [
-            ShardTask(f"{i:05d}", files=tuple(items[start : start + shard_size]))
-            for i, start in enumerate(range(0, len(items), shard_size))
+            ShardTask(name, files=chunk, column="caption", table=table.locator())
+            for name, chunk in _chunks(table_rows(table), shard_size)
         ]
+    path = Path(str(spec))
+    if not is_url(str(spec)) and path.is_dir():
+        if (wds := _wds_benchmark_shards(path)) is not None:
+            return [ShardTask(f"{i:05d}", tar=t, labelled=True) for i, t in enumerate(wds)]
+        is_tar_source = any(path.glob("*.tar"))
+        if not is_tar_source:
+            return [
+                ShardTask(name, files=chunk)
+                for name, chunk in _chunks(image_folder_items(path), shard_size)
+            ]
     tars = expand_shards(spec)
     if not tars:
         raise ShardError(f"{spec}: no shards")
@@ -104,9 +167,12 @@ def shard_tasks(spec: str | Path, shard_size: int = 1000) -> list[ShardTask]:
 
 def fetch_samples(source: str, keys: set[str]) -> dict[str, dict[str, bytes]]:
     """Find samples again by key, given the ``source`` locator a store's keys table records
-    (a tar shard, or an image file): key -> members (extension -> bytes). Missing keys are absent
-    from the result, so the caller decides whether that is an error."""
-    if source.endswith(".tar") or "://" in source:
+    (a tar shard or URL, a table locator, or an image file): key -> members (extension ->
+    bytes). Missing keys are absent from the result, so the caller decides whether that is an
+    error."""
+    if is_table(source):
+        return table_samples(source, keys)
+    if source.endswith(".tar") or is_url(source):
         return {k: m for k, m in iter_samples(source) if k in keys}
     path = Path(source)
     if path.stem not in keys or not path.exists():

@@ -7,6 +7,7 @@ names, ``..`` components, links and devices are skipped and counted, never follo
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import os
@@ -14,6 +15,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from braceexpand import braceexpand
 
@@ -26,13 +28,51 @@ class ShardError(ValueError):
     """A shard or shard list cannot be read."""
 
 
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _url_fs(url: str):  # -> (fsspec filesystem, path inside it)
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def _expand_url(spec: str) -> list[str]:
+    fs, inner = _url_fs(spec)
+    if any(c in inner for c in "*?["):
+        pattern = inner
+    elif "{" not in inner and fs.isdir(inner):
+        pattern = inner.rstrip("/") + "/*.tar"
+    else:
+        return list(braceexpand(spec))  # listing a bucket per shard would cost a request each
+    found = sorted(fs.unstrip_protocol(p) for p in fs.glob(pattern))
+    if not found:
+        raise ShardError(f"{spec}: matches no .tar shards")
+    return found
+
+
+def shard_stat(path: str) -> str:
+    """Size and modification stamp of a shard, local or fsspec URL (what a fingerprint hashes)."""
+    if not is_url(path):
+        st = Path(path).stat()
+        return f"{st.st_size}\0{st.st_mtime_ns}"
+    fs, inner = _url_fs(path)
+    info = fs.info(inner)
+    stamp = next((info[k] for k in ("mtime", "ETag", "LastModified", "created") if k in info), "")
+    return f"{info.get('size')}\0{stamp}"
+
+
 def expand_shards(spec: str | Path | list[str]) -> list[str]:
-    """Brace pattern (``pool/{00000..00127}.tar``), '::'-joined list, folder or glob → tar paths."""
+    """Brace pattern (``pool/{00000..00127}.tar``), '::'-joined list, folder or glob → tar paths;
+    each may be an fsspec URL (``s3://bucket/pool/{00000..00127}.tar``, ``file://``)."""
     if isinstance(spec, list):
         return [p for s in spec for p in expand_shards(s)]
     spec = str(spec)
     if "::" in spec:
         return expand_shards(spec.split("::"))
+    if is_url(spec):
+        return _expand_url(spec)
     path = Path(spec)
     if path.is_dir():
         found = sorted(str(p) for p in path.glob("*.tar"))
@@ -45,7 +85,7 @@ def expand_shards(spec: str | Path | list[str]) -> list[str]:
             raise ShardError(f"{spec}: pattern matches no files")
         return found
     expanded = list(braceexpand(spec))
-    missing = [p for p in expanded if "://" not in p and not Path(p).exists()]
+    missing = [p for p in expanded if not Path(p).exists()]
     if missing:
         raise ShardError(f"{missing[0]}: no such shard ({len(missing)} of {len(expanded)} missing)")
     return expanded
@@ -75,7 +115,7 @@ def iter_samples(path: str, skipped: Counter[str] | None = None) -> Iterator[Sam
     members: dict[str, bytes] = {}
     finished: set[str] = set()
     try:
-        with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+        with _open_shard(path) as (fh, size), tarfile.open(fileobj=fh, mode="r|*") as tar:
             for info in tar:
                 if not info.isreg() or not safe_member_name(info.name):
                     skipped["unsafe_member"] += 1
@@ -93,9 +133,11 @@ def iter_samples(path: str, skipped: Counter[str] | None = None) -> Iterator[Sam
                     if key in finished:
                         raise ShardError(f"{path}: members of key {key!r} are not adjacent")
                     current, members = key, {}
+                if ext in members:
+                    raise ShardError(f"{path}: member {info.name} appears twice")
                 members[ext] = data
             # tarfile takes a missing end-of-archive marker for the end: check it is there.
-            if path.endswith(".tar") and os.fstat(fh.fileno()).st_size < tar.offset + 1024:
+            if path.endswith(".tar") and size < tar.offset + 1024:
                 raise EOFError("no end-of-archive marker")
     except (tarfile.ReadError, EOFError, OSError) as e:
         if current is None and not finished:
@@ -106,6 +148,17 @@ def iter_samples(path: str, skipped: Counter[str] | None = None) -> Iterator[Sam
         return
     if current is not None:
         yield current, members
+
+
+@contextlib.contextmanager
+def _open_shard(path: str) -> Iterator[tuple[IO[bytes], int]]:
+    if not is_url(path):
+        with open(path, "rb") as fh:
+            yield fh, os.fstat(fh.fileno()).st_size
+        return
+    fs, inner = _url_fs(path)
+    with fs.open(inner, "rb") as fh:
+        yield fh, fs.size(inner)
 
 
 def write_tar(path: Path, samples: list[Sample]) -> None:

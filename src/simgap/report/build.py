@@ -1,251 +1,52 @@
 """Build the run report (HTML + Markdown) from the files of a run directory alone.
 
 The report reads only what the pipeline wrote (docs/CONTRACTS.md, "Run directory"): run.json,
-gaps/*.parquet, splits/*/split.json and eval/*.json. Every number shown is computed from those
-files here; a stage whose files are absent is replaced by a line saying it was not run.
+gaps/*.parquet, splits/*/split.json, eval/*.json, analysis/, audit/, and for the galleries the scan
+results and stores' keys tables. Every number shown is computed from those files here; a part whose
+files are absent is replaced by a line saying it was not computed in this run.
 
 Both outputs are rendered from one list of sections, so HTML and Markdown always agree.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
-import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from simgap.io import write_bytes
-from simgap.report import figures
+from simgap.report import analysis, audit, figures, gallery
+from simgap.report.blocks import (
+    FigureBlock,
+    Note,
+    Paragraph,
+    Pre,
+    Section,
+    Table,
+    diff,
+    mean,
+    pct,
+    pp,
+    sim,
+)
+from simgap.report.render import render_html, render_markdown
+from simgap.report.runfiles import (
+    GAP_BASE_SETS,
+    RunFiles,
+    benchmark_order,
+    controls,
+    is_gap_matched,
+    load_run,
+    split_benchmarks,
+    split_order,
+    top1,
+)
 
-# Columns of gaps/<benchmark>.parquet that are not a split's NN similarity.
-_GAP_ID_COLUMNS = ("test_key", "label")
-_GAP_BASE_SETS = ("reference", "pool")
 # split.json keys that may hold the guarantee check's verdict, in order of preference.
 _VERDICT_KEYS = ("ok", "holds", "passed", "satisfied", "valid")
-_FIGURE_FILES = ("fig-gaps.png", "fig-accuracy.png", "fig-removed.png")
-
-# ----------------------------------------------------------------------------- reading the run
-
-
-@dataclass(frozen=True)
-class RunFiles:
-    """Everything the report reads from a run directory, already parsed."""
-
-    run: dict
-    gaps: dict[str, dict[str, np.ndarray]]  # benchmark -> set name -> NN similarities
-    splits: dict[str, dict]  # split name -> split.json
-    evals: dict[str, dict]  # split name -> eval/<split>.json
-
-
-def load_run(run_dir: Path) -> RunFiles:
-    """Parse a run directory; run.json is required, every other part may be missing."""
-    run_dir = Path(run_dir)
-    run_json = run_dir / "run.json"
-    if not run_json.is_file():
-        raise FileNotFoundError(f"{run_json} not found: not a simgap run directory")
-    return RunFiles(
-        run=_read_json(run_json),
-        gaps={p.stem: _read_gaps(p) for p in sorted((run_dir / "gaps").glob("*.parquet"))},
-        splits={
-            p.parent.name: _read_json(p) for p in sorted((run_dir / "splits").glob("*/split.json"))
-        },
-        evals=dict(_read_eval(p) for p in sorted((run_dir / "eval").glob("*.json"))),
-    )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-
-
-def _read_gaps(path: Path) -> dict[str, np.ndarray]:
-    table = pq.read_table(path)
-    missing = [c for c in _GAP_BASE_SETS if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: missing gap columns {missing}")
-    # Every float column is a set's NN similarity; keys and labels are not.
-    return {
-        f.name: table.column(f.name).to_numpy(zero_copy_only=False).astype(np.float64)
-        for f in table.schema
-        if f.name not in _GAP_ID_COLUMNS and pa.types.is_floating(f.type)
-    }
-
-
-def _read_eval(path: Path) -> tuple[str, dict]:
-    # The file name is the contract's key; the "split" field inside is only checked against it.
-    data = _read_json(path)
-    if data.get("split", path.stem) != path.stem:
-        raise ValueError(f"{path}: names split {data['split']!r}, file name says {path.stem!r}")
-    return path.stem, data
-
-
-# ----------------------------------------------------------------------------- ordering
-
-
-def benchmark_order(files: RunFiles) -> list[str]:
-    """Benchmarks in the config's order where it lists them, the rest sorted by name."""
-    seen: set[str] = set(files.gaps)
-    for ev in files.evals.values():
-        seen.update(ev.get("benchmarks", {}))
-    for sp in files.splits.values():
-        seen.update(_split_benchmarks(sp))
-    configured = [b for b in _configured_benchmarks(files.run) if b in seen]
-    return list(dict.fromkeys(configured + sorted(seen)))
-
-
-def _configured_benchmarks(run: Mapping) -> list[str]:
-    """Benchmark names as the config or the world lists them (the world's order is the roles')."""
-    out: list[str] = []
-    for section in ("config", "world"):
-        listed = (run.get(section) or {}).get("benchmarks", [])
-        if isinstance(listed, list):
-            out += [b if isinstance(b, str) else b.get("name") for b in listed]
-    return [b for b in out if isinstance(b, str)]
-
-
-# Splits sort by policy first: the full pool, then the gap-matched splits, then the rest.
-_POLICY_RANK = {"full": 0, "gapmatch": 1, "near": 2, "far": 3}
-
-
-def split_order(files: RunFiles) -> list[str]:
-    """All known splits, each control right after the split it controls. Roots sort by policy,
-    then single-benchmark splits in benchmark order before multi-benchmark ones, then name."""
-    bench_rank = {b: i for i, b in enumerate(benchmark_order(files))}
-
-    def key(name: str) -> tuple:
-        split = files.splits.get(name, {})
-        policy = "gapmatch" if _is_gap_matched(split) else str(split.get("policy", ""))
-        benches = _split_benchmarks(split)
-        first = bench_rank.get(benches[0], len(bench_rank)) if len(benches) == 1 else 0
-        return (_POLICY_RANK.get(policy, len(_POLICY_RANK)), len(benches) > 1, first, name)
-
-    names = sorted(set(files.splits) | set(files.evals), key=key)
-    controls = _controls(files)
-    controlled = {c for cs in controls.values() for c in cs}
-    order: list[str] = []
-
-    def visit(name: str) -> None:
-        if name not in order:  # guards against control_of cycles
-            order.append(name)
-            for control in controls.get(name, []):
-                visit(control)
-
-    for name in names:
-        if name not in controlled:
-            visit(name)
-    for name in names:  # splits in a control_of cycle have no root
-        visit(name)
-    return order
-
-
-def _controls(files: RunFiles) -> dict[str, list[str]]:
-    """split -> its size-matched controls (splits whose split.json has control_of == split)."""
-    known = set(files.splits) | set(files.evals)
-    out: dict[str, list[str]] = {}
-    for name in sorted(files.splits):
-        target = files.splits[name].get("control_of")
-        if target and target in known and target != name:
-            out.setdefault(target, []).append(name)
-    return out
-
-
-def _split_benchmarks(split: Mapping) -> list[str]:
-    value = split.get("benchmarks") or []
-    return [value] if isinstance(value, str) else list(value)
-
-
-def _is_gap_matched(split: Mapping) -> bool:
-    policy = str(split.get("policy", "")).lower().replace("-", "").replace("_", "")
-    return policy.startswith("gap")
-
-
-# ----------------------------------------------------------------------------- document model
-
-
-@dataclass(frozen=True)
-class Table:
-    header: list[str]
-    rows: list[list[str]]
-    caption: str = ""
-    # Indices of the numeric (right-aligned) columns; None: every column but the first.
-    numeric: tuple[int, ...] | None = None
-
-    def is_numeric(self, column: int) -> bool:
-        return column > 0 if self.numeric is None else column in self.numeric
-
-
-@dataclass(frozen=True)
-class FigureBlock:
-    filename: str
-    png: bytes
-    alt: str
-    caption: str
-
-
-@dataclass(frozen=True)
-class Paragraph:
-    text: str
-
-
-@dataclass(frozen=True)
-class Note:
-    """A stage that was not run (or a caveat): shown highlighted."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Pre:
-    title: str
-    text: str
-
-
-Block = Table | FigureBlock | Paragraph | Note | Pre
-
-
-@dataclass
-class Section:
-    title: str
-    blocks: list[Block] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- formatting
-
-
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}"
-
-
-def _pp(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:+.1f}"
-
-
-def _sim(x: float) -> str:
-    return "—" if not math.isfinite(x) else f"{x:.3f}"
-
-
-def _top1(files: RunFiles, split: str, bench: str) -> float | None:
-    entry = files.evals.get(split, {}).get("benchmarks", {}).get(bench)
-    return None if entry is None else float(entry["top1"])
-
-
-def _diff(a: Sequence[float | None], b: Sequence[float | None]) -> list[float | None]:
-    return [None if x is None or y is None else x - y for x, y in zip(a, b, strict=True)]
-
-
-def _mean(values: Iterable[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
-
+NOT_COMPUTED = "not computed in this run"
 
 # ----------------------------------------------------------------------------- sections
 
@@ -273,9 +74,9 @@ def _intro(files: RunFiles) -> Section:
 
 
 def _gaps_section(files: RunFiles, colors: Mapping[str, str]) -> Section:
-    section = Section("1. Similarity gaps")
+    section = Section("Similarity gaps")
     if not files.gaps:
-        section.blocks.append(Note("Similarity gaps were not run: no gaps/*.parquet files."))
+        section.blocks.append(Note(f"Similarity gaps: {NOT_COMPUTED} (no gaps/*.parquet files)."))
         return section
     benches = [b for b in benchmark_order(files) if b in files.gaps]
     panels = [figures.GapPanel(b, _plotted_sets(files, b)) for b in benches]
@@ -311,22 +112,22 @@ def _plotted_sets(files: RunFiles, bench: str) -> dict[str, np.ndarray]:
         name
         for name in columns
         if (split := files.splits.get(name))
-        and _is_gap_matched(split)
-        and bench in _split_benchmarks(split)
+        and is_gap_matched(split)
+        and bench in split_benchmarks(split)
     ]
     # Splits made for more benchmarks first, so the benchmark's own split is drawn on top.
-    matched.sort(key=lambda name: -len(_split_benchmarks(files.splits[name])))
-    return {name: columns[name] for name in [*_GAP_BASE_SETS, *matched]}
+    matched.sort(key=lambda name: -len(split_benchmarks(files.splits[name])))
+    return {name: columns[name] for name in [*GAP_BASE_SETS, *matched]}
 
 
 def _gap_median_table(files: RunFiles, benches: Sequence[str]) -> Table:
     # Splits in the report's split order; columns of unknown splits last, in file order.
     present = [name for b in benches for name in files.gaps[b]]
     known = [s for s in split_order(files) if s in present]
-    sets = list(dict.fromkeys([*_GAP_BASE_SETS, *known, *present]))
+    sets = list(dict.fromkeys([*GAP_BASE_SETS, *known, *present]))
     rows = []
     for name in sets:
-        cells = [_sim(_nanmedian(files.gaps[b].get(name))) for b in benches]
+        cells = [sim(_nanmedian(files.gaps[b].get(name))) for b in benches]
         rows.append([name, *cells])
     return Table(
         ["set", *benches],
@@ -350,11 +151,11 @@ def _gap_check_table(files: RunFiles, benches: Sequence[str]) -> Table:
     rows = []
     for name in split_order(files):
         split = files.splits.get(name)
-        if not split or not _is_gap_matched(split):
+        if not split or not is_gap_matched(split):
             continue
         for bench in benches:
             columns = files.gaps[bench]
-            if name not in columns or bench not in _split_benchmarks(split):
+            if name not in columns or bench not in split_benchmarks(split):
                 continue
             split_nn, reference = columns[name], columns["reference"]
             rows.append(
@@ -377,9 +178,9 @@ def _gap_check_table(files: RunFiles, benches: Sequence[str]) -> Table:
 
 
 def _accuracy_section(files: RunFiles, colors: Mapping[str, str]) -> Section:
-    section = Section("2. Zero-shot accuracy")
+    section = Section("Zero-shot accuracy")
     if not files.evals:
-        section.blocks.append(Note("Evaluation was not run: no eval/*.json files."))
+        section.blocks.append(Note(f"Evaluation: {NOT_COMPUTED} (no eval/*.json files)."))
         return section
     benches = [
         b for b in benchmark_order(files) if any(_evaluated(files, s, b) for s in files.evals)
@@ -415,25 +216,26 @@ def _accuracy_section(files: RunFiles, colors: Mapping[str, str]) -> Section:
 
 
 def _evaluated(files: RunFiles, split: str, bench: str) -> bool:
-    return _top1(files, split, bench) is not None
+    return top1(files, split, bench) is not None
 
 
 def _accuracy_table(files: RunFiles, splits: Sequence[str], benches: Sequence[str]) -> Table:
     rows = []
     for split in splits:
-        values = [_top1(files, split, b) for b in benches]
+        values = [top1(files, split, b) for b in benches]
         policy = str(files.splits.get(split, {}).get("policy", "—"))
-        rows.append([split, policy, *map(_pct, values), _pct(_mean(values))])
+        rows.append([split, policy, *map(pct, values), pct(mean(values))])
     header = ["split", "policy", *benches, "mean"]
-    return Table(header, rows, "Top-1 (%).", numeric=tuple(range(2, len(header))))
+    caption = "Zero-shot top-1 (%) per split and benchmark."
+    return Table(header, rows, caption, numeric=tuple(range(2, len(header))))
 
 
 def _control_pairs(files: RunFiles) -> list[tuple[str, str]]:
-    controls = _controls(files)
+    by_split = controls(files)
     return [
         (split, control)
         for split in split_order(files)
-        for control in controls.get(split, [])
+        for control in by_split.get(split, [])
         if split in files.evals and control in files.evals
     ]
 
@@ -443,13 +245,13 @@ def _control_table(
 ) -> Table:
     rows = []
     for split, control in pairs:
-        own = [_top1(files, split, b) for b in benches]
-        ctl = [_top1(files, control, b) for b in benches]
-        diff = _diff(own, ctl)
+        own = [top1(files, split, b) for b in benches]
+        ctl = [top1(files, control, b) for b in benches]
+        delta = diff(own, ctl)
         rows += [
-            [split, *map(_pct, own), _pct(_mean(own))],
-            [f"control: {control}", *map(_pct, ctl), _pct(_mean(ctl))],
-            [f"Δ {split} − control", *map(_pp, diff), _pp(_mean(diff))],
+            [split, *map(pct, own), pct(mean(own))],
+            [f"control: {control}", *map(pct, ctl), pct(mean(ctl))],
+            [f"Δ {split} − control", *map(pp, delta), pp(mean(delta))],
         ]
     return Table(
         ["split", *benches, "mean"],
@@ -462,19 +264,21 @@ def _control_table(
 def _accuracy_bars(
     files: RunFiles, splits: Sequence[str], benches: Sequence[str], colors: Mapping[str, str]
 ) -> list[figures.AccuracyBar]:
-    controls = {c for cs in _controls(files).values() for c in cs}
+    controlled = {c for cs in controls(files).values() for c in cs}
     bars = []
     for split in splits:
-        values = [_top1(files, split, b) for b in benches]
-        hatched = split in controls
-        bars.append(figures.AccuracyBar(split, [*values, _mean(values)], colors[split], hatched))
+        values = [top1(files, split, b) for b in benches]
+        hatched = split in controlled
+        bars.append(figures.AccuracyBar(split, [*values, mean(values)], colors[split], hatched))
     return bars
 
 
 def _splits_section(files: RunFiles, colors: Mapping[str, str]) -> Section:
-    section = Section("3. Splits")
+    section = Section("Splits")
     if not files.splits:
-        section.blocks.append(Note("Split selection was not run: no splits/*/split.json files."))
+        section.blocks.append(
+            Note(f"Split selection: {NOT_COMPUTED} (no splits/*/split.json files).")
+        )
         return section
     section.blocks += [
         Paragraph(
@@ -510,7 +314,7 @@ def _sizes_table(files: RunFiles) -> Table:
             [
                 name,
                 str(split.get("policy", "—")),
-                ", ".join(_split_benchmarks(split)) or "—",
+                ", ".join(split_benchmarks(split)) or "—",
                 f"{size:,}",
                 f"{pool - size:,}",
                 f"{100 * size / pool:.1f}" if pool else "—",
@@ -558,9 +362,9 @@ def _removed_bars(files: RunFiles, colors: Mapping[str, str]) -> list[figures.Re
     bars = []
     for name in split_order(files):
         split = files.splits.get(name)
-        if not split or not _is_gap_matched(split):
+        if not split or not is_gap_matched(split):
             continue
-        benches = _split_benchmarks(split)
+        benches = split_benchmarks(split)
         target = benches[0] if len(benches) == 1 else f"{len(benches)} benchmarks"
         label = name if target == name else f"{name} ({target})"
         size, pool = int(split["size"]), int(split["pool_size"])
@@ -570,20 +374,33 @@ def _removed_bars(files: RunFiles, colors: Mapping[str, str]) -> list[figures.Re
 
 def _provenance_section(files: RunFiles) -> Section:
     run = files.run
-    section = Section("4. Run provenance")
-    for key, title in (("config", "Configuration"), ("world", "World")):
+    section = Section("Run provenance")
+    if isinstance(run.get("config_text"), str):
+        section.blocks.append(Pre("Configuration file (as given)", run["config_text"], "text"))
+    for key, title in (("config", "Configuration (resolved)"), ("world", "World")):
         if key in run:
             section.blocks.append(Pre(title, json.dumps(run[key], indent=2, ensure_ascii=False)))
     versions = run.get("versions") or {}
     if versions:
         rows = [[k, v if isinstance(v, str) else json.dumps(v)] for k, v in versions.items()]
         section.blocks.append(Table(["package", "version"], rows, "Versions.", numeric=()))
-    timings = run.get("timings") or {}
+    timings = _seconds(run.get("timings") or {})
     if timings:
         section.blocks.append(_timings_table(timings))
     else:
         section.blocks.append(Note("No stage timings recorded in run.json."))
     return section
+
+
+def _seconds(timings: Mapping) -> dict[str, float]:
+    """Stage -> seconds; a stage may record a number or an object with "seconds"."""
+    out = {}
+    for stage, value in timings.items():
+        if isinstance(value, Mapping):
+            value = value.get("seconds")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[str(stage)] = float(value)
+    return out
 
 
 def _timings_table(timings: Mapping[str, float]) -> Table:
@@ -599,121 +416,29 @@ def _timings_table(timings: Mapping[str, float]) -> Table:
 def _colors(files: RunFiles) -> dict[str, str]:
     """One colour per split for every figure; a control shares its split's colour (it is told
     apart by hatching), so controls do not use up the palette."""
-    controls = {c: split for split, cs in _controls(files).items() for c in cs}
-    colors = figures.split_colors([s for s in split_order(files) if s not in controls])
-    colors.update({c: colors[split] for c, split in controls.items()})
+    parent = {c: split for split, cs in controls(files).items() for c in cs}
+    colors = figures.split_colors([s for s in split_order(files) if s not in parent])
+    colors.update({c: colors[split] for c, split in parent.items()})
     return colors
 
 
 def build_sections(files: RunFiles) -> list[Section]:
     """The report's content, independent of output format."""
     colors = _colors(files)
-    return [
-        _intro(files),
+    body = [
         _gaps_section(files, colors),
+        gallery.gallery_section(files),
         _accuracy_section(files, colors),
+        analysis.curves_section(files),
+        analysis.similarity_section(files, colors),
+        analysis.robustness_section(files),
+        audit.audit_section(files),
         _splits_section(files, colors),
         _provenance_section(files),
     ]
-
-
-# ----------------------------------------------------------------------------- HTML
-
-_CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px;
-       margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { border-bottom: 2px solid #ddd; padding-bottom: .3em; }
-h2 { margin-top: 2em; border-bottom: 1px solid #eee; padding-bottom: .2em; }
-table { border-collapse: collapse; margin: .8em 0 1.6em; font-size: 14px; }
-caption { caption-side: top; text-align: left; color: #555; padding-bottom: .3em; }
-th, td { border: 1px solid #ddd; padding: 4px 9px; }
-th { background: #f4f4f4; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.delta td { font-weight: 600; background: #fafafa; }
-figure { margin: 1em 0 2em; }
-figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption { color: #555; font-size: 14px; }
-.note { background: #fff6e0; border-left: 4px solid #f0b400; padding: .5em .8em; }
-pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: 13px; }
-"""
-
-
-def render_html(sections: Sequence[Section]) -> str:
-    body = []
-    for i, section in enumerate(sections):
-        tag = "h1" if i == 0 else "h2"
-        body.append(f"<{tag}>{html.escape(section.title)}</{tag}>")
-        body.extend(_html_block(b) for b in section.blocks)
-    return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{html.escape(sections[0].title)}</title>\n<style>{_CSS}</style>\n</head>\n"
-        "<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
-    )
-
-
-def _html_block(block: Block) -> str:
-    if isinstance(block, Paragraph):
-        return f"<p>{html.escape(block.text)}</p>"
-    if isinstance(block, Note):
-        return f'<p class="note">{html.escape(block.text)}</p>'
-    if isinstance(block, Pre):
-        return f"<h3>{html.escape(block.title)}</h3>\n<pre>{html.escape(block.text)}</pre>"
-    if isinstance(block, FigureBlock):
-        data = base64.b64encode(block.png).decode("ascii")
-        return (
-            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(block.alt)}">'
-            f"<figcaption>{html.escape(block.caption)}</figcaption></figure>"
-        )
-    return _html_table(block)
-
-
-def _html_table(table: Table) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
-    rows = []
-    for row in table.rows:
-        cells = "".join(
-            f'<td class="num">{html.escape(c)}</td>'
-            if table.is_numeric(j)
-            else f"<td>{html.escape(c)}</td>"
-            for j, c in enumerate(row)
-        )
-        cls = ' class="delta"' if row[0].startswith("Δ") else ""
-        rows.append(f"<tr{cls}>{cells}</tr>")
-    caption = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
-    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-
-
-# ----------------------------------------------------------------------------- Markdown
-
-
-def render_markdown(sections: Sequence[Section]) -> str:
-    out = []
-    for i, section in enumerate(sections):
-        out.append(("# " if i == 0 else "## ") + section.title)
-        out.extend(_md_block(b) for b in section.blocks)
-    return "\n\n".join(out) + "\n"
-
-
-def _md_block(block: Block) -> str:
-    if isinstance(block, Paragraph):
-        return block.text
-    if isinstance(block, Note):
-        return f"> **Note:** {block.text}"
-    if isinstance(block, Pre):
-        return f"### {block.title}\n\n```json\n{block.text}\n```"
-    if isinstance(block, FigureBlock):
-        return f"![{block.alt}]({block.filename})\n\n*{block.caption}*"
-    return _md_table(block)
-
-
-def _md_table(table: Table) -> str:
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-    align = ["---:" if table.is_numeric(j) else "---" for j in range(len(table.header))]
-    lines = [line(table.header), "|" + "|".join(align) + "|", *(line(r) for r in table.rows)]
-    caption = f"*{table.caption}*\n\n" if table.caption else ""
-    return caption + "\n".join(lines)
+    for i, section in enumerate(body, start=1):
+        section.title = f"{i}. {section.title}"
+    return [_intro(files), *body]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -731,8 +456,9 @@ def build_report(run_dir: Path) -> dict[str, Path]:
             write_bytes(out / block.filename, block.png)
             written.add(block.filename)
     # A figure left from an earlier, fuller build of this run would no longer match the report.
-    for stale in set(_FIGURE_FILES) - written:
-        (out / stale).unlink(missing_ok=True)
+    for stale in out.glob("fig-*.png"):
+        if stale.name not in written:
+            stale.unlink()
     paths = {"html": out / "report.html", "markdown": out / "report.md"}
     write_bytes(paths["markdown"], render_markdown(sections).encode("utf-8"))
     write_bytes(paths["html"], render_html(sections).encode("utf-8"))
@@ -754,16 +480,16 @@ def summary_table(run_dir: Path) -> str:
     benches = [b for b in benchmark_order(files) if any(_evaluated(files, s, b) for s in splits)]
     rows: list[list[str]] = []
     for split in (s for s in splits if s in files.evals):
-        own = [_top1(files, split, b) for b in benches]
+        own = [top1(files, split, b) for b in benches]
         parent = files.splits.get(split, {}).get("control_of")
         if parent not in files.evals or parent == split:
-            rows.append([split, *map(_pct, own), _pct(_mean(own))])
+            rows.append([split, *map(pct, own), pct(mean(own))])
             continue
         # A control is indented under its split and followed by the split's lead over it.
-        rows.append([f"  {split} (control)", *map(_pct, own), _pct(_mean(own))])
-        ref = [_top1(files, parent, b) for b in benches]
-        diff = _diff(ref, own)
-        rows.append([f"  Δ {parent} − control", *map(_pp, diff), _pp(_mean(diff))])
+        rows.append([f"  {split} (control)", *map(pct, own), pct(mean(own))])
+        ref = [top1(files, parent, b) for b in benches]
+        delta = diff(ref, own)
+        rows.append([f"  Δ {parent} − control", *map(pp, delta), pp(mean(delta))])
     text = _text_table(["top-1 (%)", *benches, "mean"], rows)
     unevaluated = [s for s in splits if s not in files.evals]
     return text + ("\nnot evaluated: " + ", ".join(unevaluated) if unevaluated else "")

@@ -18,8 +18,10 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageDraw, ImageFont
 
 # Fixed colours for the two sets every gap is measured against; splits get the palette below,
 # assigned once per report so a split has the same colour in every figure.
@@ -230,3 +232,242 @@ def _png(fig: Figure) -> bytes:
     # "Software" would embed the matplotlib version; Agg PNGs carry no date otherwise.
     fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None}, facecolor="white")
     return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- near / far / random
+
+POLICY_COLORS = {"near": "#d62728", "far": "#2ca02c", "random": "#7f7f7f"}
+_POLICY_MARKERS = {"near": "o", "far": "s", "random": "^"}
+
+
+@dataclass(frozen=True)
+class SizeCurve:
+    """One policy's splits, ordered by size: top-1 (fraction) per panel, None where missing."""
+
+    policy: str
+    sizes: Sequence[int]
+    values: Mapping[str, Sequence[float | None]]  # panel title -> one value per size
+
+
+def size_curves(
+    panels: Sequence[str], curves: Sequence[SizeCurve], full: Mapping[str, tuple[int, float]]
+) -> bytes:
+    """One subplot per benchmark (and the mean): top-1 against split size, a line per policy;
+    the full pool, where evaluated, is a star every line runs towards."""
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    with _style():
+        fig = _figure(3.3 * ncols, 2.7 * nrows + 0.5)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for ax, panel in zip(axes.flat, panels, strict=False):
+            for curve in curves:
+                y = [np.nan if v is None else 100 * v for v in curve.values[panel]]
+                ax.plot(
+                    curve.sizes,
+                    y,
+                    marker=_POLICY_MARKERS.get(curve.policy, "D"),
+                    color=POLICY_COLORS.get(curve.policy, "#9467bd"),
+                    label=curve.policy,
+                )
+            if panel in full:
+                size, value = full[panel]
+                ax.plot([size], [100 * value], marker="*", markersize=11, color="black", ls="")
+            ax.set_title(panel)
+            ax.set_xlabel("split size (pool points kept)")
+            ax.set_ylabel("top-1 (%)")
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+        for ax in axes.flat[len(panels) :]:
+            ax.set_visible(False)
+        handles = [
+            Line2D(
+                [],
+                [],
+                color=POLICY_COLORS.get(c.policy, "#9467bd"),
+                marker=_POLICY_MARKERS.get(c.policy, "D"),
+                label=c.policy,
+            )
+            for c in curves
+        ]
+        if full:
+            handles.append(Line2D([], [], color="black", marker="*", ls="", label="full pool"))
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
+        return _png(fig)
+
+
+# ----------------------------------------------------------------- accuracy vs similarity
+
+
+@dataclass(frozen=True)
+class BinnedAccuracy:
+    """One split's accuracy per NN-similarity bin on one benchmark."""
+
+    split: str
+    bin_lo: np.ndarray
+    bin_hi: np.ndarray
+    accuracy: np.ndarray  # fraction per bin
+
+
+def accuracy_by_similarity(
+    panels: Mapping[str, Sequence[BinnedAccuracy]], colors: Mapping[str, str]
+) -> bytes:
+    """One subplot per benchmark: accuracy per bin of the test points' NN similarity, a line per
+    split, each bin's value drawn at its midpoint and its extent as a horizontal bar."""
+    names = list(panels)
+    ncols = min(3, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    with _style():
+        fig = _figure(4.0 * ncols, 3.0 * nrows + 0.6)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        splits: dict[str, str] = {}
+        for ax, bench in zip(axes.flat, names, strict=False):
+            for series in panels[bench]:
+                mid = (series.bin_lo + series.bin_hi) / 2
+                color = colors.get(series.split, "#333333")
+                ax.errorbar(
+                    mid,
+                    100 * series.accuracy,
+                    xerr=(series.bin_hi - series.bin_lo) / 2,
+                    color=color,
+                    marker="o",
+                    markersize=3,
+                    linewidth=1.3,
+                    elinewidth=0.6,
+                )
+                splits[series.split] = color
+            ax.set_title(bench)
+            ax.set_xlabel("NN similarity of test point (bin)")
+            ax.set_ylabel("top-1 (%)")
+            ax.set_ylim(-2, 102)
+        for ax in axes.flat[len(names) :]:
+            ax.set_visible(False)
+        handles = [Line2D([], [], color=c, marker="o", label=s) for s, c in splits.items()]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5))
+        return _png(fig)
+
+
+# ----------------------------------------------------------------------------- effective robustness
+
+
+@dataclass(frozen=True)
+class RobustnessPoint:
+    split: str
+    id_acc: float
+    ood_acc: float
+    reference: bool  # one of the models the line was fitted to
+
+
+def robustness_plot(
+    slope: float, intercept: float, points: Sequence[RobustnessPoint], xlabel: str, ylabel: str
+) -> bytes:
+    """OOD against ID accuracy on logit-scaled axes (Taori et al.): the fitted line
+    logit(ood) = slope * logit(id) + intercept is straight there; a point above it has positive
+    effective robustness. Ticks are labelled in accuracy (%)."""
+    with _style():
+        fig = _figure(6.0, 4.6)
+        ax = fig.subplots()
+        ids = np.array([_logit(p.id_acc) for p in points] or [0.0])
+        oods = np.array([_logit(p.ood_acc) for p in points] or [0.0])
+        lo = min(ids.min(), oods.min()) - 0.5
+        hi = max(ids.max(), oods.max()) + 0.5
+        x = np.linspace(lo, hi, 50)
+        ax.plot(x, slope * x + intercept, color="#1f77b4", label="fitted line")
+        ax.plot(x, x, color="#999999", ls=":", linewidth=1, label="y = x")
+        for p in points:
+            ax.plot(
+                _logit(p.id_acc),
+                _logit(p.ood_acc),
+                marker="o" if p.reference else "D",
+                color="#1f77b4" if p.reference else "#d62728",
+                ls="",
+            )
+            ax.annotate(
+                p.split,
+                (_logit(p.id_acc), _logit(p.ood_acc)),
+                xytext=(4, 3),
+                textcoords="offset points",
+                fontsize=7,
+            )
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ticks = _logit_ticks(lo, hi)
+        ax.set_xticks([_logit(t) for t in ticks], [f"{100 * t:g}" for t in ticks])
+        ax.set_yticks([_logit(t) for t in ticks], [f"{100 * t:g}" for t in ticks])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        handles = [
+            Line2D([], [], color="#1f77b4", label="fitted line (logit axes)"),
+            Line2D([], [], color="#999999", ls=":", label="y = x"),
+            Line2D([], [], color="#1f77b4", marker="o", ls="", label="line's models"),
+            Line2D([], [], color="#d62728", marker="D", ls="", label="other splits"),
+        ]
+        ax.legend(handles=handles, loc="upper left")
+        return _png(fig)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1 - 1e-4)  # 0 and 1 have no logit; clip to keep them on the plot
+    return math.log(p / (1 - p))
+
+
+def _logit_ticks(lo: float, hi: float) -> list[float]:
+    candidates = (0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+    return [t for t in candidates if lo <= _logit(t) <= hi]
+
+
+# ----------------------------------------------------------------------------- galleries
+
+
+@dataclass(frozen=True)
+class Thumb:
+    """One cell of a gallery: an RGB image (None where the sample could not be found again)."""
+
+    image: np.ndarray | None
+    title: str
+
+
+def nn_gallery(rows: Sequence[Sequence[Thumb]], groups: Sequence[int] = ()) -> bytes:
+    """A grid of images: a row per test image, its nearest neighbours to the right, each cell
+    captioned with its lines of title; a missing image is a grey cell saying so. `groups`: the
+    column indices before which a wider gap separates groups (test | reference | pool).
+
+    Drawn with PIL rather than matplotlib: a grid of pictures needs no axes, and matplotlib's
+    layout of dozens of subplots takes seconds per gallery."""
+    ncols = max(len(r) for r in rows)
+    lines = max(len(t.title.splitlines()) for r in rows for t in r)
+    cell_w, cell_h = _CELL + 2 * _PAD, _CELL + _PAD + lines * _LINE + _PAD
+    xs = [_PAD + c * cell_w + _GROUP_GAP * sum(g <= c for g in groups) for c in range(ncols)]
+    canvas = Image.new("RGB", (xs[-1] + cell_w + _PAD, len(rows) * cell_h + _PAD), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=11)
+    for r, row in enumerate(rows):
+        for x, thumb in zip(xs, row, strict=False):
+            _draw_cell(canvas, draw, font, thumb, x + _PAD, _PAD + r * cell_h)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+_CELL, _PAD, _LINE, _GROUP_GAP = 112, 6, 14, 18
+
+
+def _draw_cell(canvas: Image.Image, draw: ImageDraw.ImageDraw, font, thumb: Thumb, x: int, y: int):
+    box = (x, y, x + _CELL - 1, y + _CELL - 1)
+    if thumb.image is None:
+        draw.rectangle(box, fill="#dddddd")
+        draw.multiline_text(
+            (x + _CELL // 2, y + _CELL // 2),
+            "image not\navailable",
+            fill="#333333",
+            font=font,
+            anchor="mm",
+            align="center",
+        )
+    else:
+        image = Image.fromarray(np.asarray(thumb.image, dtype=np.uint8)).convert("RGB")
+        scale = _CELL / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+        canvas.paste(image, (x + (_CELL - size[0]) // 2, y + (_CELL - size[1]) // 2))
+        draw.rectangle(box, outline="#cccccc")
+    for i, line in enumerate(thumb.title.splitlines()):
+        draw.text((x, y + _CELL + _PAD // 2 + i * _LINE), line, fill="#222222", font=font)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -522,19 +522,46 @@ def merge_topk(
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Where and how blocks are scanned; chosen by the caller, never global."""
+    """Where and how blocks are scanned; chosen by the caller, never global.
 
-    precision: str = "fp32"  # screen GEMM dtype: "fp32" or "bf16" (see resolve_precision)
+    The one home of the scan's tuning parameters. "auto" and None fields are resolved by
+    ``resolved()`` from measurements on the 2-core AVX2 development machine: fp32 screen (no
+    native bf16 there), numpy's OpenBLAS GEMM (~1.4x torch's GEMM on that AMD CPU),
+    single-threaded reductions, tiles of 2048 rows x 8192 tests; on CUDA bf16 and large tiles.
+    Results never depend on these choices (the screen is exact), only speed does."""
+
+    precision: str = "auto"  # screen GEMM dtype: "fp32", "bf16" or "auto" (resolve_precision)
     device: str = "cpu"
-    tile_rows: int = 1024
-    tile_tests: int = 8192
+    tile_rows: int | None = None
+    tile_tests: int | None = None
     row_group: int = 4
     test_group: int = 32
-    gemm: str = "torch"  # "numpy": fp32 CPU GEMM through numpy's BLAS (faster on some CPUs)
+    gemm: str = "auto"  # "numpy": fp32 CPU GEMM through numpy's BLAS; "torch"; "auto"
     # torch intra-op threads for the reductions between GEMMs (None: leave torch's setting).
     # On small CPUs 1 is faster: those ops are short, and parallel regions stall on barriers
     # while BLAS threads still spin after a GEMM or other processes hold a core.
-    reduce_threads: int | None = None
+    reduce_threads: int | None | str = "auto"
+
+    def resolved(self) -> KernelConfig:
+        """This config with every "auto"/None choice made for its device."""
+        precision = resolve_precision(self.precision, self.device)
+        cuda = torch.device(self.device).type == "cuda"
+        gemm = self.gemm
+        if gemm == "auto":
+            gemm = "numpy" if precision == "fp32" and not cuda else "torch"
+        if gemm not in ("torch", "numpy") or (gemm == "numpy" and (cuda or precision != "fp32")):
+            raise ValueError(f"gemm {gemm!r} is not available for {precision} on {self.device}")
+        threads = self.reduce_threads
+        if threads == "auto":
+            threads = None if cuda else 1
+        return replace(
+            self,
+            precision=precision,
+            gemm=gemm,
+            tile_rows=self.tile_rows or (8192 if cuda else 2048),
+            tile_tests=self.tile_tests or (16384 if cuda else 8192),
+            reduce_threads=threads,
+        )
 
 
 def tile_gemm(xs: torch.Tensor, ts: torch.Tensor, out: torch.Tensor, gemm: str) -> torch.Tensor:
@@ -556,7 +583,9 @@ def scan_block(
 
     ``x`` (n, d) holds base rows (fp16 as stored, or fp32) on ``cfg.device``; ``row_ids`` their
     global ids. Per-row handlers are begun here; the caller ends them. Everything but the GEMM
-    runs with ``cfg.reduce_threads`` torch threads."""
+    runs with ``cfg.reduce_threads`` torch threads. ``cfg`` must be resolved."""
+    if cfg.tile_rows is None or cfg.gemm == "auto" or cfg.precision != tests.precision:
+        raise ValueError("scan_block needs a resolved KernelConfig matching the tests")
     n, d = x.shape
     for h in handlers:
         h.begin(n, x.device)

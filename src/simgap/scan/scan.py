@@ -1,17 +1,12 @@
 """The fused exact scan: stream base blocks through the kernel; collect per-test, per-row outputs.
 
-One pass over the base set gives, per test point, the top-k most similar base rows and (with
+One pass over the base rows gives, per test point, the top-k most similar base rows and (with
 thresholds) how many base rows lie strictly above its threshold; per base row, the max similarity
 over all tests, its argmax test and the margin ``max_t (sim - thr(t))``. Values and decisions equal
 the exact brute force (see ``kernel.py`` for the bound that makes the bf16/fp32 screen exact).
 
-On disk (``out_dir``)::
-
-    scan.json              format, sizes, shards (name, offset, rows), input fingerprints; last
-    tests/topk_sim.npy     float32 (M, k), descending; -inf padding when the base has < k rows
-    tests/topk_row.npy     int64 (M, k) global base row ids; -1 padding
-    tests/count_above.npy  int64 (M,), only with thresholds
-    rows/<shard>.npy       structured per base row: max f4, argmax i4, margin f4 (with thresholds)
+This module streams in-memory or memory-mapped blocks in one process; ``shards.py`` runs it per
+store shard on an executor and merges the shards' partials; ``layout.py`` is the on-disk format.
 
 Rows excluded by a ``keep`` mask are not scanned: they are never anyone's neighbour and their
 per-row outputs are NaN (max, margin) and -1 (argmax).
@@ -19,18 +14,15 @@ per-row outputs are NaN (max, margin) and -1 (argmax).
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from simgap.io import read_json, write_json, write_npy
 from simgap.scan.kernel import (
     CountAboveHandler,
     KernelConfig,
@@ -38,20 +30,16 @@ from simgap.scan.kernel import (
     RowMaxHandler,
     TestSet,
     TopKHandler,
-    merge_topk,
     prepare_tests,
-    resolve_precision,
     scan_block,
 )
 
-if TYPE_CHECKING:
-    from simgap.store import Store
-
-FORMAT = "simgap-scan/1"
 CHUNK_ROWS = 1 << 16  # rows per kernel call: bounds transfer size and progress granularity
+NORM_TOLERANCE = 1e-2  # a unit vector stored in fp16 has norm within ~1e-3 of 1
 
 RowSink = Callable[[int, int, np.ndarray, np.ndarray, np.ndarray | None], None]
 Progress = Callable[[int, int], None]
+Block = tuple[int, np.ndarray, np.ndarray | None]  # global row offset, rows, keep mask or None
 
 
 @dataclass
@@ -62,6 +50,20 @@ class ScanResult:
     row_max: np.ndarray | None  # (N,) float32; None when rows were not collected
     row_argmax: np.ndarray | None  # (N,) int32 test index, ties: lowest
     row_margin: np.ndarray | None  # (N,) float32 max_t (sim - thr(t)); None without thr
+    bad_rows: int = 0  # base rows excluded because NaN/Inf or not unit-norm (skip policy)
+
+
+def find_bad_rows(emb: np.ndarray, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+    """Indices of rows that are NaN/Inf or whose norm is not 1 (within fp16 storage error).
+
+    Chunked so a memory-mapped shard is never copied whole to float32."""
+    bad = []
+    for s in range(0, len(emb), chunk_rows):
+        part = np.asarray(emb[s : s + chunk_rows], np.float32)
+        finite = np.isfinite(part).all(1)
+        norm = np.linalg.norm(np.where(finite[:, None], part, 0), axis=1)
+        bad.append(s + np.flatnonzero(~finite | (np.abs(norm - 1) > NORM_TOLERANCE)))
+    return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
 
 @dataclass(frozen=True)
@@ -69,23 +71,43 @@ class _Chunk:
     block: int  # index of the block (shard) in the stream
     offset: int  # global row id of the block's first row
     start: int  # first row of this chunk within the block
-    emb: np.ndarray  # (n, d) rows of the chunk, in memory
-    keep: np.ndarray | None  # (n,) bool rows to scan; None: all
+    n: int  # rows of the chunk
+    local: np.ndarray  # (n_kept,) kept rows within the chunk
+    x: torch.Tensor  # (n_kept, d) kept rows, on the scan device
+    ready: Any  # CUDA event the copy stream recorded after x's copy; None on CPU
     last: bool  # the block's last chunk
 
 
-def _chunks(
-    blocks: Iterable[tuple[int, np.ndarray, np.ndarray | None]], chunk_rows: int
-) -> Iterator[_Chunk]:
+def _chunks(blocks: Iterable[Block], chunk_rows: int, device: torch.device) -> Iterator[_Chunk]:
+    """Cut blocks into chunks and move each to the device; runs on the prefetch thread.
+
+    On CUDA the rows go through pinned memory and a side stream, so the host-to-device copy of
+    the next chunk overlaps the kernels of the current one."""
+    cuda = device.type == "cuda"
+    stream = torch.cuda.Stream(device) if cuda else None
     for i, (offset, emb, keep) in enumerate(blocks):
         n = len(emb)
         if keep is not None and keep.shape != (n,):
             raise ValueError(f"block {i}: keep mask {keep.shape} does not match {n} rows")
         for start in range(0, max(n, 1), chunk_rows):
             stop = min(start + chunk_rows, n)
-            part = None if keep is None else np.asarray(keep[start:stop], bool)
-            # np.array copies: a memory-mapped shard is read here, on the prefetch thread.
-            yield _Chunk(i, offset, start, np.array(emb[start:stop]), part, stop == n)
+            local = np.arange(stop - start)
+            if keep is not None:
+                local = np.flatnonzero(np.asarray(keep[start:stop], bool))
+            # Reading a memory-mapped shard happens here, on the prefetch thread.
+            rows = np.array(emb[start:stop]) if keep is None else np.array(emb[start + local])
+            if rows.ndim != 2:
+                raise ValueError(f"block {i}: rows must be 2-D, not {rows.shape}")
+            host = torch.from_numpy(np.ascontiguousarray(rows))
+            ready = None
+            if cuda:
+                with torch.cuda.stream(stream):
+                    x = host.pin_memory().to(device, non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record(stream)
+            else:
+                x = host
+            yield _Chunk(i, offset, start, stop - start, local, x, ready, stop == n)
 
 
 def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -129,95 +151,77 @@ class _Failed:
     error: BaseException
 
 
-def kernel_config(
-    precision: str = "auto",
-    device: str = "cpu",
-    tile_rows: int | None = None,
-    tile_tests: int | None = None,
-    gemm: str = "auto",
-    reduce_threads: int | None | str = "auto",
-) -> KernelConfig:
-    """Resolve the "auto" choices into a KernelConfig.
-
-    CPU defaults were measured on the 2-core AVX2 development machine: fp32 screen (no native
-    bf16 there), numpy's OpenBLAS GEMM (~1.4x torch's MKL GEMM on that AMD CPU), single-threaded
-    reductions, tiles of 2048 rows x 8192 tests. On CUDA: bf16, large tiles."""
-    precision = resolve_precision(precision, device)
-    cuda = torch.device(device).type == "cuda"
-    if gemm == "auto":
-        gemm = "numpy" if precision == "fp32" and not cuda else "torch"
-    if gemm not in ("torch", "numpy") or (gemm == "numpy" and (cuda or precision != "fp32")):
-        raise ValueError(f"gemm {gemm!r} is not available for {precision} on {device}")
-    if reduce_threads == "auto":
-        reduce_threads = None if cuda else 1
-    return KernelConfig(
-        precision=precision,
-        device=device,
-        tile_rows=tile_rows or (8192 if cuda else 2048),
-        tile_tests=tile_tests or (16384 if cuda else 8192),
-        gemm=gemm,
-        reduce_threads=reduce_threads,
-    )
-
-
-def _scan(
-    blocks: Iterable[tuple[int, np.ndarray, np.ndarray | None]],
-    tests: np.ndarray,
-    thresholds: np.ndarray | None,
-    topk: int,
-    cfg: KernelConfig,
-    row_sink: RowSink | None,
-    collect_rows: bool,
-    progress: Progress | None,
-    rows_total: int | None,
-    chunk_rows: int = CHUNK_ROWS,
-) -> ScanResult:
-    tests = np.asarray(tests)
+def check_tests(tests: np.ndarray, thresholds: np.ndarray | None, topk: int) -> None:
+    """Refuse inputs the scan cannot answer exactly: wrong shapes, NaN/Inf, no tests."""
     if tests.ndim != 2 or tests.dtype not in (np.float16, np.float32):
         raise ValueError(
             f"tests must be a float16/float32 (M, d) array, not {tests.dtype} {tests.shape}"
         )
-    m, d = tests.shape
-    if m == 0:
+    if len(tests) == 0:
         raise ValueError("no tests to scan against")
+    if not np.isfinite(tests).all():
+        bad = np.flatnonzero(~np.isfinite(tests).all(1))
+        raise ValueError(f"{len(bad)} tests contain NaN or Inf (first indices {bad[:5].tolist()})")
     if topk < 0:
         raise ValueError(f"topk must be >= 0, not {topk}")
     if thresholds is not None:
-        thresholds = np.asarray(thresholds, np.float32)
-        if thresholds.shape != (m,):
-            raise ValueError(f"thresholds {thresholds.shape} do not match {m} tests")
+        if thresholds.shape != (len(tests),):
+            raise ValueError(f"thresholds {thresholds.shape} do not match {len(tests)} tests")
         if not np.isfinite(thresholds).all():
             raise ValueError("thresholds must be finite")
-    precision, device = cfg.precision, cfg.device
-    dev = torch.device(device)
+
+
+def scan_arrays(
+    blocks: Iterable[tuple[int, np.ndarray]] | Iterable[Block],
+    tests: np.ndarray,
+    thresholds: np.ndarray | None = None,
+    topk: int = 10,
+    config: KernelConfig | None = None,
+    row_sink: RowSink | None = None,
+    collect_rows: bool = True,
+    progress: Progress | None = None,
+    rows_total: int | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> ScanResult:
+    """Exact fused scan of blocks ``(global row offset, rows[, keep mask])`` against ``tests``.
+
+    Rows are fp16 (as stored) or fp32, in memory or memory-mapped. ``row_sink(block_index,
+    offset, max, argmax, margin)`` receives each block's per-row outputs as soon as the block is
+    done; with ``collect_rows=False`` they are not kept (the result's row fields are None).
+    ``config`` chooses device and tuning (default: ``KernelConfig()`` resolved for the CPU);
+    ``progress(rows_done, rows_total)`` is called after every chunk."""
+    cfg = (config or KernelConfig()).resolved()
+    tests = np.asarray(tests)
+    thresholds = None if thresholds is None else np.asarray(thresholds, np.float32)
+    check_tests(tests, thresholds, topk)
+    m, d = tests.shape
+    dev = torch.device(cfg.device)
     t_tensor = torch.from_numpy(tests).to(dev)
     thr_tensor = None if thresholds is None else torch.from_numpy(thresholds).to(dev)
-    test_set = prepare_tests(t_tensor, thr_tensor, precision, cfg.tile_tests, cfg.test_group)
+    test_set = prepare_tests(t_tensor, thr_tensor, cfg.precision, cfg.tile_tests, cfg.test_group)
 
     row_max, row_margin = RowMaxHandler(), MarginHandler() if thresholds is not None else None
     top = TopKHandler(m, topk, dev) if topk > 0 else None
     count = CountAboveHandler(m, dev) if thresholds is not None else None
     handlers = [h for h in (row_max, row_margin, top, count) if h is not None]
 
-    collected: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+    triples = (b if len(b) == 3 else (b[0], b[1], None) for b in blocks)
+    collected: list[tuple[np.ndarray, ...]] = []
+    parts: list[tuple[np.ndarray, ...]] = []
     done = 0
-    for chunk in _prefetch(_chunks(blocks, chunk_rows)):
-        if chunk.emb.ndim != 2 or chunk.emb.shape[1] != d:
-            raise ValueError(
-                f"block {chunk.block}: rows of shape {chunk.emb.shape}, tests have d={d}"
-            )
+    for chunk in _prefetch(_chunks(triples, chunk_rows, dev)):
+        if chunk.x.shape[1] != d:
+            raise ValueError(f"block {chunk.block}: rows of shape {tuple(chunk.x.shape)}, d={d}")
         parts.append(_scan_chunk(chunk, test_set, handlers, row_max, row_margin, cfg))
-        done += len(chunk.emb)
+        done += chunk.n
         if progress is not None:
             progress(done, rows_total if rows_total is not None else done)
         if chunk.last:
-            block = tuple(
-                None if p[0] is None else np.concatenate(p) for p in zip(*parts, strict=True)
-            )
+            block = tuple(np.concatenate(p) for p in zip(*parts, strict=True))
             parts = []
+            margin = block[2] if thresholds is not None else None
             if row_sink is not None:
-                row_sink(chunk.block, chunk.offset, *block)
+                row_sink(chunk.block, chunk.offset, block[0], block[1], margin)
             if collect_rows:
                 collected.append(block)
 
@@ -228,10 +232,8 @@ def _scan(
     rows: list[np.ndarray | None] = [None, None, None]
     if collect_rows:
         empty = (np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.float32))
-        for i, parts_i in enumerate(zip(*collected, strict=True) if collected else []):
-            rows[i] = None if parts_i[0] is None else np.concatenate(parts_i)
-        if not collected:
-            rows = list(empty)
+        rows = [np.concatenate(p) for p in zip(*collected, strict=True)] if collected else []
+        rows = rows or list(empty)
         if thresholds is None:
             rows[2] = None
     return ScanResult(
@@ -251,258 +253,21 @@ def _scan_chunk(
     row_max: RowMaxHandler,
     row_margin: MarginHandler | None,
     cfg: KernelConfig,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scan one chunk's kept rows; per-row outputs for all its rows (NaN/-1 where not kept)."""
-    n = len(chunk.emb)
-    local = np.arange(n) if chunk.keep is None else np.flatnonzero(chunk.keep)
-    emb = chunk.emb if chunk.keep is None else chunk.emb[local]
-    x = torch.from_numpy(np.ascontiguousarray(emb)).to(cfg.device)
-    ids = torch.from_numpy(chunk.offset + chunk.start + local).to(cfg.device)
+    if chunk.ready is not None:
+        torch.cuda.current_stream().wait_event(chunk.ready)
+        # x was allocated on the copy stream: keep its memory until this stream is done with it.
+        chunk.x.record_stream(torch.cuda.current_stream())
+    x = chunk.x.to(cfg.device)
+    ids = torch.from_numpy(chunk.offset + chunk.start + chunk.local).to(cfg.device)
     scan_block(x, ids, test_set, handlers, cfg)
     best, arg = row_max.end()
-    out_max = np.full(n, np.nan, np.float32)
-    out_arg = np.full(n, -1, np.int32)
-    out_max[local] = best.cpu().numpy()
-    out_arg[local] = arg.cpu().numpy()
-    out_margin = None
+    out_max = np.full(chunk.n, np.nan, np.float32)
+    out_arg = np.full(chunk.n, -1, np.int32)
+    out_margin = np.full(chunk.n, np.nan, np.float32)
+    out_max[chunk.local] = best.cpu().numpy()
+    out_arg[chunk.local] = arg.cpu().numpy()
     if row_margin is not None:
-        out_margin = np.full(n, np.nan, np.float32)
-        out_margin[local] = row_margin.end().cpu().numpy()
+        out_margin[chunk.local] = row_margin.end().cpu().numpy()
     return out_max, out_arg, out_margin
-
-
-def scan_arrays(
-    blocks: Iterable[tuple[int, np.ndarray]],
-    tests: np.ndarray,
-    thresholds: np.ndarray | None = None,
-    topk: int = 10,
-    precision: str = "auto",
-    device: str = "cpu",
-    tile_rows: int | None = None,
-    tile_tests: int | None = None,
-    gemm: str = "auto",
-    reduce_threads: int | None | str = "auto",
-    row_sink: RowSink | None = None,
-    collect_rows: bool = True,
-    progress: Progress | None = None,
-    rows_total: int | None = None,
-    chunk_rows: int = CHUNK_ROWS,
-) -> ScanResult:
-    """Exact fused scan of (global row offset, fp16 rows) blocks against ``tests``.
-
-    ``row_sink(block_index, offset, max, argmax, margin)`` receives each block's per-row outputs
-    as soon as the block is done; with ``collect_rows=False`` they are not kept in memory (the
-    result's row fields are then None). ``precision``: "fp32", "bf16" or "auto" (bf16 where it is
-    fast: CUDA and AVX512_BF16/AMX CPUs); the tuning arguments are resolved by
-    ``kernel_config``. ``progress(rows_done, rows_total)`` is called after every chunk."""
-    cfg = kernel_config(precision, device, tile_rows, tile_tests, gemm, reduce_threads)
-    return _scan(
-        ((offset, emb, None) for offset, emb in blocks),
-        tests,
-        thresholds,
-        topk,
-        cfg,
-        row_sink,
-        collect_rows,
-        progress,
-        rows_total,
-        chunk_rows,
-    )
-
-
-def scan_store(
-    base: Store,
-    tests: np.ndarray,
-    thresholds: np.ndarray | None = None,
-    topk: int = 10,
-    keep: Callable[[str], np.ndarray] | None = None,
-    out_dir: Path | str | None = None,
-    progress: Progress | None = None,
-    precision: str = "auto",
-    device: str = "cpu",
-    tile_rows: int | None = None,
-    tile_tests: int | None = None,
-    gemm: str = "auto",
-    reduce_threads: int | None | str = "auto",
-    return_rows: bool = True,
-) -> ScanResult:
-    """Exact fused scan of an embedding store, shard by shard (read ahead on a thread).
-
-    ``keep(shard_name)`` returns a bool mask of that shard's rows to scan (a split rescanned
-    without copying). With ``out_dir`` per-row outputs are written per shard as each finishes,
-    then the per-test outputs and ``scan.json``; ``return_rows=False`` keeps per-row outputs out of
-    memory (for 1e8-row pools: read them back per shard with ``iter_scan_rows``)."""
-    cfg = kernel_config(precision, device, tile_rows, tile_tests, gemm, reduce_threads)
-    out = None if out_dir is None else Path(out_dir)
-    shards = base.shards
-
-    def blocks() -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-        for s in shards:
-            mask = None if keep is None else np.asarray(keep(s.name), bool)
-            yield s.offset, base.read_emb(s.name), mask
-
-    def sink(i: int, offset: int, mx: np.ndarray, arg: np.ndarray, margin: np.ndarray | None):
-        write_npy(out / "rows" / f"{shards[i].name}.npy", _row_records(mx, arg, margin))
-
-    result = _scan(
-        blocks(),
-        tests,
-        thresholds,
-        topk,
-        cfg,
-        None if out is None else sink,
-        return_rows or out is None,
-        progress,
-        base.rows,
-    )
-    if out is not None:
-        meta = {
-            # No paths: scan.json is a fingerprint of its inputs and must not depend on location.
-            "base": {
-                "rows": base.rows,
-                "shards_sha256": [s.sha256 for s in shards],
-            },
-            "keep": keep is not None,
-            "precision": cfg.precision,
-        }
-        _write_tests_and_meta(
-            result,
-            out,
-            [{"name": s.name, "offset": s.offset, "rows": s.rows} for s in shards],
-            tests,
-            thresholds,
-            thresholds is not None,
-            meta,
-        )
-    return result
-
-
-# ----------------------------------------------------------------------------- on disk
-
-
-def _row_records(mx: np.ndarray, arg: np.ndarray, margin: np.ndarray | None) -> np.ndarray:
-    fields = [("max", "<f4"), ("argmax", "<i4")] + (
-        [("margin", "<f4")] if margin is not None else []
-    )
-    rec = np.empty(len(mx), dtype=fields)
-    rec["max"], rec["argmax"] = mx, arg
-    if margin is not None:
-        rec["margin"] = margin
-    return rec
-
-
-def _sha256(a: np.ndarray | None) -> str | None:
-    return None if a is None else hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
-
-
-def _write_tests_and_meta(
-    result: ScanResult,
-    out: Path,
-    shards: list[dict[str, Any]],
-    tests: np.ndarray | None,
-    thresholds: np.ndarray | None,
-    with_margin: bool,
-    meta: dict[str, Any],
-) -> None:
-    write_npy(out / "tests" / "topk_sim.npy", result.topk_sim)
-    write_npy(out / "tests" / "topk_row.npy", result.topk_row)
-    if result.count_above is not None:
-        write_npy(out / "tests" / "count_above.npy", result.count_above)
-    doc = {
-        "format": FORMAT,
-        "tests": int(result.topk_sim.shape[0]),
-        "topk": int(result.topk_sim.shape[1]),
-        "thresholds": with_margin,
-        "rows": int(sum(s["rows"] for s in shards)),
-        "shards": shards,
-        "inputs": {
-            "tests_sha256": _sha256(tests),
-            "thresholds_sha256": _sha256(None if thresholds is None else np.float32(thresholds)),
-            **meta,
-        },
-    }
-    # Written last: a scan folder is complete iff scan.json exists.
-    write_json(out / "scan.json", doc)
-
-
-def write_scan(result: ScanResult, out_dir: Path | str, shard_name: str = "all") -> None:
-    """Write an in-memory result (all rows as one shard) in the scan folder layout."""
-    out = Path(out_dir)
-    if result.row_max is None or result.row_argmax is None:
-        raise ValueError("write_scan needs per-row outputs (scan with collect_rows=True)")
-    write_npy(
-        out / "rows" / f"{shard_name}.npy",
-        _row_records(result.row_max, result.row_argmax, result.row_margin),
-    )
-    n = len(result.row_max)
-    _write_tests_and_meta(
-        result,
-        out,
-        [{"name": shard_name, "offset": 0, "rows": n}],
-        None,
-        None,
-        result.row_margin is not None,
-        {},
-    )
-
-
-def iter_scan_rows(out_dir: Path | str) -> Iterator[tuple[str, int, np.ndarray]]:
-    """(shard name, global offset, structured per-row records, memory-mapped) per shard."""
-    out = Path(out_dir)
-    doc = _read_meta(out)
-    for s in doc["shards"]:
-        rec = np.load(out / "rows" / f"{s['name']}.npy", mmap_mode="r")
-        if len(rec) != s["rows"]:
-            raise ValueError(
-                f"{out}/rows/{s['name']}.npy: {len(rec)} rows, scan.json says {s['rows']}"
-            )
-        yield s["name"], s["offset"], rec
-
-
-def _read_meta(out: Path) -> dict[str, Any]:
-    if not (out / "scan.json").exists():
-        raise FileNotFoundError(f"{out}: not a finished scan (no scan.json)")
-    doc = read_json(out / "scan.json")
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"{out}/scan.json: unknown scan format {doc.get('format')!r}")
-    return doc
-
-
-def load_scan(out_dir: Path | str, rows: bool = True) -> ScanResult:
-    """Read a scan folder; ``rows=False`` skips the per-row outputs (row fields None)."""
-    out = Path(out_dir)
-    doc = _read_meta(out)
-    count_path = out / "tests" / "count_above.npy"
-    row_fields: list[np.ndarray | None] = [None, None, None]
-    if rows:
-        recs = [np.asarray(r) for _, _, r in iter_scan_rows(out)]
-        margin = doc["thresholds"]
-        empty = _row_records(
-            np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0) if margin else None
-        )
-        rec = np.concatenate(recs) if recs else empty
-        row_fields = [
-            rec["max"].copy(),
-            rec["argmax"].copy(),
-            rec["margin"].copy() if margin else None,
-        ]
-    return ScanResult(
-        topk_sim=np.load(out / "tests" / "topk_sim.npy"),
-        topk_row=np.load(out / "tests" / "topk_row.npy"),
-        count_above=np.load(count_path) if count_path.exists() else None,
-        row_max=row_fields[0],
-        row_argmax=row_fields[1],
-        row_margin=row_fields[2],
-    )
-
-
-__all__ = [
-    "ScanResult",
-    "iter_scan_rows",
-    "kernel_config",
-    "load_scan",
-    "merge_topk",
-    "scan_arrays",
-    "scan_store",
-    "write_scan",
-]

@@ -1,6 +1,9 @@
-"""Split policies: gap-matched, near/far/random, coreset."""
+"""Split policies: gap-matched, near/far/random, coreset, semdedup, image-based; the audit."""
 
+from simgap.select.audit import audit
+from simgap.select.image_based import image_based
 from simgap.select.policies import (
+    coreset,
     far_pruned,
     gapmatch,
     near_pruned,
@@ -8,5 +11,17 @@ from simgap.select.policies import (
     resolve_size,
     union_score,
 )
+from simgap.select.semdedup import semdedup
 
-__all__ = ["far_pruned", "gapmatch", "near_pruned", "random_split", "resolve_size", "union_score"]
+__all__ = [
+    "audit",
+    "coreset",
+    "far_pruned",
+    "gapmatch",
+    "image_based",
+    "near_pruned",
+    "random_split",
+    "resolve_size",
+    "semdedup",
+    "union_score",
+]

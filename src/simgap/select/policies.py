@@ -56,9 +56,25 @@ def random_split(total: int, n: int, seed: int) -> np.ndarray:
 
 
 def resolve_size(size: int | float, total: int) -> int:
-    """A count, or a fraction of the pool when 0 < size < 1."""
-    if isinstance(size, float) and 0 < size < 1:
+    """A count (int), or a fraction of the pool (float in [0, 1])."""
+    if isinstance(size, float):
+        if not 0 <= size <= 1:
+            raise ValueError(f"split fraction {size} is outside [0, 1]")
         return int(round(size * total))
     n = int(size)
     _check_size(total, n)
     return n
+
+
+def parse_size(text: str) -> int | float:
+    """``"0.25"`` → a fraction, ``"1000"`` → a count (the CLI's ``--size``)."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise ValueError(f"size {text!r} is neither a count nor a fraction") from None
+
+
+def coreset(score: np.ndarray, n: int) -> np.ndarray:
+    """The paper's coreset: far-pruned (most similar kept) against all benchmarks at once;
+    ``score`` is the union score over every benchmark."""
+    return far_pruned(score, n)

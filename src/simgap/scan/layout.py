@@ -1,0 +1,187 @@
+"""The scan folder on disk: what one scan of a base store against a set of tests writes.
+
+::
+
+    scan.json              format, sizes, shards (name, offset, rows), input fingerprints, rows
+                           excluded as bad; written last: a folder is a finished scan iff it exists
+    inputs/tests.npy       the tests as scanned, (M, d) float16/float32, in test index order
+    inputs/thresholds.npy  float32 (M,), only with thresholds
+    tests/topk_sim.npy     float32 (M, k), descending; -inf padding when the base has < k rows
+    tests/topk_row.npy     int64 (M, k) global base row ids; -1 padding
+    tests/count_above.npy  int64 (M,) base rows with similarity > threshold; only with thresholds
+    tests/tests.parquet    one row per test: test (index), the caller's columns (benchmark, key),
+                           threshold, count_above, nn_sim, nn_key, topk_sim, topk_key (lists)
+    rows/<shard>.npy       structured per base row: max f4, argmax i4 (test index), margin f4
+    parts/<shard>.npy      per-shard per-test partial (sim f4[k], row i8[k], count i8)
+    done/<shard>.json      the shard's done record (fingerprint of its inputs, rows, bad rows)
+
+Excluded rows (a keep mask, or bad rows skipped) have max/margin NaN and argmax -1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from simgap.io import read_json, write_json, write_npy, write_parquet
+from simgap.scan.scan import ScanResult
+
+FORMAT = "simgap-scan/1"
+
+
+def row_records(mx: np.ndarray, arg: np.ndarray, margin: np.ndarray | None) -> np.ndarray:
+    fields = [("max", "<f4"), ("argmax", "<i4")] + (
+        [("margin", "<f4")] if margin is not None else []
+    )
+    rec = np.empty(len(mx), dtype=fields)
+    rec["max"], rec["argmax"] = mx, arg
+    if margin is not None:
+        rec["margin"] = margin
+    return rec
+
+
+def part_records(sim: np.ndarray, row: np.ndarray, count: np.ndarray | None) -> np.ndarray:
+    """One shard's per-test partial as one structured array (one file, one atomic write)."""
+    k = sim.shape[1]
+    rec = np.empty(len(sim), dtype=[("sim", "<f4", (k,)), ("row", "<i8", (k,)), ("count", "<i8")])
+    rec["sim"], rec["row"] = sim, row
+    rec["count"] = 0 if count is None else count
+    return rec
+
+
+def sha256_array(a: np.ndarray | None) -> str | None:
+    return None if a is None else hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def write_tests_and_meta(
+    result: ScanResult,
+    out: Path,
+    shards: list[dict[str, Any]],
+    test_table: pa.Table | None,
+    meta: dict[str, Any],
+) -> None:
+    """Per-test outputs, then ``scan.json`` (last: it marks the folder finished)."""
+    write_npy(out / "tests" / "topk_sim.npy", result.topk_sim)
+    write_npy(out / "tests" / "topk_row.npy", result.topk_row)
+    if result.count_above is not None:
+        write_npy(out / "tests" / "count_above.npy", result.count_above)
+    if test_table is not None:
+        write_parquet(out / "tests" / "tests.parquet", test_table)
+    doc = {
+        "format": FORMAT,
+        "tests": int(result.topk_sim.shape[0]),
+        "topk": int(result.topk_sim.shape[1]),
+        "thresholds": result.count_above is not None,
+        "rows": int(sum(s["rows"] for s in shards)),
+        "shards": shards,
+        **meta,
+    }
+    write_json(out / "scan.json", doc)
+
+
+def test_table(
+    result: ScanResult,
+    info: pa.Table | None,
+    thresholds: np.ndarray | None,
+    topk_key: np.ndarray | None,
+) -> pa.Table:
+    """One row per test: its index, the caller's columns (benchmark, key), and its outputs."""
+    m, k = result.topk_sim.shape
+    cols: dict[str, Any] = {"test": pa.array(np.arange(m, dtype=np.int64))}
+    if info is not None:
+        if info.num_rows != m:
+            raise ValueError(f"test info has {info.num_rows} rows for {m} tests")
+        cols.update({name: info.column(name) for name in info.column_names})
+    if thresholds is not None:
+        cols["threshold"] = pa.array(np.asarray(thresholds, np.float32))
+        cols["count_above"] = pa.array(result.count_above)
+    if k:
+        nn = result.topk_sim[:, 0]
+        cols["nn_sim"] = pa.array(nn, mask=~np.isfinite(nn))
+        sims = pa.array(result.topk_sim.reshape(-1))
+        cols["topk_sim"] = pa.FixedSizeListArray.from_arrays(sims, k)
+        if topk_key is not None:
+            cols["nn_key"] = pa.array(topk_key[:, 0], pa.string())
+            keys = pa.array(topk_key.reshape(-1), pa.string())
+            cols["topk_key"] = pa.FixedSizeListArray.from_arrays(keys, k)
+    return pa.table(cols)
+
+
+def write_scan(result: ScanResult, out_dir: Path | str, shard_name: str = "all") -> None:
+    """Write an in-memory result (all rows as one shard) in the scan folder layout."""
+    out = Path(out_dir)
+    if result.row_max is None or result.row_argmax is None:
+        raise ValueError("write_scan needs per-row outputs (scan with collect_rows=True)")
+    write_npy(
+        out / "rows" / f"{shard_name}.npy",
+        row_records(result.row_max, result.row_argmax, result.row_margin),
+    )
+    n = len(result.row_max)
+    shards = [{"name": shard_name, "offset": 0, "rows": n}]
+    write_tests_and_meta(result, out, shards, None, {"inputs": {}})
+
+
+def read_meta(out: Path | str) -> dict[str, Any]:
+    out = Path(out)
+    if not (out / "scan.json").exists():
+        raise FileNotFoundError(f"{out}: not a finished scan (no scan.json)")
+    doc = read_json(out / "scan.json")
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"{out}/scan.json: unknown scan format {doc.get('format')!r}")
+    return doc
+
+
+def iter_scan_rows(out_dir: Path | str) -> Iterator[tuple[str, int, np.ndarray]]:
+    """(shard name, global offset, structured per-row records, memory-mapped) per shard."""
+    out = Path(out_dir)
+    doc = read_meta(out)
+    for s in doc["shards"]:
+        rec = np.load(out / "rows" / f"{s['name']}.npy", mmap_mode="r")
+        if len(rec) != s["rows"]:
+            raise ValueError(
+                f"{out}/rows/{s['name']}.npy: {len(rec)} rows, scan.json says {s['rows']}"
+            )
+        yield s["name"], s["offset"], rec
+
+
+def load_tests_table(out_dir: Path | str) -> pa.Table:
+    """``tests/tests.parquet``: which benchmark and key each test is, and its outputs."""
+    path = Path(out_dir) / "tests" / "tests.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: this scan has no per-test table")
+    return pq.read_table(path)
+
+
+def load_scan(out_dir: Path | str, rows: bool = True) -> ScanResult:
+    """Read a scan folder; ``rows=False`` skips the per-row outputs (row fields None)."""
+    out = Path(out_dir)
+    doc = read_meta(out)
+    count_path = out / "tests" / "count_above.npy"
+    row_fields: list[np.ndarray | None] = [None, None, None]
+    if rows:
+        recs = [np.asarray(r) for _, _, r in iter_scan_rows(out)]
+        margin = doc["thresholds"]
+        empty = row_records(
+            np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0) if margin else None
+        )
+        rec = np.concatenate(recs) if recs else empty
+        row_fields = [
+            rec["max"].copy(),
+            rec["argmax"].copy(),
+            rec["margin"].copy() if margin else None,
+        ]
+    return ScanResult(
+        topk_sim=np.load(out / "tests" / "topk_sim.npy"),
+        topk_row=np.load(out / "tests" / "topk_row.npy"),
+        count_above=np.load(count_path) if count_path.exists() else None,
+        row_max=row_fields[0],
+        row_argmax=row_fields[1],
+        row_margin=row_fields[2],
+        bad_rows=int(doc.get("bad_rows", {}).get("count", 0)),
+    )

@@ -1,0 +1,332 @@
+"""Scan an embedding store shard by shard on an executor; merge the shards' per-test partials.
+
+Each shard is one task (``ShardScan``, a picklable callable): it scans that shard's rows against
+all tests and writes ``rows/<shard>.npy`` (per-row outputs), ``parts/<shard>.npy`` (per-test top-k
+and counts over the shard) and last ``done/<shard>.json``, each atomically. A rerun skips every
+shard whose done record carries the same input fingerprint, so a killed scan resumes where it
+stopped. The driver then merges the partials in shard order with ``merge_topk`` (a total order:
+similarity descending, row id ascending), so any engine, any worker count and any completion
+order give the same bytes as one process scanning the stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from simgap.io import read_json, write_json, write_npy
+from simgap.parallel import Executor, LocalEngine
+from simgap.scan.kernel import KernelConfig, merge_topk
+from simgap.scan.layout import (
+    FORMAT,
+    part_records,
+    row_records,
+    sha256_array,
+    test_table,
+    write_tests_and_meta,
+)
+from simgap.scan.scan import Progress, ScanResult, check_tests, find_bad_rows, scan_arrays
+from simgap.store import Store, StoreError
+
+BAD_ROW_POLICIES = ("error", "skip")
+FIRST_KEYS = 5  # keys named in a bad-row error or record
+
+
+@dataclass(frozen=True, repr=False)
+class ShardTask:
+    name: str
+    offset: int
+    rows: int
+    keep: np.ndarray | None = field(default=None, compare=False)
+
+    def __repr__(self) -> str:
+        # Executor errors name the task: keep that line short (no mask array in it).
+        return f"shard {self.name}"
+
+
+def exclude_bad_rows(
+    store: Store, shard: str, emb: np.ndarray, keep: np.ndarray | None, policy: str
+) -> tuple[np.ndarray | None, int, list[str]]:
+    """Check a shard's rows; NaN/Inf or non-unit rows raise (``error``) or leave ``keep``
+    (``skip``). Returns the keep mask, the number of bad rows and the first bad keys."""
+    bad = find_bad_rows(emb)
+    if keep is not None:
+        bad = bad[keep[bad]]  # rows excluded anyway do not count
+    if len(bad) == 0:
+        return keep, 0, []
+    first = store.read_keys(shard).column("key").take(pa.array(bad[:FIRST_KEYS])).to_pylist()
+    if policy == "error":
+        raise ValueError(
+            f"{store.path}/emb/{shard}.npy: {len(bad)} rows are NaN/Inf or not unit-norm "
+            f"(first keys: {', '.join(first)}); re-embed them or scan with --skip-bad"
+        )
+    keep = np.ones(len(emb), bool) if keep is None else keep.copy()
+    keep[bad] = False
+    return keep, len(bad), first
+
+
+@dataclass(frozen=True)
+class ShardScan:
+    """The per-shard scan, the same function on every engine. The store travels as its
+    (small) manifest, not re-opened per task; tests are read from the scan folder (``inputs/``),
+    not shipped in the task: a process pool pickles every task."""
+
+    store: Store
+    out: str
+    topk: int
+    config: KernelConfig
+    bad_rows: str
+    inputs: str  # fingerprint of tests, thresholds, k and format
+
+    def fingerprint(self, sha256: str, keep: np.ndarray | None) -> str:
+        parts = [FORMAT, self.inputs, sha256, sha256_array(keep), self.bad_rows]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+    def __call__(self, task: ShardTask) -> dict[str, Any]:
+        out = Path(self.out)
+        store = self.store
+        info = next((s for s in store.shards if s.name == task.name), None)
+        if info is None:
+            raise StoreError(f"{store.path}: no shard {task.name}")
+        fp = self.fingerprint(info.sha256, task.keep)
+        done = _done_record(out, task.name, fp)
+        if done is not None:
+            return done
+        emb = store.read_emb(task.name)
+        if len(emb) != info.rows:
+            raise StoreError(f"{store.path}/emb/{task.name}.npy: {len(emb)} rows, not {info.rows}")
+        keep, n_bad, bad_keys = exclude_bad_rows(store, task.name, emb, task.keep, self.bad_rows)
+        tests = np.load(out / "inputs" / "tests.npy")
+        thr_path = out / "inputs" / "thresholds.npy"
+        thresholds = np.load(thr_path) if thr_path.exists() else None
+        res = scan_arrays([(task.offset, emb, keep)], tests, thresholds, self.topk, self.config)
+        write_npy(
+            out / "rows" / f"{task.name}.npy",
+            row_records(res.row_max, res.row_argmax, res.row_margin),
+        )
+        write_npy(
+            out / "parts" / f"{task.name}.npy",
+            part_records(res.topk_sim, res.topk_row, res.count_above),
+        )
+        record = {
+            "name": task.name,
+            "rows": info.rows,
+            "scanned": info.rows if keep is None else int(keep.sum()),
+            "bad_rows": n_bad,
+            "bad_keys": bad_keys,
+            "fingerprint": fp,
+        }
+        # Written last: the done record is what marks the shard finished.
+        write_json(out / "done" / f"{task.name}.json", record)
+        return record
+
+
+def _done_record(out: Path, name: str, fingerprint: str) -> dict[str, Any] | None:
+    path = out / "done" / f"{name}.json"
+    if not path.exists():
+        return None
+    record = read_json(path)
+    outputs = (out / "rows" / f"{name}.npy", out / "parts" / f"{name}.npy")
+    if record.get("fingerprint") != fingerprint or not all(p.exists() for p in outputs):
+        return None
+    return record
+
+
+def merge_parts(
+    out: Path, shards: list[str], m: int, k: int, with_count: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Fold the shards' per-test partials, in shard order, into the store's top-k and counts."""
+    sim = np.full((m, k), -np.inf, np.float32)
+    row = np.full((m, k), -1, np.int64)
+    count = np.zeros(m, np.int64)
+    for name in shards:
+        path = out / "parts" / f"{name}.npy"
+        part = np.load(path)
+        if part.shape != (m,) or part["sim"].shape[1:] != (k,):
+            raise ValueError(f"{path}: partial for {part.shape} tests, expected {m} x k={k}")
+        if k:
+            sim, row = merge_topk((sim, row), (part["sim"], part["row"]))
+        count += part["count"]
+    return sim, row, count if with_count else None
+
+
+def topk_keys(store: Store, rows: np.ndarray) -> np.ndarray:
+    """Base keys of global row ids (None at -1 padding), reading one shard's keys at a time."""
+    keys = np.full(rows.shape, None, object)
+    for s in store.shards:
+        sel = (rows >= s.offset) & (rows < s.offset + s.rows)
+        if sel.any():
+            col = store.read_keys(s.name).column("key").to_numpy(zero_copy_only=False)
+            keys[sel] = col[rows[sel] - s.offset]
+    return keys
+
+
+def _store_blocks(
+    store: Store, masks: dict[str, np.ndarray] | None, policy: str, bad: list[tuple[int, list]]
+) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    for s in store.shards:
+        emb = store.read_emb(s.name)
+        keep = None if masks is None else masks[s.name]
+        keep, n_bad, first = exclude_bad_rows(store, s.name, emb, keep, policy)
+        bad.append((n_bad, first))
+        yield s.offset, emb, keep
+
+
+def scan_store(
+    base: Store,
+    tests: np.ndarray,
+    thresholds: np.ndarray | None = None,
+    topk: int = 10,
+    keep: Callable[[str], np.ndarray] | None = None,
+    out_dir: Path | str | None = None,
+    progress: Progress | None = None,
+    config: KernelConfig | None = None,
+    executor: Executor | None = None,
+    return_rows: bool = True,
+    test_info: pa.Table | None = None,
+    bad_rows: str = "error",
+) -> ScanResult:
+    """Exact fused scan of an embedding store against ``tests`` (M, d).
+
+    ``keep(shard_name)`` returns a bool mask of that shard's rows to scan (a split rescanned
+    without copying). Rows that are NaN/Inf or not unit-norm raise a ValueError naming their
+    keys (``bad_rows="error"``) or are excluded and counted (``"skip"``).
+
+    Without ``out_dir`` the shards stream through this process (read ahead on a thread) and
+    everything is returned in memory. With ``out_dir`` every shard is a task on ``executor``
+    (default: this process) writing its outputs and a done record (resumable), the partials are
+    merged, and the per-test outputs (plus ``test_info`` columns such as benchmark and key, see
+    ``layout.py``) and ``scan.json`` are written; ``return_rows=False`` keeps the per-row
+    outputs out of memory (read them back per shard with ``iter_scan_rows``)."""
+    cfg = (config or KernelConfig()).resolved()
+    tests = np.asarray(tests)
+    thresholds = None if thresholds is None else np.asarray(thresholds, np.float32)
+    check_tests(tests, thresholds, topk)
+    if bad_rows not in BAD_ROW_POLICIES:
+        raise ValueError(f"bad_rows must be one of {BAD_ROW_POLICIES}, not {bad_rows!r}")
+    if tests.shape[1] != base.dim:
+        raise ValueError(f"{base.path}: dim {base.dim}, tests have d={tests.shape[1]}")
+    masks = None if keep is None else {s.name: _mask(keep, s.name, s.rows) for s in base.shards}
+    if out_dir is None:
+        if executor is not None:
+            raise ValueError("scanning on an executor needs out_dir (shards hand over files)")
+        bad: list[tuple[int, list]] = []
+        res = scan_arrays(
+            _store_blocks(base, masks, bad_rows, bad),
+            tests,
+            thresholds,
+            topk,
+            cfg,
+            progress=progress,
+            rows_total=base.rows,
+        )
+        res.bad_rows = sum(n for n, _ in bad)
+        return res
+    return _scan_shards(
+        base,
+        tests,
+        thresholds,
+        topk,
+        masks,
+        Path(out_dir),
+        progress,
+        cfg,
+        executor or Executor(LocalEngine(1)),
+        return_rows,
+        test_info,
+        bad_rows,
+    )
+
+
+def _mask(keep: Callable[[str], np.ndarray], name: str, rows: int) -> np.ndarray:
+    mask = np.asarray(keep(name), bool)
+    if mask.shape != (rows,):
+        raise ValueError(f"keep mask for shard {name}: shape {mask.shape}, shard has {rows} rows")
+    return mask
+
+
+def _scan_shards(
+    base: Store,
+    tests: np.ndarray,
+    thresholds: np.ndarray | None,
+    topk: int,
+    masks: dict[str, np.ndarray] | None,
+    out: Path,
+    progress: Progress | None,
+    cfg: KernelConfig,
+    executor: Executor,
+    return_rows: bool,
+    test_info: pa.Table | None,
+    bad_rows: str,
+) -> ScanResult:
+    # A scan.json left by an earlier run would mark this folder finished while it is rewritten.
+    (out / "scan.json").unlink(missing_ok=True)
+    write_npy(out / "inputs" / "tests.npy", tests)
+    thr_path = out / "inputs" / "thresholds.npy"
+    if thresholds is not None:
+        write_npy(thr_path, thresholds)
+    else:
+        thr_path.unlink(missing_ok=True)
+    inputs = {
+        "tests_sha256": sha256_array(tests),
+        "tests_dtype": str(tests.dtype),
+        "thresholds_sha256": sha256_array(thresholds),
+        "topk": topk,
+    }
+    inputs_fp = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    fn = ShardScan(base, str(out), topk, cfg, bad_rows, inputs_fp)
+    tasks = [
+        ShardTask(s.name, s.offset, s.rows, None if masks is None else masks[s.name])
+        for s in base.shards
+    ]
+    rows_done = [0]
+
+    def on_done(finished: int, total: int, record: dict[str, Any]) -> None:
+        rows_done[0] += record["rows"]
+        if progress is not None:
+            progress(rows_done[0], base.rows)
+
+    records = executor.map(fn, tasks, on_done=on_done)
+    names = [t.name for t in tasks]
+    m = len(tests)
+    sim, row, count = merge_parts(out, names, m, topk, thresholds is not None)
+    n_bad = sum(r["bad_rows"] for r in records)
+    first_bad = [k for r in records for k in r["bad_keys"]][:FIRST_KEYS]
+    result = ScanResult(sim, row, count, None, None, None, bad_rows=n_bad)
+    keys = topk_keys(base, row) if topk else None
+    meta = {
+        # No paths: scan.json is a fingerprint of its inputs and must not depend on location.
+        "inputs": {
+            **inputs,
+            "base": {"rows": base.rows, "shards_sha256": [s.sha256 for s in base.shards]},
+            "keep_sha256": None
+            if masks is None
+            else sha256_array(
+                np.concatenate([masks[n] for n in names]) if names else np.zeros(0, bool)
+            ),
+            "model": base.model,
+        },
+        "bad_rows": {"policy": bad_rows, "count": n_bad, "first_keys": first_bad},
+    }
+    shards = [{"name": s.name, "offset": s.offset, "rows": s.rows} for s in base.shards]
+    table = test_table(result, test_info, thresholds, keys)
+    write_tests_and_meta(result, out, shards, table, meta)
+    if return_rows:
+        recs = [np.load(out / "rows" / f"{n}.npy") for n in names]
+        rec = (
+            np.concatenate(recs)
+            if recs
+            else row_records(
+                np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.float32)
+            )
+        )
+        result.row_max, result.row_argmax = rec["max"].copy(), rec["argmax"].copy()
+        result.row_margin = rec["margin"].copy() if thresholds is not None else None
+    return result

@@ -1,0 +1,319 @@
+"""Make one split from stores and scan outputs, write it with its provenance, check gapmatch.
+
+This is what ``simgap select`` runs. Per-benchmark inputs are a benchmark store (its test
+points) and/or a pool scan against it (``simgap scan``: per-row max and margin); thresholds come
+from a reference store (scanned here) or from reference scans (their top-1 similarity). When a
+pool scan and thresholds are both given, the scan's recorded input hashes must match them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from simgap.io import read_json, write_parquet
+from simgap.select.policies import (
+    coreset,
+    far_pruned,
+    gapmatch,
+    near_pruned,
+    random_split,
+    resolve_size,
+    union_score,
+)
+from simgap.splits import read_key_list, write_split
+from simgap.store import Store, check_compatible, open_store
+
+POLICIES = ("gapmatch", "near", "far", "random", "coreset", "semdedup", "image-based")
+Log = Callable[[str], None]
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def store_fingerprint(store: Store) -> str:
+    """Content identity of a store: its manifest holds every shard's checksum and the model."""
+    return _sha(json.dumps(store.manifest, sort_keys=True).encode())
+
+
+def scan_fingerprint(path: Path) -> str:
+    return _sha((Path(path) / "scan.json").read_bytes())
+
+
+def _bench_name(path: Path, prefix: str) -> str:
+    name = Path(path).name
+    return name[len(prefix) :] if name.startswith(prefix) else name
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    policy: str
+    pool: Path
+    out: Path
+    benchmarks: tuple[Path, ...] = ()  # benchmark stores
+    scans: tuple[Path, ...] = ()  # pool scans, one per benchmark (same order when both given)
+    reference: Path | None = None  # reference store
+    reference_scans: tuple[Path, ...] = ()  # reference-vs-benchmark scans, one per benchmark
+    size: int | float | None = None
+    seed: int = 0
+    add_reference: bool = True
+    check: bool = True
+    control: bool = False
+    clusters: int = 100
+    eps: float = 0.124
+    rule: str = "kept"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Bench:
+    name: str
+    store: Store | None = None
+    tests: np.ndarray | None = None
+    thresholds: np.ndarray | None = None
+    row_max: np.ndarray | None = None
+    row_margin: np.ndarray | None = None
+
+
+def _check_scan(scan: Path, pool: Store, doc: dict[str, Any], bench: _Bench) -> None:
+    inputs = doc.get("inputs", {})
+    if doc["rows"] != pool.rows or inputs.get("base", {}).get("shards_sha256") not in (
+        None,
+        [s.sha256 for s in pool.shards],
+    ):
+        raise ValueError(f"{scan}/scan.json: the scan was not made over the pool {pool.path}")
+    if bench.tests is not None and inputs.get("tests_sha256") not in (None, _sha(bench.tests)):
+        raise ValueError(
+            f"{scan}/scan.json: the scan's test points are not those of {bench.store.path}"
+        )
+    want = None if bench.thresholds is None else _sha(np.float32(bench.thresholds).tobytes())
+    if want and doc.get("thresholds") and inputs.get("thresholds_sha256") not in (None, want):
+        raise ValueError(
+            f"{scan}/scan.json: the scan's thresholds differ from the reference's NN similarities"
+        )
+
+
+def _load_benches(cfg: SelectConfig, pool: Store, fp: dict[str, Any], log: Log) -> list[_Bench]:
+    from simgap.scan import load_scan, scan_store
+
+    n = max(len(cfg.benchmarks), len(cfg.scans))
+    for what, paths in (("--scans", cfg.scans), ("--reference-scans", cfg.reference_scans)):
+        if paths and len(paths) != n:
+            raise ValueError(f"{what}: {len(paths)} given for {n} benchmarks (one each, in order)")
+    reference = open_store(cfg.reference) if cfg.reference else None
+    if reference is not None:
+        check_compatible(pool, reference)
+        fp["reference"] = store_fingerprint(reference)
+    benches = []
+    for i in range(n):
+        if cfg.benchmarks:
+            store = open_store(cfg.benchmarks[i])
+            check_compatible(pool, store)
+            b = _Bench(_bench_name(store.path, "bench-"), store, store.embeddings())
+            fp.setdefault("benchmarks", {})[b.name] = store_fingerprint(store)
+        else:
+            b = _Bench(_bench_name(cfg.scans[i], "pool-"))
+        if cfg.reference_scans:
+            b.thresholds = load_scan(cfg.reference_scans[i], rows=False).topk_sim[:, 0].copy()
+            fp.setdefault("reference_scans", {})[b.name] = scan_fingerprint(cfg.reference_scans[i])
+        elif reference is not None and b.tests is not None:
+            log(f"select: thresholds of {b.name} from the reference store")
+            b.thresholds = scan_store(reference, b.tests, topk=1).topk_sim[:, 0].copy()
+        if cfg.scans:
+            doc = (
+                read_json(Path(cfg.scans[i]) / "scan.json")
+                if Path(cfg.scans[i], "scan.json").exists()
+                else None
+            )
+            if doc is None:
+                raise FileNotFoundError(f"{cfg.scans[i]}: not a finished scan (no scan.json)")
+            _check_scan(cfg.scans[i], pool, doc, b)
+            res = load_scan(cfg.scans[i])
+            b.row_max, b.row_margin = res.row_max, res.row_margin
+            fp.setdefault("scans", {})[b.name] = scan_fingerprint(cfg.scans[i])
+        benches.append(b)
+    return benches
+
+
+def _need_scores(pool: Store, benches: list[_Bench], margin: bool, log: Log) -> None:
+    """Scan the pool against benchmarks that came without a (suitable) pool scan."""
+    from simgap.scan import scan_store
+
+    for b in benches:
+        if b.row_max is not None and (b.row_margin is not None or not margin):
+            continue
+        if b.tests is None:
+            raise ValueError(f"benchmark {b.name}: its scan lacks margins and no store was given")
+        if margin and b.thresholds is None:
+            raise ValueError(
+                f"gapmatch on {b.name} needs thresholds: give --reference or --reference-scans, "
+                "or a pool scan made with --thresholds-from"
+            )
+        log(f"select: scanning the pool against {b.name}")
+        res = scan_store(pool, b.tests, thresholds=b.thresholds if margin else None, topk=1)
+        b.row_max, b.row_margin = res.row_max, res.row_margin
+
+
+def _pool_keys(pool: Store, mask: np.ndarray) -> list[str]:
+    keys: list[str] = []
+    for s in pool.shards:
+        part = mask[s.offset : s.offset + s.rows]
+        keys += pool.read_keys(s.name).column("key").filter(pa.array(part)).to_pylist()
+    return keys
+
+
+def make_mask(
+    cfg: SelectConfig, pool: Store, fp: dict[str, Any], log: Log
+) -> tuple[np.ndarray, dict[str, Any], list[_Bench], pa.Table | None]:
+    """The policy's keep mask over pool rows, its parameters, the benchmarks it used and (for
+    semdedup) its per-cluster statistics."""
+    p = cfg.policy
+    params: dict[str, Any] = dict(cfg.params)
+    if p == "random":
+        if cfg.size is None:
+            raise ValueError("random needs --size")
+        n = resolve_size(cfg.size, pool.rows)
+        params["size"] = cfg.size
+        return random_split(pool.rows, n, cfg.seed), params, [], None
+    if p == "semdedup":
+        from simgap.select.semdedup import semdedup
+
+        params.update(clusters=cfg.clusters, eps=cfg.eps, rule=cfg.rule)
+        keep, stats = semdedup(pool, cfg.clusters, cfg.eps, cfg.seed, rule=cfg.rule, log=log)
+        return keep, params, [], stats
+    if p == "image-based":
+        from simgap.select.image_based import image_based
+
+        if cfg.reference is None:
+            raise ValueError("image-based needs --reference (the store whose clusters are kept)")
+        reference = open_store(cfg.reference)
+        fp["reference"] = store_fingerprint(reference)
+        params["clusters"] = cfg.clusters
+        return image_based(pool, reference, cfg.clusters, cfg.seed), params, [], None
+    benches = _load_benches(cfg, pool, fp, log)
+    if not benches:
+        raise ValueError(f"{p} needs --benchmarks or --scans")
+    _need_scores(pool, benches, margin=p == "gapmatch", log=log)
+    if p == "gapmatch":
+        return gapmatch([b.row_margin for b in benches]), params, benches, None
+    score = union_score([b.row_max for b in benches])
+    size = cfg.size if cfg.size is not None else (0.5 if p == "coreset" else None)
+    if size is None:
+        raise ValueError(f"{p} needs --size (a count or a fraction of the pool)")
+    params["size"] = size
+    n = resolve_size(size, pool.rows)
+    policy = {"near": near_pruned, "far": far_pruned, "coreset": coreset}.get(p)
+    if policy is None:
+        raise ValueError(f"unknown policy {p!r}: choose one of {', '.join(POLICIES)}")
+    return policy(score, n), params, benches, None
+
+
+def check_guarantee(
+    pool: Store,
+    split: Path,
+    tests: list[np.ndarray],
+    thresholds: list[np.ndarray],
+    reference: Store | None = None,
+) -> dict[str, Any]:
+    """Rescan the pool restricted to the split's written keys: every test point's NN similarity
+    must be ≤ its threshold; with the reference set added, the NN similarity of split ∪ reference
+    must equal the threshold."""
+    from simgap.scan import scan_store
+
+    kept = pa.array(sorted(read_key_list(split)), pa.string())
+    offsets = {s.name: s for s in pool.shards}
+
+    def keep(shard: str) -> np.ndarray:
+        keys = pool.read_keys(offsets[shard].name).column("key")
+        return pc.is_in(keys, value_set=kept).to_numpy(zero_copy_only=False)
+
+    total = violations = equal = 0
+    worst = -np.inf
+    for t, thr in zip(tests, thresholds, strict=True):
+        nn = scan_store(pool, t, topk=1, keep=keep).topk_sim[:, 0]
+        thr = np.asarray(thr, np.float32)
+        total += len(t)
+        violations += int((nn > thr).sum())
+        worst = max(worst, float(np.max(nn - thr)))
+        if reference is not None:
+            ref_nn = scan_store(reference, t, topk=1).topk_sim[:, 0]
+            equal += int((np.maximum(nn, ref_nn) == thr).sum())
+    out: dict[str, Any] = {
+        "tests": total,
+        "violations": violations,
+        "max_excess": worst if np.isfinite(worst) else None,
+        "holds": violations == 0,
+    }
+    if reference is not None:
+        out["equal"] = equal
+        out["holds"] = violations == 0 and equal == total
+    return out
+
+
+def select(cfg: SelectConfig, log: Log = lambda _: None) -> dict[str, Any]:
+    """Make, write and (gapmatch) check one split; with ``control`` also its size-matched random
+    control in ``<out>-random``. Returns the split's metadata."""
+    if cfg.policy not in POLICIES:
+        raise ValueError(f"unknown policy {cfg.policy!r}: choose one of {', '.join(POLICIES)}")
+    pool = open_store(cfg.pool)
+    fp: dict[str, Any] = {"pool": store_fingerprint(pool)}
+    mask, params, benches, stats = make_mask(cfg, pool, fp, log)
+    out = Path(cfg.out)
+    name = out.name
+    meta: dict[str, Any] = {
+        "name": name,
+        "policy": cfg.policy,
+        "params": params,
+        "seed": cfg.seed,
+        "benchmarks": [b.name for b in benches],
+        "pool_size": pool.rows,
+        "removed": int(pool.rows - mask.sum()),
+        "reference_added": bool(cfg.add_reference and cfg.policy == "gapmatch"),
+        "control_of": None,
+        "fingerprints": fp,
+    }
+    if stats is not None:
+        write_parquet(out / "clusters.parquet", stats)
+    meta = write_split(out, _pool_keys(pool, mask), meta)
+    if cfg.policy == "gapmatch" and cfg.check:
+        meta = run_check(cfg, pool, benches, out, meta, log)
+    if cfg.control:
+        ctrl = dict(meta, name=f"{name}-random", policy="random", control_of=name)
+        ctrl.update(params={"size": int(mask.sum())}, benchmarks=[], reference_added=False)
+        ctrl.pop("guarantee", None)
+        control = random_split(pool.rows, int(mask.sum()), cfg.seed)
+        ctrl["removed"] = int(pool.rows - control.sum())
+        write_split(out.parent / f"{name}-random", _pool_keys(pool, control), ctrl)
+    return meta
+
+
+def run_check(
+    cfg: SelectConfig, pool: Store, benches: list[_Bench], out: Path, meta: dict, log: Log
+) -> dict[str, Any]:
+    missing = [b.name for b in benches if b.tests is None or b.thresholds is None]
+    if missing:
+        raise ValueError(
+            f"the guarantee check needs the benchmark stores and thresholds of {missing}: "
+            "give --benchmarks and --reference/--reference-scans, or pass --no-check"
+        )
+    reference = open_store(cfg.reference) if cfg.reference and meta["reference_added"] else None
+    log("select: checking the gap-matching guarantee by rescanning the split")
+    check = check_guarantee(
+        pool, out, [b.tests for b in benches], [b.thresholds for b in benches], reference
+    )
+    meta = write_split(out, read_key_list(out), {**meta, "guarantee": check})
+    if not check["holds"]:
+        raise RuntimeError(
+            f"{out}: the gap-matching guarantee does not hold: {check['violations']} of "
+            f"{check['tests']} test points have a split neighbour above their threshold"
+        )
+    return meta

@@ -1,0 +1,277 @@
+"""Kill anywhere: SIGKILL each stage's CLI process group at seeded random points, rerun, and
+demand the same bytes as an uninterrupted run, every output whole, no key lost or duplicated.
+
+The default suite takes a few kill points per stage; ``-m extended`` takes 20 or more.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from simgap.data.tars import write_tar
+from simgap.splits import write_split
+
+from .faultlib import (
+    assert_ok,
+    assert_same_tree,
+    assert_whole_files,
+    move_aside,
+    record,
+    run_and_kill,
+    run_cli,
+    tar_keys,
+    write_unit_store,
+)
+
+DEFAULT_POINTS = 2
+EXTENDED_POINTS = 20
+
+
+def _survive(stage: str, args: list, out: Path, reference: Path, points, ignore=(), check=None):
+    """For each kill point: start from nothing, kill (maybe twice), rerun to the end, compare."""
+    for i, point in enumerate(points):
+        shutil.rmtree(out, ignore_errors=True)
+        kills = 0
+        for kill in point:
+            if run_and_kill(args, **kill):
+                kills += 1
+        assert_ok(run_cli(*args))
+        record("kill", stage, "survived" if kills else "finished-before-kill", point=i, kills=kills)
+        assert_whole_files(out)
+        assert_same_tree(reference, out, ignore)
+        if check:
+            check(out)
+
+
+def _reference_run(args: list, out: Path) -> Path:
+    shutil.rmtree(out, ignore_errors=True)
+    assert_ok(run_cli(*args))
+    assert_whole_files(out)
+    return move_aside(out)
+
+
+# ----------------------------------------------------------------------------------- embed
+
+
+def _embed_points(n: int, shards: int, seed: int):
+    rng = random.Random(seed)
+    points = []
+    for _ in range(n):
+        kills = []
+        for _ in range(rng.choice([1, 1, 2])):
+            k = rng.randrange(shards)
+            # k = 0: anywhere in start-up (imports, model load) or the first shard.
+            delay = rng.uniform(0, 12) if k == 0 else rng.uniform(0, 0.6)
+            kills.append({"after_lines": k, "pattern": r"embed .*shards", "delay": delay})
+        points.append(kills)
+    return points
+
+
+def _embed_case(workdir: Path, pool, checkpoint: Path, name: str):
+    folder, keys = pool
+    out = workdir / name
+    args = ["embed", folder, "-o", out, "--checkpoint", checkpoint, "--batch-size", "4"]
+    reference = _reference_run(args, out)
+
+    def check(store: Path) -> None:
+        got = [
+            k
+            for p in sorted((store / "keys").glob("*.parquet"))
+            for k in pq.read_table(p)["key"].to_pylist()
+        ]
+        assert sorted(got) == sorted(keys) and len(got) == len(set(got))
+        manifest = json.loads((store / "manifest.json").read_text())
+        assert manifest["rows"] == len(keys)
+
+    check(reference)
+    return args, out, reference, check
+
+
+def test_embed_survives_kills(workdir, pool, checkpoint):
+    args, out, reference, check = _embed_case(workdir, pool, checkpoint, "embed-kill")
+    _survive("embed", args, out, reference, _embed_points(DEFAULT_POINTS, 6, seed=1), check=check)
+
+
+@pytest.mark.extended
+def test_embed_survives_many_kills(workdir, pool, checkpoint):
+    args, out, reference, check = _embed_case(workdir, pool, checkpoint, "embed-kill-x")
+    points = _embed_points(EXTENDED_POINTS, 6, seed=101)
+    _survive("embed", args, out, reference, points, check=check)
+
+
+# ------------------------------------------------------------------------------------ scan
+
+
+@pytest.fixture(scope="module")
+def scan_inputs(workdir):
+    root = workdir / "scan-inputs"
+    # 8 shards: each writes rows/<shard>.npy when it is done, the kill points' landmarks.
+    base = write_unit_store(root / "base", 40_000, 32, seed=1, shard_rows=5_000)
+    write_unit_store(root / "bench", 64, 32, seed=2)
+    write_unit_store(root / "ref", 500, 32, seed=3)
+    return root, base
+
+
+def _file_points(n: int, seed: int, files: int, startup: float, step: float):
+    """Kill ``delay`` after the k-th output file appears (k = 0: anywhere from start-up on)."""
+    rng = random.Random(seed)
+    points = []
+    for _ in range(n):
+        kills = []
+        for _ in range(rng.choice([1, 1, 2])):
+            k = rng.randrange(files)
+            delay = rng.uniform(0, startup) if k == 0 else rng.uniform(0, step)
+            kills.append({"after_files": k, "delay": delay})
+        points.append(kills)
+    return points
+
+
+def _watching(points, out: Path):
+    return [[{**k, "watch": out} for k in p] for p in points]
+
+
+def _scan_case(scan_inputs, name: str):
+    root, base = scan_inputs
+    out = root / name
+    args = [
+        "scan",
+        root / "base",
+        "--benchmarks",
+        root / "bench",
+        "--thresholds-from",
+        root / "ref",
+    ]
+    args += ["--topk", "5", "-o", out]
+    reference = _reference_run(args, out)
+
+    def check(scan: Path) -> None:
+        rows = sorted((scan / "rows").glob("*.npy"))
+        assert [p.stem for p in rows] == [s.name for s in base.shards]
+        assert sum(len(np.load(p)) for p in rows) == base.rows
+
+    check(reference)
+    return args, out, reference, check
+
+
+def test_scan_survives_kills(scan_inputs):
+    args, out, reference, check = _scan_case(scan_inputs, "scan-kill")
+    points = _watching(_file_points(DEFAULT_POINTS + 1, 2, 9, startup=6, step=0.2), out)
+    _survive("scan", args, out, reference, points, check=check)
+
+
+@pytest.mark.extended
+def test_scan_survives_many_kills(scan_inputs):
+    args, out, reference, check = _scan_case(scan_inputs, "scan-kill-x")
+    points = _watching(_file_points(EXTENDED_POINTS, 102, 9, startup=6, step=0.2), out)
+    _survive("scan", args, out, reference, points, check=check)
+
+
+# ----------------------------------------------------------------------------- materialize
+
+
+@pytest.fixture(scope="module")
+def materialize_inputs(workdir, pool):
+    folder, keys = pool
+    root = workdir / "materialize-inputs"
+    kept = sorted(set(keys[::3] + keys[1::7]))
+    write_split(root / "split", kept, {"name": "test", "policy": "test", "params": {}})
+    ref = root / "reference"
+    for c, colour in enumerate([(200, 0, 0), (0, 200, 0)]):
+        (ref / f"class {c}").mkdir(parents=True)
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.new("RGB", (16, 16), colour).save(buf, "JPEG")
+            (ref / f"class {c}" / f"r{c}{i:04d}.jpg").write_bytes(buf.getvalue())
+    return root, folder, kept
+
+
+def _materialize_case(materialize_inputs, name: str):
+    root, folder, kept = materialize_inputs
+    out = root / name
+    args = ["materialize", root / "split", folder, "-o", out, "--reference", root / "reference"]
+    reference = _reference_run(args, out)
+
+    def check(shards: Path) -> None:
+        got = tar_keys(sorted(shards.glob("*.tar")))
+        assert len(got) == len(set(got)), "a key was written twice"
+        assert sorted(got) == sorted(kept + [f"r{c}{i:04d}" for c in range(2) for i in range(3)])
+
+    check(reference)
+    return args, out, reference, check
+
+
+def test_materialize_survives_kills(materialize_inputs):
+    args, out, reference, check = _materialize_case(materialize_inputs, "mat-kill")
+    points = _watching(_file_points(DEFAULT_POINTS + 1, 3, 12, startup=4, step=0.05), out)
+    _survive("materialize", args, out, reference, points, check=check)
+
+
+@pytest.mark.extended
+def test_materialize_survives_many_kills(materialize_inputs):
+    args, out, reference, check = _materialize_case(materialize_inputs, "mat-kill-x")
+    points = _watching(_file_points(EXTENDED_POINTS, 103, 12, startup=4, step=0.05), out)
+    _survive("materialize", args, out, reference, points, check=check)
+
+
+# ----------------------------------------------------------------------------------- train
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def _colour_shards(folder: Path, n: int = 48, shards: int = 2) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    per = n // shards
+    for s in range(shards):
+        samples = []
+        for i in range(s * per, (s + 1) * per):
+            c = names[i % len(names)]
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 32), COLOURS[c]).save(buf, "JPEG")
+            samples.append((f"p{i:07d}", {"jpg": buf.getvalue(), "txt": f"a {c} square".encode()}))
+        write_tar(folder / f"{s:05d}.tar", samples)
+    return str(folder / f"{{00000..{shards - 1:05d}}}.tar")
+
+
+def _train_points(n: int, seed: int):
+    rng = random.Random(seed)
+    # open_clip_train logs "Start epoch e" after saving epoch_latest.pt, and a "Train Epoch"
+    # line per logged step: kill between any two of them, or during start-up.
+    return [
+        [{"after_lines": (k := rng.randrange(6)), "pattern": r"Start epoch|Train Epoch",
+          "delay": rng.uniform(0, 8) if k == 0 else rng.uniform(0, 1.5)}]
+        for _ in range(n)
+    ]  # fmt: skip
+
+
+def _train_case(workdir: Path, name: str):
+    data = _colour_shards(workdir / "colour-pool")
+    out = workdir / name
+    args = ["train", data, "--samples", "48", "-o", out, "--name", "run", "--model"]
+    args += ["simgap-tiny-vit", "--epochs", "3", "--batch-size", "16"]
+    reference = _reference_run(args, out)
+    return args, out, reference
+
+
+# open_clip_train's logs and params.txt record times and are appended across resumes.
+TRAIN_LOGS = (r"out\.log$", r"simgap-train\.log$", r"params\.txt$")
+
+
+def test_train_survives_a_kill(workdir):
+    args, out, reference = _train_case(workdir, "train-kill")
+    _survive("train", args, out, reference, _train_points(1, seed=4), ignore=TRAIN_LOGS)
+
+
+@pytest.mark.extended
+def test_train_survives_many_kills(workdir):
+    args, out, reference = _train_case(workdir, "train-kill-x")
+    _survive("train", args, out, reference, _train_points(EXTENDED_POINTS, 104), ignore=TRAIN_LOGS)
