@@ -6,20 +6,26 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from simgap.experiment import ExperimentConfig, run_experiment
+from simgap import config
+from simgap.experiment import run_config
 from simgap.report import summary_table
 from simgap.splits import read_split
 from simgap.store import open_store
-from simgap.train import Recipe
-from simgap.world import WorldConfig
 
 pytestmark = pytest.mark.slow
 
-TINY = ExperimentConfig(
-    world=WorldConfig(seed=3, scale=0.05),
-    similarity_recipe=Recipe(epochs=1, batch_size=32),
-    train_recipe=Recipe(epochs=1, batch_size=32),
-    train_splits=("full", "combined", "combined-random"),
+# The shipped demo config, made tiny: the demo is `simgap run demo`.
+TINY = config.override(
+    config.load("demo"),
+    {
+        "sources.world.seed": 3,
+        "sources.world.scale": 0.05,
+        "similarity.recipe.epochs": 1,
+        "similarity.recipe.batch_size": 32,
+        "train.recipe.epochs": 1,
+        "train.recipe.batch_size": 32,
+        "train.splits": ["full", "combined", "combined-random"],
+    },
 )
 
 
@@ -27,7 +33,7 @@ TINY = ExperimentConfig(
 def demo_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("demo") / "run"
     logs: list[str] = []
-    result = run_experiment(run, TINY, logs.append)
+    result = run_config(TINY, run, logs.append)
     return run, result, logs
 
 
@@ -40,7 +46,8 @@ def test_every_stage_ran_and_wrote_its_outputs(demo_run):
         "embed-pool",
         "embed-reference",
         "scan",
-        "select",
+        "select-combined",
+        "gaps-coreset-random",
         "gaps",
         "train-full",
         "train-combined",
@@ -52,6 +59,12 @@ def test_every_stage_ran_and_wrote_its_outputs(demo_run):
         assert open_store(run / "stores" / f"bench-{b}").rows > 0
         ev = json.loads((run / "eval" / "combined.json").read_text())["benchmarks"][b]
         assert 0.0 <= ev["top1"] <= 1.0 and ev["n"] > 0
+    info = json.loads((run / "run.json").read_text())
+    assert info["config_text"] == config.shipped_path("demo").read_text()
+    assert info["config"]["overrides"]["sources.world.scale"] == 0.05
+    assert info["config"]["benchmarks"] == benchmarks
+    assert set(info["timings"]) == stages and info["versions"]["torch"]
+    assert info["wall_seconds"] > 0 and info["finished"] >= info["started"]
     html = (run / "report" / "report.html").read_text()
     assert "combined-random" in html and "data:image/png;base64," in html
     assert "combined" in summary_table(run)
@@ -86,6 +99,6 @@ def test_rerun_hits_every_cache_and_keeps_bytes(demo_run):
     before = {p: p.read_bytes() for p in (run / "splits").rglob("*") if p.is_file()}
     before |= {p: p.read_bytes() for p in (run / "eval").glob("*.json")}
     logs: list[str] = []
-    run_experiment(run, TINY, logs.append)
+    run_config(TINY, run, logs.append)
     assert not [m for m in logs if m.startswith("[run]")], logs
     assert before == {p: p.read_bytes() for p in before}

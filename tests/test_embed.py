@@ -257,7 +257,16 @@ def _kill_when(cmd: list[str], ready) -> None:
     assert proc.returncode == -signal.SIGKILL, f"finished before the kill point: {err[-500:]}"
 
 
-def test_sigkill_at_several_points_then_rerun_gives_the_same_bytes(tmp_path, checkpoint):
+def _kill_points(out: Path, which: list[str]):
+    points = {
+        "started": lambda: (out / "emb").is_dir(),  # model loaded, nothing written yet
+        "mid-run": lambda: (out / "done" / "00001.json").exists(),
+        "late": lambda: (out / "done" / "00003.json").exists(),  # after a resume
+    }
+    return [points[w] for w in which]
+
+
+def _kill_resume_compare(tmp_path, checkpoint, which: list[str]) -> None:
     rng = np.random.default_rng(1)
     for s in range(6):
         samples = [
@@ -269,21 +278,44 @@ def test_sigkill_at_several_points_then_rerun_gives_the_same_bytes(tmp_path, che
     reference = embed(tmp_path / "pool", tmp_path / "ref", checkpoint, batch_size=4)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "simgap.cli", "embed", str(tmp_path / "pool"), "-o", str(out)]
-    kill_points = [
-        lambda: (out / "emb").is_dir(),  # model loaded, nothing written yet
-        lambda: (out / "done" / "00001.json").exists(),  # mid-run
-        lambda: (out / "done" / "00003.json").exists(),  # later, after a resume
-    ]
-    for ready in kill_points:
+    for ready in _kill_points(out, which):
         _kill_when(cmd + flags, ready)
         assert not (out / "manifest.json").exists()
-        # No shard is half-written under its final name: each done record's checksum holds.
+        # No shard is half-written under its final name: each done record's shard is whole.
         for done in (out / "done").glob("*.json"):
             record = json.loads(done.read_text())
             emb = np.load(out / "emb" / f"{record['name']}.npy")
             assert emb.dtype == np.float16 and len(emb) == record["rows"] == 6
-    done_before = len(list((out / "done").glob("*.json")))
-    assert 2 <= done_before < 6
+    assert 2 <= len(list((out / "done").glob("*.json"))) < 6
     resumed = embed(tmp_path / "pool", out, checkpoint, batch_size=4)
     assert resumed.manifest == reference.manifest
     assert _tree(out) == _tree(tmp_path / "ref")  # same files, same bytes, no temporaries left
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_same_bytes(tmp_path, checkpoint):
+    _kill_resume_compare(tmp_path, checkpoint, ["mid-run"])
+
+
+@pytest.mark.extended
+def test_sigkill_at_several_points_then_rerun_gives_the_same_bytes(tmp_path, checkpoint):
+    # Each point is a fresh `simgap embed` process (torch import + model load): extended suite.
+    _kill_resume_compare(tmp_path, checkpoint, ["started", "mid-run", "late"])
+
+
+def test_split_transform_is_bitwise_the_model_transform(checkpoint):
+    from simgap.embed import split_transform
+
+    loaded = load_model(checkpoint)
+    split = split_transform(loaded.preprocess)
+    assert split.normalize is not None  # open_clip's eval transform is split at ToTensor
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        for h, w in [(64, 64), (50, 90), (33, 31)]
+    ]
+    images.append(Image.new("L", (40, 40), 100))
+    whole = torch.stack([loaded.preprocess(im) for im in images])
+    assert torch.equal(split.batch([split.per_image(im) for im in images]), whole)
+    # A transform that is not a Compose ending in ToTensor + Normalize is kept whole.
+    kept = split_transform(lambda im: torch.zeros(3, 2, 2))
+    assert kept.normalize is None and kept.batch([kept.per_image(None)] * 2).shape == (2, 3, 2, 2)

@@ -267,9 +267,19 @@ def test_gallery_images_lost_are_counted_not_fatal(tmp_path: Path) -> None:
 
 def test_run_json_only(tmp_path: Path) -> None:
     run = tmp_path / "bare"
-    write_json(run / "run.json", {"config": {}})
+    why = {"computed": False, "why": "needs two trained splits and an OOD benchmark"}
+    write_json(
+        run / "run.json",
+        {"config": {}, "world": None, "analysis": {"audit": None, "analysis-robustness": why}},
+    )
     html = build_report(run)["html"].read_text(encoding="utf-8")
     assert html.count("not computed in this run") == 8
+    assert (
+        "Effective robustness: not computed in this run (no analysis/robustness.json; the run "
+        "says: needs two trained splits and an OOD benchmark)." in html
+    )
+    assert "Contamination audit: not computed in this run (no audit/audit.json)." in html
+    assert "<h3>World</h3>" not in html
     assert "No stage timings recorded" in html
     assert summary_table(run) == "no splits in this run"
 

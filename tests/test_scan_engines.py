@@ -158,3 +158,21 @@ def test_sigkill_then_rerun_gives_identical_bytes(tmp_path):
     assert main(["scan", *args, "-o", str(out)]) == 0
     assert folder_bytes(out) == want
     assert open_store(base.path).rows == 3000
+
+
+def test_single_row_store_threshold_equal_to_similarity(tmp_path):
+    """One base row; thresholds exactly at its similarities (strict >: not above) and just below."""
+    rng = np.random.default_rng(13)
+    x = unit_fp16(rng.standard_normal((1, 8)))
+    t = unit_fp16(rng.standard_normal((4, 8)))
+    sims = (x.astype(np.float64) @ t.astype(np.float64).T).astype(np.float32)[0]
+    thr = sims.copy()
+    thr[2] = np.nextafter(sims[2], np.float32(-1))
+    store = make_store(tmp_path / "one", x, [0, 1, 0])
+    res = scan_store(store, t, thr, topk=3, out_dir=tmp_path / "s", executor=None)
+    assert res.count_above.tolist() == [0, 0, 1, 0]
+    np.testing.assert_array_equal(res.topk_sim[:, 0], sims)
+    assert (res.topk_row[:, 0] == 0).all() and (res.topk_row[:, 1:] == -1).all()
+    assert np.isneginf(res.topk_sim[:, 1:]).all()
+    assert res.row_max.tolist() == [sims.max()] and res.row_argmax.tolist() == [sims.argmax()]
+    assert res.row_margin[0] == np.float32(sims[2] - thr[2]) > 0

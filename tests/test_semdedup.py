@@ -104,6 +104,8 @@ def test_image_based_equals_brute_force(tmp_path):
 _CHILD = """
 import json, resource, sys
 import numpy as np
+import pyarrow as pa
+pa.array(np.zeros(3, np.int64))  # imports pandas on first use: a fixed cost, paid up front
 from simgap.store import open_store
 from simgap.select.clusters import train_centroids
 from simgap.select.semdedup import semdedup
@@ -117,8 +119,6 @@ if sys.argv[2] == "baseline":
     x = sample_rows(store, 1024, 1)
     nearest_centroid(x, cents)
     dedup_cluster(x, 0.05)
-    import pyarrow as pa  # pa.array imports pandas on first use: a fixed cost
-    pa.array(np.zeros(3, np.int64))
     out = {}
 else:
     keep, stats = semdedup(store, 100, 0.05, 0, batch_rows=1024, bucket_rows=2000, sample=6400)

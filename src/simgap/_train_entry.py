@@ -79,6 +79,8 @@ def split_own_options(argv: list[str]) -> tuple[str | None, list[str]]:
     """(key filter file or None, open_clip_train's argv)."""
     from simgap.train import KEYS_OPTION
 
+    if argv[:1] == ["--"]:  # the separator after torchrun's own options, if torchrun kept it
+        argv = argv[1:]
     if argv[:1] == [KEYS_OPTION]:
         if len(argv) < 2:
             raise SystemExit(f"{KEYS_OPTION} needs a file")

@@ -28,14 +28,58 @@ import pyarrow as pa
 import torch
 
 from simgap.data.images import decode_rgb
-from simgap.data.sources import Record, shard_tasks
+from simgap.data.sources import Record, ShardTask, shard_tasks
+from simgap.data.tables import is_table
 from simgap.models import LoadedModel, ModelSpec, load_model, model_identity
 from simgap.parallel import Executor, LocalEngine, Progress
 from simgap.store import Store, StoreWriter, is_clip_retrieval, link_clip_retrieval, normalize_fp16
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # One prepared sample: key, metadata, pixels (None if skipped), why it was skipped.
-Prepared = tuple[str, dict[str, Any], torch.Tensor | None, Counter]
+Prepared = tuple[str, dict[str, Any], Any, Counter]
+
+
+@dataclass(frozen=True)
+class SplitTransform:
+    """A model's eval transform cut at ``ToTensor``: the PIL part runs per image (in the decode
+    workers), ``ToTensor`` + ``Normalize`` run once per batch. Per-image torchvision tensor ops
+    cost more than the tiny model's forward; the batched ops do the same float32 arithmetic in
+    the same order, so the pixels are bitwise those of the per-image transform."""
+
+    per_image: Callable[[Any], Any]
+    normalize: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None  # None: not split
+
+    def batch(self, items: list) -> torch.Tensor:
+        if self.normalize is None:
+            return torch.stack(items)
+        x = torch.from_numpy(np.stack(items)).permute(0, 3, 1, 2).float().div(255)
+        for mean, std in self.normalize:
+            x = x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+        return x
+
+
+def split_transform(preprocess: Callable[[Any], torch.Tensor]) -> SplitTransform:
+    """Split a torchvision ``Compose([...PIL ops, ToTensor, Normalize...])``; anything else is
+    kept whole (its per-image outputs are stacked)."""
+    from torchvision import transforms as T
+
+    steps = getattr(preprocess, "transforms", None)
+    cut = next((i for i, t in enumerate(steps or []) if isinstance(t, T.ToTensor)), None)
+    if cut is None or not all(isinstance(t, T.Normalize) for t in steps[cut + 1 :]):
+        return SplitTransform(preprocess, None)
+    norms = tuple(
+        (torch.as_tensor(t.mean, dtype=torch.float32), torch.as_tensor(t.std, dtype=torch.float32))
+        for t in steps[cut + 1 :]
+    )
+    pil_part = T.Compose(steps[:cut])
+
+    def per_image(image: Any) -> np.ndarray:
+        out = pil_part(image)
+        if getattr(out, "mode", None) != "RGB":
+            out = out.convert("RGB")
+        return np.asarray(out, dtype=np.uint8)
+
+    return SplitTransform(per_image, norms)
 
 
 @functools.lru_cache(maxsize=2)
@@ -106,7 +150,7 @@ def encode_texts(
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def _prepare(preprocess: Callable[[Any], torch.Tensor], record: Record) -> Prepared:
+def _prepare(preprocess: Callable[[Any], Any], record: Record) -> Prepared:
     key, data, meta = record
     skipped: Counter[str] = Counter()
     image = decode_rgb(data, skipped)
@@ -126,7 +170,7 @@ def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
 
 def prepared_batches(
     records: Iterable[Record],
-    preprocess: Callable[[Any], torch.Tensor],
+    preprocess: Callable[[Any], Any],
     batch_size: int,
     workers: int = 0,
 ) -> Iterator[list[Prepared]]:
@@ -177,25 +221,26 @@ class EmbedShard:
         config = [task_fingerprint, self.model_sha256, self.text, self.precision, self.batch_size]
         return hashlib.sha256(json.dumps(config).encode()).hexdigest()
 
-    def __call__(self, task) -> dict[str, Any]:  # task: simgap.data.sources.ShardTask
+    def __call__(self, task: ShardTask) -> dict[str, Any]:
         writer = StoreWriter(Path(self.store), {}, self.dim, {})
         fingerprint = self.fingerprint(task.fingerprint())
         if (done := writer.done_record(task.name, fingerprint)) is not None:
             return done
         loaded = _cached_model(self.spec, self.device)
+        transform = split_transform(loaded.preprocess)
         skipped: Counter[str] = Counter()
         keys: list[str] = []
         meta: list[dict[str, Any]] = []
         features: list[np.ndarray] = []
         batches = prepared_batches(
-            task.records(skipped), loaded.preprocess, self.batch_size, self.decode_workers
+            task.records(skipped), transform.per_image, self.batch_size, self.decode_workers
         )
         for batch in batches:
             kept = [p for p in batch if p[2] is not None]
             for p in batch:
                 skipped.update(p[3])
             if kept:
-                pixels = torch.stack([p[2] for p in kept])
+                pixels = transform.batch([p[2] for p in kept])
                 features.append(encode_batch(loaded, pixels, self.device, self.precision))
                 keys += [p[0] for p in kept]
                 meta += [p[1] for p in kept]
@@ -255,9 +300,7 @@ def embed(
 ) -> Store:
     """Embed ``source`` into the store at ``out`` (resuming a killed run)."""
     out = Path(out)
-    if not str(source).partition("#")[0].endswith((".csv", ".tsv", ".parquet")) and (
-        is_clip_retrieval(source)
-    ):
+    if not is_table(source) and is_clip_retrieval(source):
         return link_clip_retrieval(out, Path(source), model_identity(spec))
     autocast_dtype(device, precision)  # a bad choice fails before any work
     tasks = shard_tasks(source, shard_size)

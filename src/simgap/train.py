@@ -310,7 +310,9 @@ def torchrun_command(
     """A one-node torchrun command line; recipe.batch_size stays the global batch."""
     argv = _distributed_argv(recipe, train_data, num_samples, out_dir, name, nproc_per_node, device)
     launcher = [torchrun, "--standalone", f"--nproc_per_node={int(nproc_per_node)}"]
-    return shlex.join([*launcher, "-m", ENTRY_MODULE, *entry_argv(argv, key_filter)])
+    # "--": torchrun's argparse otherwise reads the script's options as abbreviations of its
+    # own ("--logs" is ambiguous with "--logs-specs"; a unique prefix would be taken silently).
+    return shlex.join([*launcher, "-m", ENTRY_MODULE, "--", *entry_argv(argv, key_filter)])
 
 
 def slurm_script(
@@ -378,7 +380,10 @@ def _distributed_argv(
     per_rank = dataclasses.replace(recipe, batch_size=recipe.batch_size // world)
     argv = open_clip_argv(per_rank, train_data, num_samples, out_dir, name, device=device)
     # The memory-efficient, gradient-correct contrastive loss across ranks (open_clip README).
-    return [*argv, "--local-loss", "--gather-with-grad"]
+    argv += ["--local-loss", "--gather-with-grad"]
+    if device == "cpu":  # open_clip_train would pick gloo too; explicit here, NCCL for CUDA
+        argv += ["--dist-backend", "gloo"]
+    return argv
 
 
 def _sbatch_value(value: object) -> str:

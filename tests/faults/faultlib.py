@@ -91,12 +91,13 @@ def run_and_kill(
     after_file: Path | None = None,
     watch: Path | None = None,
     after_files: int = 0,
+    until=None,
     delay: float = 0.0,
     timeout: float = 600,
 ) -> bool:
     """Start the CLI in its own process group; SIGKILL the group ``delay`` seconds after the
     trigger (the ``after_lines``-th stderr line matching ``pattern``, ``after_file`` existing and
-    ``after_files`` final files under ``watch``).
+    ``after_files`` final files under ``watch``, ``until()`` true).
     Returns True if it was killed, False if it finished first."""
     proc = subprocess.Popen(
         [*SIMGAP, *map(str, args)],
@@ -131,6 +132,7 @@ def run_and_kill(
             and seen[0] >= after_lines
             and (after_file is None or after_file.exists())
             and (watch is None or _count_files(watch) >= after_files)
+            and (until is None or until())
         ):
             fired = now
         if fired is not None and now - fired >= delay:

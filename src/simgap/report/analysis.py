@@ -10,7 +10,13 @@ import numpy as np
 
 from simgap.report import figures
 from simgap.report.blocks import FigureBlock, Note, Paragraph, Section, Table, mean, pct, pp
-from simgap.report.runfiles import RunFiles, benchmark_order, split_order, top1
+from simgap.report.runfiles import (
+    RunFiles,
+    benchmark_order,
+    split_order,
+    top1,
+    why_not_computed,
+)
 
 CURVE_POLICIES = ("near", "far", "random")
 NOT_COMPUTED = "not computed in this run"
@@ -133,7 +139,8 @@ def similarity_section(files: RunFiles, colors: Mapping[str, str]) -> Section:
         section.blocks.append(
             Note(
                 f"Accuracy against NN similarity: {NOT_COMPUTED} "
-                "(no analysis/accuracy_by_similarity.parquet)."
+                "(no analysis/accuracy_by_similarity.parquet"
+                f"{why_not_computed(files, 'analysis-similarity')})."
             )
         )
         return section
@@ -181,15 +188,20 @@ def similarity_section(files: RunFiles, colors: Mapping[str, str]) -> Section:
     return section
 
 
+def _finite(x: float) -> float | None:
+    """An empty bin's accuracy is NaN: shown as a dash, not as "nan"."""
+    return float(x) if np.isfinite(x) else None
+
+
 def _bin_table(panels: Mapping[str, Sequence[figures.BinnedAccuracy]]) -> Table:
     rows = [
         [
             bench,
             s.split,
             f"{len(s.accuracy)}",
-            pct(float(s.accuracy[0])),
-            pct(float(s.accuracy[-1])),
-            pp(float(s.accuracy[-1] - s.accuracy[0])),
+            pct(_finite(s.accuracy[0])),
+            pct(_finite(s.accuracy[-1])),
+            pp(_finite(s.accuracy[-1] - s.accuracy[0])),
         ]
         for bench, series in panels.items()
         for s in series
@@ -208,7 +220,10 @@ def robustness_section(files: RunFiles) -> Section:
     data = files.robustness
     if data is None:
         section.blocks.append(
-            Note(f"Effective robustness: {NOT_COMPUTED} (no analysis/robustness.json).")
+            Note(
+                f"Effective robustness: {NOT_COMPUTED} (no analysis/robustness.json"
+                f"{why_not_computed(files, 'analysis-robustness')})."
+            )
         )
         return section
     line = data["line"]

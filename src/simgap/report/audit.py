@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from simgap.report.blocks import Note, Paragraph, Section, Table, sim
-from simgap.report.runfiles import RunFiles, benchmark_order
+from simgap.report.runfiles import RunFiles, benchmark_order, why_not_computed
 
 NOT_COMPUTED = "not computed in this run"
 _TOP_PAIRS = 10
@@ -18,7 +18,12 @@ def audit_section(files: RunFiles) -> Section:
     section = Section("Contamination audit")
     audit = files.audit
     if audit is None:
-        section.blocks.append(Note(f"Contamination audit: {NOT_COMPUTED} (no audit/audit.json)."))
+        section.blocks.append(
+            Note(
+                f"Contamination audit: {NOT_COMPUTED} (no audit/audit.json"
+                f"{why_not_computed(files, 'audit')})."
+            )
+        )
         return section
     threshold = audit.get("threshold")
     section.blocks += [

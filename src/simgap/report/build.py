@@ -378,7 +378,7 @@ def _provenance_section(files: RunFiles) -> Section:
     if isinstance(run.get("config_text"), str):
         section.blocks.append(Pre("Configuration file (as given)", run["config_text"], "text"))
     for key, title in (("config", "Configuration (resolved)"), ("world", "World")):
-        if key in run:
+        if run.get(key):
             section.blocks.append(Pre(title, json.dumps(run[key], indent=2, ensure_ascii=False)))
     versions = run.get("versions") or {}
     if versions:

@@ -336,6 +336,9 @@ def accuracy_by_similarity(
                 splits[series.split] = color
             ax.set_title(bench)
             ax.set_xlabel("NN similarity of test point (bin)")
+            # Similarities crowd near 1: plain tick values, not an offset like "+1".
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+            ax.ticklabel_format(axis="x", useOffset=False)
             ax.set_ylabel("top-1 (%)")
             ax.set_ylim(-2, 102)
         for ax in axes.flat[len(names) :]:

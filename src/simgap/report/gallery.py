@@ -24,7 +24,6 @@ from simgap.data.sources import fetch_samples
 from simgap.report import figures
 from simgap.report.blocks import FigureBlock, Note, Paragraph, Section, Table, sim
 from simgap.report.runfiles import RunFiles, benchmark_order
-from simgap.scan import load_scan
 from simgap.store import Store, StoreError, open_store
 
 NOT_COMPUTED = "not computed in this run"
@@ -90,6 +89,10 @@ def pick_tests(pool_nn: np.ndarray) -> list[tuple[str, int]]:
 
 def gallery_rows(run_dir: Path, bench: str, stores: dict[str, KeyIndex]) -> list[GalleryRow]:
     """The gallery of one benchmark, from its two scans; FileNotFoundError if one is missing."""
+    # Imported here: simgap.scan loads torch (its kernel), which a report without scans, and
+    # `simgap report --help`, should not pay for.
+    from simgap.scan import load_scan
+
     ref_scan = load_scan(run_dir / "scans" / f"reference-{bench}", rows=False)
     pool_scan = load_scan(run_dir / "scans" / f"pool-{bench}", rows=False)
     tests = _store(stores, run_dir, f"bench-{bench}")

@@ -214,3 +214,12 @@ def top1(files: RunFiles, split: str, bench: str) -> float | None:
     """A split's zero-shot top-1 (fraction) on a benchmark; None where it was not evaluated."""
     entry = files.evals.get(split, {}).get("benchmarks", {}).get(bench)
     return None if entry is None else float(entry["top1"])
+
+
+def why_not_computed(files: RunFiles, part: str) -> str:
+    """The runner's reason for skipping an analysis (run.json "analysis": {part: {"computed":
+    false, "why": ...}}), as a clause to append to a note; empty when it gave none."""
+    analysis = files.run.get("analysis")
+    entry = analysis.get(part) if isinstance(analysis, Mapping) else None
+    why = entry.get("why") if isinstance(entry, Mapping) else None
+    return f"; the run says: {why}" if why else ""

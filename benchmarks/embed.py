@@ -1,0 +1,143 @@
+"""Benchmark the embed pipeline against the model forward alone, side by side, on the same images.
+
+Writes webdataset tars of JPEGs (or uses ``--source``, e.g. a world's ``pool/``), then measures
+
+- pipeline: ``simgap.embed.embed`` end to end (read tar → decode → transform → forward → write
+  store), model already loaded, for each ``--decode-workers`` value;
+- forward: ``encode_batch`` alone on the same images, preprocessed beforehand, same batch size.
+
+The ratio pipeline/forward says whether the data path is the bottleneck (target ≥ 0.7). The last
+line printed is one JSON object.
+
+    python benchmarks/embed.py                          # simgap-tiny at 32 px on CPU
+    python benchmarks/embed.py --source /tmp/world/pool
+    python benchmarks/embed.py --model ViT-B-32 --device cuda --images 20000 --image-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from simgap.data.images import decode_rgb
+from simgap.data.sources import shard_tasks
+from simgap.data.tars import write_tar
+from simgap.embed import _cached_model, embed, encode_batch
+from simgap.models import ModelSpec, load_model
+
+
+def write_images(folder: Path, n: int, size: int, per_shard: int, seed: int = 0) -> None:
+    """Smooth random images (JPEG cost like photos, not like noise) in img2dataset-style tars."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        low = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
+        img = Image.fromarray(low).resize((size, size), Image.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        samples.append((f"b{i:08d}", {"jpg": buf.getvalue(), "txt": f"image {i}".encode()}))
+    for s, start in enumerate(range(0, n, per_shard)):
+        write_tar(folder / f"{s:05d}.tar", samples[start : start + per_shard])
+
+
+def forward_only(spec: ModelSpec, source: str, device: str, batch_size: int, repeats: int) -> float:
+    loaded = _cached_model(spec, device)
+    skipped: Counter[str] = Counter()
+    images = [
+        decode_rgb(data, skipped) for t in shard_tasks(source) for _, data, _ in t.records(skipped)
+    ]
+    pixels = torch.stack([loaded.preprocess(im) for im in images if im is not None])
+    encode_batch(loaded, pixels[:batch_size], device)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(0, len(pixels), batch_size):
+            encode_batch(loaded, pixels[i : i + batch_size], device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return len(pixels) / best
+
+
+def pipeline(
+    spec: ModelSpec, source: str, device: str, batch_size: int, workers: int, repeats: int
+) -> float:
+    best, rows = float("inf"), 0
+    for _ in range(repeats):
+        out = Path(tempfile.mkdtemp(prefix="simgap-embed-bench-"))
+        try:
+            start = time.perf_counter()
+            store = embed(
+                source, out, spec, device=device, batch_size=batch_size, decode_workers=workers
+            )
+            best = min(best, time.perf_counter() - start)
+            rows = store.rows
+        finally:
+            shutil.rmtree(out)
+    return rows / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="simgap-tiny")
+    ap.add_argument("--checkpoint", help="weights file (default: a seeded random init, saved)")
+    ap.add_argument("--source", help="tar shards to embed (default: written here)")
+    ap.add_argument("--images", type=int, default=4000)
+    ap.add_argument("--image-size", type=int, default=64, help="JPEG side (the world's is 64)")
+    ap.add_argument("--per-shard", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--decode-workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    with tempfile.TemporaryDirectory(prefix="simgap-embed-bench-") as tmp:
+        checkpoint = a.checkpoint
+        if checkpoint is None:
+            checkpoint = str(Path(tmp) / "weights.pt")
+            weights = load_model(ModelSpec(a.model), allow_random=True).model.state_dict()
+            torch.save(weights, checkpoint)
+        spec = ModelSpec(a.model, checkpoint=checkpoint)
+        source = a.source
+        if source is None:
+            source = str(Path(tmp) / "pool")
+            write_images(Path(source), a.images, a.image_size, a.per_shard)
+        forward = forward_only(spec, source, a.device, a.batch_size, a.repeats)
+        per_workers = {
+            w: pipeline(spec, source, a.device, a.batch_size, w, a.repeats)
+            for w in a.decode_workers
+        }
+        for w, ips in per_workers.items():
+            print(f"decode_workers={w}: pipeline {ips:.0f} images/s")
+        print(f"forward alone: {forward:.0f} images/s")
+        best = max(per_workers, key=per_workers.get)
+        result = {
+            "model": a.model,
+            "device": a.device,
+            "torch_threads": torch.get_num_threads(),
+            "batch_size": a.batch_size,
+            "images": a.images if a.source is None else None,
+            "pipeline_by_decode_workers": {str(w): round(v, 1) for w, v in per_workers.items()},
+            "best_decode_workers": best,
+            "pipeline_images_per_s": round(per_workers[best], 1),
+            "forward_images_per_s": round(forward, 1),
+            "ratio": round(per_workers[best] / forward, 3),
+        }
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

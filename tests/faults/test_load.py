@@ -1,0 +1,120 @@
+"""Load: a scan of a base store at least 8x larger than the memory the test allows the process,
+with the same results as a chunked numpy brute force.
+
+The memory bound is measured, not assumed: the scan runs as a grandchild of a small wrapper that
+reports ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` (the scan's peak resident set, memory-mapped
+store pages included). The same command on a tiny store gives the baseline (interpreter, torch,
+libraries); the scan of the big store may use at most ``store bytes / 8`` above it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from simgap.store import StoreWriter
+
+from .faultlib import SIMGAP, cli_env, record
+
+MODEL = {"arch": "load", "pretrained": None, "checkpoint_sha256": "c" * 64}
+WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+    "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+)
+
+
+def _rows(seed: int, n: int, dim: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float16)
+
+
+def write_big_store(path: Path, shards: int, rows: int, dim: int) -> int:
+    """A store of ``shards`` × ``rows`` random unit rows, written shard by shard (the test
+    process never holds more than one shard)."""
+    writer = StoreWriter(path, MODEL, dim, {"kind": "load-test"})
+    records = []
+    for s in range(shards):
+        keys = pa.table({"key": pa.array([f"b{s:04d}{i:07d}" for i in range(rows)])})
+        records.append(writer.write_shard(f"{s:05d}", _rows(1000 + s, rows, dim), keys))
+    writer.finish(records)
+    return shards * rows * dim * 2
+
+
+def peak_rss_kib(args: list) -> int:
+    proc = subprocess.run(
+        [sys.executable, "-c", WRAPPER, *SIMGAP, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=3000,
+    )
+    rc, peak = proc.stdout.split()
+    assert rc == "0", proc.stderr[-2000:]
+    return int(peak)
+
+
+def brute_force(base: Path, shards: int, rows: int, dim: int, tests: np.ndarray, k: int):
+    """Chunked fp32 numpy: per-row max/argmax, per-test top-k over all shards."""
+    t = tests.astype(np.float32)
+    row_max, row_arg, best_sim, best_row = [], [], None, None
+    for s in range(shards):
+        emb = np.load(base / "emb" / f"{s:05d}.npy").astype(np.float32)
+        sims = emb @ t.T  # (rows, M)
+        row_max.append(sims.max(1))
+        row_arg.append(sims.argmax(1))
+        ids = np.broadcast_to(np.arange(s * rows, (s + 1) * rows)[:, None], sims.shape)
+        cand_sim = sims if best_sim is None else np.concatenate([best_sim, sims])
+        cand_row = ids if best_row is None else np.concatenate([best_row, ids])
+        top = np.argsort(-cand_sim, axis=0, kind="stable")[:k]
+        best_sim = np.take_along_axis(cand_sim, top, 0)
+        best_row = np.take_along_axis(cand_row, top, 0)
+    return np.concatenate(row_max), np.concatenate(row_arg), best_sim.T, best_row.T
+
+
+def _scan_within_limit(root: Path, shards: int, rows: int, dim: int, tests_n: int, k: int):
+    from simgap.scan import load_scan
+    from simgap.store import write_store
+
+    base = root / "base"
+    size = write_big_store(base, shards, rows, dim)
+    tests = _rows(7, tests_n, dim)
+    write_store(root / "bench", tests, [f"t{i:05d}" for i in range(tests_n)], MODEL)
+    write_big_store(root / "tiny", 1, 1000, dim)
+    # Baseline: the same command on a tiny base (imports, tests, kernel set-up).
+    baseline = peak_rss_kib(["scan", root / "tiny", "--benchmarks", root / "bench", "--topk", k,
+                             "-o", root / "scan-tiny"])  # fmt: skip
+    peak = peak_rss_kib(["scan", base, "--benchmarks", root / "bench", "--topk", k,
+                         "-o", root / "scan"])  # fmt: skip
+    limit_kib = size // 8 // 1024
+    used = peak - baseline
+    record("load", "scan", "within-limit" if used <= limit_kib else "over-limit",
+           store_mib=size >> 20, limit_mib=limit_kib >> 10, used_mib=used >> 10)  # fmt: skip
+    assert used <= limit_kib, f"scan used {used >> 10} MiB over baseline, limit {limit_kib >> 10}"
+
+    result = load_scan(root / "scan")
+    mx, arg, top_sim, top_row = brute_force(base, shards, rows, dim, tests, k)
+    np.testing.assert_allclose(result.row_max, mx, atol=1e-5)
+    np.testing.assert_allclose(result.topk_sim, top_sim, atol=1e-5)
+    # Indices must agree wherever the brute force is not a near-tie.
+    srt = np.sort(tests.astype(np.float32) @ tests.astype(np.float32).T, axis=1)  # noqa: F841
+    same_arg = result.row_argmax == arg
+    assert same_arg.mean() > 0.999, same_arg.mean()
+    assert (result.topk_row[:, 0] == top_row[:, 0]).mean() > 0.99
+
+
+def test_scan_of_a_store_8x_the_memory_limit(tmp_path):
+    # 256 MiB store of 64 shards, d = 512; limit 32 MiB above the baseline.
+    _scan_within_limit(tmp_path, shards=64, rows=4096, dim=512, tests_n=64, k=5)
+
+
+@pytest.mark.extended
+def test_scan_of_an_8_gib_store_within_1_gib(tmp_path):
+    _scan_within_limit(tmp_path, shards=128, rows=65536, dim=512, tests_n=256, k=10)
