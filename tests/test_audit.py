@@ -39,7 +39,9 @@ def planted(tmp_path_factory):
         b: write_store(root / f"bench-{b}", t, [f"{b}-{i:03d}" for i in range(20)], MODEL)
         for b, t in tests.items()
     }
-    gt = pa.table({k: [r[i] for r in truth] for i, k in enumerate(("pool_key", "benchmark", "test_key"))})
+    gt = pa.table(
+        {k: [r[i] for r in truth] for i, k in enumerate(("pool_key", "benchmark", "test_key"))}
+    )
     pq.write_table(gt, root / "truth.parquet")
     return root, base_store, stores, gt
 
@@ -62,7 +64,12 @@ def test_audit_equals_brute_force_and_scores_ground_truth(planted, tmp_path):
             r = report["benchmarks"][name]
             assert r["tests"] == 20 and r["contaminated"] == len(hits)
             assert r["fraction"] == len(hits) / 20
-        got = list(zip(*(pairs.column(c).to_pylist() for c in ("benchmark", "test_key", "base_key"))))
+        got = list(
+            zip(
+                *(pairs.column(c).to_pylist() for c in ("benchmark", "test_key", "base_key")),
+                strict=True,
+            )
+        )
         assert got == sorted(want) and report["pairs"] == len(want)
         assert (np.array(pairs.column("similarity")) > thr).all()
         on_disk = json.loads((tmp_path / str(thr) / "audit.json").read_text())
@@ -78,18 +85,36 @@ def test_audit_equals_brute_force_and_scores_ground_truth(planted, tmp_path):
 
 def test_audit_cli(planted, tmp_path, capsys):
     root, *_ = planted
-    code = cli_main([
-        "audit", str(root / "pool"), "--benchmarks", str(root / "bench-sketch"),
-        str(root / "bench-photo"), "--threshold", "0.9", "--ground-truth",
-        str(root / "truth.parquet"), "-o", str(tmp_path / "a"),
-    ])  # fmt: skip
+    code = cli_main(
+        [
+            "audit",
+            str(root / "pool"),
+            "--benchmarks",
+            str(root / "bench-sketch"),
+            str(root / "bench-photo"),
+            "--threshold",
+            "0.9",
+            "--ground-truth",
+            str(root / "truth.parquet"),
+            "-o",
+            str(tmp_path / "a"),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "sketch: 5/20 test points (25.00%)" in out and "precision 1.000, recall 1.000" in out
     bad = pa.table({"key": ["x"]})
     pq.write_table(bad, tmp_path / "bad.parquet")
-    code = cli_main([
-        "audit", str(root / "pool"), "--benchmarks", str(root / "bench-sketch"),
-        "--ground-truth", str(tmp_path / "bad.parquet"), "-o", str(tmp_path / "b"),
-    ])  # fmt: skip
+    code = cli_main(
+        [
+            "audit",
+            str(root / "pool"),
+            "--benchmarks",
+            str(root / "bench-sketch"),
+            "--ground-truth",
+            str(tmp_path / "bad.parquet"),
+            "-o",
+            str(tmp_path / "b"),
+        ]
+    )
     assert code == 2 and "lacks column" in capsys.readouterr().err

@@ -24,7 +24,7 @@ TINY = config.override(
         "similarity.recipe.batch_size": 32,
         "train.recipe.epochs": 1,
         "train.recipe.batch_size": 32,
-        "train.splits": ["full", "combined", "combined-random"],
+        "train.splits": ["combined", "coreset"],
     },
 )
 
@@ -49,9 +49,9 @@ def test_every_stage_ran_and_wrote_its_outputs(demo_run):
         "select-combined",
         "gaps-coreset-random",
         "gaps",
-        "train-full",
+        "select-full",
         "train-combined",
-        "evaluate-combined-random",
+        "evaluate-coreset",
     ]:
         assert name in stages
     benchmarks = ["photo", "photo-v2", "sketch", "rendition", "hard", "pose"]
@@ -102,3 +102,27 @@ def test_rerun_hits_every_cache_and_keeps_bytes(demo_run):
     run_config(TINY, run, logs.append)
     assert not [m for m in logs if m.startswith("[run]")], logs
     assert before == {p: p.read_bytes() for p in before}
+
+
+def test_a_resized_split_reruns_alone(demo_run):
+    """Changing one split's size reruns that split's stages (and its control's), nothing else;
+    its old shards and checkpoint are cleared, not reused."""
+    run, _, _ = demo_run
+    logs: list[str] = []
+    run_config(config.override(TINY, {"splits.coreset.fraction": 0.4}), run, logs.append)
+    ran = {m.removeprefix("[run] ") for m in logs if m.startswith("[run] ")}
+    per_split = {f"{s}-{n}" for s in ("select", "gaps") for n in ("coreset", "coreset-random")}
+    per_split |= {f"{s}-coreset" for s in ("materialize", "train", "evaluate")}
+    assert ran == per_split | {"gaps", "analysis-robustness", "analysis-similarity"}
+    assert "[cached] train-combined" in logs and "[clear] train/coreset: made for other inputs" in [
+        m for m in logs if m.startswith("[clear]")
+    ]
+    pool = open_store(run / "stores" / "pool").rows
+    kept, meta = read_split(run / "splits" / "coreset")
+    assert len(kept) == round(0.4 * pool) and meta["params"]["fraction"] == 0.4
+    record = json.loads((run / "stages" / "select-coreset.json").read_text())
+    assert record["result"]["size"] == len(kept)
+    control, _ = read_split(run / "splits" / "coreset-random")
+    assert len(control) == len(kept)
+    trained = json.loads((run / "train" / "coreset" / "simgap-train.json").read_text())
+    assert trained["num_samples"] == len(kept) + open_store(run / "stores" / "reference").rows

@@ -423,3 +423,27 @@ def test_accuracy_equals_clip_benchmark_on_same_model_and_data(tmp_path):
     assert ours["mean_per_class_recall"] == pytest.approx(
         theirs["mean_per_class_recall"], abs=1e-12
     )
+
+
+def test_cli_evaluate_writes_metrics_and_predictions(tmp_path, capsys):
+    import json
+
+    from simgap.cli import main
+
+    root = tmp_path / "colours"
+    _wds_colour_benchmark(root, n=12)
+    random = load_model(ModelSpec("simgap-tiny"), allow_random=True)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save({"state_dict": random.model.state_dict()}, ckpt)
+    out = tmp_path / "eval"
+    argv = ["evaluate", str(root), "--checkpoint", str(ckpt), "-o", str(out), "--batch-size", "5"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["benchmarks"] == printed and printed["colours"]["n"] == 12
+    assert saved["model"]["checkpoint_sha256"] is not None
+    table = pq.read_table(out / "predictions" / "colours.parquet")
+    assert table.num_rows == 12
+    assert np.mean(table.column("correct").to_pylist()) == pytest.approx(printed["colours"]["top1"])
+    assert main(["evaluate", str(root), str(root), "--checkpoint", str(ckpt)]) == 2
+    assert "must differ" in capsys.readouterr().err

@@ -40,8 +40,10 @@ def test_reshard_keeps_every_member_in_order_and_same_bytes(tmp_path):
     summary = materialize(tmp_path / "split", str(pool), out, shard_size=4)
     assert (summary["kept"], summary["missing"], summary["corrupt"]) == (10, 1, 0)
     assert json.loads((out / "sizes.json").read_text()) == {
-        "00000.tar": 4, "00001.tar": 4, "00002.tar": 2
-    }  # fmt: skip
+        "00000.tar": 4,
+        "00001.tar": 4,
+        "00002.tar": 2,
+    }
     want = [s for s in samples if s[0] in set(kept)]
     assert _read_out(out) == want  # pool order, every member, same bytes per member
     # The copy by offset writes exactly what write_tar writes for the same samples.
@@ -50,14 +52,18 @@ def test_reshard_keeps_every_member_in_order_and_same_bytes(tmp_path):
     assert read_key_list(out / "keys.txt") == sorted(kept)
     # Two worker processes give the same bytes as one, per input shard as well.
     out2 = tmp_path / "out2"
-    materialize(tmp_path / "split", str(pool), out2, shard_size=4, executor=Executor(LocalEngine(2)))
+    materialize(
+        tmp_path / "split", str(pool), out2, shard_size=4, executor=Executor(LocalEngine(2))
+    )
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == {
         p.name: p.read_bytes() for p in out2.glob("*.tar")
     }
     per_input = materialize(tmp_path / "split", str(pool), tmp_path / "per")
     assert sorted(p.name for p in (tmp_path / "per").glob("*.tar")) == [
-        "00000.tar", "00001.tar", "00002.tar"
-    ]  # fmt: skip
+        "00000.tar",
+        "00001.tar",
+        "00002.tar",
+    ]
     assert _read_out(tmp_path / "per") == want and per_input["kept"] == 10
 
 
@@ -70,10 +76,20 @@ def test_key_list_inputs_and_keys_only(tmp_path):
     assert (tmp_path / "ko" / "keys.txt").read_text() == "".join(f"{k}\n" for k in sorted(keys))
     sources = json.loads((tmp_path / "ko" / "sources.json").read_text())
     assert sources == {str(pool / "00000.tar"): 2, str(pool / "00001.tar"): 4}
-    assert cli_main([
-        "materialize", str(tmp_path / "keys.txt"), str(pool), "-o", str(tmp_path / "c"),
-        "--shard-size", "5",
-    ]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "materialize",
+                str(tmp_path / "keys.txt"),
+                str(pool),
+                "-o",
+                str(tmp_path / "c"),
+                "--shard-size",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert [k for k, _ in _read_out(tmp_path / "c")] == keys
 
 

@@ -306,7 +306,9 @@ def _results(run: Path) -> dict:
     return {"eval": evals, "splits": splits}
 
 
-@pytest.mark.slow
+# Three tiny runs end to end (minutes on 2 cores): the extended suite. The default suite covers
+# the plan's keys above and a rerun + a resized split in tests/test_demo.py.
+@pytest.mark.extended
 def test_a_killed_run_resumes_to_the_same_results(tiny, reference_run):
     run = tiny.parent / "killed"
     args = ["run", str(tiny), "--run-dir", str(run)]
@@ -323,7 +325,16 @@ def test_a_killed_run_resumes_to_the_same_results(tiny, reference_run):
     assert json.loads((run / "run.json").read_text())["config_text"] == tiny.read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.extended
+def test_ray_engine_makes_the_same_splits(tiny, reference_run):
+    run = tiny.parent / "ray"
+    proc = run_cli("run", str(tiny), "--run-dir", str(run), "--engine", "ray")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _results(run)["splits"] == _results(reference_run)["splits"]
+    assert json.loads((run / "run.json").read_text())["config"]["engine"]["name"] == "ray"
+
+
+@pytest.mark.extended
 def test_rerun_hits_caches_and_a_resized_split_reruns_alone(tiny, reference_run):
     run = reference_run
     proc = run_cli("run", str(tiny), "--run-dir", str(run))

@@ -9,10 +9,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from simgap.cli import main as cli_main
 from simgap.data.tars import iter_samples, write_tar
 from simgap.parallel import Executor, ExecutorError, LocalEngine
-from simgap.select import far_pruned, gapmatch, near_pruned, random_split, resolve_size, union_score
+from simgap.scan import scan_store
+from simgap.select import (
+    coreset,
+    far_pruned,
+    gapmatch,
+    near_pruned,
+    random_split,
+    resolve_size,
+    union_score,
+)
+from simgap.select.build import SelectConfig, check_guarantee, select
+from simgap.select.policies import parse_size
 from simgap.splits import materialize, read_split, write_split
+from simgap.store import write_store
 
 
 def brute_gapmatch(pool, tests_by_bench, thresholds_by_bench):
@@ -149,13 +162,6 @@ def test_executor_process_pool_equals_in_process():
 # ----------------------------------------------------------------------------- simgap select
 
 
-from simgap.cli import main as cli_main  # noqa: E402
-from simgap.scan import scan_store  # noqa: E402
-from simgap.select import coreset  # noqa: E402
-from simgap.select.build import SelectConfig, check_guarantee, select  # noqa: E402
-from simgap.select.policies import parse_size  # noqa: E402
-from simgap.store import open_store, write_store  # noqa: E402
-
 MODEL = {"arch": "test", "checkpoint_sha256": "0"}
 
 
@@ -169,7 +175,9 @@ def world(tmp_path_factory):
     """A small pool (3 shards), a reference set and two benchmarks, with scans made by the scan."""
     root = tmp_path_factory.mktemp("sel")
     rng = np.random.default_rng(5)
-    pool = write_store(root / "pool", _unit(rng, 300), [f"p{i:04d}" for i in range(300)], MODEL, 100)
+    pool = write_store(
+        root / "pool", _unit(rng, 300), [f"p{i:04d}" for i in range(300)], MODEL, 100
+    )
     ref = write_store(root / "reference", _unit(rng, 60), [f"r{i:03d}" for i in range(60)], MODEL)
     out = {"root": root, "pool": pool, "ref": ref, "bench": {}}
     for b in ("alpha", "beta"):
@@ -209,12 +217,31 @@ def test_select_gapmatch_combined_equals_brute_force_and_is_checked(world, tmp_p
     assert 0 < len(want) < len(p)
     benches = [root / "bench-alpha", root / "bench-beta"]
     # Thresholds from the reference store, scores from a fresh scan ...
-    _run("gapmatch", root / "pool", "-o", tmp_path / "a", "--benchmarks", *benches,
-         "--reference", root / "reference")  # fmt: skip
+    _run(
+        "gapmatch",
+        root / "pool",
+        "-o",
+        tmp_path / "a",
+        "--benchmarks",
+        *benches,
+        "--reference",
+        root / "reference",
+    )
     # ... or both from the scan outputs: same split, same bytes except the fingerprints.
-    _run("gapmatch", root / "pool", "-o", tmp_path / "b", "--benchmarks", *benches,
-         "--scans", root / "pool-alpha", root / "pool-beta",
-         "--reference-scans", root / "reference-alpha", root / "reference-beta")  # fmt: skip
+    _run(
+        "gapmatch",
+        root / "pool",
+        "-o",
+        tmp_path / "b",
+        "--benchmarks",
+        *benches,
+        "--scans",
+        root / "pool-alpha",
+        root / "pool-beta",
+        "--reference-scans",
+        root / "reference-alpha",
+        root / "reference-beta",
+    )
     assert _kept(tmp_path / "a") == want == _kept(tmp_path / "b")
     meta = json.loads((tmp_path / "a" / "split.json").read_text())
     assert meta["policy"] == "gapmatch" and meta["benchmarks"] == ["alpha", "beta"]
@@ -226,9 +253,19 @@ def test_select_gapmatch_combined_equals_brute_force_and_is_checked(world, tmp_p
     meta_b = json.loads((tmp_path / "b" / "split.json").read_text())
     assert set(meta_b["fingerprints"]["scans"]) == {"alpha", "beta"}
     # Same inputs, same bytes.
-    before = {f: (tmp_path / "a" / f).read_bytes() for f in ("keys.parquet", "keys.txt", "split.json")}
-    _run("gapmatch", root / "pool", "-o", tmp_path / "a", "--benchmarks", *benches,
-         "--reference", root / "reference")  # fmt: skip
+    before = {
+        f: (tmp_path / "a" / f).read_bytes() for f in ("keys.parquet", "keys.txt", "split.json")
+    }
+    _run(
+        "gapmatch",
+        root / "pool",
+        "-o",
+        tmp_path / "a",
+        "--benchmarks",
+        *benches,
+        "--reference",
+        root / "reference",
+    )
     assert before == {f: (tmp_path / "a" / f).read_bytes() for f in before}
 
 
@@ -236,8 +273,20 @@ def test_select_gapmatch_per_benchmark_without_reference(world, tmp_path):
     root, pool = world["root"], world["pool"]
     _, tests, thr = world["bench"]["alpha"]
     brute = ~((_f32(pool) @ tests.T) > thr[None, :]).any(axis=1)
-    _run("gapmatch", root / "pool", "-o", tmp_path / "s", "--benchmarks", root / "bench-alpha",
-         "--reference", root / "reference", "--no-add-reference", "--control", "--seed", "4")  # fmt: skip
+    _run(
+        "gapmatch",
+        root / "pool",
+        "-o",
+        tmp_path / "s",
+        "--benchmarks",
+        root / "bench-alpha",
+        "--reference",
+        root / "reference",
+        "--no-add-reference",
+        "--control",
+        "--seed",
+        "4",
+    )
     assert _kept(tmp_path / "s") == sorted(np.array(pool.keys())[brute])
     meta = json.loads((tmp_path / "s" / "split.json").read_text())
     assert meta["reference_added"] is False and "equal" not in meta["guarantee"]
@@ -252,8 +301,18 @@ def test_select_gapmatch_per_benchmark_without_reference(world, tmp_path):
 def test_guarantee_check_catches_a_broken_split(world, tmp_path, monkeypatch):
     root, pool = world["root"], world["pool"]
     _, tests, thr = world["bench"]["beta"]
-    _run("gapmatch", root / "pool", "-o", tmp_path / "ok", "--scans", root / "pool-beta",
-         "--benchmarks", root / "bench-beta", "--reference", root / "reference")  # fmt: skip
+    _run(
+        "gapmatch",
+        root / "pool",
+        "-o",
+        tmp_path / "ok",
+        "--scans",
+        root / "pool-beta",
+        "--benchmarks",
+        root / "bench-beta",
+        "--reference",
+        root / "reference",
+    )
     kept = _kept(tmp_path / "ok")
     sims = _f32(pool) @ tests.T
     removed = [k for k, bad in zip(pool.keys(), (sims > thr).any(axis=1), strict=True) if bad]
@@ -266,8 +325,13 @@ def test_guarantee_check_catches_a_broken_split(world, tmp_path, monkeypatch):
     import simgap.select.build as build
 
     monkeypatch.setattr(build, "gapmatch", lambda margins: np.ones(len(margins[0]), bool))
-    cfg = SelectConfig("gapmatch", root / "pool", tmp_path / "bug", (root / "bench-beta",),
-                       reference=root / "reference")  # fmt: skip
+    cfg = SelectConfig(
+        "gapmatch",
+        root / "pool",
+        tmp_path / "bug",
+        (root / "bench-beta",),
+        reference=root / "reference",
+    )
     with pytest.raises(RuntimeError, match="guarantee does not hold"):
         select(cfg)
     assert json.loads((tmp_path / "bug" / "split.json").read_text())["guarantee"]["holds"] is False
@@ -279,14 +343,38 @@ def test_select_near_far_coreset_random_by_size(world, tmp_path):
     keys = np.array(pool.keys())
     score_a = (p @ world["bench"]["alpha"][1].T).max(axis=1)
     union = np.maximum(score_a, (p @ world["bench"]["beta"][1].T).max(axis=1))
-    _run("near", root / "pool", "-o", tmp_path / "near", "--size", "0.25",
-         "--scans", root / "pool-alpha")  # fmt: skip
+    _run(
+        "near",
+        root / "pool",
+        "-o",
+        tmp_path / "near",
+        "--size",
+        "0.25",
+        "--scans",
+        root / "pool-alpha",
+    )
     assert _kept(tmp_path / "near") == sorted(keys[np.argsort(score_a, kind="stable")[:75]])
-    _run("far", root / "pool", "-o", tmp_path / "far", "--size", "40",
-         "--benchmarks", root / "bench-alpha", root / "bench-beta")  # fmt: skip
+    _run(
+        "far",
+        root / "pool",
+        "-o",
+        tmp_path / "far",
+        "--size",
+        "40",
+        "--benchmarks",
+        root / "bench-alpha",
+        root / "bench-beta",
+    )
     assert _kept(tmp_path / "far") == sorted(keys[np.argsort(-union, kind="stable")[:40]])
-    _run("coreset", root / "pool", "-o", tmp_path / "core",
-         "--scans", root / "pool-alpha", root / "pool-beta")  # fmt: skip
+    _run(
+        "coreset",
+        root / "pool",
+        "-o",
+        tmp_path / "core",
+        "--scans",
+        root / "pool-alpha",
+        root / "pool-beta",
+    )
     core = json.loads((tmp_path / "core" / "split.json").read_text())
     assert core["size"] == 150 and core["params"] == {"size": 0.5}
     assert _kept(tmp_path / "core") == sorted(keys[np.argsort(-union, kind="stable")[:150]])
@@ -299,8 +387,15 @@ def test_select_refuses_mismatched_inputs(world, tmp_path):
     root = world["root"]
     # The alpha scan paired with the beta benchmark: its recorded test hash differs.
     with pytest.raises(ValueError, match="test points"):
-        select(SelectConfig("gapmatch", root / "pool", tmp_path / "x", (root / "bench-beta",),
-                            (root / "pool-alpha",)))  # fmt: skip
+        select(
+            SelectConfig(
+                "gapmatch",
+                root / "pool",
+                tmp_path / "x",
+                (root / "bench-beta",),
+                (root / "pool-alpha",),
+            )
+        )
     with pytest.raises(ValueError, match="needs --size"):
         select(SelectConfig("near", root / "pool", tmp_path / "x", scans=(root / "pool-alpha",)))
     with pytest.raises(ValueError, match="thresholds"):

@@ -87,9 +87,12 @@ def test_semdedup_equals_brute_force_on_a_store(tmp_path, rule):
 def test_image_based_equals_brute_force(tmp_path):
     rng = np.random.default_rng(4)
     pool = write_store(
-        tmp_path / "pool", _unit(rng.standard_normal((500, 8))), [f"p{i}" for i in range(500)],
-        MODEL, 200,
-    )  # fmt: skip
+        tmp_path / "pool",
+        _unit(rng.standard_normal((500, 8))),
+        [f"p{i}" for i in range(500)],
+        MODEL,
+        200,
+    )
     # The reference set sits in one corner of the space: only some clusters are kept.
     ref_x = _unit(rng.standard_normal((30, 8)) * 0.3 + np.eye(8)[0])
     ref = write_store(tmp_path / "ref", ref_x, [f"r{i}" for i in range(30)], MODEL)
@@ -138,8 +141,10 @@ print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 def _peak_kib(*args):
     out = subprocess.run(
         [sys.executable, "-c", _WRAP, _CHILD, *map(str, args)],
-        capture_output=True, text=True, check=True,
-    ).stdout.split("\n")  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
     return json.loads(out[0]), int(out[1])
 
 
@@ -159,3 +164,29 @@ def test_semdedup_memory_stays_below_the_store_size(tmp_path):
     # Streaming holds one bucket (~2k rows) and one batch, not the store.
     print(f"semdedup peak: +{extra_mib:.1f} MiB over a {base_kib / 1024:.0f} MiB baseline")
     assert extra_mib < 0.4 * store_mib, (extra_mib, store_mib, base_kib / 1024)
+
+
+def test_select_cli_semdedup_and_image_based_same_bytes(tmp_path):
+    import pyarrow.parquet as pq
+
+    from simgap.cli import main as cli_main
+
+    rng = np.random.default_rng(7)
+    x = _with_duplicates(rng, 150, 50)
+    write_store(tmp_path / "pool", x, [f"k{i:04d}" for i in range(len(x))], MODEL, 64)
+    write_store(tmp_path / "ref", _unit(rng.standard_normal((10, 16))), list("abcdefghij"), MODEL)
+    outs = []
+    for i in range(2):
+        for policy, extra in (("semdedup", []), ("image-based", ["--reference", "ref"])):
+            out = tmp_path / f"{policy}{i}"
+            args = ["select", policy, str(tmp_path / "pool"), "-o", str(out), "--clusters", "5"]
+            assert cli_main(args + ["--eps", "0.01"] * (policy == "semdedup")) == 0 or extra
+            if extra:
+                assert cli_main(args + ["--reference", str(tmp_path / "ref")]) == 0
+            outs.append({f: (out / f).read_bytes() for f in ("keys.txt", "keys.parquet")})
+    assert outs[0] == outs[2] and outs[1] == outs[3]
+    meta = json.loads((tmp_path / "semdedup0" / "split.json").read_text())
+    assert meta["params"] == {"clusters": 5, "eps": 0.01, "rule": "kept"} and meta["removed"] > 0
+    stats = pq.read_table(tmp_path / "semdedup0" / "clusters.parquet")
+    assert sum(stats.column("size").to_pylist()) == len(x)
+    assert sum(stats.column("removed").to_pylist()) == meta["removed"]

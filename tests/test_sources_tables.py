@@ -154,3 +154,17 @@ def test_clip_benchmark_wds_folder_is_a_labelled_source(tmp_path, checkpoint):
     store = embed(tmp_path / "wds", tmp_path / "store", checkpoint)
     assert store.shards[1].skipped == {"missing_label": 1}
     assert store.read_keys("00001").column("key").to_pylist() == ["s101"]
+
+
+def test_cli_table_flags_and_one_line_error(images, checkpoint, tmp_path, capsys):
+    from simgap.cli import main
+    from simgap.store import open_store
+
+    (images / "t.csv").write_text("img,cap\nimg/im0.png,zero\nimg/im1.png,one\n")
+    out = str(tmp_path / "s")
+    flags = ["--checkpoint", checkpoint.checkpoint, "--csv-caption-key", "cap"]
+    assert main(["embed", str(images / "t.csv"), "-o", out, *flags, "--csv-img-key", "img"]) == 0
+    store = open_store(out)
+    assert store.keys_table().column("caption").to_pylist() == ["zero", "one"]
+    assert main(["embed", str(images / "t.csv"), "-o", out, *flags]) == 2
+    assert "no column 'filepath'" in capsys.readouterr().err

@@ -452,3 +452,34 @@ def test_torchrun_one_cpu_process_reproduces_the_local_run(trained, shards, tmp_
     assert "batch_size: 16" in params and "device: cpu" in params
     _assert_same_weights(out / "tr" / "checkpoints" / "epoch_2.pt", trained[1])
     assert not (tmp_path / "pwned").exists()
+
+
+def test_cli_writes_launch_scripts_for_the_papers_recipe(shards, tmp_path, capsys):
+    from simgap.cli import main
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("".join(f"p{i:07d}\n" for i in range(0, 64, 2)))
+    common = [shards, "--keys", str(keys), "-o", str(tmp_path / "runs"), "--model", "ViT-B-32"]
+    common += ["--epochs", "32", "--batch-size", "33600", "--precision", "amp", "--workers", "2"]
+    common += ["--grad-checkpointing", "--warmup", "10000"]
+    assert main(["train", *common, "--name", "node", "--torchrun", "8"]) == 0
+    script = tmp_path / "runs" / "node" / "torchrun.sh"
+    words = shlex.split(script.read_text().splitlines()[-1])
+    assert words[:6] == ["torchrun", "--standalone", "--nproc_per_node=8", "-m", ENTRY_MODULE, "--"]
+    key_filter = tmp_path / "runs" / "node" / KEY_HASHES_FILE
+    assert words[6:8] == ["--simgap-keys", str(key_filter)] and key_filter.is_file()
+    args = parse_args(words[8:])
+    assert (args.batch_size, args.train_num_samples, args.epochs) == (4200, 32, 32)
+    assert args.grad_checkpointing and args.warmup == 10000 and args.precision == "amp"
+    assert os.access(script, os.X_OK)
+
+    slurm = ["--slurm-nodes", "2", "--gpus-per-node", "4", "--partition", "a100"]
+    assert main(["train", *common, "--name", "multi", *slurm]) == 0
+    text = (tmp_path / "runs" / "multi" / "train.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --partition=a100" in text
+    srun = shlex.split(text.splitlines()[-1])
+    assert parse_args(srun[9:]).batch_size == 4200  # 33,600 over 2 x 4 GPUs
+    assert capsys.readouterr().out.count("--simgap-keys") == 2
+    # A global batch the GPUs cannot share evenly is refused, as one line.
+    assert main(["train", *common, "--name", "odd", "--torchrun", "9"]) == 2
+    assert "not divisible by 9" in capsys.readouterr().err

@@ -191,27 +191,79 @@ def cmd_materialize(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from simgap.train import Recipe, train
+    from simgap import train as t
 
-    recipe = Recipe(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
-    ckpt = train(recipe, a.data, a.samples, Path(a.out), a.name, _log)
-    print(f"checkpoint: {ckpt}")
+    recipe = t.Recipe(
+        model=a.model,
+        epochs=a.epochs,
+        samples_seen=a.samples_seen,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        warmup=a.warmup,
+        wd=a.wd,
+        precision=a.precision,
+        workers=a.workers,
+        seed=a.seed,
+        save_frequency=a.save_frequency,
+        grad_checkpointing=a.grad_checkpointing,
+    )
+    out = Path(a.out)
+    if a.torchrun is None and a.slurm_nodes is None:
+        ckpt = t.train(
+            recipe, a.data, a.samples, out, a.name, _log,
+            keys=a.keys, device=a.device, threads=a.threads,
+        )  # fmt: skip
+        print(f"checkpoint: {ckpt}")
+        return
+    samples, key_filter = t.prepare_run(recipe, a.data, a.samples, out, a.name, a.keys)
+    if a.torchrun is not None:
+        text = t.torchrun_command(
+            recipe, a.data, samples, out, a.name, a.torchrun, key_filter=key_filter
+        )
+        script, scheduler = t.run_dir(out, a.name) / "torchrun.sh", "bash"
+    else:
+        text = t.slurm_script(
+            recipe, a.data, samples, out, a.name,
+            nodes=a.slurm_nodes, gpus_per_node=a.gpus_per_node, cpus_per_task=a.cpus_per_task,
+            time=a.time, partition=a.partition, account=a.account, python=a.python,
+            key_filter=key_filter,
+        )  # fmt: skip
+        script, scheduler = t.run_dir(out, a.name) / "train.sbatch", "sbatch"
+    t.write_launch_script(script, text)
+    print(text.rstrip())
+    print(f"written to {script}", file=sys.stderr)
+    if a.launch:
+        rc = t.launch_script(script, scheduler)
+        if rc != 0:
+            raise RuntimeError(f"{scheduler} {script} exited with status {rc}")
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
     import json
 
-    from simgap.evaluate import evaluate_benchmark
+    from simgap.evaluate import evaluate_benchmarks
     from simgap.models import ModelSpec, load_model
 
-    loaded = load_model(ModelSpec(arch=a.model, checkpoint=a.checkpoint, pretrained=a.pretrained))
-    templates = [t for t in Path(a.templates).read_text().splitlines() if t.strip()]
-    results = {}
-    for bench in a.benchmarks:
-        res = evaluate_benchmark(loaded, Path(bench), templates)
-        res.pop("predictions")
-        results[Path(bench).name] = res
-    print(json.dumps(results, indent=2))
+    names = [Path(b).name for b in a.benchmarks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"benchmark folder names must differ (they name the results): {names}")
+    spec = ModelSpec(arch=a.model, checkpoint=a.checkpoint, pretrained=a.pretrained)
+    loaded = load_model(spec, device=a.device)
+    templates = None
+    if a.templates:
+        if not Path(a.templates).is_file():
+            raise FileNotFoundError(f"{a.templates}: templates file not found")
+        templates = [t for t in Path(a.templates).read_text().splitlines() if t.strip()]
+    summary = evaluate_benchmarks(
+        loaded,
+        {n: Path(b) for n, b in zip(names, a.benchmarks, strict=True)},
+        Path(a.out) if a.out else None,
+        templates,
+        layout=a.layout,
+        batch_size=a.batch_size,
+        log=_log,
+    )
+    print(json.dumps(summary["benchmarks"], indent=2, sort_keys=True))
 
 
 def cmd_report(a: argparse.Namespace) -> None:
@@ -284,7 +336,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (folders)")
-    p.add_argument("--decode-workers", type=int, default=0, help="decode threads per shard task")
+    p.add_argument("--decode-workers", type=int, default=0, help="decode processes per shard task")
     p.add_argument("--text", action="store_true", help="also store caption embeddings")
     p.add_argument("--csv-img-key", default="filepath", help="table column of image paths")
     p.add_argument("--csv-caption-key", default="title", help="caption column ('' for none)")
@@ -311,8 +363,10 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_scan)
 
     p = sub.add_parser("select", help="make a split: gapmatch, near, far, random, coreset, ...")
-    p.add_argument("policy", choices=["gapmatch", "near", "far", "random", "coreset", "semdedup",
-                                      "image-based"])  # fmt: skip
+    p.add_argument(
+        "policy",
+        choices=["gapmatch", "near", "far", "random", "coreset", "semdedup", "image-based"],
+    )
     p.add_argument("pool", help="the pool's embedding store")
     p.add_argument("-o", "--out", required=True, help="split folder")
     p.add_argument("--benchmarks", nargs="+", help="benchmark stores (the union is used)")
@@ -321,10 +375,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-scans", nargs="+", help="reference scans: thresholds")
     p.add_argument("--size", help="kept size: a count (1000) or a fraction (0.25)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-add-reference", dest="add_reference", action="store_false",
-                   help="gapmatch ablation: the reference set is not added to the split")  # fmt: skip
-    p.add_argument("--no-check", dest="check", action="store_false",
-                   help="skip the rescan that checks the gapmatch guarantee")  # fmt: skip
+    p.add_argument(
+        "--no-add-reference",
+        dest="add_reference",
+        action="store_false",
+        help="gapmatch ablation: the reference set is not added to the split",
+    )
+    p.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        help="skip the rescan that checks the gapmatch guarantee",
+    )
     p.add_argument("--control", action="store_true", help="also write <out>-random, size-matched")
     p.add_argument("--clusters", type=int, default=100, help="k-means clusters")
     p.add_argument("--eps", type=float, default=0.124, help="semdedup: drop above 1 - eps")
@@ -349,21 +411,45 @@ def parser() -> argparse.ArgumentParser:
     _engine_args(p)
     p.set_defaults(fn=cmd_materialize)
 
-    p = sub.add_parser("train", help="train CLIP with open_clip_train on shards")
+    p = sub.add_parser("train", help="train CLIP with open_clip_train (local, torchrun, SLURM)")
     p.add_argument("data", help="tar shards: brace pattern or '::'-joined list")
-    p.add_argument("--samples", type=int, required=True)
+    p.add_argument("--keys", help="key list (keys.txt / keys.parquet) applied on the fly to DATA")
+    p.add_argument("--samples", type=int, help="samples per epoch (default: key count/sizes.json)")
     p.add_argument("-o", "--out", required=True)
     p.add_argument("--name", default="clip")
     p.add_argument("--model", default="simgap-tiny")
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--samples-seen", type=int, help="sample budget instead of epochs over DATA")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch (all GPUs together)")
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=10, help="warm-up steps")
+    p.add_argument("--wd", type=float, default=0.2)
+    p.add_argument("--precision", default="fp32", help="fp32 on CPU; amp or amp_bf16 on GPUs")
+    p.add_argument("--workers", type=int, default=1, help="dataloader workers per process")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-frequency", type=int, default=0, help="keep epoch_<E>.pt every E")
+    p.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
+    p.add_argument("--device", default="cpu", help="local run: cpu or cuda")
+    p.add_argument("--threads", type=int, help="local run: CPU threads (OMP_NUM_THREADS)")
+    p.add_argument("--torchrun", type=int, metavar="GPUS", help="write a one-node torchrun script")
+    p.add_argument("--slurm-nodes", type=int, metavar="N", help="write an sbatch script")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--cpus-per-task", type=int, default=8)
+    p.add_argument("--time", default="72:00:00")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--python", default="python", help="python on the cluster nodes")
+    p.add_argument("--launch", action="store_true", help="run the script (bash / sbatch)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("evaluate", help="zero-shot top-1 on benchmark folders")
-    p.add_argument("benchmarks", nargs="+")
-    p.add_argument("--templates", required=True)
+    p = sub.add_parser("evaluate", help="zero-shot top-1/top-5/recall on benchmarks")
+    p.add_argument("benchmarks", nargs="+", help="benchmark folders (any supported layout)")
+    p.add_argument("--layout", default="auto", help="auto, folder, wds, imagenet, imagenet-v2, "
+                   "imagenet-r, imagenet-a, objectnet")  # fmt: skip
+    p.add_argument("--templates", help="prompt file (default: the benchmark's own)")
+    p.add_argument("-o", "--out", help="write eval.json and predictions/<benchmark>.parquet")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
     _model_args(p)
     p.set_defaults(fn=cmd_evaluate)
 

@@ -1,7 +1,7 @@
 """Source → embedding store, one shard task at a time, resumable.
 
 ``EmbedShard`` is the worker: a frozen, picklable callable that streams one shard task's samples,
-decodes and transforms their images (in ``decode_workers`` threads, a batch ahead of the model),
+decodes and transforms their images (in ``decode_workers`` processes, ahead of the model),
 runs the similarity model batch by batch, and writes the store shard atomically with a done
 record last. ``embed`` plans the tasks, skips those already done from the same input and model,
 runs the rest on an executor and writes the manifest.
@@ -16,9 +16,8 @@ import contextlib
 import functools
 import hashlib
 import json
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,15 +70,20 @@ def split_transform(preprocess: Callable[[Any], torch.Tensor]) -> SplitTransform
         (torch.as_tensor(t.mean, dtype=torch.float32), torch.as_tensor(t.std, dtype=torch.float32))
         for t in steps[cut + 1 :]
     )
-    pil_part = T.Compose(steps[:cut])
+    return SplitTransform(_PilPart(T.Compose(steps[:cut])), norms)
 
-    def per_image(image: Any) -> np.ndarray:
-        out = pil_part(image)
+
+@dataclass(frozen=True)
+class _PilPart:
+    """The transform's PIL steps, then HWC uint8 pixels (picklable for DataLoader workers)."""
+
+    steps: Callable[[Any], Any]
+
+    def __call__(self, image: Any) -> np.ndarray:
+        out = self.steps(image)
         if getattr(out, "mode", None) != "RGB":
             out = out.convert("RGB")
         return np.asarray(out, dtype=np.uint8)
-
-    return SplitTransform(per_image, norms)
 
 
 @functools.lru_cache(maxsize=2)
@@ -168,31 +172,45 @@ def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield chunk
 
 
-def prepared_batches(
-    records: Iterable[Record],
-    preprocess: Callable[[Any], Any],
-    batch_size: int,
-    workers: int = 0,
-) -> Iterator[list[Prepared]]:
-    """Decode + transform in order, ``batch_size`` records at a time.
+class ShardBatches(torch.utils.data.IterableDataset):
+    """One shard task's samples, decoded and transformed, ``batch_size`` at a time, in order.
 
-    With ``workers`` > 0 a thread pool decodes the next batches while the caller runs the model
-    on this one (PIL decode and resize release the GIL); order is kept, so the bytes written do
-    not depend on the number of workers.
+    Under a DataLoader with N workers, worker w prepares batches w, w+N, ... (each reads the
+    shard, only decodes its own batches); the DataLoader takes them round-robin, which is the
+    original order, so the bytes written do not depend on N. Skips counted while reading the
+    shard (unsafe members, a cut tar) are yielded once, as a Counter, by worker 0.
     """
-    prepare = functools.partial(_prepare, preprocess)
+
+    def __init__(self, task: ShardTask, per_image: Callable[[Any], Any], batch_size: int):
+        self.task, self.per_image, self.batch_size = task, per_image, batch_size
+
+    def __iter__(self) -> Iterator[list[Prepared] | Counter]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        skipped: Counter[str] = Counter()
+        for b, chunk in enumerate(_chunks(self.task.records(skipped), self.batch_size)):
+            if b % workers == worker:
+                yield [_prepare(self.per_image, r) for r in chunk]
+        if worker == 0:
+            yield skipped
+
+
+def _as_is(item: Any) -> Any:
+    return item  # the DataLoader's default collate would turn numpy pixels into tensors
+
+
+def prepared_batches(
+    task: ShardTask, per_image: Callable[[Any], Any], batch_size: int, workers: int = 0
+) -> Iterable[list[Prepared] | Counter]:
+    """Decode + transform in this process (``workers`` 0) or in a DataLoader's worker
+    processes, which run ahead of the model (decode is Python-heavy: threads would share the
+    GIL with it)."""
+    batches = ShardBatches(task, per_image, batch_size)
     if workers <= 0:
-        for chunk in _chunks(records, batch_size):
-            yield [prepare(r) for r in chunk]
-        return
-    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-        ahead: deque = deque()
-        for chunk in _chunks(records, batch_size):
-            ahead.append([pool.submit(prepare, r) for r in chunk])
-            if len(ahead) > 2:  # two batches in flight keep the model busy, memory bounded
-                yield [f.result() for f in ahead.popleft()]
-        while ahead:
-            yield [f.result() for f in ahead.popleft()]
+        return batches
+    return torch.utils.data.DataLoader(
+        batches, batch_size=None, num_workers=workers, collate_fn=_as_is, prefetch_factor=2
+    )
 
 
 @functools.lru_cache(maxsize=2)
@@ -232,10 +250,11 @@ class EmbedShard:
         keys: list[str] = []
         meta: list[dict[str, Any]] = []
         features: list[np.ndarray] = []
-        batches = prepared_batches(
-            task.records(skipped), transform.per_image, self.batch_size, self.decode_workers
-        )
+        batches = prepared_batches(task, transform.per_image, self.batch_size, self.decode_workers)
         for batch in batches:
+            if isinstance(batch, Counter):
+                skipped.update(batch)
+                continue
             kept = [p for p in batch if p[2] is not None]
             for p in batch:
                 skipped.update(p[3])

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from simgap.data.clip_benchmark import Benchmark, open_benchmark
 from simgap.data.images import decode_rgb
-from simgap.io import write_parquet
+from simgap.io import write_json, write_parquet
 from simgap.models import LoadedModel
 
 PREDICTION_SCHEMA = pa.schema(
@@ -183,3 +183,30 @@ class _Progress:
             self.last = now
             rate = self.done / (now - self.start)
             self.log(f"evaluate {self.name}: {self.done} images, {rate:.0f} images/s")
+
+
+def evaluate_benchmarks(
+    loaded: LoadedModel,
+    benchmarks: dict[str, Path],
+    out: Path | None = None,
+    templates: list[str] | None = None,
+    *,
+    layout: str = "auto",
+    batch_size: int = 256,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Evaluate several benchmarks (name -> folder); with ``out``, write ``out/eval.json``
+    (model identity + metrics per benchmark) and ``out/predictions/<name>.parquet``."""
+    results = {}
+    for name, root in benchmarks.items():
+        res = evaluate_benchmark(loaded, Path(root), templates, batch_size, layout=layout, log=log)
+        predictions = res.pop("predictions")
+        if out is not None:
+            write_predictions(Path(out) / "predictions" / f"{name}.parquet", predictions)
+        results[name] = res
+        if log is not None:
+            log(f"evaluate {name}: top1 {res['top1']:.4f} over {res['n']} images")
+    summary = {"model": loaded.identity, "benchmarks": results}
+    if out is not None:
+        write_json(Path(out) / "eval.json", summary)
+    return summary

@@ -320,13 +320,13 @@ def split_specs(cfg: Config, benchmarks: list[str]) -> list[SplitSpec]:
         if sp.coreset.control:
             controlled.append("coreset")
     if sp.semdedup.n_clusters:
-        _need("semdedup", "splits.semdedup")
+        _need(cfg, "semdedup", "splits.semdedup")
         params = {"n_clusters": sp.semdedup.n_clusters, "eps": sp.semdedup.eps, "seed": cfg.seed}
         specs.append(SplitSpec("semdedup", "semdedup", (), params))
         if sp.semdedup.control:
             controlled.append("semdedup")
     if sp.image_based.n_clusters:
-        _need("image_based", "splits.image_based")
+        _need(cfg, "image_based", "splits.image_based")
         params = {"n_clusters": sp.image_based.n_clusters, "seed": cfg.seed}
         specs.append(SplitSpec("image-based", "image-based", (), params))
         if sp.image_based.control:
@@ -341,9 +341,11 @@ def split_specs(cfg: Config, benchmarks: list[str]) -> list[SplitSpec]:
     return specs
 
 
-def _need(function: str, key: str) -> None:
+def _need(cfg: Config, function: str, key: str) -> None:
     if not hasattr(policies, function):
-        raise ConfigError(f"{key}: simgap.select.{function} is not available in this version")
+        raise ConfigError(
+            f"{_where(cfg)}: {key}: simgap.select.{function} is not available in this version"
+        )
 
 
 def _where(cfg: Config) -> str:
@@ -1000,11 +1002,9 @@ def run_config(
     )
     plan = make_plan(cfg, run, log, executor)
     if dry_run:
-        # Reads only: a dry run of a folder that is not a run says so, but writes nothing.
-        stages_dir = run / "stages"
-        runner = Runner(run if stages_dir.is_dir() else run / "(new)", plan.stages, log)
-        text = format_plan(runner, cfg, plan)
-        return {"plan": runner.plan(), "text": text}
+        # Reads stage records only: a dry run writes nothing, not even the run folder.
+        runner = Runner(run, plan.stages, log)
+        return {"plan": runner.plan(), "text": format_plan(runner, cfg, plan)}
     missing = missing_paths(cfg)
     if missing:
         raise FileNotFoundError(f"{_where(cfg)}: missing inputs: " + "; ".join(missing))

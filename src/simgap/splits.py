@@ -20,13 +20,12 @@ Archive members are never extracted: the only files written are the output folde
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -508,9 +507,7 @@ def materialize(
         summary["samples"] = len(found)
         write_json(out / "materialize.json", summary)
         return summary
-    written = executor.map(
-        WriteShard(str(out)), tasks, on_done=Progress("materialize: write", log)
-    )
+    written = executor.map(WriteShard(str(out)), tasks, on_done=Progress("materialize: write", log))
     sizes = {f"{r['name']}.tar": r["rows"] for r in written}
     if reference is not None:
         sizes.update(_write_reference(out, reference, caption_template, shard_size or 1000))

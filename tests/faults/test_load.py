@@ -29,10 +29,19 @@ WRAPPER = (
 )
 
 
-def _rows(seed: int, n: int, dim: int) -> np.ndarray:
+def _rows(seed: int, n: int, dim: int, near_dups: float = 0.0) -> np.ndarray:
+    """Random unit rows; a fraction ``near_dups`` are noisy copies of 64 shared prototypes
+    (cosine ~0.95 to each other), so that SemDeDup has duplicates to find across shards."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, dim), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
+    m = int(n * near_dups)
+    if m:
+        protos = np.random.default_rng(0).standard_normal((64, dim), dtype=np.float32)
+        protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+        noise = rng.standard_normal((m, dim), dtype=np.float32) * np.float32(0.2 / dim**0.5)
+        x[:m] = protos[rng.integers(0, 64, m)] + noise
+        x[:m] /= np.linalg.norm(x[:m], axis=1, keepdims=True)
     return x.astype(np.float16)
 
 
@@ -43,14 +52,17 @@ def write_big_store(path: Path, shards: int, rows: int, dim: int) -> int:
     records = []
     for s in range(shards):
         keys = pa.table({"key": pa.array([f"b{s:04d}{i:07d}" for i in range(rows)])})
-        records.append(writer.write_shard(f"{s:05d}", _rows(1000 + s, rows, dim), keys))
+        emb = _rows(1000 + s, rows, dim, near_dups=0.1)
+        records.append(writer.write_shard(f"{s:05d}", emb, keys))
     writer.finish(records)
     return shards * rows * dim * 2
 
 
-def peak_rss_kib(args: list) -> int:
+def peak_rss_kib(args: list, python: bool = False) -> int:
+    """Peak RSS of ``simgap ARGS`` (or of ``python ARGS``) run as a grandchild."""
+    cmd = [sys.executable, *map(str, args)] if python else [*SIMGAP, *map(str, args)]
     proc = subprocess.run(
-        [sys.executable, "-c", WRAPPER, *SIMGAP, *map(str, args)],
+        [sys.executable, "-c", WRAPPER, *cmd],
         capture_output=True,
         text=True,
         env=cli_env(),
@@ -104,10 +116,84 @@ def _scan_within_limit(root: Path, shards: int, rows: int, dim: int, tests_n: in
     np.testing.assert_allclose(result.row_max, mx, atol=1e-5)
     np.testing.assert_allclose(result.topk_sim, top_sim, atol=1e-5)
     # Indices must agree wherever the brute force is not a near-tie.
-    srt = np.sort(tests.astype(np.float32) @ tests.astype(np.float32).T, axis=1)  # noqa: F841
     same_arg = result.row_argmax == arg
     assert same_arg.mean() > 0.999, same_arg.mean()
     assert (result.topk_row[:, 0] == top_row[:, 0]).mean() > 0.99
+
+
+SEMDEDUP_CHILD = """
+import sys, numpy as np
+from simgap.store import open_store
+from simgap.select.semdedup import semdedup
+store = open_store(sys.argv[1])
+keep, stats = semdedup(store, int(sys.argv[3]), eps=0.1, seed=0, batch_rows=4096,
+                       bucket_rows=int(sys.argv[4]), work_dir=sys.argv[5])
+np.save(sys.argv[2], keep)
+"""
+
+
+def semdedup_brute_force(store, n_clusters: int, eps: float) -> np.ndarray:
+    """Same centroids (seeded), then plain numpy: nearest centroid per row, and per cluster in
+    row order keep a row iff its similarity to every row kept so far is <= 1 - eps."""
+    from simgap.select.clusters import train_centroids
+
+    centroids = train_centroids(store, n_clusters, 0)
+    cluster = np.concatenate(
+        [(np.asarray(e, np.float32) @ centroids.T).argmax(1) for _, _, e in store.iter_blocks()]
+    )
+    keep = np.zeros(store.rows, bool)
+    for c in range(n_clusters):
+        rows = np.flatnonzero(cluster == c)
+        x = _gather(store, rows)
+        kept: list[int] = []
+        for i in range(len(rows)):
+            if not kept or (x[kept] @ x[i]).max() <= np.float32(1 - eps):
+                kept.append(i)
+        keep[rows[kept]] = True
+    return keep
+
+
+def _gather(store, rows: np.ndarray) -> np.ndarray:
+    out = []
+    for s in store.shards:
+        sel = rows[(rows >= s.offset) & (rows < s.offset + s.rows)] - s.offset
+        out.append(np.asarray(store.read_emb(s.name)[sel], np.float32))
+    return np.concatenate(out)
+
+
+def _semdedup_within_limit(root: Path, shards: int, rows: int, dim: int, clusters: int):
+    from simgap.store import open_store
+
+    base = root / "base"
+    size = write_big_store(base, shards, rows, dim)
+    write_big_store(root / "tiny", 1, 1000, dim)
+    (root / "work").mkdir()
+    bucket = shards * rows // 16
+    script = ["-c", SEMDEDUP_CHILD]
+    baseline = peak_rss_kib([*script, root / "tiny", root / "k0.npy", 8, 1000, root / "work"],
+                            python=True)  # fmt: skip
+    peak = peak_rss_kib([*script, base, root / "keep.npy", clusters, bucket, root / "work"],
+                        python=True)  # fmt: skip
+    limit_kib = size // 8 // 1024
+    used = peak - baseline
+    record("load", "semdedup", "within-limit" if used <= limit_kib else "over-limit",
+           store_mib=size >> 20, limit_mib=limit_kib >> 10, used_mib=used >> 10)  # fmt: skip
+    assert used <= limit_kib, (
+        f"semdedup used {used >> 10} MiB over baseline, limit {limit_kib >> 10}"
+    )
+    keep = np.load(root / "keep.npy")
+    expected = semdedup_brute_force(open_store(base), clusters, 0.1)
+    assert (~expected).sum() > 0.05 * len(expected), "the test data should hold duplicates"
+    np.testing.assert_array_equal(keep, expected)
+
+
+def test_semdedup_of_a_store_8x_the_memory_limit(tmp_path):
+    _semdedup_within_limit(tmp_path, shards=32, rows=4096, dim=512, clusters=32)
+
+
+@pytest.mark.extended
+def test_semdedup_of_an_8_gib_store_within_1_gib(tmp_path):
+    _semdedup_within_limit(tmp_path, shards=128, rows=65536, dim=512, clusters=1024)
 
 
 def test_scan_of_a_store_8x_the_memory_limit(tmp_path):
