@@ -177,12 +177,13 @@ def test_select_cli_semdedup_and_image_based_same_bytes(tmp_path):
     write_store(tmp_path / "ref", _unit(rng.standard_normal((10, 16))), list("abcdefghij"), MODEL)
     outs = []
     for i in range(2):
-        for policy, extra in (("semdedup", []), ("image-based", ["--reference", "ref"])):
+        for policy, extra in (
+            ("semdedup", ["--eps", "0.01"]),
+            ("image-based", ["--reference", str(tmp_path / "ref")]),
+        ):
             out = tmp_path / f"{policy}{i}"
             args = ["select", policy, str(tmp_path / "pool"), "-o", str(out), "--clusters", "5"]
-            assert cli_main(args + ["--eps", "0.01"] * (policy == "semdedup")) == 0 or extra
-            if extra:
-                assert cli_main(args + ["--reference", str(tmp_path / "ref")]) == 0
+            assert cli_main(args + extra) == 0
             outs.append({f: (out / f).read_bytes() for f in ("keys.txt", "keys.parquet")})
     assert outs[0] == outs[2] and outs[1] == outs[3]
     meta = json.loads((tmp_path / "semdedup0" / "split.json").read_text())

@@ -262,7 +262,9 @@ def _pool_samples(data: Data, results: Results) -> int:
 
 def _store(run: Path, name: str, data: Data) -> Store:
     if name == "pool" and data.pool_store:
-        return open_store(data.pool_store)
+        # The config says the similarity model made these embeddings; a bare clip-retrieval
+        # folder does not record a model, so it takes the one the reference store records.
+        return open_store(data.pool_store, model=open_store(run / "stores" / "reference").model)
     return open_store(run / "stores" / name)
 
 

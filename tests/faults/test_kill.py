@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -275,3 +276,105 @@ def test_train_survives_a_kill(workdir):
 def test_train_survives_many_kills(workdir):
     args, out, reference = _train_case(workdir, "train-kill-x")
     _survive("train", args, out, reference, _train_points(EXTENDED_POINTS, 104), ignore=TRAIN_LOGS)
+
+
+# ------------------------------------------------------------------------ select and audit
+
+
+def _select_case(scan_inputs, name: str, policy_args: list):
+    root, base = scan_inputs
+    out = root / name
+    args = ["select", *policy_args, root / "base", "-o", out]
+    reference = _reference_run(args, out)
+
+    def check(split: Path) -> None:
+        keys = (split / "keys.txt").read_text().splitlines()
+        assert keys == sorted(set(keys)) and 0 < len(keys) <= base.rows
+        assert pq.read_table(split / "keys.parquet")["key"].to_pylist() == keys
+
+    check(reference)
+    return args, out, reference, check
+
+
+SEMDEDUP = ["semdedup", "--clusters", "8", "--eps", "0.5"]
+
+
+def test_select_semdedup_survives_kills(scan_inputs):
+    args, out, reference, check = _select_case(scan_inputs, "select-kill", SEMDEDUP)
+    points = _watching(_file_points(DEFAULT_POINTS, 5, 3, startup=6, step=0.3), out)
+    _survive("select", args, out, reference, points, check=check)
+
+
+@pytest.mark.extended
+def test_select_semdedup_survives_many_kills(scan_inputs):
+    args, out, reference, check = _select_case(scan_inputs, "select-kill-x", SEMDEDUP)
+    points = _watching(_file_points(EXTENDED_POINTS, 105, 3, startup=6, step=0.3), out)
+    _survive("select", args, out, reference, points, check=check)
+
+
+def _audit_case(scan_inputs, name: str):
+    root, _ = scan_inputs
+    out = root / name
+    args = ["audit", root / "base", "--benchmarks", root / "bench", "--threshold", "0.5"]
+    args += ["-o", out]
+    return args, out, _reference_run(args, out)
+
+
+def test_audit_survives_kills(scan_inputs):
+    args, out, reference = _audit_case(scan_inputs, "audit-kill")
+    points = _watching(_file_points(DEFAULT_POINTS, 6, 2, startup=6, step=0.2), out)
+    _survive("audit", args, out, reference, points)
+
+
+@pytest.mark.extended
+def test_audit_survives_many_kills(scan_inputs):
+    args, out, reference = _audit_case(scan_inputs, "audit-kill-x")
+    points = _watching(_file_points(EXTENDED_POINTS, 106, 2, startup=6, step=0.2), out)
+    _survive("audit", args, out, reference, points)
+
+
+# ----------------------------------------------------------------------- run (whole pipeline)
+
+TINY_RUN = """
+name = "fault-run"
+seed = 0
+[sources]
+kind = "world"
+[sources.world]
+seed = 5
+scale = 0.05
+n_classes = 4
+[similarity.recipe]
+epochs = 1
+[train]
+splits = ["full", "combined"]
+parallel = 1
+threads = 1
+[train.recipe]
+epochs = 1
+"""
+# Wall times and logs legitimately differ between a resumed and an uninterrupted run.
+RUN_VOLATILE = (
+    r"(^|/)run\.json$", r"^stages/", r"\.log$", r"params\.txt$", r"^report/",
+    r"^world/world\.json$",
+)  # fmt: skip
+
+
+def _run_points(n: int, seed: int):
+    rng = random.Random(seed)
+    # Stage boundaries are logged as "[done] <stage>": kill a random time after the k-th.
+    return [
+        [{"after_lines": rng.randrange(12), "pattern": r"\[done\]", "delay": rng.uniform(0, 20)}]
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.extended
+def test_run_survives_many_kills(workdir):
+    config = workdir / "fault-run.toml"
+    config.write_text(TINY_RUN)
+    out = workdir / "run-kill-x"
+    args = ["run", config, "--run-dir", out]
+    reference = _reference_run(args, out)
+    points = _run_points(int(os.environ.get("SIMGAP_RUN_KILLS", EXTENDED_POINTS)), 107)
+    _survive("run", args, out, reference, points, ignore=RUN_VOLATILE)

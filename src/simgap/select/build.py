@@ -129,14 +129,9 @@ def _load_benches(cfg: SelectConfig, pool: Store, fp: dict[str, Any], log: Log) 
             log(f"select: thresholds of {b.name} from the reference store")
             b.thresholds = scan_store(reference, b.tests, topk=1).topk_sim[:, 0].copy()
         if cfg.scans:
-            doc = (
-                read_json(Path(cfg.scans[i]) / "scan.json")
-                if Path(cfg.scans[i], "scan.json").exists()
-                else None
-            )
-            if doc is None:
+            if not (Path(cfg.scans[i]) / "scan.json").exists():
                 raise FileNotFoundError(f"{cfg.scans[i]}: not a finished scan (no scan.json)")
-            _check_scan(cfg.scans[i], pool, doc, b)
+            _check_scan(cfg.scans[i], pool, read_json(Path(cfg.scans[i]) / "scan.json"), b)
             res = load_scan(cfg.scans[i])
             b.row_max, b.row_margin = res.row_max, res.row_margin
             fp.setdefault("scans", {})[b.name] = scan_fingerprint(cfg.scans[i])

@@ -40,9 +40,15 @@ def train_centroids(
             f"{store.path}: {len(x)} rows cannot make {n_clusters} clusters; ask for fewer"
         )
     km = faiss.Kmeans(
-        store.dim, n_clusters, niter=niter, seed=seed, spherical=True, verbose=False,
+        store.dim,
+        n_clusters,
+        niter=niter,
+        seed=seed,
+        spherical=True,
+        verbose=False,
+        # FAISS subsamples above this many points per centroid; the sample is already drawn.
         max_points_per_centroid=max(256, -(-len(x) // n_clusters)),
-    )  # fmt: skip
+    )
     km.train(np.ascontiguousarray(x))
     c = km.centroids.astype(np.float32)
     return c / np.linalg.norm(c, axis=1, keepdims=True)
