@@ -214,7 +214,11 @@ def paint(path: Path, index: int) -> None:
 
 
 def _cb_builder():
-    return pytest.importorskip("clip_benchmark.datasets.builder")
+    # CLIP_benchmark is a test dependency (pyproject [test]): imported here, not at the top,
+    # because importing it (and sklearn) takes seconds.
+    import clip_benchmark.datasets.builder
+
+    return clip_benchmark.datasets.builder
 
 
 def test_imagenet_r_class_mask_and_labels_match_clip_benchmark(tmp_path):
@@ -394,7 +398,8 @@ def test_accuracy_equals_clip_benchmark_on_same_model_and_data(tmp_path):
     """Cross-check: a real open_clip model from a local checkpoint, CLIP_benchmark's wds reader
     and its zero-shot evaluate() in-process, against simgap's evaluate_benchmark."""
     builder = _cb_builder()
-    zsc = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
+    import clip_benchmark.metrics.zeroshot_classification as zsc
+
     root = tmp_path / "wds"
     _wds_colour_benchmark(root)
     random = load_model(ModelSpec("simgap-tiny"), allow_random=True)

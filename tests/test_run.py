@@ -213,6 +213,12 @@ def test_paper_laion_dry_run_prints_the_plan_and_the_missing_paths(tmp_path, cap
     assert "missing: sources.real.pool = /data/" in out
     assert "missing: sources.real.reference" not in out  # given, and it exists
     assert not run_dir.exists()  # a dry run writes nothing
+    # A shard pattern is checked by its folder, not shard by shard.
+    (tmp_path / "laion").mkdir()
+    pattern = f'sources.real.pool="{tmp_path / "laion"}/{{00000..41407}}.tar"'
+    rc, out, _ = cli(capsys, "run", "paper-laion", "--dry-run", "--set", pattern)
+    assert rc == 0 and "missing: sources.real.pool" not in out
+    assert "missing: sources.real.benchmarks.objectnet = /data/" in out
     # The real run refuses to start on missing paths, naming them, in one line.
     rc, out, err = cli(capsys, "run", "paper-laion", "--run-dir", str(run_dir))
     assert rc == 2 and len(err.strip().splitlines()) == 1

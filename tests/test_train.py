@@ -483,3 +483,21 @@ def test_cli_writes_launch_scripts_for_the_papers_recipe(shards, tmp_path, capsy
     # A global batch the GPUs cannot share evenly is refused, as one line.
     assert main(["train", *common, "--name", "odd", "--torchrun", "9"]) == 2
     assert "not divisible by 9" in capsys.readouterr().err
+
+
+def test_key_filter_membership_and_pickling(tmp_path):
+    import pickle
+
+    from simgap._train_entry import KeyFilter
+    from simgap.train import key_hashes
+
+    np.save(tmp_path / "k.npy", key_hashes([f"p{i:07d}" for i in range(0, 100, 3)]))
+    keep = KeyFilter(str(tmp_path / "k.npy"))
+    kept = [i for i in range(100) if keep({"__key__": f"p{i:07d}"})]
+    assert kept == list(range(0, 100, 3))
+    clone = pickle.loads(pickle.dumps(keep))  # what a spawned dataloader worker receives
+    assert clone._hashes is None and clone({"__key__": "p0000003"})
+    assert not clone({"__key__": "p0000004"})
+    np.save(tmp_path / "bad.npy", np.arange(3, dtype=np.int64))
+    with pytest.raises(SystemExit, match="not a key filter"):
+        KeyFilter(str(tmp_path / "bad.npy"))

@@ -39,8 +39,16 @@ class KeyFilter:
     """Keeps the samples whose key hash is in a sorted uint64 array (loaded lazily, mmap)."""
 
     def __init__(self, path: str):
+        import numpy as np
+
+        hashes = np.load(path, mmap_mode="r")  # fail here, in the main process, if unreadable
+        if hashes.dtype != np.uint64 or hashes.ndim != 1:
+            raise SystemExit(f"{path}: not a key filter (1-d uint64 array)")
         self.path = path
-        self._hashes = None
+        self._hashes = None  # mapped again in each dataloader worker, on first use
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_hashes": None}  # a spawned worker maps the file itself
 
     def __call__(self, sample: dict) -> bool:
         import numpy as np

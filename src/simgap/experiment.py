@@ -42,7 +42,14 @@ from simgap.parallel import Executor, make_engine
 from simgap.scan import load_scan, scan_store
 from simgap.splits import materialize, write_split
 from simgap.store import Store, check_compatible, open_store
-from simgap.train import TrainError, final_checkpoint, torchrun_command, train
+from simgap.train import (
+    Recipe,
+    TrainError,
+    final_checkpoint,
+    open_clip_argv,
+    torchrun_command,
+    train,
+)
 from simgap.world import BENCHMARKS, generate_world
 
 Log = Callable[[str], None]
@@ -217,19 +224,15 @@ def missing_paths(cfg: Config) -> list[str]:
         "similarity.checkpoint": cfg.similarity.checkpoint,
     }
     paths |= {f"sources.real.benchmarks.{b}": p for b, p in real.benchmarks.items()}
-    out = []
-    for key, path in paths.items():
-        if not path:
-            continue
-        try:
-            exists = (
-                bool(expand_shards(path)) if key == "sources.real.pool" else Path(path).exists()
-            )
-        except (ValueError, OSError):
-            exists = False
-        if not exists:
-            out.append(f"{key} = {path}")
-    return out
+    return [f"{key} = {path}" for key, path in paths.items() if path and not _exists(path)]
+
+
+def _exists(path: str) -> bool:
+    """A file or folder, or for a shard pattern (``{00000..41407}`` or ``::`` list) the folders
+    its shards live in: listing 41,408 LAION shards one by one is for the stage that reads them."""
+    if "{" in path or "::" in path:
+        return all(Path(p.split("{")[0] + "_").parent.is_dir() for p in path.split("::"))
+    return Path(path).exists()
 
 
 def benchmarks_of(cfg: Config) -> list[str]:
@@ -721,19 +724,16 @@ def _trained(cfg: Config, names: list[str]) -> list[str]:
     return list(dict.fromkeys(cfg.train.splits))
 
 
-def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
-    run = Path(run)
-    data = data_of(cfg, run)
-    benchmarks = benchmarks_of(cfg)
-    evaluated = list(cfg.evaluate.benchmarks) or benchmarks
-    _check_benchmarks(cfg, "evaluate.benchmarks", tuple(evaluated), benchmarks)
-    if cfg.analysis.id_benchmark and cfg.analysis.id_benchmark not in evaluated:
-        raise ConfigError(
-            f'{_where(cfg)}: analysis.id_benchmark: "{cfg.analysis.id_benchmark}" is not an '
-            f"evaluated benchmark ({', '.join(evaluated)})"
-        )
-    specs = split_specs(cfg, benchmarks)
-    trained = _trained(cfg, [s.name for s in specs])
+def _recipe_key(recipe: Recipe) -> list[str]:
+    """A recipe as what open_clip_train is told: a field added to Recipe with a default that
+    changes nothing does not invalidate every cached training."""
+    return open_clip_argv(recipe, "<data>", 1, Path("/<out>"), "<name>")
+
+
+def _source_stages(
+    cfg: Config, run: Path, data: Data, benchmarks: list[str], log: Log, executor: Executor
+) -> list[Stage]:
+    """The world (or nothing, for real sources), the similarity model, the embeddings, the scan."""
     stages: list[Stage] = []
     add = stages.append
     if cfg.sources.kind == "world":
@@ -750,7 +750,7 @@ def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
         add(
             Stage(
                 "similarity-model",
-                {"model": sim.model, "recipe": dataclasses.asdict(sim.recipe)},
+                {"model": sim.model, "recipe": _recipe_key(sim.recipe)},
                 lambda r: {
                     "arch": sim.recipe.model,
                     "checkpoint": str(
@@ -809,6 +809,15 @@ def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
             owns=("scans",),
         )
     )
+    return stages
+
+
+def _split_stages(
+    cfg: Config, run: Path, data: Data, specs: list[SplitSpec], benchmarks: list[str]
+) -> list[Stage]:
+    """Per split its select and gap check, then the gap tables of every split."""
+    stages: list[Stage] = []
+    add = stages.append
     for spec in specs:
         inputs = {**dataclasses.asdict(spec), "reference_added": cfg.reference.add_to_splits}
         after = ("scan",) + ((f"select-{spec.control_of}",) if spec.control_of else ())
@@ -839,7 +848,22 @@ def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
         )
     )
 
-    recipe = dataclasses.asdict(cfg.train.recipe)
+    return stages
+
+
+def _train_stages(
+    cfg: Config,
+    run: Path,
+    data: Data,
+    trained: list[str],
+    evaluated: list[str],
+    log: Log,
+    executor: Executor,
+) -> list[Stage]:
+    """Per trained split a chain: materialize, train, evaluate."""
+    stages: list[Stage] = []
+    add = stages.append
+    recipe = _recipe_key(cfg.train.recipe)
     for split in trained:
         add(
             Stage(
@@ -872,6 +896,22 @@ def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
                 chain=split,
             )
         )
+    return stages
+
+
+def _analysis_stages(
+    cfg: Config,
+    run: Path,
+    data: Data,
+    trained: list[str],
+    evaluated: list[str],
+    benchmarks: list[str],
+    embeds: tuple[str, ...],
+    log: Log,
+) -> list[Stage]:
+    """Effective robustness, accuracy vs NN similarity, the contamination audit."""
+    stages: list[Stage] = []
+    add = stages.append
     evals = tuple(f"evaluate-{s}" for s in trained)
     analysis = cfg.section("analysis")
     add(
@@ -915,6 +955,30 @@ def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
                 owns=("audit",),
             )
         )
+    return stages
+
+
+def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
+    run = Path(run)
+    data = data_of(cfg, run)
+    benchmarks = benchmarks_of(cfg)
+    evaluated = list(cfg.evaluate.benchmarks) or benchmarks
+    _check_benchmarks(cfg, "evaluate.benchmarks", tuple(evaluated), benchmarks)
+    if cfg.analysis.id_benchmark and cfg.analysis.id_benchmark not in evaluated:
+        raise ConfigError(
+            f'{_where(cfg)}: analysis.id_benchmark: "{cfg.analysis.id_benchmark}" is not an '
+            f"evaluated benchmark ({', '.join(evaluated)})"
+        )
+    specs = split_specs(cfg, benchmarks)
+    trained = _trained(cfg, [s.name for s in specs])
+    sources = _source_stages(cfg, run, data, benchmarks, log, executor)
+    embeds = tuple(s.name for s in sources if s.name.startswith("embed-"))
+    stages = [
+        *sources,
+        *_split_stages(cfg, run, data, specs, benchmarks),
+        *_train_stages(cfg, run, data, trained, evaluated, log, executor),
+        *_analysis_stages(cfg, run, data, trained, evaluated, benchmarks, embeds, log),
+    ]
     return Plan(stages, benchmarks, specs, trained, evaluated)
 
 

@@ -134,7 +134,8 @@ np.save(sys.argv[2], keep)
 
 def semdedup_brute_force(store, n_clusters: int, eps: float) -> np.ndarray:
     """Same centroids (seeded), then plain numpy: nearest centroid per row, and per cluster in
-    row order keep a row iff its similarity to every row kept so far is <= 1 - eps."""
+    row order keep a row iff its similarity to every row kept so far is <= 1 - eps. Clusters
+    are gathered a group at a time, about 1 GiB of rows per pass over the store."""
     from simgap.select.clusters import train_centroids
 
     centroids = train_centroids(store, n_clusters, 0)
@@ -142,23 +143,29 @@ def semdedup_brute_force(store, n_clusters: int, eps: float) -> np.ndarray:
         [(np.asarray(e, np.float32) @ centroids.T).argmax(1) for _, _, e in store.iter_blocks()]
     )
     keep = np.zeros(store.rows, bool)
-    for c in range(n_clusters):
-        rows = np.flatnonzero(cluster == c)
-        x = _gather(store, rows)
-        kept: list[int] = []
-        for i in range(len(rows)):
-            if not kept or (x[kept] @ x[i]).max() <= np.float32(1 - eps):
-                kept.append(i)
-        keep[rows[kept]] = True
+    per_pass = max(1, int(n_clusters * (1 << 30) / max(1, store.rows * store.dim * 2)))
+    thr = np.float32(1 - eps)
+    for first in range(0, n_clusters, per_pass):
+        group = np.flatnonzero((cluster >= first) & (cluster < first + per_pass))
+        x = _gather(store, group)
+        for c in range(first, min(first + per_pass, n_clusters)):
+            sel = np.flatnonzero(cluster[group] == c)
+            sims = x[sel] @ x[sel].T
+            kept = np.zeros(len(sel), bool)
+            for i in range(len(sel)):
+                kept[i] = not (sims[i, :i][kept[:i]] > thr).any()
+            keep[group[sel[kept]]] = True
     return keep
 
 
 def _gather(store, rows: np.ndarray) -> np.ndarray:
+    """Rows (sorted global ids) as float32, reading each shard once."""
     out = []
     for s in store.shards:
         sel = rows[(rows >= s.offset) & (rows < s.offset + s.rows)] - s.offset
-        out.append(np.asarray(store.read_emb(s.name)[sel], np.float32))
-    return np.concatenate(out)
+        if len(sel):
+            out.append(np.asarray(store.read_emb(s.name)[sel], np.float32))
+    return np.concatenate(out) if out else np.zeros((0, store.dim), np.float32)
 
 
 def _semdedup_within_limit(root: Path, shards: int, rows: int, dim: int, clusters: int):
