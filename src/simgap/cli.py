@@ -466,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("simgap: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         # Library errors name the file and the problem; a traceback would bury that line.
+        # (OSError covers missing files and a full disk, whose message names the file.)
         print(f"simgap: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,15 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         # mkstemp creates 0600; outputs are data others read, like any file written with open().
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        # A full disk must say which file and which disk; the previous file is untouched.
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(
+            e.errno,
+            f"{path}: cannot write: {e.strerror or e} ({free} bytes free on that disk; "
+            "the previous version, if any, is intact)",
+        ) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -53,7 +63,15 @@ def read_json(path: Path) -> Any:
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
-    write_atomic(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
+    array = np.require(np.asarray(array), requirements="C")
+
+    # np.save writes the data with tofile(), whose failure hides errno ("40 requested and 19
+    # written"); writing through the file object keeps ENOSPC/EFBIG and their messages.
+    def write(f: IO[bytes]) -> None:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+        f.write(array.reshape(-1).view(np.uint8).data if array.size else b"")
+
+    write_atomic(path, write)
 
 
 def write_parquet(path: Path, table: pa.Table) -> None:

@@ -175,7 +175,7 @@ def _semdedup_within_limit(root: Path, shards: int, rows: int, dim: int, cluster
     size = write_big_store(base, shards, rows, dim)
     write_big_store(root / "tiny", 1, 1000, dim)
     (root / "work").mkdir()
-    bucket = shards * rows // 16
+    bucket = shards * rows // 32
     script = ["-c", SEMDEDUP_CHILD]
     baseline = peak_rss_kib([*script, root / "tiny", root / "k0.npy", 8, 1000, root / "work"],
                             python=True)  # fmt: skip
@@ -195,7 +195,8 @@ def _semdedup_within_limit(root: Path, shards: int, rows: int, dim: int, cluster
 
 
 def test_semdedup_of_a_store_8x_the_memory_limit(tmp_path):
-    _semdedup_within_limit(tmp_path, shards=32, rows=4096, dim=512, clusters=32)
+    # 64 MiB store, limit 8 MiB above the baseline.
+    _semdedup_within_limit(tmp_path, shards=16, rows=4096, dim=512, clusters=16)
 
 
 @pytest.mark.extended
@@ -204,8 +205,8 @@ def test_semdedup_of_an_8_gib_store_within_1_gib(tmp_path):
 
 
 def test_scan_of_a_store_8x_the_memory_limit(tmp_path):
-    # 256 MiB store of 64 shards, d = 512; limit 32 MiB above the baseline.
-    _scan_within_limit(tmp_path, shards=64, rows=4096, dim=512, tests_n=64, k=5)
+    # 128 MiB store of 32 shards, d = 512; limit 16 MiB above the baseline.
+    _scan_within_limit(tmp_path, shards=32, rows=4096, dim=512, tests_n=64, k=5)
 
 
 @pytest.mark.extended

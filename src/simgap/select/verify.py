@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterable, Mapping
+from functools import lru_cache
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -76,29 +77,35 @@ def thumbnails(images: Iterable[np.ndarray], side: int = THUMB_SIDE) -> np.ndarr
     return np.stack(out) if out else np.zeros((0, side * side), np.float32)
 
 
-def blur(x: np.ndarray) -> np.ndarray:
-    """Separable [1, 2, 1] / 4 blur over the two spatial axes, edges replicated."""
-    for axis in (0, 1):
-        p = np.concatenate([x.take([0], axis), x, x.take([-1], axis)], axis)
-        n = x.shape[axis]
-        x = (p.take(range(n), axis) + 2 * p.take(range(1, n + 1), axis)) / 4 + p.take(
-            range(2, n + 2), axis
-        ) / 4
-    return x.astype(np.float32)
+@lru_cache(maxsize=256)
+def resample_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) linear resampling along one axis: a triangle (bilinear) filter, widened by
+    the shrink factor so a downscale averages instead of aliasing; rows sum to 1."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centres = (np.arange(n_out) + 0.5) * scale
+    x = np.arange(n_in) + 0.5
+    w = np.clip(1 - np.abs(x[None, :] - centres[:, None]) / support, 0, None)
+    return (w / w.sum(1, keepdims=True)).astype(np.float32)
 
 
-def _resize(x: np.ndarray, w: int, h: int) -> np.ndarray:
-    """Bilinear resize of a float RGB array, per channel in float (no 8-bit rounding)."""
-    if x.shape[:2] == (h, w):
-        return x
-    chans = [
-        np.asarray(
-            Image.fromarray(x[..., c], mode="F").resize((w, h), Image.Resampling.BILINEAR),
-            np.float32,
-        )
-        for c in range(x.shape[2])
-    ]
-    return np.stack(chans, -1)
+@lru_cache(maxsize=256)
+def blur_matrix(n: int) -> np.ndarray:
+    """(n, n) [1, 2, 1] / 4 blur along one axis, edges replicated."""
+    m = np.zeros((n, n), np.float32)
+    for i in range(n):
+        for j, wt in ((i - 1, 0.25), (i, 0.5), (i + 1, 0.25)):
+            m[i, min(max(j, 0), n - 1)] += wt
+    return m
+
+
+def resample(x: np.ndarray, h: int, w: int, blurred: bool = False) -> np.ndarray:
+    """(H, W, C) float image resampled to (h, w), optionally blurred afterwards."""
+    ry, rx = resample_matrix(x.shape[0], h), resample_matrix(x.shape[1], w)
+    if blurred:
+        ry, rx = blur_matrix(h) @ ry, blur_matrix(w) @ rx
+    rows = np.tensordot(ry, np.asarray(x, np.float32), axes=(1, 0))  # (h, W, C)
+    return np.ascontiguousarray(np.tensordot(rows, rx, axes=(1, 1)).transpose(0, 2, 1))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -108,20 +115,21 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def match_score(test: np.ndarray, base: np.ndarray, max_crop: float = MAX_CROP) -> float:
     """Best normalised cross-correlation of ``base`` (resized to the test image's shape) shrunk to
-    each crop side within ``max_crop`` and placed at every offset inside ``test``.
+    each crop side within ``max_crop`` and placed at every offset inside ``test``, both blurred.
 
-    Both are float (H, W, 3) arrays; 1.0 means identical up to a brightness gain and offset."""
+    Both are float (H, W, C) arrays; 1.0 means identical up to a brightness gain and offset."""
     h, w = test.shape[:2]
-    base = _resize(base, w, h)
-    t = blur(test)
+    if base.shape[:2] != (h, w):
+        base = resample(base, h, w)
+    t = resample(test, h, w, blurred=True)
     best = -1.0
     longest = max(h, w)
     for c in range(longest - int(np.floor(longest * max_crop)), longest + 1):
         cw, ch = max(1, round(w * c / longest)), max(1, round(h * c / longest))
-        tmpl = _unit(blur(_resize(base, cw, ch)))
+        tmpl = _unit(resample(base, ch, cw, blurred=True)).ravel()
         # Every (ch, cw) window of the test image, each mean-centred and normalised.
-        win = sliding_window_view(t, (ch, cw, t.shape[2]))[:, :, 0].reshape(-1, ch * cw * t.shape[2])
+        win = sliding_window_view(t, (ch, cw, t.shape[2]))[:, :, 0].reshape(-1, tmpl.size)
         win = win - win.mean(1, keepdims=True)
         norms = np.maximum(np.linalg.norm(win, axis=1), 1e-6)
-        best = max(best, float(((win @ tmpl.ravel()) / norms).max()))
+        best = max(best, float(((win @ tmpl) / norms).max()))
     return best
