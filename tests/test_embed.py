@@ -315,7 +315,8 @@ def test_split_transform_is_bitwise_the_model_transform(checkpoint):
     ]
     images.append(Image.new("L", (40, 40), 100))
     whole = torch.stack([loaded.preprocess(im) for im in images])
-    assert torch.equal(split.batch([split.per_image(im) for im in images]), whole)
+    batch = split.batch([split.per_image(im) for im in images])
+    assert torch.equal(batch, whole) and batch.is_contiguous()
     # A transform that is not a Compose ending in ToTensor + Normalize is kept whole.
     kept = split_transform(lambda im: torch.zeros(3, 2, 2))
     assert kept.normalize is None and kept.batch([kept.per_image(None)] * 2).shape == (2, 3, 2, 2)

@@ -162,7 +162,17 @@ def cmd_audit(a: argparse.Namespace) -> None:
 
     tests = {store_name(s): s for s in (open_store(b) for b in a.benchmarks)}
     truth = pq.read_table(a.ground_truth) if a.ground_truth else None
-    report = audit(tests, open_store(a.base), a.threshold, truth, Path(a.out))
+    report = audit(
+        tests,
+        open_store(a.base),
+        a.threshold,
+        truth,
+        Path(a.out),
+        verify=a.verify,
+        pixel_threshold=a.pixel_threshold,
+        topk=a.topk,
+        log=_log,
+    )
     for name, r in report["benchmarks"].items():
         print(f"{name}: {r['contaminated']}/{r['tests']} test points ({r['fraction']:.2%})")
     if "ground_truth" in report:
@@ -396,7 +406,15 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="near-duplicates of benchmark test points in a store")
     p.add_argument("base")
     p.add_argument("--benchmarks", nargs="+", required=True)
-    p.add_argument("--threshold", type=float, default=0.95)
+    p.add_argument("--threshold", type=float, default=0.95, help="embedding (--verify none)")
+    p.add_argument(
+        "--verify",
+        choices=["pixels", "none"],
+        default="pixels",
+        help="pixels: verify top-k candidates on pixels; none: embedding threshold only",
+    )
+    p.add_argument("--pixel-threshold", type=float, default=0.975, help="--verify pixels")
+    p.add_argument("--topk", type=int, default=10, help="candidates per test point and descriptor")
     p.add_argument("--ground-truth", help="parquet of injected pairs (the world's)")
     p.add_argument("-o", "--out", required=True)
     p.set_defaults(fn=cmd_audit)

@@ -51,7 +51,9 @@ class SplitTransform:
     def batch(self, items: list) -> torch.Tensor:
         if self.normalize is None:
             return torch.stack(items)
-        x = torch.from_numpy(np.stack(items)).permute(0, 3, 1, 2).float().div(255)
+        # contiguous NCHW, as stacking per-image tensors gives: a permuted (channels-last) batch
+        # takes other conv kernels, whose float results differ in the last bits.
+        x = torch.from_numpy(np.stack(items)).permute(0, 3, 1, 2).contiguous().float().div(255)
         for mean, std in self.normalize:
             x = x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
         return x

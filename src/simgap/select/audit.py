@@ -1,13 +1,22 @@
 """Contamination audit: which test points have a near-duplicate in a base set.
 
-A pair (test point, base row) is a near-duplicate when their similarity is strictly above the
-threshold. The exact scan screens the base set (per-row margin against a constant threshold);
-only the rows it flags are re-read to list their pairs, so the cost is one scan.
+Two methods (``verify``):
 
-Outputs (``out_dir``): ``audit.json`` {"threshold", "benchmarks": {name: {"tests",
-"contaminated", "fraction"}}, "pairs", "base"} (+ "ground_truth": precision/recall/tp/fp/fn at the
-pair level when the injected pairs are given) and ``pairs.parquet`` (benchmark, test_key,
-base_key, similarity), sorted.
+- ``"none"`` (the paper's): a pair (test point, base row) is a near-duplicate when their embedding
+  similarity is strictly above ``threshold``. The exact scan screens the base set (per-row margin
+  against a constant threshold); only the rows it flags are re-read to list their pairs.
+- ``"pixels"`` (default): two stages. Candidates are each test point's top-k base rows by
+  embedding similarity (the scan) and by an 8x8 thumbnail descriptor (one streamed pass over the
+  base images); each candidate is then verified on pixels (``verify.match_score``: best
+  normalised cross-correlation over small crops and shifts) and kept when the score is at least
+  ``pixel_threshold``. Embedding similarity alone cannot tell a copy of an image from another
+  image of its class with a small model; the pixels can.
+
+Outputs (``out_dir``): ``audit.json`` {"method", "threshold", "benchmarks": {name: {"tests",
+"contaminated", "fraction"}}, "pairs", "base"} (+ "verify": the pixel stage's parameters and
+candidate counts; + "ground_truth": precision/recall/tp/fp/fn at the pair level when the injected
+pairs are given) and ``pairs.parquet`` (benchmark, test_key, base_key, similarity[, pixel_score]),
+sorted.
 """
 
 from __future__ import annotations
@@ -20,10 +29,13 @@ import numpy as np
 import pyarrow as pa
 
 from simgap.io import sha256_bytes, write_json, write_parquet
+from simgap.select import verify as pixels
 from simgap.store import Store, check_compatible
 
 # Chosen on the world (see the README's audit section for the measurement behind it).
 DEFAULT_THRESHOLD = 0.95
+VERIFY_METHODS = ("pixels", "none")
+DEFAULT_VERIFY = "pixels"
 
 
 def store_name(store: Store) -> str:
@@ -39,11 +51,20 @@ def audit(
     ground_truth: pa.Table | None = None,
     out_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    verify: str = DEFAULT_VERIFY,
+    pixel_threshold: float = pixels.PIXEL_THRESHOLD,
+    topk: int = pixels.THUMB_TOPK,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Audit every benchmark in ``tests`` (name → store, or one store named by its folder)
-    against ``base``; ``ground_truth`` has columns pool_key, benchmark, test_key."""
+    against ``base``; ``ground_truth`` has columns pool_key, benchmark, test_key. ``verify``
+    picks the method (module docstring); ``threshold`` is the embedding threshold of ``"none"``,
+    ``pixel_threshold`` and ``topk`` (candidates per test point and descriptor) those of
+    ``"pixels"``."""
     from simgap.scan import scan_store
 
+    if verify not in VERIFY_METHODS:
+        raise ValueError(f"unknown audit verification {verify!r}; known: {VERIFY_METHODS}")
     if isinstance(tests, Store):
         tests = {store_name(tests): tests}
     if not tests:
@@ -56,26 +77,45 @@ def audit(
     test_keys = np.concatenate(keys)
     emb = np.concatenate(embs)
     thr = np.float32(threshold)
-    res = scan_store(
-        base, emb, thresholds=np.full(len(emb), thr, np.float32), topk=0, progress=progress
-    )
-    pairs = _pairs(base, emb.astype(np.float32), res.row_margin, thr)
+    report: dict[str, Any] = {"method": verify, "threshold": float(threshold)}
+    if verify == "none":
+        res = scan_store(
+            base, emb, thresholds=np.full(len(emb), thr, np.float32), topk=0, progress=progress
+        )
+        pairs = _pairs(base, emb.astype(np.float32), res.row_margin, thr)
+        cols: dict[str, list] = {}
+    else:
+        sources = [s for n in names for s in tests[n].keys_table().column("source").to_pylist()]
+        k = min(topk, base.rows)
+        res = scan_store(base, emb, topk=k, progress=progress)
+        pairs, cols, report["verify"] = _verified_pairs(
+            base,
+            emb.astype(np.float32),
+            list(test_keys),
+            sources,
+            res.topk_row,
+            k,
+            pixel_threshold,
+            log,
+        )
     table = pa.table(
         {
             "benchmark": pa.array([names[bench_of[t]] for t, _, _ in pairs], pa.string()),
             "test_key": pa.array([test_keys[t] for t, _, _ in pairs], pa.string()),
             "base_key": pa.array([k for _, k, _ in pairs], pa.string()),
             "similarity": pa.array([s for _, _, s in pairs], pa.float32()),
+            **{c: pa.array(v, pa.float32()) for c, v in cols.items()},
         }
     ).sort_by([("benchmark", "ascending"), ("test_key", "ascending"), ("base_key", "ascending")])
     hit = np.zeros(len(emb), bool)
     hit[[t for t, _, _ in pairs]] = True
-    report: dict[str, Any] = {
-        "threshold": float(threshold),
-        "benchmarks": {},
-        "pairs": table.num_rows,
-        "base": {"rows": base.rows, "shards_sha256": [s.sha256 for s in base.shards]},
-    }
+    report.update(
+        {
+            "benchmarks": {},
+            "pairs": table.num_rows,
+            "base": {"rows": base.rows, "shards_sha256": [s.sha256 for s in base.shards]},
+        }
+    )
     for i, n in enumerate(names):
         sel = bench_of == i
         c = int(hit[sel].sum())
@@ -107,6 +147,84 @@ def _pairs(
         for r, t in zip(*np.nonzero(sims > thr), strict=True):
             out.append((int(t), shard_keys[rows[r]], float(sims[r, t])))
     return out
+
+
+def _shard_images(base: Store, shard: str, rows: np.ndarray | None = None):
+    """(keys, working-resolution images) of one base shard, or of its ``rows`` only."""
+    kt = base.read_keys(shard)
+    if "source" not in kt.column_names:
+        raise ValueError(f"{base.path}: shard {shard} keys table has no 'source' column")
+    keys, src = kt.column("key").to_pylist(), kt.column("source").to_pylist()
+    if rows is not None:
+        keys, src = [keys[r] for r in rows], [src[r] for r in rows]
+    return keys, pixels.load_images(keys, src)
+
+
+def _verified_pairs(
+    base: Store,
+    emb: np.ndarray,
+    test_keys: list[str],
+    test_sources: list[str],
+    emb_top: np.ndarray,
+    k: int,
+    pixel_threshold: float,
+    log: Callable[[str], None] | None,
+) -> tuple[list[tuple[int, str, float]], dict[str, list], dict[str, Any]]:
+    """The pixel method: thumbnail top-k ∪ embedding top-k candidates, each verified on pixels.
+
+    Streams the base shards twice: once for thumbnails, once for the candidates' images only."""
+    test_imgs = pixels.load_images(test_keys, test_sources)
+    t_thumb = pixels.thumbnails(test_imgs)
+    best_sim = np.full((len(test_keys), k), -np.inf, np.float32)
+    best_row = np.full((len(test_keys), k), -1, np.int64)
+    for s in base.shards:  # running top-k by thumbnail similarity
+        _, imgs = _shard_images(base, s.name)
+        sims = t_thumb @ pixels.thumbnails(imgs).T
+        rows = np.broadcast_to(s.offset + np.arange(s.rows), sims.shape)
+        allsim, allrow = np.hstack([best_sim, sims]), np.hstack([best_row, rows])
+        order = np.argsort(-allsim, axis=1, kind="stable")[:, :k]
+        best_sim = np.take_along_axis(allsim, order, 1)
+        best_row = np.take_along_axis(allrow, order, 1)
+    cand = sorted(
+        {(t, int(r)) for t in range(len(test_keys)) for r in best_row[t] if r >= 0}
+        | {(t, int(r)) for t in range(len(test_keys)) for r in emb_top[t] if r >= 0}
+    )
+    by_row: dict[int, list[int]] = {}
+    for t, r in cand:
+        by_row.setdefault(r, []).append(t)
+    pairs, scores, done = [], [], 0
+    for s in base.shards:
+        rows = np.array(sorted(r for r in by_row if s.offset <= r < s.offset + s.rows), np.int64)
+        if not len(rows):
+            continue
+        keys, imgs = _shard_images(base, s.name, rows - s.offset)
+        b_emb = np.asarray(base.read_emb(s.name)[rows - s.offset], np.float32)
+        for j, r in enumerate(rows):
+            for t in by_row[int(r)]:
+                score = pixels.verify_score(test_imgs[t], imgs[j])
+                if score >= pixel_threshold:
+                    pairs.append((t, keys[j], float(b_emb[j] @ emb[t])))
+                    scores.append(score)
+            done += len(by_row[int(r)])
+        if log is not None:
+            log(f"audit: verified {done}/{len(cand)} candidate pairs on pixels")
+    params = {
+        "candidates": {
+            "thumbnail_side": pixels.THUMB_SIDE,
+            "thumbnail_topk": k,
+            "embedding_topk": k,
+            "pairs": len(cand),
+        },
+        "pixels": {
+            "side": pixels.SIDE,
+            "max_crop": pixels.MAX_CROP,
+            "blur": "[1,2,1]/4",
+            "statistic": "max normalised cross-correlation over crop sides and shifts",
+            "threshold": float(pixel_threshold),
+            "coarse_threshold": pixels.COARSE_THRESHOLD,
+        },
+    }
+    return pairs, {"pixel_score": scores}, params
 
 
 def score_pairs(found: pa.Table, truth: pa.Table, benchmarks: list[str]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from PIL import Image
 SIDE = 64  # working resolution: images are resized so their longer side is this
 MAX_CROP = 0.06  # the base image may show as little as 94% of the test image's side
 PIXEL_THRESHOLD = 0.975  # minimum best-alignment correlation of a near-duplicate
+COARSE_THRESHOLD = 0.9  # half-resolution screen before the full comparison (copies score > 0.95)
 THUMB_SIDE = 8  # thumbnail descriptor for candidates: 8x8 gray, mean-centred, unit norm
 THUMB_TOPK = 10  # candidates per test point from the thumbnail descriptor
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -52,7 +53,9 @@ def load_images(
     missing = [k for k in keys if k not in found]
     if missing:
         src = sources[keys.index(missing[0])]
-        raise FileNotFoundError(f"{len(missing)} samples not found again, e.g. {missing[0]!r} in {src}")
+        raise FileNotFoundError(
+            f"{len(missing)} samples not found again, e.g. {missing[0]!r} in {src}"
+        )
     return [found[k] for k in keys]
 
 
@@ -124,7 +127,7 @@ def match_score(test: np.ndarray, base: np.ndarray, max_crop: float = MAX_CROP) 
     t = resample(test, h, w, blurred=True)
     best = -1.0
     longest = max(h, w)
-    for c in range(longest - int(np.floor(longest * max_crop)), longest + 1):
+    for c in range(longest - int(np.ceil(longest * max_crop)), longest + 1):
         cw, ch = max(1, round(w * c / longest)), max(1, round(h * c / longest))
         tmpl = _unit(resample(base, ch, cw, blurred=True)).ravel()
         # Every (ch, cw) window of the test image, each mean-centred and normalised.
@@ -133,3 +136,14 @@ def match_score(test: np.ndarray, base: np.ndarray, max_crop: float = MAX_CROP) 
         norms = np.maximum(np.linalg.norm(win, axis=1), 1e-6)
         best = max(best, float(((win @ tmpl) / norms).max()))
     return best
+
+
+def verify_score(test: np.ndarray, base: np.ndarray, coarse: float = COARSE_THRESHOLD) -> float:
+    """``match_score`` at the working resolution, after a screen at half of it: a pair whose
+    half-resolution score is below ``coarse`` (far below any copy's) returns that score."""
+    h, w = test.shape[:2]
+    if min(h, w) >= 16:
+        half = match_score(resample(test, h // 2, w // 2), resample(base, h // 2, w // 2))
+        if half < coarse:
+            return half
+    return match_score(test, base)
