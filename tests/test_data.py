@@ -183,3 +183,10 @@ def test_image_folder_with_class_subset(tmp_path):
     (root / "classnames.txt").write_text("star\nsquare\n")
     with pytest.raises(FileNotFoundError, match="square"):
         image_folder_items(root)
+
+
+def test_repeated_member_is_refused_not_overwritten(tmp_path):
+    # Two adjacent "a.jpg" members would otherwise silently keep only the second image.
+    _raw_tar(tmp_path / "r.tar", [(_info("a.jpg", 1), b"x"), (_info("a.jpg", 1), b"y")])
+    with pytest.raises(ShardError, match="r.tar: member a.jpg appears twice"):
+        list(iter_samples(str(tmp_path / "r.tar")))

@@ -193,6 +193,7 @@ def _verified_pairs(
     for t, r in cand:
         by_row.setdefault(r, []).append(t)
     pairs, scores, done = [], [], 0
+    verifier = pixels.Verifier(test_imgs)
     for s in base.shards:
         rows = np.array(sorted(r for r in by_row if s.offset <= r < s.offset + s.rows), np.int64)
         if not len(rows):
@@ -200,12 +201,12 @@ def _verified_pairs(
         keys, imgs = _shard_images(base, s.name, rows - s.offset)
         b_emb = np.asarray(base.read_emb(s.name)[rows - s.offset], np.float32)
         for j, r in enumerate(rows):
-            for t in by_row[int(r)]:
-                score = pixels.verify_score(test_imgs[t], imgs[j])
+            ids = by_row[int(r)]
+            for t, score in zip(ids, verifier.scores(imgs[j], ids), strict=True):
                 if score >= pixel_threshold:
                     pairs.append((t, keys[j], float(b_emb[j] @ emb[t])))
-                    scores.append(score)
-            done += len(by_row[int(r)])
+                    scores.append(float(score))
+            done += len(ids)
         if log is not None:
             log(f"audit: verified {done}/{len(cand)} candidate pairs on pixels")
     params = {

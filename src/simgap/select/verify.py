@@ -116,34 +116,91 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / max(float(np.linalg.norm(x)), 1e-6)
 
 
+def crop_sides(h: int, w: int, max_crop: float = MAX_CROP) -> list[tuple[int, int]]:
+    """(height, width) of every crop of an (h, w) image down to ``1 - max_crop`` of its side."""
+    longest = max(h, w)
+    return [
+        (max(1, round(h * c / longest)), max(1, round(w * c / longest)))
+        for c in range(longest - int(np.ceil(longest * max_crop)), longest + 1)
+    ]
+
+
+def windows(blurred: np.ndarray, ch: int, cw: int) -> np.ndarray:
+    """Every (ch, cw) window of a blurred test image as a row, mean-centred and unit-norm."""
+    win = sliding_window_view(blurred, (ch, cw, blurred.shape[2]))[:, :, 0]
+    win = win.reshape(-1, ch * cw * blurred.shape[2])
+    win = win - win.mean(1, keepdims=True)
+    return win / np.maximum(np.linalg.norm(win, axis=1, keepdims=True), 1e-6)
+
+
+def templates(base: np.ndarray, h: int, w: int, max_crop: float = MAX_CROP) -> list[np.ndarray]:
+    """``base`` resized to (h, w), then shrunk to each crop side, blurred, mean-centred, unit."""
+    if base.shape[:2] != (h, w):
+        base = resample(base, h, w)
+    return [
+        _unit(resample(base, ch, cw, blurred=True)).ravel() for ch, cw in crop_sides(h, w, max_crop)
+    ]
+
+
 def match_score(test: np.ndarray, base: np.ndarray, max_crop: float = MAX_CROP) -> float:
     """Best normalised cross-correlation of ``base`` (resized to the test image's shape) shrunk to
     each crop side within ``max_crop`` and placed at every offset inside ``test``, both blurred.
 
     Both are float (H, W, C) arrays; 1.0 means identical up to a brightness gain and offset."""
     h, w = test.shape[:2]
-    if base.shape[:2] != (h, w):
-        base = resample(base, h, w)
     t = resample(test, h, w, blurred=True)
-    best = -1.0
-    longest = max(h, w)
-    for c in range(longest - int(np.ceil(longest * max_crop)), longest + 1):
-        cw, ch = max(1, round(w * c / longest)), max(1, round(h * c / longest))
-        tmpl = _unit(resample(base, ch, cw, blurred=True)).ravel()
-        # Every (ch, cw) window of the test image, each mean-centred and normalised.
-        win = sliding_window_view(t, (ch, cw, t.shape[2]))[:, :, 0].reshape(-1, tmpl.size)
-        win = win - win.mean(1, keepdims=True)
-        norms = np.maximum(np.linalg.norm(win, axis=1), 1e-6)
-        best = max(best, float(((win @ tmpl) / norms).max()))
-    return best
+    tmpls = templates(base, h, w, max_crop)
+    sides = crop_sides(h, w, max_crop)
+    return max(
+        float((windows(t, ch, cw) @ m).max()) for (ch, cw), m in zip(sides, tmpls, strict=True)
+    )
+
+
+class Verifier:
+    """Scores base images against many test images, caching each test image's normalised windows
+    (at half and full working resolution), so a base image costs one set of templates per level
+    and one matrix product per crop side for all its candidate test points."""
+
+    def __init__(
+        self, tests: list[np.ndarray], max_crop: float = MAX_CROP, coarse: float = COARSE_THRESHOLD
+    ):
+        self.tests, self.max_crop, self.coarse = tests, max_crop, coarse
+        self._win: dict[tuple[int, bool], list[np.ndarray]] = {}
+
+    def _test_windows(self, t: int, half: bool) -> list[np.ndarray]:
+        if (t, half) not in self._win:
+            x = self.tests[t]
+            h, w = x.shape[:2]
+            if half:
+                h, w = h // 2, w // 2
+            b = resample(x, h, w, blurred=True)
+            self._win[t, half] = [windows(b, ch, cw) for ch, cw in crop_sides(h, w, self.max_crop)]
+        return self._win[t, half]
+
+    def _scores(self, base: np.ndarray, ids: list[int], half: bool) -> np.ndarray:
+        out = np.full(len(ids), -1.0)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for j, t in enumerate(ids):
+            by_shape.setdefault(self.tests[t].shape[:2], []).append(j)
+        for (h, w), js in by_shape.items():
+            if half:
+                h, w = h // 2, w // 2
+            for level, m in enumerate(templates(base, h, w, self.max_crop)):
+                for j in js:
+                    out[j] = max(out[j], float((self._test_windows(ids[j], half)[level] @ m).max()))
+        return out
+
+    def scores(self, base: np.ndarray, ids: list[int]) -> np.ndarray:
+        """``match_score`` of each test point in ``ids`` against ``base``, after a screen at half
+        resolution: a pair scoring below ``coarse`` there (far below any copy) keeps that score."""
+        small = min(min(self.tests[t].shape[:2]) for t in ids) < 16 if ids else True
+        out = np.full(len(ids), -1.0) if small else self._scores(base, ids, half=True)
+        todo = [j for j in range(len(ids)) if small or out[j] >= self.coarse]
+        if todo:
+            out[todo] = self._scores(base, [ids[j] for j in todo], half=False)
+        return out
 
 
 def verify_score(test: np.ndarray, base: np.ndarray, coarse: float = COARSE_THRESHOLD) -> float:
-    """``match_score`` at the working resolution, after a screen at half of it: a pair whose
-    half-resolution score is below ``coarse`` (far below any copy's) returns that score."""
-    h, w = test.shape[:2]
-    if min(h, w) >= 16:
-        half = match_score(resample(test, h // 2, w // 2), resample(base, h // 2, w // 2))
-        if half < coarse:
-            return half
-    return match_score(test, base)
+    """One pair's ``Verifier`` score (screened at half resolution, then full)."""
+    return float(Verifier([test], coarse=coarse).scores(base, [0])[0])
