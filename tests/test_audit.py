@@ -128,6 +128,18 @@ def test_audit_cli(planted, tmp_path, capsys):
         ]
     )
     assert code == 2 and "lacks column" in capsys.readouterr().err
+    # The default method verifies on pixels, which needs the samples' sources.
+    code = cli_main(
+        [
+            "audit",
+            str(root / "pool"),
+            "--benchmarks",
+            str(root / "bench-sketch"),
+            "-o",
+            str(tmp_path / "c"),
+        ]
+    )
+    assert code == 2 and "no 'source' column" in capsys.readouterr().err
 
 
 def test_score_pairs_counts_precision_and_recall():
@@ -165,7 +177,23 @@ def _jpeg(img, quality):
 
 
 def _brute_match(test, base, max_crop):
-    """match_score by loops: every crop side and offset, NCC written out in full."""
+    """match_score by loops: every crop side and offset of the test resized back, NCC in full."""
+    h, w = test.shape[:2]
+    b = vp.resample(base, h, w, blurred=True).astype(np.float64).ravel()
+    b -= b.mean()
+    best = -1.0
+    for c in range(h - int(np.ceil(h * max_crop)), h + 1):
+        for y in range(h - c + 1):
+            for x in range(w - c + 1):
+                crop = vp.resample(test[y : y + c, x : x + c], h, w, blurred=True)
+                v = crop.astype(np.float64).ravel()
+                v -= v.mean()
+                best = max(best, float(v @ b / np.linalg.norm(v) / np.linalg.norm(b)))
+    return best
+
+
+def _brute_screen(test, base, max_crop):
+    """screen_score by loops: the base shrunk to each crop side, slid over the test."""
     h, w = test.shape[:2]
     t = vp.resample(test, h, w, blurred=True)
     best = -1.0
@@ -187,6 +215,11 @@ def test_match_score_equals_brute_force_and_separates_copies():
     copy = np.asarray(_jpeg(near_duplicate(imgs[0], rng), 75), np.float32)
     for a, b in ((arr[0], copy), (arr[0], arr[1]), (arr[2], arr[3])):
         assert vp.match_score(a, b, 0.1) == pytest.approx(_brute_match(a, b, 0.1), abs=1e-5)
+        assert vp.screen_score(a, b, 0.1) == pytest.approx(_brute_screen(a, b, 0.1), abs=1e-5)
+        verifier = vp.Verifier([a, b], coarse=-1.0)  # no screening: the full score for both
+        np.testing.assert_allclose(
+            verifier.scores(b, [0, 1]), [vp.match_score(a, b), vp.match_score(b, b)], atol=1e-6
+        )
     assert vp.match_score(arr[0], arr[0]) == pytest.approx(1.0, abs=1e-5)
     # A brightness gain and offset cancel; a copy clears the threshold, another picture does not.
     assert vp.match_score(arr[0], arr[0] * 0.9 + 7) == pytest.approx(1.0, abs=1e-5)
@@ -256,3 +289,6 @@ def test_pixel_audit_finds_planted_copies(tmp_path):
     assert audit(bench, base, ground_truth=gt, verify="none")["ground_truth"]["tp"] == 0
     with pytest.raises(ValueError, match="unknown audit verification"):
         audit(bench, base, verify="magic")
+    (tmp_path / "pimg" / "p031.jpg").unlink()
+    with pytest.raises(ValueError, match="1 samples not found again, e.g. 'p031'"):
+        audit(bench, base, topk=3)

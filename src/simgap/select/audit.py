@@ -85,7 +85,7 @@ def audit(
         pairs = _pairs(base, emb.astype(np.float32), res.row_margin, thr)
         cols: dict[str, list] = {}
     else:
-        sources = [s for n in names for s in tests[n].keys_table().column("source").to_pylist()]
+        sources = [s for n in names for s in _sources(tests[n], tests[n].keys_table())]
         k = min(topk, base.rows)
         res = scan_store(base, emb, topk=k, progress=progress)
         pairs, cols, report["verify"] = _verified_pairs(
@@ -149,12 +149,20 @@ def _pairs(
     return out
 
 
+def _sources(store: Store, keys: pa.Table) -> list[str]:
+    """The ``source`` column that finds a store's samples again (needed to verify on pixels)."""
+    if "source" not in keys.column_names:
+        raise ValueError(
+            f"{store.path}: keys table has no 'source' column, so its images cannot be found "
+            "again for pixel verification (use --verify none)"
+        )
+    return keys.column("source").to_pylist()
+
+
 def _shard_images(base: Store, shard: str, rows: np.ndarray | None = None):
     """(keys, working-resolution images) of one base shard, or of its ``rows`` only."""
     kt = base.read_keys(shard)
-    if "source" not in kt.column_names:
-        raise ValueError(f"{base.path}: shard {shard} keys table has no 'source' column")
-    keys, src = kt.column("key").to_pylist(), kt.column("source").to_pylist()
+    keys, src = kt.column("key").to_pylist(), _sources(base, kt)
     if rows is not None:
         keys, src = [keys[r] for r in rows], [src[r] for r in rows]
     return keys, pixels.load_images(keys, src)

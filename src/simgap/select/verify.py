@@ -3,10 +3,13 @@
 A near-duplicate as a web crawl holds it is the same picture, slightly cropped or shifted and
 resized back, a little brighter or darker, re-encoded as JPEG. Embedding similarity (of any model)
 also ranks other images of the same class high, so it can propose candidates but not decide. Here
-a candidate is decided on pixels: the base image is shrunk to each crop side in a small range and
-slid over every position of the test image; the score is the best normalised cross-correlation
-(mean-centred, so a brightness gain cancels) of the two images after a light blur that removes
-most JPEG block noise. Candidates come from a cheap thumbnail descriptor (and the embedding top-k).
+a candidate is decided on pixels: every crop of the test image down to ``1 - MAX_CROP`` of its
+side, at every whole-pixel offset, is resized back and compared with the base image; the score is
+the best normalised cross-correlation (mean-centred, so a brightness gain cancels) after a light
+blur that removes most JPEG block noise. Modelling the crop forward (crop the test, resize up)
+rather than backward keeps thin strokes aligned to a fraction of a pixel. A cheaper backward
+screen at half resolution drops the many candidates that are nowhere near. Candidates come from a
+cheap thumbnail descriptor (and the embedding top-k, see ``select.audit``).
 """
 
 from __future__ import annotations
@@ -53,9 +56,7 @@ def load_images(
     missing = [k for k in keys if k not in found]
     if missing:
         src = sources[keys.index(missing[0])]
-        raise FileNotFoundError(
-            f"{len(missing)} samples not found again, e.g. {missing[0]!r} in {src}"
-        )
+        raise ValueError(f"{len(missing)} samples not found again, e.g. {missing[0]!r} in {src}")
     return [found[k] for k in keys]
 
 
@@ -142,11 +143,37 @@ def templates(base: np.ndarray, h: int, w: int, max_crop: float = MAX_CROP) -> l
     ]
 
 
-def match_score(test: np.ndarray, base: np.ndarray, max_crop: float = MAX_CROP) -> float:
-    """Best normalised cross-correlation of ``base`` (resized to the test image's shape) shrunk to
-    each crop side within ``max_crop`` and placed at every offset inside ``test``, both blurred.
+def crops(test: np.ndarray, max_crop: float = MAX_CROP) -> np.ndarray:
+    """Every crop of ``test`` (each side in ``crop_sides``, each whole-pixel offset) resized back
+    to the test image's shape, blurred, mean-centred and unit-norm, as rows: the copies a crop
+    and resize could have made of it."""
+    h, w = test.shape[:2]
+    out = []
+    for ch, cw in crop_sides(h, w, max_crop):
+        for y in range(h - ch + 1):
+            for x in range(w - cw + 1):
+                out.append(
+                    _unit(resample(test[y : y + ch, x : x + cw], h, w, blurred=True)).ravel()
+                )
+    return np.stack(out)
 
-    Both are float (H, W, C) arrays; 1.0 means identical up to a brightness gain and offset."""
+
+def target(base: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``base`` resized to (h, w), blurred, mean-centred and unit-norm, as one row."""
+    return _unit(resample(base, h, w, blurred=True)).ravel()
+
+
+def match_score(test: np.ndarray, base: np.ndarray, max_crop: float = MAX_CROP) -> float:
+    """Best normalised cross-correlation between ``base`` (resized to the test image's shape) and
+    a crop of ``test`` resized back (every crop side within ``max_crop``, every offset), both
+    blurred. Both are float (H, W, C) arrays; 1.0 means identical up to a brightness gain and
+    offset."""
+    h, w = test.shape[:2]
+    return float((crops(test, max_crop) @ target(base, h, w)).max())
+
+
+def screen_score(test: np.ndarray, base: np.ndarray, max_crop: float = MAX_CROP) -> float:
+    """A cheaper score for screening: ``base`` shrunk to each crop side and slid over ``test``."""
     h, w = test.shape[:2]
     t = resample(test, h, w, blurred=True)
     tmpls = templates(base, h, w, max_crop)
@@ -157,47 +184,54 @@ def match_score(test: np.ndarray, base: np.ndarray, max_crop: float = MAX_CROP) 
 
 
 class Verifier:
-    """Scores base images against many test images, caching each test image's normalised windows
-    (at half and full working resolution), so a base image costs one set of templates per level
-    and one matrix product per crop side for all its candidate test points."""
+    """Scores base images against many test images. A screen at half resolution (``screen_score``)
+    drops pairs far below any copy; survivors get ``match_score``. Each test image's windows and
+    crops are computed once and cached, so a base image costs a few resizes and one matrix
+    product per test point."""
 
     def __init__(
-        self, tests: list[np.ndarray], max_crop: float = MAX_CROP, coarse: float = COARSE_THRESHOLD
+        self,
+        tests: list[np.ndarray],
+        max_crop: float = MAX_CROP,
+        coarse: float = COARSE_THRESHOLD,
     ):
         self.tests, self.max_crop, self.coarse = tests, max_crop, coarse
-        self._win: dict[tuple[int, bool], list[np.ndarray]] = {}
+        self._win: dict[int, list[np.ndarray]] = {}
+        self._crops: dict[int, np.ndarray] = {}
 
-    def _test_windows(self, t: int, half: bool) -> list[np.ndarray]:
-        if (t, half) not in self._win:
-            x = self.tests[t]
-            h, w = x.shape[:2]
-            if half:
-                h, w = h // 2, w // 2
-            b = resample(x, h, w, blurred=True)
-            self._win[t, half] = [windows(b, ch, cw) for ch, cw in crop_sides(h, w, self.max_crop)]
-        return self._win[t, half]
-
-    def _scores(self, base: np.ndarray, ids: list[int], half: bool) -> np.ndarray:
+    def _screen(self, base: np.ndarray, ids: list[int]) -> np.ndarray:
         out = np.full(len(ids), -1.0)
-        by_shape: dict[tuple[int, int], list[int]] = {}
+        tmpls: dict[tuple[int, int], list[np.ndarray]] = {}
         for j, t in enumerate(ids):
-            by_shape.setdefault(self.tests[t].shape[:2], []).append(j)
-        for (h, w), js in by_shape.items():
-            if half:
-                h, w = h // 2, w // 2
-            for level, m in enumerate(templates(base, h, w, self.max_crop)):
-                for j in js:
-                    out[j] = max(out[j], float((self._test_windows(ids[j], half)[level] @ m).max()))
+            h, w = (n // 2 for n in self.tests[t].shape[:2])
+            if t not in self._win:
+                b = resample(self.tests[t], h, w, blurred=True)
+                sides = crop_sides(h, w, self.max_crop)
+                self._win[t] = [windows(b, ch, cw) for ch, cw in sides]
+            if (h, w) not in tmpls:
+                tmpls[h, w] = templates(base, h, w, self.max_crop)
+            out[j] = max(
+                float((a @ m).max()) for a, m in zip(self._win[t], tmpls[h, w], strict=True)
+            )
         return out
 
+    def _match(self, base: np.ndarray, t: int) -> float:
+        if t not in self._crops:
+            self._crops[t] = crops(self.tests[t], self.max_crop)
+        h, w = self.tests[t].shape[:2]
+        return float((self._crops[t] @ target(base, h, w)).max())
+
     def scores(self, base: np.ndarray, ids: list[int]) -> np.ndarray:
-        """``match_score`` of each test point in ``ids`` against ``base``, after a screen at half
-        resolution: a pair scoring below ``coarse`` there (far below any copy) keeps that score."""
-        small = min(min(self.tests[t].shape[:2]) for t in ids) < 16 if ids else True
-        out = np.full(len(ids), -1.0) if small else self._scores(base, ids, half=True)
-        todo = [j for j in range(len(ids)) if small or out[j] >= self.coarse]
-        if todo:
-            out[todo] = self._scores(base, [ids[j] for j in todo], half=False)
+        """``match_score`` of each test point in ``ids`` against ``base``; a pair whose
+        half-resolution screen is below ``coarse`` keeps its screen score instead."""
+        if not ids:
+            return np.zeros(0)
+        if min(min(self.tests[t].shape[:2]) for t in ids) < 16:  # too small to halve
+            return np.array([self._match(base, t) for t in ids])
+        out = self._screen(base, ids)
+        for j, t in enumerate(ids):
+            if out[j] >= self.coarse:
+                out[j] = self._match(base, t)
         return out
 
 
