@@ -19,9 +19,10 @@ import torch
 from simgap import config
 from simgap.cli import main
 from simgap.config import ConfigError
-from simgap.experiment import Runner, make_plan
+from simgap.experiment import make_plan
 from simgap.models import ModelSpec, load_model
 from simgap.parallel import Executor, LocalEngine
+from simgap.runner import Runner
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 

@@ -12,17 +12,13 @@ gap check, materialize, train and evaluate stages.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import platform
 import shlex
 import shutil
 import subprocess
-import threading
 import time
 import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +29,14 @@ import pyarrow.parquet as pq
 
 from simgap import __version__
 from simgap import select as policies
+from simgap.analysis import audit_analysis, guarded, robustness_analysis, similarity_analysis
 from simgap.config import Config, ConfigError, to_json
 from simgap.data.tars import expand_shards
 from simgap.evaluate import evaluate_benchmark
-from simgap.io import read_json, write_bytes, write_json, write_npy, write_parquet
+from simgap.io import read_json, write_json, write_npy, write_parquet
 from simgap.models import ModelSpec, load_model
 from simgap.parallel import Executor, make_engine
+from simgap.runner import Runner, Stage, execute, stage_key
 from simgap.scan import load_scan, scan_store
 from simgap.splits import materialize, write_split
 from simgap.store import Store, check_compatible, open_store
@@ -54,131 +52,6 @@ from simgap.world import BENCHMARKS, generate_world
 
 Log = Callable[[str], None]
 Results = dict[str, Any]
-
-
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- stages and runner
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One cached step. ``fn`` gets the results of the stages run so far."""
-
-    name: str
-    inputs: Any  # the config values it reads (JSON data)
-    fn: Callable[[Results], Any]
-    after: tuple[str, ...] = ()
-    owns: tuple[str, ...] = ()  # run-relative folders it writes: cleared when its key changes
-    chain: str | None = None  # a split's materialize → train → evaluate; chains run side by side
-
-
-class Runner:
-    """Computes every stage's key, runs the stages whose cached key differs, records timings."""
-
-    def __init__(self, run_dir: Path, stages: list[Stage], log: Log):
-        self.dir = Path(run_dir)
-        self.stages = stages
-        self.log = log
-        self.timings: dict[str, float] = {}
-        self.results: Results = {}
-        self.keys: dict[str, str] = {}
-        for s in stages:
-            missing = [a for a in s.after if a not in self.keys]
-            if missing:
-                raise ValueError(f"stage {s.name} comes before {missing}, which it reads")
-            self.keys[s.name] = _key(s.inputs, [self.keys[a] for a in s.after])
-
-    def _record(self, name: str) -> Path:
-        return self.dir / "stages" / f"{name}.json"
-
-    def cached(self, name: str) -> dict | None:
-        path = self._record(name)
-        if path.is_file():
-            record = read_json(path)
-            if record.get("key") == self.keys[name]:
-                return record
-        return None
-
-    def plan(self) -> list[dict[str, Any]]:
-        return [
-            {"stage": s.name, "key": self.keys[s.name], "cached": self.cached(s.name) is not None}
-            for s in self.stages
-        ]
-
-    def run(self, s: Stage) -> Any:
-        record = self.cached(s.name)
-        if record is not None:
-            self.log(f"[cached] {s.name}")
-            self.timings[s.name] = record["seconds"]
-            self.results[s.name] = record["result"]
-            return record["result"]
-        self._claim(s)
-        self.log(f"[run] {s.name}")
-        start = time.perf_counter()
-        result = s.fn(self.results)
-        seconds = round(time.perf_counter() - start, 3)
-        write_json(
-            self._record(s.name), {"key": self.keys[s.name], "result": result, "seconds": seconds}
-        )
-        self.timings[s.name] = seconds
-        self.results[s.name] = result
-        self.log(f"[done] {s.name} in {seconds:.1f}s")
-        return result
-
-    def _claim(self, s: Stage) -> None:
-        """A stage resumes its own partial output, but never builds on output made for another key
-        (a resized split must not reuse the old split's shards or checkpoints)."""
-        marker = self.dir / "stages" / f"{s.name}.started"
-        started = marker.read_text().strip() if marker.is_file() else None
-        if started != self.keys[s.name]:
-            for folder in s.owns:
-                if (self.dir / folder).exists():
-                    self.log(f"[clear] {folder}: made for other inputs")
-                    shutil.rmtree(self.dir / folder)
-            write_bytes(marker, (self.keys[s.name] + "\n").encode())
-
-
-def execute(runner: Runner, parallel: int) -> None:
-    """Stages in plan order; each run of consecutive chain stages goes to a thread pool, one chain
-    per thread (each training is its own process: several single-threaded trainings side by side
-    use a small machine's cores better than one multi-threaded training of a tiny model)."""
-    stages = runner.stages
-    i = 0
-    while i < len(stages):
-        if stages[i].chain is None:
-            runner.run(stages[i])
-            i += 1
-            continue
-        j = i
-        while j < len(stages) and stages[j].chain is not None:
-            j += 1
-        chains: dict[str, list[Stage]] = {}
-        for s in stages[i:j]:
-            chains.setdefault(s.chain, []).append(s)
-        _run_chains(runner, list(chains.values()), parallel)
-        i = j
-
-
-def _run_chains(runner: Runner, chains: list[list[Stage]], parallel: int) -> None:
-    failed = threading.Event()
-
-    def run_chain(chain: list[Stage]) -> None:
-        for s in chain:
-            if failed.is_set():
-                return  # another chain failed: do not start more work
-            try:
-                runner.run(s)
-            except BaseException:
-                failed.set()
-                raise
-
-    with ThreadPoolExecutor(max(1, parallel)) as pool:
-        futures = [pool.submit(run_chain, c) for c in chains]
-    for f in futures:
-        f.result()  # re-raise the first failure
 
 
 # ----------------------------------------------------------------------------- the data
@@ -415,9 +288,9 @@ def select_split(
         "pool_size": total,
         "reference_added": reference_added,
         "fingerprints": {
-            "pool": _key(pool.manifest),
+            "pool": stage_key(pool.manifest),
             "scans": {
-                b: _key(read_json(run / "scans" / f"pool-{b}" / "scan.json"))
+                b: stage_key(read_json(run / "scans" / f"pool-{b}" / "scan.json"))
                 for b in spec.benchmarks
             },
         },
@@ -592,112 +465,11 @@ def evaluate_split(
 # ----------------------------------------------------------------------------- analysis
 
 
-def _optional(module: str, name: str) -> Any:
-    """A contract function another module may not have yet; None when absent."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except ImportError:
-        return None
-
-
-def robustness_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: list[str]) -> dict:
-    """Effective robustness (Taori et al.): fit OOD vs ID accuracy over the trained splits (logit
-    axes), then each split's distance above that line, averaged over the OOD benchmarks."""
-    fit_line = _optional("simgap.robustness", "fit_line")
-    effective = _optional("simgap.robustness", "effective_robustness")
-    if fit_line is None or effective is None:
-        return {"computed": False, "why": "simgap.robustness is not available"}
-    id_bench = cfg.analysis.id_benchmark or benchmarks[0]
-    ood = [b for b in benchmarks if b != id_bench]
-    if len(trained) < 2 or not ood:
-        return {"computed": False, "why": "needs two trained splits and an OOD benchmark"}
-    evals = {s: read_json(run / "eval" / f"{s}.json")["benchmarks"] for s in trained}
-    id_acc = np.array([evals[s][id_bench]["top1"] for s in trained])
-    ood_acc = np.array([np.mean([evals[s][b]["top1"] for b in ood]) for s in trained])
-    line = fit_line(id_acc, ood_acc)
-    points = [
-        {
-            "split": s,
-            "id_acc": float(a),
-            "ood_acc": float(o),
-            "effective_robustness": float(effective(line, float(a), float(o))),
-        }
-        for s, a, o in zip(trained, id_acc, ood_acc, strict=True)
-    ]
-    out = {
-        "line": {
-            "slope": float(line.slope),
-            "intercept": float(line.intercept),
-            "id_benchmark": id_bench,
-            "ood_benchmarks": ood,
-            "reference_models": trained,
-        },
-        "points": points,
-    }
-    write_json(run / "analysis" / "robustness.json", out)
-    return {"computed": True}
-
-
-def similarity_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: list[str]) -> dict:
-    """Accuracy against each test point's NN similarity to the split the model was trained on
-    (with the reference set added, the max of the reference and split columns)."""
-    by_similarity = _optional("simgap.robustness", "accuracy_by_similarity")
-    if by_similarity is None:
-        return {"computed": False, "why": "simgap.robustness is not available"}
-    tables = []
-    for bench in benchmarks:
-        gaps = pq.read_table(run / "gaps" / f"{bench}.parquet").to_pydict()
-        order = {k: i for i, k in enumerate(gaps["test_key"])}
-        reference = np.array(gaps["reference"], np.float32)
-        for split in trained:
-            preds = pq.read_table(
-                run / "eval" / "predictions" / f"{split}-{bench}.parquet"
-            ).to_pydict()
-            rows = np.array([order[k] for k in preds["key"]])
-            nn = np.array(gaps[split], np.float32)[rows]
-            if cfg.reference.add_to_splits:
-                nn = np.maximum(nn, reference[rows])
-            correct = np.array(preds["pred"]) == np.array(preds["label"])
-            t = by_similarity(correct, nn, bins=cfg.analysis.bins)
-            n = t.num_rows
-            t = t.add_column(0, "benchmark", pa.array([bench] * n, pa.string()))
-            tables.append(t.add_column(0, "split", pa.array([split] * n, pa.string())))
-    if not tables:
-        return {"computed": False, "why": "no trained split"}
-    write_parquet(run / "analysis" / "accuracy_by_similarity.parquet", pa.concat_tables(tables))
-    return {"computed": True}
-
-
-def audit_analysis(run: Path, data: Data, cfg: Config, benchmarks: list[str], log: Log) -> dict:
-    """The contamination audit: test points with a near-duplicate in the pool (select.audit),
-    scored against the world's injected near-duplicates when there are some."""
-    audit = _optional("simgap.select", "audit")
-    if audit is None:
-        return {"computed": False, "why": "simgap.select.audit is not available"}
+def _audit(run: Path, data: Data, cfg: Config, benchmarks: list[str], log: Log) -> dict:
     tests = {b: _store(run, f"bench-{b}", data) for b in benchmarks}
     truth_path = run / "world" / "ground_truth" / "near_duplicates.parquet"
     truth = pq.read_table(truth_path) if cfg.sources.kind == "world" else None
-    result = audit(
-        tests,
-        _store(run, "pool", data),
-        cfg.analysis.audit_threshold,
-        ground_truth=truth,
-        out_dir=run / "audit",
-    )
-    log(f"audit: {result['pairs']} pairs above {cfg.analysis.audit_threshold}")
-    return {"computed": True, "pairs": result["pairs"]}
-
-
-def _analysis(name: str, fn: Callable[[], dict], log: Log) -> dict:
-    """An analysis that the data cannot support (e.g. a robustness line through models of equal
-    ID accuracy) is recorded as not computed, with why, and the report says so."""
-    try:
-        return fn()
-    except ValueError as err:
-        log(f"{name}: not computed: {err}")
-        return {"computed": False, "why": str(err)}
+    return audit_analysis(tests, _store(run, "pool", data), cfg, truth, run / "audit", log)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -919,9 +691,8 @@ def _analysis_stages(
             "analysis-robustness",
             {
                 "id_benchmark": cfg.analysis.id_benchmark,
-                "available": _optional("simgap.robustness", "fit_line") is not None,
             },
-            lambda r: _analysis(
+            lambda r: guarded(
                 "robustness", lambda: robustness_analysis(run, cfg, trained, evaluated), log
             ),
             after=evals,
@@ -932,9 +703,8 @@ def _analysis_stages(
             "analysis-similarity",
             {
                 "bins": analysis["bins"],
-                "available": _optional("simgap.robustness", "accuracy_by_similarity") is not None,
             },
-            lambda r: _analysis(
+            lambda r: guarded(
                 "accuracy by similarity",
                 lambda: similarity_analysis(run, cfg, trained, evaluated),
                 log,
@@ -948,9 +718,8 @@ def _analysis_stages(
                 "audit",
                 {
                     "threshold": cfg.analysis.audit_threshold,
-                    "available": _optional("simgap.select", "audit") is not None,
                 },
-                lambda r: audit_analysis(run, data, cfg, benchmarks, log),
+                lambda r: _audit(run, data, cfg, benchmarks, log),
                 after=embeds,
                 owns=("audit",),
             )

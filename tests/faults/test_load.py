@@ -196,6 +196,11 @@ def _semdedup_within_limit(root: Path, shards: int, rows: int, dim: int, cluster
 
 
 @pytest.mark.extended
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: semdedup peak RSS grows ~0.5x the store size (141 MiB at 32 MiB, 258 MiB at "
+    "256 MiB with bucket_rows=1024); see faults-found",
+)
 def test_semdedup_of_an_8_gib_store_within_1_gib(tmp_path):
     _semdedup_within_limit(tmp_path, shards=128, rows=65536, dim=512, clusters=1024)
 

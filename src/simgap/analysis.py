@@ -1,0 +1,101 @@
+"""The run's analyses, from its files: effective robustness, accuracy against NN similarity, the
+contamination audit. Each returns {"computed": bool, ...}; `guarded` turns an analysis the data
+cannot support into a recorded "not computed, because ..." instead of a failed run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from simgap.config import Config
+from simgap.io import read_json, write_json, write_parquet
+from simgap.robustness import accuracy_by_similarity, effective_robustness, fit_line
+from simgap.select import audit
+from simgap.store import Store
+
+Log = Callable[[str], None]
+
+
+def robustness_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: list[str]) -> dict:
+    """Effective robustness (Taori et al.): fit OOD vs ID accuracy over the trained splits (logit
+    axes), then each split's distance above that line, averaged over the OOD benchmarks."""
+    id_bench = cfg.analysis.id_benchmark or benchmarks[0]
+    ood = [b for b in benchmarks if b != id_bench]
+    if len(trained) < 2 or not ood:
+        return {"computed": False, "why": "needs two trained splits and an OOD benchmark"}
+    evals = {s: read_json(run / "eval" / f"{s}.json")["benchmarks"] for s in trained}
+    id_acc = np.array([evals[s][id_bench]["top1"] for s in trained])
+    ood_acc = np.array([np.mean([evals[s][b]["top1"] for b in ood]) for s in trained])
+    line = fit_line(id_acc, ood_acc)
+    points = [
+        {
+            "split": s,
+            "id_acc": float(a),
+            "ood_acc": float(o),
+            "effective_robustness": float(effective_robustness(line, float(a), float(o))),
+        }
+        for s, a, o in zip(trained, id_acc, ood_acc, strict=True)
+    ]
+    out = {
+        "line": {
+            "slope": float(line.slope),
+            "intercept": float(line.intercept),
+            "id_benchmark": id_bench,
+            "ood_benchmarks": ood,
+            "reference_models": trained,
+        },
+        "points": points,
+    }
+    write_json(run / "analysis" / "robustness.json", out)
+    return {"computed": True}
+
+
+def similarity_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: list[str]) -> dict:
+    """Accuracy against each test point's NN similarity to the split the model was trained on
+    (with the reference set added, the max of the reference and split columns)."""
+    tables = []
+    for bench in benchmarks:
+        gaps = pq.read_table(run / "gaps" / f"{bench}.parquet").to_pydict()
+        order = {k: i for i, k in enumerate(gaps["test_key"])}
+        reference = np.array(gaps["reference"], np.float32)
+        for split in trained:
+            preds = pq.read_table(
+                run / "eval" / "predictions" / f"{split}-{bench}.parquet"
+            ).to_pydict()
+            rows = np.array([order[k] for k in preds["key"]])
+            nn = np.array(gaps[split], np.float32)[rows]
+            if cfg.reference.add_to_splits:
+                nn = np.maximum(nn, reference[rows])
+            correct = np.array(preds["pred"]) == np.array(preds["label"])
+            t = accuracy_by_similarity(correct, nn, bins=cfg.analysis.bins)
+            n = t.num_rows
+            t = t.add_column(0, "benchmark", pa.array([bench] * n, pa.string()))
+            tables.append(t.add_column(0, "split", pa.array([split] * n, pa.string())))
+    if not tables:
+        return {"computed": False, "why": "no trained split"}
+    write_parquet(run / "analysis" / "accuracy_by_similarity.parquet", pa.concat_tables(tables))
+    return {"computed": True}
+
+
+def audit_analysis(
+    tests: dict[str, Store], pool: Store, cfg: Config, truth: pa.Table | None, out: Path, log: Log
+) -> dict:
+    """The contamination audit: test points with a near-duplicate in the pool (select.audit),
+    scored against the world's injected near-duplicates when there are some."""
+    result = audit(tests, pool, cfg.analysis.audit_threshold, ground_truth=truth, out_dir=out)
+    log(f"audit ({result.get('method', 'embedding')}): {result['pairs']} near-duplicate pairs")
+    return {"computed": True, "pairs": result["pairs"]}
+
+
+def guarded(name: str, fn: Callable[[], dict], log: Log) -> dict:
+    """An analysis that the data cannot support (e.g. a robustness line through models of equal
+    ID accuracy) is recorded as not computed, with why, and the report says so."""
+    try:
+        return fn()
+    except ValueError as err:
+        log(f"{name}: not computed: {err}")
+        return {"computed": False, "why": str(err)}

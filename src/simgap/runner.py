@@ -1,0 +1,146 @@
+"""Cached stages: each stage's result is stored in ``stages/<name>.json`` under a key of its
+inputs (its config values plus the keys of the stages it reads). A rerun skips stages whose key is
+unchanged, so a killed run resumes and a changed knob redoes only what depends on it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simgap.io import read_json, write_bytes, write_json
+
+Log = Callable[[str], None]
+Results = dict[str, Any]
+
+
+def stage_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- stages and runner
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One cached step. ``fn`` gets the results of the stages run so far."""
+
+    name: str
+    inputs: Any  # the config values it reads (JSON data)
+    fn: Callable[[Results], Any]
+    after: tuple[str, ...] = ()
+    owns: tuple[str, ...] = ()  # run-relative folders it writes: cleared when its key changes
+    chain: str | None = None  # a split's materialize → train → evaluate; chains run side by side
+
+
+class Runner:
+    """Computes every stage's key, runs the stages whose cached key differs, records timings."""
+
+    def __init__(self, run_dir: Path, stages: list[Stage], log: Log):
+        self.dir = Path(run_dir)
+        self.stages = stages
+        self.log = log
+        self.timings: dict[str, float] = {}
+        self.results: Results = {}
+        self.keys: dict[str, str] = {}
+        for s in stages:
+            missing = [a for a in s.after if a not in self.keys]
+            if missing:
+                raise ValueError(f"stage {s.name} comes before {missing}, which it reads")
+            self.keys[s.name] = stage_key(s.inputs, [self.keys[a] for a in s.after])
+
+    def _record(self, name: str) -> Path:
+        return self.dir / "stages" / f"{name}.json"
+
+    def cached(self, name: str) -> dict | None:
+        path = self._record(name)
+        if path.is_file():
+            record = read_json(path)
+            if record.get("key") == self.keys[name]:
+                return record
+        return None
+
+    def plan(self) -> list[dict[str, Any]]:
+        return [
+            {"stage": s.name, "key": self.keys[s.name], "cached": self.cached(s.name) is not None}
+            for s in self.stages
+        ]
+
+    def run(self, s: Stage) -> Any:
+        record = self.cached(s.name)
+        if record is not None:
+            self.log(f"[cached] {s.name}")
+            self.timings[s.name] = record["seconds"]
+            self.results[s.name] = record["result"]
+            return record["result"]
+        self._claim(s)
+        self.log(f"[run] {s.name}")
+        start = time.perf_counter()
+        result = s.fn(self.results)
+        seconds = round(time.perf_counter() - start, 3)
+        write_json(
+            self._record(s.name), {"key": self.keys[s.name], "result": result, "seconds": seconds}
+        )
+        self.timings[s.name] = seconds
+        self.results[s.name] = result
+        self.log(f"[done] {s.name} in {seconds:.1f}s")
+        return result
+
+    def _claim(self, s: Stage) -> None:
+        """A stage resumes its own partial output, but never builds on output made for another key
+        (a resized split must not reuse the old split's shards or checkpoints)."""
+        marker = self.dir / "stages" / f"{s.name}.started"
+        started = marker.read_text().strip() if marker.is_file() else None
+        if started != self.keys[s.name]:
+            for folder in s.owns:
+                if (self.dir / folder).exists():
+                    self.log(f"[clear] {folder}: made for other inputs")
+                    shutil.rmtree(self.dir / folder)
+            write_bytes(marker, (self.keys[s.name] + "\n").encode())
+
+
+def execute(runner: Runner, parallel: int) -> None:
+    """Stages in plan order; each run of consecutive chain stages goes to a thread pool, one chain
+    per thread (each training is its own process: several single-threaded trainings side by side
+    use a small machine's cores better than one multi-threaded training of a tiny model)."""
+    stages = runner.stages
+    i = 0
+    while i < len(stages):
+        if stages[i].chain is None:
+            runner.run(stages[i])
+            i += 1
+            continue
+        j = i
+        while j < len(stages) and stages[j].chain is not None:
+            j += 1
+        chains: dict[str, list[Stage]] = {}
+        for s in stages[i:j]:
+            chains.setdefault(s.chain, []).append(s)
+        _run_chains(runner, list(chains.values()), parallel)
+        i = j
+
+
+def _run_chains(runner: Runner, chains: list[list[Stage]], parallel: int) -> None:
+    failed = threading.Event()
+
+    def run_chain(chain: list[Stage]) -> None:
+        for s in chain:
+            if failed.is_set():
+                return  # another chain failed: do not start more work
+            try:
+                runner.run(s)
+            except BaseException:
+                failed.set()
+                raise
+
+    with ThreadPoolExecutor(max(1, parallel)) as pool:
+        futures = [pool.submit(run_chain, c) for c in chains]
+    for f in futures:
+        f.result()  # re-raise the first failure
