@@ -139,6 +139,8 @@ def _evil_checkpoint(path: Path, marker: Path) -> Path:
     return path
 
 
+# Extended only (80 s of CLI start-ups); tests/test_train.py refuses such a checkpoint by default.
+@pytest.mark.extended
 def test_checkpoint_carrying_code_is_refused_not_run(workdir, hostile_pool):
     root, _, _ = hostile_pool
     marker = root / "PWNED-embed"

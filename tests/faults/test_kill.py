@@ -97,6 +97,9 @@ def _embed_case(workdir: Path, pool, checkpoint: Path, name: str):
     return args, out, reference, check
 
 
+# Extended only: its CLI start-up costs a minute here, and the default suite has the same
+# stage's kill-and-resume test beside the stage (tests/test_embed.py, test_train.py).
+@pytest.mark.extended
 def test_embed_survives_kills(workdir, pool, checkpoint):
     args, out, reference, check = _embed_case(workdir, pool, checkpoint, "embed-kill")
     _survive("embed", args, out, reference, _embed_points(DEFAULT_POINTS, 6, seed=1), check=check)
@@ -267,6 +270,9 @@ def _train_case(workdir: Path, name: str):
 TRAIN_LOGS = (r"out\.log$", r"simgap-train\.log$", r"params\.txt$")
 
 
+# Extended only: its CLI start-up costs a minute here, and the default suite has the same
+# stage's kill-and-resume test beside the stage (tests/test_embed.py, test_train.py).
+@pytest.mark.extended
 def test_train_survives_a_kill(workdir):
     args, out, reference = _train_case(workdir, "train-kill")
     _survive("train", args, out, reference, _train_points(1, seed=4), ignore=TRAIN_LOGS)
@@ -320,6 +326,8 @@ def _audit_case(scan_inputs, name: str):
     return args, out, _reference_run(args, out)
 
 
+# Extended only: the audit re-reads images, a minute per kill point on 2 cores.
+@pytest.mark.extended
 def test_audit_survives_kills(scan_inputs):
     args, out, reference = _audit_case(scan_inputs, "audit-kill")
     points = _watching(_file_points(DEFAULT_POINTS, 6, 2, startup=6, step=0.2), out)
