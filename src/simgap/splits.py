@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from simgap.data.keylist import read_key_list
 from simgap.data.sources import image_folder_items, read_classnames
 from simgap.data.tars import ShardError, expand_shards, safe_member_name, split_name, write_tar
 from simgap.io import read_json, sha256_bytes, write_atomic, write_bytes, write_json, write_parquet
@@ -58,30 +58,25 @@ def write_split(folder: Path, keys: list[str], meta: dict[str, Any]) -> dict[str
 def read_split(folder: Path) -> tuple[set[str], dict[str, Any]]:
     folder = Path(folder)
     meta = read_json(folder / "split.json")
-    return set(read_key_list(folder)), meta
-
-
-def read_key_list(path: Path | str) -> list[str]:
-    """Keys of a split folder, a ``.txt`` key list (one per line) or a ``.parquet`` with ``key``."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "keys.parquet"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: key list not found")
-    if path.suffix == ".txt":
-        return [k for k in path.read_text(encoding="utf-8").splitlines() if k]
-    if path.suffix == ".parquet":
-        table = pq.read_table(path)
-        if "key" not in table.column_names:
-            raise ValueError(f"{path}: no 'key' column (has {table.column_names})")
-        return table.column("key").to_pylist()
-    raise ValueError(f"{path}: a key list is a split folder, a .txt or a .parquet file")
+    return set(read_key_list(folder, allow_empty=True)), meta
 
 
 @functools.lru_cache(maxsize=2)
 def _key_set(path: str, _mtime_ns: int) -> frozenset[str]:
     # Cached per process: every index task of a worker reads the same list.
-    return frozenset(read_key_list(path))
+    return frozenset(read_key_list(path, allow_empty=True))
+
+
+def _refuse_broken(split: Path) -> None:
+    """A gap-matched split whose guarantee check failed must not become training data."""
+    meta_path = split / "split.json"
+    if split.is_dir() and meta_path.is_file():
+        guarantee = read_json(meta_path).get("guarantee") or {}
+        if guarantee.get("holds") is False:
+            raise ValueError(
+                f"{meta_path}: the gap-matching guarantee does not hold "
+                f"({guarantee.get('violations')} violations); refusing to materialize it"
+            )
 
 
 def _keys_path(split: Path | str) -> Path:
@@ -350,19 +345,26 @@ def write_plan_tar(path: Path, plan: list[tuple[str, str, list[Member]]]) -> Non
                     fds[source] = os.open(source, os.O_RDONLY)
                 for ext, offset, size in members:
                     pending += _tar_header(f"{key}.{ext}" if ext else key, size)
-                    os.write(out, pending)
+                    _write_all(out, pending)
                     written += len(pending) + size
                     _copy_range(fds[source], out, offset, size, source)
                     pending = bytearray(-size % _BLOCK)
             # End of archive: two zero blocks, padded to a full record like tarfile does.
             end = written + len(pending) + 2 * _BLOCK
             pending += bytes(2 * _BLOCK + -end % tarfile.RECORDSIZE)
-            os.write(out, pending)
+            _write_all(out, pending)
         finally:
             for fd in fds.values():
                 os.close(fd)
 
     write_atomic(path, write)
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    """os.write may write less than asked (signals, some file systems); a short tar is corrupt."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 @dataclass(frozen=True)
@@ -476,8 +478,9 @@ def materialize(
     samples found (``keys.txt``, ``keys.parquet``) and ``sources.json`` (input shard → kept
     count) for a loader that filters the source shards on the fly."""
     out = Path(out)
+    _refuse_broken(Path(split))
     keys_path = _keys_path(split)
-    wanted = read_key_list(keys_path)
+    wanted = read_key_list(keys_path, allow_empty=True)
     tars = expand_shards(source)
     executor = executor or Executor(LocalEngine(1))
     tasks = [(f"{i:05d}", t) for i, t in enumerate(tars)]

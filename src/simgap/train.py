@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simgap.data.keylist import read_key_list
 from simgap.io import sha256_file, write_json, write_npy
 
 log = logging.getLogger(__name__)
@@ -217,32 +218,6 @@ def entry_argv(open_clip: list[str], key_filter: Path | None = None) -> list[str
     """Arguments of ``python -m simgap._train_entry``: simgap's own options, then open_clip's."""
     own = [KEYS_OPTION, str(Path(key_filter).absolute())] if key_filter is not None else []
     return [*own, *open_clip]
-
-
-def read_key_list(path: Path | str) -> list[str]:
-    """The keys of a split: ``keys.txt`` (one per line) or ``keys.parquet`` (column ``key``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: key list not found")
-    if path.suffix == ".txt":
-        keys = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        keys = [k for k in keys if k]
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if "key" not in table.column_names:
-            raise ValueError(f"{path}: no 'key' column (columns: {table.column_names})")
-        keys = table.column("key").to_pylist()
-        if any(k is None for k in keys):
-            raise ValueError(f"{path}: the 'key' column holds nulls")
-    else:
-        raise ValueError(f"{path}: a key list must be a .txt or .parquet file")
-    if not keys:
-        raise ValueError(f"{path}: the key list is empty")
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"{path}: the key list repeats keys")
-    return keys
 
 
 def key_hash(key: str) -> int:

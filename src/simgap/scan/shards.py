@@ -85,8 +85,11 @@ class ShardScan:
     bad_rows: str
     inputs: str  # fingerprint of tests, thresholds, k and format
 
-    def fingerprint(self, sha256: str, keep: np.ndarray | None) -> str:
-        parts = [FORMAT, self.inputs, sha256, sha256_array(keep), self.bad_rows]
+    def fingerprint(self, info: ShardInfo, keep: np.ndarray | None) -> str:
+        # The partials hold global row ids: a shard whose offset moved (an earlier shard gained or
+        # lost rows) must be rescanned even if its own bytes are unchanged.
+        shard = [info.sha256, info.offset, info.rows]
+        parts = [FORMAT, self.inputs, shard, sha256_array(keep), self.bad_rows]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def __call__(self, task: ShardTask) -> dict[str, Any]:
@@ -95,7 +98,7 @@ class ShardScan:
         info = next((s for s in store.shards if s.name == task.name), None)
         if info is None:
             raise StoreError(f"{store.path}: no shard {task.name}")
-        fp = self.fingerprint(info.sha256, task.keep)
+        fp = self.fingerprint(info, task.keep)
         done = _done_record(out, task.name, fp)
         if done is not None:
             return done
@@ -172,8 +175,8 @@ def topk_keys(store: Store, rows: np.ndarray) -> np.ndarray:
 def verify_shard(store: Store, info: ShardInfo) -> None:
     """A shard rewritten since the manifest (another run, a partial copy, bit rot) must not be
     scanned silently. One SHA-256 pass costs far less than the scan of the same bytes.
-    (clip-retrieval folders record no checksum: nothing to check there.)"""
-    if not info.sha256:
+    (clip-retrieval folders are identified by file size and mtime, not a checksum.)"""
+    if not info.sha256 or info.sha256.startswith("stat:"):
         return
     path = store.path / "emb" / f"{info.name}.npy"
     if sha256_file(path) != info.sha256:

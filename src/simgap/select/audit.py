@@ -141,9 +141,11 @@ def _pairs(
         rows = np.flatnonzero(margin[s.offset : s.offset + s.rows] > 0)
         if not len(rows):
             continue
-        emb = np.asarray(base.read_emb(s.name)[rows], np.float32)
+        emb = np.asarray(base.read_emb(s.name)[rows], np.float64)
         shard_keys = base.read_keys(s.name).column("key").to_pylist()
-        sims = emb @ tests.T
+        # float64 sums of fp16 products are exact; one rounding to float32 gives the scan's value,
+        # so a pair exactly at the threshold is decided as the scan decided it.
+        sims = (emb @ np.asarray(tests, np.float64).T).astype(np.float32)
         for r, t in zip(*np.nonzero(sims > thr), strict=True):
             out.append((int(t), shard_keys[rows[r]], float(sims[r, t])))
     return out
