@@ -181,8 +181,15 @@ class Evaluate:
 @dataclass(frozen=True)
 class Analysis:
     id_benchmark: str = ""  # in-distribution benchmark of the robustness line ("" = first)
+    # The effective-robustness line is fitted through these splits' models only (names, or
+    # fnmatch patterns): models trained without similarity control. Every trained split is then
+    # placed against that line.
+    reference_models: tuple[str, ...] = ("full", "*-random")
     bins: int = field(default=10, metadata=COUNT)  # accuracy vs NN similarity
-    audit_threshold: float = field(default=0.0, metadata=SIMILARITY)  # 0: no audit (0.95 world)
+    # Contamination audit: "off", "embedding" (pairs above audit_threshold; the paper's method,
+    # the only one that scales to LAION) or "pixels" (candidates verified on the images).
+    audit: str = field(default="off", metadata=_one_of("off", "embedding", "pixels"))
+    audit_threshold: float = field(default=0.95, metadata=SIMILARITY)
 
 
 @dataclass(frozen=True)

@@ -198,13 +198,11 @@ def split_specs(cfg: Config, benchmarks: list[str]) -> list[SplitSpec]:
         if sp.coreset.control:
             controlled.append("coreset")
     if sp.semdedup.n_clusters:
-        _need(cfg, "semdedup", "splits.semdedup")
         params = {"n_clusters": sp.semdedup.n_clusters, "eps": sp.semdedup.eps, "seed": cfg.seed}
         specs.append(SplitSpec("semdedup", "semdedup", (), params))
         if sp.semdedup.control:
             controlled.append("semdedup")
     if sp.image_based.n_clusters:
-        _need(cfg, "image_based", "splits.image_based")
         params = {"n_clusters": sp.image_based.n_clusters, "seed": cfg.seed}
         specs.append(SplitSpec("image-based", "image-based", (), params))
         if sp.image_based.control:
@@ -217,13 +215,6 @@ def split_specs(cfg: Config, benchmarks: list[str]) -> list[SplitSpec]:
     if dupes:
         raise ConfigError(f"{_where(cfg)}: splits: two splits are named {dupes}")
     return specs
-
-
-def _need(cfg: Config, function: str, key: str) -> None:
-    if not hasattr(policies, function):
-        raise ConfigError(
-            f"{_where(cfg)}: {key}: simgap.select.{function} is not available in this version"
-        )
 
 
 def _where(cfg: Config) -> str:
@@ -712,11 +703,12 @@ def _analysis_stages(
             after=(*evals, "gaps"),
         )
     )
-    if cfg.analysis.audit_threshold:
+    if cfg.analysis.audit != "off":
         add(
             Stage(
                 "audit",
                 {
+                    "method": cfg.analysis.audit,
                     "threshold": cfg.analysis.audit_threshold,
                 },
                 lambda r: _audit(run, data, cfg, benchmarks, log),
