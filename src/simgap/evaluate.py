@@ -55,6 +55,10 @@ def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -
     """
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
+    if not np.isfinite(logits).all():
+        # NaN compares false with everything, so it would rank first: a diverged model must
+        # not score well. Fail loudly instead.
+        raise ValueError("logits hold NaN or Inf: the model's weights or inputs are broken")
     pred = logits.argmax(axis=1)
     own = logits[np.arange(len(labels)), labels]
     rank = (logits > own[:, None]).sum(axis=1)

@@ -19,6 +19,7 @@ Keep rules (``rule``):
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,28 +34,46 @@ RULES = ("kept", "any")
 _REC = np.dtype([("row", "<i8"), ("cluster", "<i4"), ("csim", "<f4")])
 
 
-def dedup_cluster(x: np.ndarray, eps: float, rule: str = "kept", block: int = 1024) -> np.ndarray:
-    """Keep mask of one cluster's rows (in their given order) under ``rule``."""
+def dedup_cluster(
+    x: np.ndarray | _FileRows,
+    eps: float,
+    rule: str = "kept",
+    block: int = 1024,
+    chunk: int = 1024,
+) -> np.ndarray:
+    """Keep mask of one cluster's rows (in their given order) under ``rule``.
+
+    ``x`` is an array or anything sliceable into row ranges (a cluster on disk). Earlier rows
+    are compared ``chunk`` rows at a time, so the working set is one block, one chunk and a
+    ``block`` × ``chunk`` similarity tile, never a block × cluster matrix."""
     if rule not in RULES:
         raise ValueError(f"unknown keep rule {rule!r}: choose one of {RULES}")
-    x = np.asarray(x, np.float32)
+    if isinstance(x, np.ndarray):
+        x = np.asarray(x, np.float32)
     thr = np.float32(1.0 - eps)
     n = len(x)
     keep = np.zeros(n, bool)
     for a in range(0, n, block):
         b = min(a + block, n)
+        xb = np.asarray(x[a:b], np.float32)
+        # Best similarity of each block row to the earlier rows that count under the rule.
+        best = np.full(b - a, -np.inf, np.float32)
+        for c in range(0, a, chunk):
+            d = min(c + chunk, a)
+            counted = slice(None) if rule == "any" else keep[c:d]
+            if rule == "kept" and not counted.any():
+                continue
+            xc = np.asarray(x[c:d], np.float32)[counted]
+            np.maximum(best, (xb @ xc.T).max(axis=1), out=best)
         if rule == "any":
-            s = x[a:b] @ x[:b].T
-            s[np.arange(b)[None, :] >= np.arange(a, b)[:, None]] = -np.inf
-            keep[a:b] = s.max(axis=1, initial=-np.inf) <= thr
+            s = xb @ xb.T
+            s[np.arange(b - a)[None, :] >= np.arange(b - a)[:, None]] = -np.inf
+            keep[a:b] = np.maximum(best, s.max(axis=1, initial=-np.inf)) <= thr
             continue
-        kept = np.flatnonzero(keep[:a])
-        cand = np.ones(b - a, bool)
-        if len(kept):
-            cand = (x[a:b] @ x[kept].T).max(axis=1) <= thr
+        cand = best <= thr
         # Conflicts between candidates of the block, earlier row → later row. A candidate with
         # no earlier conflicting candidate is kept; only the others need the sequential walk.
-        conflict = np.triu((x[a:b] @ x[a:b].T) > thr, 1) & cand[:, None] & cand[None, :]
+        conflict = np.triu((xb @ xb.T) > thr, 1) & cand[:, None] & cand[None, :]
         for j in np.flatnonzero(conflict.any(axis=0)):
             cand[j] = not (conflict[:j, j] & cand[:j]).any()
         keep[a:b] = cand
@@ -74,12 +93,21 @@ def semdedup(
     log: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, pa.Table]:
     """(keep mask over the store's rows, per-cluster statistics: cluster, size, kept, removed,
-    mean similarity to the centroid). Peak memory: one bucket (~``bucket_rows`` rows) plus one
-    batch plus 1 byte per row for the mask, never the whole store."""
+    mean similarity to the centroid).
+
+    Peak memory, whatever the store or cluster sizes: one batch, ``bucket_rows`` rows of
+    embeddings (held as float16, plus one cluster of at most ``bucket_rows`` rows as float32),
+    1024 × 1024 similarity tiles, and per row 1 byte (the mask) plus 24 bytes for the rows of
+    the bucket being deduplicated (row, cluster, similarity, sort order). A bucket larger than
+    ``bucket_rows`` (one big cluster, or clusters unevenly spread over buckets) is regrouped on
+    disk by cluster; a cluster larger than ``bucket_rows`` is deduplicated from disk in blocks.
+    Files are read with plain reads, never memory-mapped, so no page of them stays resident."""
     if not 0 <= eps < 2:
         raise ValueError(f"eps must lie in [0, 2), not {eps}")
     if rule not in RULES:
         raise ValueError(f"unknown keep rule {rule!r}: choose one of {RULES}")
+    if bucket_rows < 1:
+        raise ValueError(f"bucket_rows must be >= 1, not {bucket_rows}")
     centroids = train_centroids(store, n_clusters, seed, sample)
     n_buckets = max(1, -(-store.rows // bucket_rows))
     keep = np.zeros(store.rows, bool)
@@ -89,20 +117,36 @@ def semdedup(
     with tempfile.TemporaryDirectory(prefix="semdedup-", dir=work_dir) as tmp:
         _spill(store, centroids, n_buckets, batch_rows, Path(tmp), log)
         for b in range(n_buckets):
-            recs, emb = _read_bucket(Path(tmp), b, store.dim)
-            # Sorted indices, not a sorted copy: the bucket is held once.
-            order = np.lexsort((recs["row"], recs["cluster"]))
+            recs = np.fromfile(Path(tmp) / f"{b}.rec", _REC)
+            # Rows were spilled in row order, so a stable sort by cluster keeps row order
+            # within each cluster. Sorted indices, not a sorted copy: the records are held once.
+            order = np.argsort(recs["cluster"], kind="stable")
             cluster = recs["cluster"][order]
             bounds = np.flatnonzero(np.diff(cluster)) + 1
+            emb_path = Path(tmp) / f"{b}.emb"
+            if len(recs) <= bucket_rows:
+                emb = np.fromfile(emb_path, np.float16).reshape(len(recs), store.dim)
+            else:
+                emb = None
+                _regroup(emb_path, order, store.dim, batch_rows)
             for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(order)], strict=True):
                 if hi == lo:
                     continue
                 c, sel = int(cluster[lo]), order[lo:hi]
-                k = dedup_cluster(emb[sel], eps, rule)
+                if emb is not None:
+                    x = emb[sel].astype(np.float32)
+                else:
+                    x = _FileRows(emb_path.with_suffix(".grp"), lo, hi - lo, store.dim)
+                    if hi - lo <= bucket_rows:
+                        x = x[0 : hi - lo]
+                k = dedup_cluster(x, eps, rule)
+                del x
                 keep[recs["row"][sel][k]] = True
                 size[c], kept[c] = hi - lo, int(k.sum())
                 csim_sum[c] = float(recs["csim"][sel].astype(np.float64).sum())
-            del recs, emb
+            del recs, emb, order, cluster
+            for f in (emb_path, emb_path.with_suffix(".grp"), emb_path.with_suffix(".rec")):
+                f.unlink(missing_ok=True)
             if log:
                 log(f"semdedup: bucket {b + 1}/{n_buckets} done, {int(keep.sum())} kept so far")
     stats = pa.table(
@@ -148,7 +192,45 @@ def _spill(
             fe.close()
 
 
-def _read_bucket(tmp: Path, b: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    recs = np.fromfile(tmp / f"{b}.rec", _REC)
-    emb = np.fromfile(tmp / f"{b}.emb", np.float16).reshape(len(recs), dim)
-    return recs, emb
+class _FileRows:
+    """``n`` float16 rows of width ``dim`` starting at row ``first`` of a file, sliced into
+    row ranges by explicit reads (each slice is a fresh array; nothing stays mapped)."""
+
+    def __init__(self, path: Path, first: int, n: int, dim: int):
+        self.path, self.first, self.n, self.dim = path, first, n, dim
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        a, b, _ = rows.indices(self.n)
+        out = np.empty((max(0, b - a), self.dim), np.float16)
+        with open(self.path, "rb") as f:
+            f.seek((self.first + a) * self.dim * 2)
+            if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+                raise RuntimeError(f"{self.path}: spill file shorter than expected")
+        return out
+
+
+def _regroup(path: Path, order: np.ndarray, dim: int, batch_rows: int) -> None:
+    """Write the bucket's rows to ``path.grp`` in ``order`` (clusters contiguous), reading
+    ``batch_rows`` rows at a time into one reused buffer. A batch's rows of one cluster land
+    on consecutive output rows, so each cluster of a batch is one positioned write."""
+    dest = np.empty(len(order), np.int64)
+    dest[order] = np.arange(len(order))
+    row_bytes = dim * 2
+    buf = np.empty((batch_rows, dim), np.float16)
+    with open(path, "rb") as src, open(path.with_suffix(".grp"), "wb") as out:
+        out.truncate(len(order) * row_bytes)
+        for a in range(0, len(order), batch_rows):
+            b = min(a + batch_rows, len(order))
+            chunk = buf[: b - a]
+            if src.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
+                raise RuntimeError(f"{path}: spill file shorter than expected")
+            d = dest[a:b]
+            by_dest = np.argsort(d, kind="stable")
+            runs = np.flatnonzero(np.diff(d[by_dest]) != 1) + 1
+            for lo, hi in zip(np.r_[0, runs], np.r_[runs, b - a], strict=True):
+                os.pwrite(
+                    out.fileno(), chunk[by_dest[lo:hi]].tobytes(), int(d[by_dest[lo]]) * row_bytes
+                )
