@@ -23,6 +23,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
+from simgap.robustness import logit
+
 # Fixed colours for the two sets every gap is measured against; splits get the palette below,
 # assigned once per report so a split has the same colour in every figure.
 REFERENCE_COLOR = "#4d4d4d"
@@ -368,8 +370,8 @@ def robustness_plot(
     with _style():
         fig = _figure(6.0, 4.6)
         ax = fig.subplots()
-        ids = np.array([_logit(p.id_acc) for p in points] or [0.0])
-        oods = np.array([_logit(p.ood_acc) for p in points] or [0.0])
+        ids = np.array([logit(p.id_acc) for p in points] or [0.0])
+        oods = np.array([logit(p.ood_acc) for p in points] or [0.0])
         lo = min(ids.min(), oods.min()) - 0.5
         hi = max(ids.max(), oods.max()) + 0.5
         x = np.linspace(lo, hi, 50)
@@ -377,15 +379,15 @@ def robustness_plot(
         ax.plot(x, x, color="#999999", ls=":", linewidth=1, label="y = x")
         for p in points:
             ax.plot(
-                _logit(p.id_acc),
-                _logit(p.ood_acc),
+                logit(p.id_acc),
+                logit(p.ood_acc),
                 marker="o" if p.reference else "D",
                 color="#1f77b4" if p.reference else "#d62728",
                 ls="",
             )
             ax.annotate(
                 p.split,
-                (_logit(p.id_acc), _logit(p.ood_acc)),
+                (logit(p.id_acc), logit(p.ood_acc)),
                 xytext=(4, 3),
                 textcoords="offset points",
                 fontsize=7,
@@ -393,8 +395,8 @@ def robustness_plot(
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ticks = _logit_ticks(lo, hi)
-        ax.set_xticks([_logit(t) for t in ticks], [f"{100 * t:g}" for t in ticks])
-        ax.set_yticks([_logit(t) for t in ticks], [f"{100 * t:g}" for t in ticks])
+        ax.set_xticks([logit(t) for t in ticks], [f"{100 * t:g}" for t in ticks])
+        ax.set_yticks([logit(t) for t in ticks], [f"{100 * t:g}" for t in ticks])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         handles = [
@@ -407,14 +409,9 @@ def robustness_plot(
         return _png(fig)
 
 
-def _logit(p: float) -> float:
-    p = min(max(p, 1e-4), 1 - 1e-4)  # 0 and 1 have no logit; clip to keep them on the plot
-    return math.log(p / (1 - p))
-
-
 def _logit_ticks(lo: float, hi: float) -> list[float]:
     candidates = (0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
-    return [t for t in candidates if lo <= _logit(t) <= hi]
+    return [t for t in candidates if lo <= logit(t) <= hi]
 
 
 # ----------------------------------------------------------------------------- galleries

@@ -4,7 +4,6 @@ and the report says that stage was not computed."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,8 @@ from typing import TypeVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from simgap.io import read_json
 
 _GAP_ID_COLUMNS = ("test_key", "label")
 GAP_BASE_SETS = ("reference", "pool")
@@ -45,10 +46,10 @@ def load_run(run_dir: Path) -> RunFiles:
     if not run_json.is_file():
         raise FileNotFoundError(f"{run_json} not found: not a simgap run directory")
     return RunFiles(
-        run=_read_json(run_json),
+        run=read_json(run_json),
         gaps={p.stem: _read_gaps(p) for p in sorted((run_dir / "gaps").glob("*.parquet"))},
         splits={
-            p.parent.name: _read_json(p) for p in sorted((run_dir / "splits").glob("*/split.json"))
+            p.parent.name: read_json(p) for p in sorted((run_dir / "splits").glob("*/split.json"))
         },
         evals=dict(_read_eval(p) for p in sorted((run_dir / "eval").glob("*.json"))),
         run_dir=run_dir,
@@ -77,7 +78,7 @@ def _read_parquet(path: Path, columns: Iterable[str]) -> pa.Table:
 
 
 def _read_robustness(path: Path) -> dict:
-    data = _read_json(path)
+    data = read_json(path)
     line = data.get("line")
     if not isinstance(line, Mapping) or not all(
         isinstance(line.get(k), int | float) for k in ("slope", "intercept")
@@ -92,7 +93,7 @@ def _read_robustness(path: Path) -> dict:
 
 
 def _read_audit(path: Path) -> dict:
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data.get("benchmarks"), Mapping):
         raise ValueError(f"{path}: 'benchmarks' must map benchmark names to counts")
     for name, entry in data["benchmarks"].items():
@@ -100,13 +101,6 @@ def _read_audit(path: Path) -> dict:
         if missing:
             raise ValueError(f"{path}: benchmarks.{name} lacks {missing}")
     return data
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
 def _read_gaps(path: Path) -> dict[str, np.ndarray]:
@@ -124,7 +118,7 @@ def _read_gaps(path: Path) -> dict[str, np.ndarray]:
 
 def _read_eval(path: Path) -> tuple[str, dict]:
     # The file name is the contract's key; the "split" field inside is only checked against it.
-    data = _read_json(path)
+    data = read_json(path)
     if data.get("split", path.stem) != path.stem:
         raise ValueError(f"{path}: names split {data['split']!r}, file name says {path.stem!r}")
     return path.stem, data
