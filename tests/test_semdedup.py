@@ -58,7 +58,13 @@ def test_dedup_cluster_blocks_equal_brute_force(rule):
     want = brute_dedup(x, 0.01, rule)
     assert 0 < want.sum() < len(x)
     for block in (7, 32, 1024):
-        np.testing.assert_array_equal(dedup_cluster(x, 0.01, rule, block=block), want)
+        for chunk in (5, 1024):
+            got = dedup_cluster(x, 0.01, rule, block=block, chunk=chunk)
+            np.testing.assert_array_equal(got, want)
+    # float16 rows (as spilled) are widened a block at a time; same answer as float32 rows.
+    x16 = x.astype(np.float16)
+    want16 = dedup_cluster(x16.astype(np.float32), 0.01, rule)
+    np.testing.assert_array_equal(dedup_cluster(x16, 0.01, rule, block=7, chunk=5), want16)
 
 
 @pytest.mark.parametrize("rule", ["kept", "any"])
@@ -76,8 +82,14 @@ def test_semdedup_equals_brute_force_on_a_store(tmp_path, rule):
     # One bucket, and many buckets (spilled files) give the same answer.
     keep, stats = semdedup(store, k, eps, seed=3, rule=rule)
     keep_b, stats_b = semdedup(store, k, eps, seed=3, rule=rule, bucket_rows=50, batch_rows=37)
+    # Clusters (~75 rows) larger than the bucket are deduplicated from disk, 16 rows a block.
+    keep_d, stats_d = semdedup(
+        store, k, eps, seed=3, rule=rule, bucket_rows=50, batch_rows=37, block=16
+    )
     np.testing.assert_array_equal(keep, want)
     np.testing.assert_array_equal(keep_b, want)
+    np.testing.assert_array_equal(keep_d, want)
+    assert stats.equals(stats_d)
     assert stats.equals(stats_b)
     assert stats.column("size").to_pylist() == np.bincount(assign, minlength=k).tolist()
     assert sum(stats.column("kept").to_pylist()) == int(want.sum())
@@ -168,7 +180,7 @@ def test_semdedup_memory_stays_within_the_bucket_budget(tmp_path):
     extra_mib = (peak_kib - base_kib) / 1024
     # Budget: a 2000-row bucket as float16 plus one cluster of it as float32 (6 MiB), and
     # 1024 x 1024 float32 tiles; not a cluster (8 MiB as float32), not the store.
-    print(f"semdedup peak: +{extra_mib:.1f} MiB over a {base_kib / 1024:.0f} MiB baseline")
+    print(f"semdedup peak: {extra_mib:+.1f} MiB over a {base_kib / 1024:.0f} MiB baseline")
     assert extra_mib < 0.15 * store_mib, (extra_mib, store_mib, base_kib / 1024)
 
 

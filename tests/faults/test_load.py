@@ -1,5 +1,5 @@
-"""Load: a scan of a base store at least 8x larger than the memory the test allows the process,
-with the same results as a chunked numpy brute force.
+"""Load: a scan, and a SemDeDup, of a base store at least 8x larger than the memory the test
+allows the process, with the same results as a chunked numpy brute force.
 
 The memory bound is measured, not assumed: the scan runs as a grandchild of a small wrapper that
 reports ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` (the scan's peak resident set, memory-mapped
@@ -199,7 +199,7 @@ def test_semdedup_of_a_store_8x_the_memory_limit(tmp_path):
     # 128 MiB store of 32 shards, d = 512; limit 16 MiB above the baseline. 16 clusters of
     # ~8k rows each exceed the 4096-row bucket, so buckets are regrouped on disk and clusters
     # deduplicated from disk in blocks: the path whose memory used to grow with the store.
-    _semdedup_within_limit(tmp_path, shards=32, rows=4096, dim=512, clusters=16)
+    _semdedup_within_limit(tmp_path, shards=32, rows=4096, dim=512, clusters=32)
 
 
 @pytest.mark.extended

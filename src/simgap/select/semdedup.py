@@ -1,12 +1,17 @@
 """SemDeDup (Abbas et al. 2023; the paper's LAION-400M → LAION-200M step, METHOD.md §4), with
-memory bounded by a bucket of clusters rather than the store.
+memory bounded by ``bucket_rows`` rather than by the store or the size of its clusters.
 
 1. Spherical k-means (FAISS) trained on a seeded sample of the store.
 2. One streamed pass assigns every row to its nearest centroid and spills (row, cluster,
    centroid similarity, fp16 embedding) to one of B bucket files (cluster mod B), B chosen so a
    bucket holds about ``bucket_rows`` rows.
-3. Each bucket is loaded alone and every cluster in it deduplicated. "Earlier" means lower
-   global row index.
+3. Each bucket alone is regrouped on disk (clusters contiguous, row order kept) and every
+   cluster in it deduplicated: read whole when it has at most ``bucket_rows`` rows, otherwise
+   streamed from disk a block at a time. "Earlier" means lower global row index.
+
+A cluster's size is about rows / n_clusters, so it grows with the store at a fixed cluster
+count; loading a bucket whole (and a block × cluster similarity matrix) once made peak memory
+grow with the store.
 
 Keep rules (``rule``):
 - ``"kept"`` (default; the paper's "keep one per duplicate group"): walk the cluster in row order
@@ -48,8 +53,6 @@ def dedup_cluster(
     ``block`` × ``chunk`` similarity tile, never a block × cluster matrix."""
     if rule not in RULES:
         raise ValueError(f"unknown keep rule {rule!r}: choose one of {RULES}")
-    if isinstance(x, np.ndarray):
-        x = np.asarray(x, np.float32)
     thr = np.float32(1.0 - eps)
     n = len(x)
     keep = np.zeros(n, bool)
@@ -91,17 +94,21 @@ def semdedup(
     sample: int | None = None,
     work_dir: Path | None = None,
     log: Callable[[str], None] | None = None,
+    block: int = 1024,
 ) -> tuple[np.ndarray, pa.Table]:
     """(keep mask over the store's rows, per-cluster statistics: cluster, size, kept, removed,
     mean similarity to the centroid).
 
-    Peak memory, whatever the store or cluster sizes: one batch, ``bucket_rows`` rows of
-    embeddings (held as float16, plus one cluster of at most ``bucket_rows`` rows as float32),
-    1024 × 1024 similarity tiles, and per row 1 byte (the mask) plus 24 bytes for the rows of
-    the bucket being deduplicated (row, cluster, similarity, sort order). A bucket larger than
-    ``bucket_rows`` (one big cluster, or clusters unevenly spread over buckets) is regrouped on
-    disk by cluster; a cluster larger than ``bucket_rows`` is deduplicated from disk in blocks.
-    Files are read with plain reads, never memory-mapped, so no page of them stays resident."""
+    Peak memory, whatever the store or cluster sizes: one batch of ``batch_rows`` rows, one
+    cluster of at most ``bucket_rows`` rows as float16, ``block`` × ``block`` similarity
+    tiles (about 8 MiB at d = 512 and block 1024), and per row 1 byte (the mask) plus 32
+    bytes for each row of the bucket being deduplicated (row, cluster, similarity, sort
+    order, destination). Each bucket is first regrouped on disk so that its clusters are
+    contiguous in row order; a cluster of at most ``bucket_rows`` rows is then read whole, a
+    larger one is deduplicated from disk a block at a time (its earlier rows re-read chunk by
+    chunk). Spill files are read with plain reads into fresh or reused buffers, never
+    memory-mapped, so no file page stays resident; the store's shards are mapped one at a
+    time (see ``iter_batches``)."""
     if not 0 <= eps < 2:
         raise ValueError(f"eps must lie in [0, 2), not {eps}")
     if rule not in RULES:
@@ -124,29 +131,23 @@ def semdedup(
             cluster = recs["cluster"][order]
             bounds = np.flatnonzero(np.diff(cluster)) + 1
             emb_path = Path(tmp) / f"{b}.emb"
-            if len(recs) <= bucket_rows:
-                emb = np.fromfile(emb_path, np.float16).reshape(len(recs), store.dim)
-            else:
-                emb = None
-                _regroup(emb_path, order, store.dim, batch_rows)
+            _regroup(emb_path, order, store.dim, batch_rows)
+            emb_path.unlink()
             for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(order)], strict=True):
                 if hi == lo:
                     continue
                 c, sel = int(cluster[lo]), order[lo:hi]
-                if emb is not None:
-                    x = emb[sel].astype(np.float32)
-                else:
-                    x = _FileRows(emb_path.with_suffix(".grp"), lo, hi - lo, store.dim)
-                    if hi - lo <= bucket_rows:
-                        x = x[0 : hi - lo]
-                k = dedup_cluster(x, eps, rule)
+                x = _FileRows(emb_path.with_suffix(".grp"), lo, hi - lo, store.dim)
+                if hi - lo <= bucket_rows:
+                    x = x[0 : hi - lo]  # small enough to hold: read once
+                k = dedup_cluster(x, eps, rule, block=block, chunk=block)
                 del x
                 keep[recs["row"][sel][k]] = True
                 size[c], kept[c] = hi - lo, int(k.sum())
                 csim_sum[c] = float(recs["csim"][sel].astype(np.float64).sum())
-            del recs, emb, order, cluster
-            for f in (emb_path, emb_path.with_suffix(".grp"), emb_path.with_suffix(".rec")):
-                f.unlink(missing_ok=True)
+            del recs, order, cluster
+            emb_path.with_suffix(".grp").unlink()
+            emb_path.with_suffix(".rec").unlink()
             if log:
                 log(f"semdedup: bucket {b + 1}/{n_buckets} done, {int(keep.sum())} kept so far")
     stats = pa.table(
