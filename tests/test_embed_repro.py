@@ -42,7 +42,9 @@ def images():
 
 
 def _write(folder: Path, order: list[tuple[str, bytes]]) -> Path:
-    write_tar(folder / "00000.tar", [(k, {"jpg": d, "txt": f"a photo {k}".encode()}) for k, d in order])
+    write_tar(
+        folder / "00000.tar", [(k, {"jpg": d, "txt": f"a photo {k}".encode()}) for k, d in order]
+    )
     return folder
 
 
@@ -52,7 +54,7 @@ def _emb_bytes(store: Path) -> dict[str, bytes]:
 
 def _by_key(store) -> dict[str, bytes]:
     keys = store.read_keys("00000").column("key").to_pylist()
-    return {k: row.tobytes() for k, row in zip(keys, store.read_emb("00000"))}
+    return {k: row.tobytes() for k, row in zip(keys, store.read_emb("00000"), strict=True)}
 
 
 def _embed_with_threads(source, out, spec, threads: int):
@@ -65,7 +67,7 @@ def _embed_with_threads(source, out, spec, threads: int):
 
 
 def test_thread_count_and_cli_subprocess_give_the_same_bytes(tmp_path, checkpoint, images):
-    source = _write(tmp_path / "pool", images)  # 9 images: batches of 4, 4 and a partial 1
+    source = _write(tmp_path / "pool", images)  # batches of 4, 4 and a partial 1
     one = _embed_with_threads(source, tmp_path / "t1", checkpoint, 1)
     two = _embed_with_threads(source, tmp_path / "t2", checkpoint, 2)
     cli = tmp_path / "cli"
@@ -89,7 +91,9 @@ def test_an_image_has_the_same_bytes_in_a_full_or_a_partial_batch(
     # The same images, rotated: the last one sits alone in the partial last batch in the first
     # shard, first in a full batch in the second.
     rotated = images[-1:] + images[:-1]
-    first = _embed_with_threads(_write(tmp_path / "a", images), tmp_path / "sa", checkpoint, threads)
+    first = _embed_with_threads(
+        _write(tmp_path / "a", images), tmp_path / "sa", checkpoint, threads
+    )
     second = _embed_with_threads(
         _write(tmp_path / "b", rotated), tmp_path / "sb", checkpoint, threads
     )
@@ -110,3 +114,25 @@ def test_forward_threads_restores_the_callers_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_forward_features_do_not_depend_on_threads_or_batch_fill(checkpoint):
+    # float32, before the store's fp16 rounding hides most flips: for a random-init model at
+    # these batch shapes, 1 vs 2 threads and a 5-row vs a 16-row batch flip last bits
+    # without fixed threads and padding.
+    from simgap.embed import encode_batch
+
+    loaded = load_model(checkpoint)
+    rng = np.random.default_rng(3)
+    pixels = torch.from_numpy(rng.standard_normal((16, 3, 32, 32)).astype(np.float32))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        full = encode_batch(loaded, pixels, "cpu", rows=16)
+        torch.set_num_threads(2)
+        part = encode_batch(loaded, pixels[:5], "cpu", rows=16)
+        assert torch.get_num_threads() == 2  # the caller's count is restored
+    finally:
+        torch.set_num_threads(before)
+    assert part.shape == (5, full.shape[1])
+    assert part.tobytes() == full[:5].tobytes()

@@ -112,19 +112,57 @@ def autocast_dtype(device: str, precision: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+# Intra-op threads of every embed forward. CPU conv/GEMM kernels (oneDNN, the im2col GEMM) pick
+# their algorithm from the input shape *and* the thread count, and algorithms differ in the last
+# float bits: a fixed count (and fixed shapes, see ``padded``) makes the stored bytes the same in
+# any process (CLI, pool worker, Ray task), whatever ``torch.set_num_threads`` it runs with.
+FORWARD_THREADS = 1
+
+
+@contextlib.contextmanager
+def forward_threads(n: int = FORWARD_THREADS) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, then restore the caller's count."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``rows``: a shard's last, partial batch then runs the
+    same kernels as its full batches (each image's result does not depend on the other rows,
+    only on the batch shape)."""
+    if len(x) >= rows:
+        return x
+    return torch.cat([x, x.new_zeros((rows - len(x), *x.shape[1:]))])
+
+
+def _autocast(device: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 def encode_batch(
-    loaded: LoadedModel, pixels: torch.Tensor, device: str, precision: str = "auto"
+    loaded: LoadedModel,
+    pixels: torch.Tensor,
+    device: str,
+    precision: str = "auto",
+    rows: int = 0,
 ) -> np.ndarray:
-    """One batch of preprocessed images → float32 image features (not yet normalised)."""
+    """One batch of preprocessed images → float32 image features (not yet normalised).
+
+    The forward runs on ``rows`` rows (the batch zero-padded; 0: as given) with
+    ``FORWARD_THREADS`` threads, so an image's bytes do not depend on its batch or process.
+    """
     dtype = autocast_dtype(device, precision)
-    x = pixels.to(device, non_blocking=True)
-    cast = (
-        torch.autocast(torch.device(device).type, dtype=dtype)
-        if dtype is not None
-        else contextlib.nullcontext()
-    )
-    with torch.inference_mode(), cast:
-        return loaded.model.encode_image(x).float().cpu().numpy()
+    x = padded(pixels, rows).to(device, non_blocking=True)
+    with forward_threads(), torch.inference_mode(), _autocast(device, dtype):
+        return loaded.model.encode_image(x)[: len(pixels)].float().cpu().numpy()
 
 
 def encode_images(
@@ -134,25 +172,23 @@ def encode_images(
     out = []
     for start in range(0, len(images), batch_size):
         pixels = torch.stack([loaded.preprocess(im) for im in images[start : start + batch_size]])
-        out.append(encode_batch(loaded, pixels, device))
+        out.append(encode_batch(loaded, pixels, device, rows=batch_size))
     return normalize_fp16(np.concatenate(out)) if out else np.zeros((0, dim), np.float16)
 
 
 def encode_texts(
     loaded: LoadedModel, texts: list[str], device: str, batch_size: int, precision: str = "auto"
 ) -> np.ndarray:
-    """Captions → float32 text features; a missing caption is embedded as the empty string."""
+    """Captions → float32 text features; a missing caption is embedded as the empty string.
+
+    Batches are padded to ``batch_size`` and run with ``FORWARD_THREADS``, as images are."""
     dtype = autocast_dtype(device, precision)
     out = []
     for start in range(0, len(texts), batch_size):
-        tokens = loaded.tokenizer(texts[start : start + batch_size]).to(device)
-        cast = (
-            torch.autocast(torch.device(device).type, dtype=dtype)
-            if dtype is not None
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), cast:
-            out.append(loaded.model.encode_text(tokens).float().cpu().numpy())
+        tokens = loaded.tokenizer(texts[start : start + batch_size])
+        x = padded(tokens, batch_size).to(device)
+        with forward_threads(), torch.inference_mode(), _autocast(device, dtype):
+            out.append(loaded.model.encode_text(x)[: len(tokens)].float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -238,7 +274,11 @@ class EmbedShard:
     model_sha256: str = ""  # the weights' identity: a shard made by other weights is redone
 
     def fingerprint(self, task_fingerprint: str) -> str:
+        # The forward's kernel choice is part of the bytes: shards written before threads and
+        # batch shapes were fixed are redone rather than mixed with new ones.
+        forward = f"threads={FORWARD_THREADS},padded"
         config = [task_fingerprint, self.model_sha256, self.text, self.precision, self.batch_size]
+        config.append(forward)
         return hashlib.sha256(json.dumps(config).encode()).hexdigest()
 
     def __call__(self, task: ShardTask) -> dict[str, Any]:
@@ -262,7 +302,9 @@ class EmbedShard:
                 skipped.update(p[3])
             if kept:
                 pixels = transform.batch([p[2] for p in kept])
-                features.append(encode_batch(loaded, pixels, self.device, self.precision))
+                features.append(
+                    encode_batch(loaded, pixels, self.device, self.precision, self.batch_size)
+                )
                 keys += [p[0] for p in kept]
                 meta += [p[1] for p in kept]
         emb = normalize_fp16(np.concatenate(features)) if features else _empty(self.dim)
@@ -344,12 +386,3 @@ def embed(
     executor = executor or Executor(LocalEngine(1))
     records = executor.map(worker, tasks, on_done=Progress(f"embed {out.name}", progress))
     return writer.finish(records)
-
-
-@contextlib.contextmanager
-def forward_threads(n=1):
-    b = torch.get_num_threads(); torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(b)
