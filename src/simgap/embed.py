@@ -372,6 +372,9 @@ def embed(
     manifest_source: dict[str, Any] = {"spec": str(source)}
     writer = StoreWriter(out, loaded.identity, dim, manifest_source)
     _remove_stale_temporaries(out)
+    # A rerun may rewrite shards (the source or the model changed): until finish() writes the
+    # new manifest the folder must read as unfinished, never as the old store over new shards.
+    (out / "manifest.json").unlink(missing_ok=True)
     worker = EmbedShard(
         str(out),
         spec,

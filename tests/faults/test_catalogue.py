@@ -351,15 +351,8 @@ STORE_CASES = {
     "fewer rows than manifest": (lambda e: e[:150], True),
 }
 
-# Known bugs, filed in /work/brief/faults-found.md; the owner removes the mark with the fix.
-STORE_BUGS: dict[str, str] = {}
-
-
 def _store_case(name: str):
-    marks = []
-    if name in STORE_BUGS:
-        marks.append(pytest.mark.xfail(strict=True, reason=STORE_BUGS[name]))
-    return pytest.param(name, marks=marks, id=name.replace(" ", "-"))
+    return pytest.param(name, id=name.replace(" ", "-"))
 
 
 @pytest.mark.parametrize("case", [_store_case(n) for n in STORE_CASES])

@@ -198,11 +198,6 @@ def _changed(path: Path):
     return changed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: re-embedding a changed source rewrites shards under the old manifest, so a "
-    "kill leaves a store that opens as finished with mixed data; see faults-found",
-)
 def test_reembed_of_a_changed_source_killed_midway_leaves_no_mixed_store(workdir, checkpoint):
     root = workdir / "reembed"
     source = root / "pool"
