@@ -27,7 +27,7 @@ def read_key_list(path: Path | str, allow_empty: bool = False) -> list[str]:
         if any(k is None for k in keys):
             raise ValueError(f"{path}: the 'key' column holds nulls")
     else:
-        raise ValueError(f"{path}: a key list is a split folder, a .txt or a .parquet file")
+        raise ValueError(f"{path}: a key list is a split folder, or a .txt or .parquet file")
     if not keys and not allow_empty:
         raise ValueError(f"{path}: the key list is empty")
     if len(set(keys)) != len(keys):
