@@ -11,6 +11,7 @@ import numpy as np
 from simgap.report import figures
 from simgap.report.blocks import FigureBlock, Note, Paragraph, Section, Table, mean, pct, pp
 from simgap.report.runfiles import (
+    NOT_COMPUTED,
     RunFiles,
     benchmark_order,
     split_order,
@@ -19,7 +20,6 @@ from simgap.report.runfiles import (
 )
 
 CURVE_POLICIES = ("near", "far", "random")
-NOT_COMPUTED = "not computed in this run"
 
 
 def curve_splits(files: RunFiles) -> dict[str, list[str]]:

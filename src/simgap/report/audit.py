@@ -8,9 +8,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from simgap.report.blocks import Note, Paragraph, Section, Table, sim
-from simgap.report.runfiles import RunFiles, benchmark_order, why_not_computed
+from simgap.report.runfiles import NOT_COMPUTED, RunFiles, benchmark_order, why_not_computed
 
-NOT_COMPUTED = "not computed in this run"
 _TOP_PAIRS = 10
 
 

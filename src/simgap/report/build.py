@@ -34,6 +34,7 @@ from simgap.report.blocks import (
 from simgap.report.render import render_html, render_markdown
 from simgap.report.runfiles import (
     GAP_BASE_SETS,
+    NOT_COMPUTED,
     RunFiles,
     benchmark_order,
     controls,
@@ -46,7 +47,6 @@ from simgap.report.runfiles import (
 
 # split.json keys that may hold the guarantee check's verdict, in order of preference.
 _VERDICT_KEYS = ("ok", "holds", "passed", "satisfied", "valid")
-NOT_COMPUTED = "not computed in this run"
 
 # ----------------------------------------------------------------------------- sections
 

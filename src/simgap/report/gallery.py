@@ -23,10 +23,9 @@ from simgap.data.images import decode_rgb, pick_image
 from simgap.data.sources import fetch_samples
 from simgap.report import figures
 from simgap.report.blocks import FigureBlock, Note, Paragraph, Section, Table, sim
-from simgap.report.runfiles import RunFiles, benchmark_order
+from simgap.report.runfiles import NOT_COMPUTED, RunFiles, benchmark_order
 from simgap.store import Store, StoreError, open_store
 
-NOT_COMPUTED = "not computed in this run"
 NEIGHBOURS = 3  # per set, beside each test image
 THUMB_PIXELS = 256
 

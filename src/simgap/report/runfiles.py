@@ -15,6 +15,9 @@ import pyarrow.parquet as pq
 
 from simgap.io import read_json
 
+# What a report section says when the run lacks the files it is built from.
+NOT_COMPUTED = "not computed in this run"
+
 _GAP_ID_COLUMNS = ("test_key", "label")
 GAP_BASE_SETS = ("reference", "pool")
 T = TypeVar("T")

@@ -8,7 +8,6 @@ pool scan and thresholds are both given, the scan's recorded input hashes must m
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from simgap.io import read_json, write_parquet
+from simgap.io import read_json, sha256_bytes, write_parquet
 from simgap.select.policies import (
     coreset,
     far_pruned,
@@ -36,17 +35,13 @@ POLICIES = ("gapmatch", "near", "far", "random", "coreset", "semdedup", "image-b
 Log = Callable[[str], None]
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def store_fingerprint(store: Store) -> str:
     """Content identity of a store: its manifest holds every shard's checksum and the model."""
-    return _sha(json.dumps(store.manifest, sort_keys=True).encode())
+    return sha256_bytes(json.dumps(store.manifest, sort_keys=True).encode())
 
 
 def scan_fingerprint(path: Path) -> str:
-    return _sha((Path(path) / "scan.json").read_bytes())
+    return sha256_bytes((Path(path) / "scan.json").read_bytes())
 
 
 def _bench_name(path: Path, prefix: str) -> str:
@@ -91,11 +86,16 @@ def _check_scan(scan: Path, pool: Store, doc: dict[str, Any], bench: _Bench) -> 
         [s.sha256 for s in pool.shards],
     ):
         raise ValueError(f"{scan}/scan.json: the scan was not made over the pool {pool.path}")
-    if bench.tests is not None and inputs.get("tests_sha256") not in (None, _sha(bench.tests)):
+    if bench.tests is not None and inputs.get("tests_sha256") not in (
+        None,
+        sha256_bytes(bench.tests),
+    ):
         raise ValueError(
             f"{scan}/scan.json: the scan's test points are not those of {bench.store.path}"
         )
-    want = None if bench.thresholds is None else _sha(np.float32(bench.thresholds).tobytes())
+    want = (
+        None if bench.thresholds is None else sha256_bytes(np.float32(bench.thresholds).tobytes())
+    )
     if want and doc.get("thresholds") and inputs.get("thresholds_sha256") not in (None, want):
         raise ValueError(
             f"{scan}/scan.json: the scan's thresholds differ from the reference's NN similarities"
