@@ -227,6 +227,17 @@ def test_another_model_redoes_every_shard(tmp_path, shards, checkpoint):
     np.testing.assert_array_equal(second.embeddings(), fresh.embeddings())
 
 
+def test_resume_fingerprint_holds_the_resolved_numerics(checkpoint):
+    """"auto" is float32 on CPU: a resume with fp32 reuses its shards, one with bf16 does not."""
+    from simgap.embed import EmbedShard
+
+    def fingerprint(precision):
+        return EmbedShard("s", checkpoint, 64, "cpu", precision=precision).fingerprint("task")
+
+    assert fingerprint("auto") == fingerprint("fp32")
+    assert fingerprint("bf16") != fingerprint("auto")
+
+
 def test_precision_choices():
     assert autocast_dtype("cpu", "auto") is None
     assert autocast_dtype("cpu", "bf16") == torch.bfloat16

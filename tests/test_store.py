@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+import simgap.store as store_module
 from simgap.store import (
     StoreError,
     StoreWriter,
@@ -81,6 +82,32 @@ def test_duplicate_keys_across_shards_named(tmp_path):
     r2 = writer.write_shard("00001", emb, pa.table({"key": ["c", "a"]}))
     with pytest.raises(StoreError, match="duplicate key 'a' in shards 00000 and 00001"):
         writer.finish([r1, r2])
+
+
+@pytest.mark.parametrize("bucket_rows", [3, 1 << 22])
+def test_duplicate_key_check_in_buckets_matches_brute_force(tmp_path, monkeypatch, bucket_rows):
+    """Bounded-memory check: with tiny buckets every bucket and shard slice is exercised."""
+    monkeypatch.setattr(store_module, "BUCKET_ROWS", bucket_rows)
+    rng = np.random.default_rng(3)
+    shards = [[f"k{rng.integers(1 << 40)}" for _ in range(40)] for _ in range(5)]
+    keys_of = dict(zip("abcde", shards, strict=True)).__getitem__
+    repeated = store_module._repeated_hashes(list("abcde"), keys_of, tmp_path)
+    assert repeated == set()
+    assert list(tmp_path.iterdir()) == []  # the spill is removed
+    shards[4][17] = shards[1][30]
+    shards[3][2] = shards[3][9]
+    repeated = store_module._repeated_hashes(list("abcde"), keys_of, tmp_path)
+    assert repeated == {hash(shards[1][30]), hash(shards[3][9])}
+
+    writer = StoreWriter(tmp_path / "s", MODEL, 4, {})
+    records = [
+        writer.write_shard(f"{i:05d}", normalize_fp16(_random(40, 4, i)), pa.table({"key": k}))
+        for i, k in enumerate(shards[:3] + [shards[4]])
+    ]
+    with pytest.raises(
+        StoreError, match=f"duplicate key '{shards[1][30]}' in shards 00001 and 00003"
+    ):
+        writer.finish(records)
 
 
 def test_nan_and_zero_rows_refused():

@@ -276,9 +276,11 @@ class EmbedShard:
     def fingerprint(self, task_fingerprint: str) -> str:
         # The forward's kernel choice is part of the bytes: shards written before threads and
         # batch shapes were fixed are redone rather than mixed with new ones.
-        forward = f"threads={FORWARD_THREADS},padded"
-        config = [task_fingerprint, self.model_sha256, self.text, self.precision, self.batch_size]
-        config.append(forward)
+        # The resolved dtype and device kind, not the choice: "auto" is float32 on CPU but bf16
+        # on a GPU, and one store must not mix the two.
+        dtype = autocast_dtype(self.device, self.precision)
+        numerics = f"{torch.device(self.device).type},{dtype},threads={FORWARD_THREADS},padded"
+        config = [task_fingerprint, self.model_sha256, self.text, numerics, self.batch_size]
         return hashlib.sha256(json.dumps(config).encode()).hexdigest()
 
     def __call__(self, task: ShardTask) -> dict[str, Any]:

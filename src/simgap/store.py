@@ -12,7 +12,9 @@ exists; ``StoreWriter`` resumes by keeping finished shards whose inputs have not
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -380,24 +382,31 @@ class StoreWriter:
 
     def _check_unique_keys(self, records: list[dict[str, Any]]) -> None:
         """A key must name one sample: a repeat is an error naming both locations."""
-        seen: dict[str, tuple[str, str]] = {}
-        for r in records:
-            table = pq.read_table(self.path / "keys" / f"{r['name']}.parquet")
+
+        def keys_of(name: str) -> tuple[list[str], list[str]]:
+            table = pq.read_table(self.path / "keys" / f"{name}.parquet")
             keys = table.column("key").to_pylist()
-            sources = (
-                table.column("source").to_pylist()
-                if "source" in table.column_names
-                else [""] * len(keys)
-            )
-            for k, source in zip(keys, sources, strict=True):
+            has_source = "source" in table.column_names
+            return keys, table.column("source").to_pylist() if has_source else [""] * len(keys)
+
+        names = [r["name"] for r in records]
+        repeated = _repeated_hashes(names, lambda name: keys_of(name)[0], self.path)
+        if not repeated:
+            return
+        # Confirm on the strings: a hash match may be two different keys.
+        seen: dict[str, tuple[str, str]] = {}
+        for name in names:
+            for k, source in zip(*keys_of(name), strict=True):
+                if hash(k) not in repeated:
+                    continue
                 if k in seen:
                     first_shard, first_source = seen[k]
                     where = f" ({first_source} and {source})" if source else ""
                     raise StoreError(
                         f"{self.path}: duplicate key {k!r} in shards {first_shard} and "
-                        f"{r['name']}{where}"
+                        f"{name}{where}"
                     )
-                seen[k] = (r["name"], source)
+                seen[k] = (name, source)
 
     def finish(self, records: list[dict[str, Any]]) -> Store:
         records = sorted(records, key=lambda r: r["name"])
@@ -422,6 +431,49 @@ class StoreWriter:
             manifest["text"] = True
         write_json(self.path / "manifest.json", manifest)
         return Store(self.path, manifest)
+
+
+BUCKET_ROWS = 1 << 22  # hashes compared at once by the duplicate-key check (32 MiB)
+
+
+def _repeated_hashes(
+    names: list[str], keys_of: Callable[[str], list[str]], scratch: Path
+) -> set[int]:
+    """Hashes that occur more than once among all shards' keys, in memory bounded by
+    ``BUCKET_ROWS`` whatever the store's size (4e8 LAION keys do not fit in a set).
+
+    Each shard's key hashes are spilled sorted to ``scratch``; the hash range is then cut into
+    buckets, and each bucket gathers its slice of every shard (a binary search in each sorted
+    spill) and looks for equal neighbours. Python's ``hash`` is salted per process, which is
+    fine: every hash here is made and compared in this call.
+    """
+    spill = Path(tempfile.mkdtemp(prefix=".keycheck-", dir=scratch))
+    try:
+        total = 0
+        for i, name in enumerate(names):
+            keys = keys_of(name)
+            hashes = np.fromiter(map(hash, keys), np.int64, len(keys))
+            np.save(spill / f"{i}.npy", np.sort(hashes))
+            total += len(keys)
+        if total == 0:
+            return set()
+        parts = [np.load(spill / f"{i}.npy", mmap_mode="r") for i in range(len(names))]
+        buckets = max(1, -(-total // BUCKET_ROWS))
+        edges = np.linspace(-(2.0**63), 2.0**63, buckets + 1)
+        bounds = [np.iinfo(np.int64).min, *(int(e) for e in edges[1:-1]), None]
+        repeated: set[int] = set()
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
+            chunk = np.concatenate(
+                [
+                    p[np.searchsorted(p, lo) : len(p) if hi is None else np.searchsorted(p, hi)]
+                    for p in parts
+                ]
+            )
+            chunk.sort()
+            repeated.update(chunk[1:][chunk[1:] == chunk[:-1]].tolist())
+        return repeated
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
 
 
 def write_store(
