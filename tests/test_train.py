@@ -26,6 +26,7 @@ from simgap.models import ModelSpec, load_model
 from simgap.train import (
     DONE_FILE,
     ENTRY_MODULE,
+    KEY_HASH,
     KEY_HASHES_FILE,
     RECORD_FILE,
     Recipe,
@@ -323,7 +324,7 @@ def test_key_list_over_source_shards_trains_exactly_the_listed_samples(trained, 
     record = json.loads((tmp_path / "out" / "keyed" / RECORD_FILE).read_text())
     assert record["num_samples"] == 64 and record["keys"]["count"] == 64
     hashes = np.load(tmp_path / "out" / "keyed" / KEY_HASHES_FILE)
-    assert hashes.dtype == np.uint64 and hashes.tolist() == sorted(
+    assert hashes.dtype == KEY_HASH and hashes.tolist() == sorted(
         key_hash(f"p{i:07d}") for i in range(64)
     )
     # Another key list in the same run folder is another run.

@@ -9,7 +9,7 @@ It is open_clip_train's ``main`` with these additions, all made before ``main`` 
    see the samples in different orders. The replacement is webdataset's own ``detshuffle``.
 3. ``--simgap-keys FILE`` (first on the command line, not an open_clip_train option): only
    samples whose ``__key__`` is in the key list pass, filtered right after the tar reader
-   (before the shuffle buffer and the image decoder). FILE holds the sorted 64-bit key hashes
+   (before the shuffle buffer and the image decoder). FILE holds the sorted 128-bit key hashes
    that :func:`simgap.train.prepare_run` writes; it is memory-mapped, so every dataloader
    worker on a node shares one copy in the page cache.
 4. A checkpoint is resumed only if it loads with ``torch.load(weights_only=True)``.
@@ -36,14 +36,16 @@ def _seeded_sample_shuffle(seed: int):
 
 
 class KeyFilter:
-    """Keeps the samples whose key hash is in a sorted uint64 array (loaded lazily, mmap)."""
+    """Keeps the samples whose key hash is in a sorted 128-bit hash array (loaded lazily, mmap)."""
 
     def __init__(self, path: str):
         import numpy as np
 
+        from simgap.train import KEY_HASH
+
         hashes = np.load(path, mmap_mode="r")  # fail here, in the main process, if unreadable
-        if hashes.dtype != np.uint64 or hashes.ndim != 1:
-            raise SystemExit(f"{path}: not a key filter (1-d uint64 array)")
+        if hashes.dtype != KEY_HASH or hashes.ndim != 1:
+            raise SystemExit(f"{path}: not a key filter (1-d array of 128-bit key hashes)")
         self.path = path
         self._hashes = None  # mapped again in each dataloader worker, on first use
 
@@ -53,11 +55,11 @@ class KeyFilter:
     def __call__(self, sample: dict) -> bool:
         import numpy as np
 
-        from simgap.train import key_hash
+        from simgap.train import KEY_HASH, key_hash
 
         if self._hashes is None:
             self._hashes = np.load(self.path, mmap_mode="r")
-        h = np.uint64(key_hash(sample["__key__"]))
+        h = np.array(key_hash(sample["__key__"]), KEY_HASH)
         i = int(np.searchsorted(self._hashes, h))
         return i < len(self._hashes) and self._hashes[i] == h
 

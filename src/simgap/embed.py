@@ -34,8 +34,6 @@ from simgap.parallel import Executor, LocalEngine, Progress
 from simgap.store import Store, StoreWriter, is_clip_retrieval, link_clip_retrieval, normalize_fp16
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# One prepared sample: key, metadata, pixels (None if skipped), why it was skipped.
-Prepared = tuple[str, dict[str, Any], Any, Counter]
 
 
 @dataclass(frozen=True)
@@ -192,11 +190,28 @@ def encode_texts(
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def _prepare(preprocess: Callable[[Any], Any], record: Record) -> Prepared:
-    key, data, meta = record
+@dataclass
+class Batch:
+    """Up to ``batch_size`` samples of a shard, ready for the forward: the decodable ones' keys,
+    metadata and normalised pixels (None if none decoded), and what was skipped and why."""
+
+    keys: list[str]
+    meta: list[dict[str, Any]]
+    pixels: torch.Tensor | None
+    skipped: Counter
+
+
+def prepare_batch(transform: SplitTransform, records: list[Record]) -> Batch:
+    """Decode, transform and stack one batch of records (in a decode worker, if any)."""
     skipped: Counter[str] = Counter()
-    image = decode_rgb(data, skipped)
-    return key, meta, (preprocess(image) if image is not None else None), skipped
+    keys, meta, pixels = [], [], []
+    for key, data, columns in records:
+        image = decode_rgb(data, skipped)
+        if image is not None:
+            keys.append(key)
+            meta.append(columns)
+            pixels.append(transform.per_image(image))
+    return Batch(keys, meta, transform.batch(pixels) if pixels else None, skipped)
 
 
 def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -211,39 +226,41 @@ def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
 
 
 class ShardBatches(torch.utils.data.IterableDataset):
-    """One shard task's samples, decoded and transformed, ``batch_size`` at a time, in order.
+    """One shard task's samples as ``Batch``es, in order.
 
     Under a DataLoader with N workers, worker w prepares batches w, w+N, ... (each reads the
     shard, only decodes its own batches); the DataLoader takes them round-robin, which is the
-    original order, so the bytes written do not depend on N. Skips counted while reading the
-    shard (unsafe members, a cut tar) are yielded once, as a Counter, by worker 0.
+    original order, so the bytes written do not depend on N. The pixels cross to the main
+    process in shared memory, so the main process does nothing but the forward. Skips counted
+    while reading the shard (unsafe members, a cut tar) come last, from worker 0, as a batch
+    without rows.
     """
 
-    def __init__(self, task: ShardTask, per_image: Callable[[Any], Any], batch_size: int):
-        self.task, self.per_image, self.batch_size = task, per_image, batch_size
+    def __init__(self, task: ShardTask, transform: SplitTransform, batch_size: int):
+        self.task, self.transform, self.batch_size = task, transform, batch_size
 
-    def __iter__(self) -> Iterator[list[Prepared] | Counter]:
+    def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         skipped: Counter[str] = Counter()
         for b, chunk in enumerate(_chunks(self.task.records(skipped), self.batch_size)):
             if b % workers == worker:
-                yield [_prepare(self.per_image, r) for r in chunk]
+                yield prepare_batch(self.transform, chunk)
         if worker == 0:
-            yield skipped
+            yield Batch([], [], None, skipped)
 
 
 def _as_is(item: Any) -> Any:
-    return item  # the DataLoader's default collate would turn numpy pixels into tensors
+    return item  # the DataLoader's default collate would try to collate a Batch
 
 
 def prepared_batches(
-    task: ShardTask, per_image: Callable[[Any], Any], batch_size: int, workers: int = 0
-) -> Iterable[list[Prepared] | Counter]:
+    task: ShardTask, transform: SplitTransform, batch_size: int, workers: int = 0
+) -> Iterable[Batch]:
     """Decode + transform in this process (``workers`` 0) or in a DataLoader's worker
     processes, which run ahead of the model (decode is Python-heavy: threads would share the
     GIL with it)."""
-    batches = ShardBatches(task, per_image, batch_size)
+    batches = ShardBatches(task, transform, batch_size)
     if workers <= 0:
         return batches
     return torch.utils.data.DataLoader(
@@ -294,21 +311,14 @@ class EmbedShard:
         keys: list[str] = []
         meta: list[dict[str, Any]] = []
         features: list[np.ndarray] = []
-        batches = prepared_batches(task, transform.per_image, self.batch_size, self.decode_workers)
-        for batch in batches:
-            if isinstance(batch, Counter):
-                skipped.update(batch)
-                continue
-            kept = [p for p in batch if p[2] is not None]
-            for p in batch:
-                skipped.update(p[3])
-            if kept:
-                pixels = transform.batch([p[2] for p in kept])
+        for batch in prepared_batches(task, transform, self.batch_size, self.decode_workers):
+            skipped.update(batch.skipped)
+            if batch.pixels is not None:
                 features.append(
-                    encode_batch(loaded, pixels, self.device, self.precision, self.batch_size)
+                    encode_batch(loaded, batch.pixels, self.device, self.precision, self.batch_size)
                 )
-                keys += [p[0] for p in kept]
-                meta += [p[1] for p in kept]
+                keys += batch.keys
+                meta += batch.meta
         emb = normalize_fp16(np.concatenate(features)) if features else _empty(self.dim)
         _check_unique(task.name, keys, meta)
         columns: dict[str, list] = {"key": keys}

@@ -11,7 +11,7 @@ shuffle). Layout of a run, as open_clip_train writes it under ``--logs out_dir -
     out_dir/name/simgap-train.json        what was trained: recipe, data, sample count
     out_dir/name/simgap-train.log         the subprocess's stdout+stderr (appended)
     out_dir/name/simgap-done.json         written last, after a successful run
-    out_dir/name/keys.u64.npy             the key list as sorted 64-bit hashes (key-list runs)
+    out_dir/name/keys.h128.npy            the key list as sorted 128-bit hashes (key-list runs)
 
 Training data is either materialized shards (every sample is trained on) or source shards plus
 a key list (``keys.txt`` / ``keys.parquet`` of a split): the key list is applied on the fly, in
@@ -50,7 +50,8 @@ LATEST_CHECKPOINT = "epoch_latest.pt"
 RECORD_FILE = "simgap-train.json"
 LOG_FILE = "simgap-train.log"
 DONE_FILE = "simgap-done.json"
-KEY_HASHES_FILE = "keys.u64.npy"
+KEY_HASHES_FILE = "keys.h128.npy"
+KEY_HASH = np.dtype([("hi", "<u8"), ("lo", "<u8")])  # compared field by field: 128-bit order
 KEYS_OPTION = "--simgap-keys"  # read by simgap._train_entry, never passed to open_clip_train
 
 
@@ -220,18 +221,20 @@ def entry_argv(open_clip: list[str], key_filter: Path | None = None) -> list[str
     return [*own, *open_clip]
 
 
-def key_hash(key: str) -> int:
-    """64-bit hash of a sample key (what the key filter compares)."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+def key_hash(key: str) -> tuple[int, int]:
+    """128-bit hash of a sample key as (hi, lo) 64-bit halves (what the key filter compares)."""
+    digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:], "big")
 
 
 def key_hashes(keys: list[str]) -> np.ndarray:
-    """Sorted uint64 hashes of a key list: 8 bytes a key, memory-mapped and shared by every
-    dataloader worker. A pool key outside the list passes by chance with probability
-    len(keys) / 2**64 (about 5e-12 for 100M keys)."""
-    hashes = np.unique(np.fromiter((key_hash(k) for k in keys), np.uint64, len(keys)))
+    """Sorted 128-bit hashes of a key list (dtype ``KEY_HASH``): 16 bytes a key,
+    memory-mapped and shared by every dataloader worker. A pool key outside the list passes by
+    chance with probability len(keys) / 2**128: with 64 bits, 2e8 pool keys against 1e8 listed
+    ones would let one wrong sample in about once in a thousand runs."""
+    hashes = np.unique(np.fromiter(map(key_hash, keys), KEY_HASH, len(keys)))
     if hashes.size != len(keys):
-        raise ValueError("two keys of the key list share a 64-bit hash; rename one")
+        raise ValueError("two keys of the key list share a 128-bit hash; rename one")
     return hashes
 
 
