@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ import torch
 from simgap.data.images import decode_rgb
 from simgap.data.sources import Record, ShardTask, shard_tasks
 from simgap.data.tables import is_table
+from simgap.io import fingerprint
 from simgap.models import LoadedModel, ModelSpec, load_model, model_identity
 from simgap.parallel import Executor, LocalEngine, Progress
 from simgap.store import Store, StoreWriter, is_clip_retrieval, link_clip_retrieval, normalize_fp16
@@ -298,7 +297,7 @@ class EmbedShard:
         dtype = autocast_dtype(self.device, self.precision)
         numerics = f"{torch.device(self.device).type},{dtype},threads={FORWARD_THREADS},padded"
         config = [task_fingerprint, self.model_sha256, self.text, numerics, self.batch_size]
-        return hashlib.sha256(json.dumps(config).encode()).hexdigest()
+        return fingerprint(config)
 
     def __call__(self, task: ShardTask) -> dict[str, Any]:
         writer = StoreWriter(Path(self.store), {}, self.dim, {})

@@ -91,3 +91,13 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_array(a: np.ndarray | None) -> str | None:
+    return None if a is None else hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def fingerprint(inputs: Any) -> str:
+    """The identity of a resumable step's inputs: sha256 of their canonical JSON (sorted keys;
+    paths and other objects by ``str``). Done records and stage keys compare these."""
+    return sha256_bytes(json.dumps(inputs, sort_keys=True, default=str).encode())

@@ -4,8 +4,6 @@ unchanged, so a killed run resumes and a changed knob redoes only what depends o
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import threading
 import time
@@ -15,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simgap.io import read_json, write_bytes, write_json
+from simgap.io import fingerprint, read_json, write_bytes, write_json
 
 Log = Callable[[str], None]
 Results = dict[str, Any]
 
 
 def stage_key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(parts)[:16]
 
 
 # ----------------------------------------------------------------------------- stages and runner

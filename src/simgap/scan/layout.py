@@ -20,7 +20,6 @@ Excluded rows (a keep mask, or bad rows skipped) have max/margin NaN and argmax 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,10 +52,6 @@ def part_records(sim: np.ndarray, row: np.ndarray, count: np.ndarray | None) -> 
     rec["sim"], rec["row"] = sim, row
     rec["count"] = 0 if count is None else count
     return rec
-
-
-def sha256_array(a: np.ndarray | None) -> str | None:
-    return None if a is None else hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
 def write_tests_and_meta(

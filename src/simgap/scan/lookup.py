@@ -24,9 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from simgap.io import read_json, write_bytes, write_json
+from simgap.io import read_json, sha256_array, write_bytes, write_json
 from simgap.scan.kernel import KernelConfig
-from simgap.scan.layout import sha256_array
 from simgap.scan.shards import scan_store, topk_keys
 from simgap.store import Store, open_store
 

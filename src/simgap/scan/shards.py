@@ -11,8 +11,6 @@ order give the same bytes as one process scanning the stream.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +19,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from simgap.io import read_json, sha256_file, write_json, write_npy
+from simgap.io import fingerprint, read_json, sha256_array, sha256_file, write_json, write_npy
 from simgap.parallel import Executor, LocalEngine
 from simgap.scan.kernel import KernelConfig, merge_topk
 from simgap.scan.layout import (
     FORMAT,
     part_records,
     row_records,
-    sha256_array,
     test_table,
     write_tests_and_meta,
 )
@@ -90,7 +87,7 @@ class ShardScan:
         # lost rows) must be rescanned even if its own bytes are unchanged.
         shard = [info.sha256, info.offset, info.rows]
         parts = [FORMAT, self.inputs, shard, sha256_array(keep), self.bad_rows]
-        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+        return fingerprint(parts)
 
     def __call__(self, task: ShardTask) -> dict[str, Any]:
         out = Path(self.out)
@@ -296,7 +293,7 @@ def _scan_shards(
         "thresholds_sha256": sha256_array(thresholds),
         "topk": topk,
     }
-    inputs_fp = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    inputs_fp = fingerprint(inputs)
     fn = ShardScan(base, str(out), topk, cfg, bad_rows, inputs_fp)
     tasks = [
         ShardTask(s.name, s.offset, s.rows, None if masks is None else masks[s.name])
