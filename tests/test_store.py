@@ -94,6 +94,10 @@ def test_duplicate_key_check_in_buckets_matches_brute_force(tmp_path, monkeypatc
     repeated = store_module._repeated_hashes(list("abcde"), keys_of, tmp_path)
     assert repeated == set()
     assert list(tmp_path.iterdir()) == []  # the spill is removed
+    (tmp_path / ".keycheck-killed").mkdir()  # a killed run's spill goes too
+    (tmp_path / ".keycheck-killed" / "0.npy").write_bytes(b"x")
+    store_module._repeated_hashes(list("ab"), keys_of, tmp_path)
+    assert list(tmp_path.iterdir()) == []
     shards[4][17] = shards[1][30]
     shards[3][2] = shards[3][9]
     repeated = store_module._repeated_hashes(list("abcde"), keys_of, tmp_path)

@@ -447,6 +447,8 @@ def _repeated_hashes(
     spill) and looks for equal neighbours. Python's ``hash`` is salted per process, which is
     fine: every hash here is made and compared in this call.
     """
+    for stale in scratch.glob(".keycheck-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     spill = Path(tempfile.mkdtemp(prefix=".keycheck-", dir=scratch))
     try:
         total = 0
