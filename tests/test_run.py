@@ -83,6 +83,11 @@ def test_error_names_the_key_and_the_bad_list_element():
         ("splits = 3\n", "splits: expected a table of keys, got 3"),
         ('[reference]\ncaption = "a photo"\n', 'reference.caption: must contain "{c}"'),
         ('[sources]\nkind = "real"\n', "sources.real.reference: required"),
+        (
+            '[splits.semdedup]\nrule = "all"\n',
+            'splits.semdedup.rule: expected one of "kept", "any", got "all"',
+        ),
+        ("[splits.semdedup]\neps = 2.5\n", "splits.semdedup.eps: expected a number in (0, 2)"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(text, fragment):
@@ -156,8 +161,12 @@ def test_paper_world_plans_the_papers_grid(tmp_path):
             spec = specs[f"{policy}-{f:g}"]
             assert spec.policy == policy and spec.params["fraction"] == f
             assert spec.name in plan.trained
-    assert specs["coreset"].policy == "far" and specs["coreset"].params == {"fraction": 0.5}
+    assert specs["coreset"].policy == "coreset" and specs["coreset"].params == {"fraction": 0.5}
     assert "full" in plan.trained and "semdedup" in specs and "image-based" in specs
+    # Parameters in `simgap select`'s vocabulary, as split.json records them.
+    assert specs["semdedup"].params == {"clusters": 10, "eps": 0.124, "rule": "kept"}
+    assert specs["image-based"].params == {"clusters": 10}
+    assert specs["random-0.25"].seed is not None and specs["near-0.25"].seed is None
 
 
 def _keys(text: str, run: Path) -> dict[str, str]:
@@ -179,6 +188,21 @@ def test_changing_one_split_changes_only_its_stages(tmp_path):
     assert changed == expected | {"gaps", "analysis-robustness", "analysis-similarity"}
     # Keys are stable: the same text plans the same keys.
     assert before == _keys(base, tmp_path)
+
+
+def test_semdedup_rule_is_configured_and_reruns_only_its_split(tmp_path):
+    base = "[splits.semdedup]\nn_clusters = 4\n[train]\nsplits = ['full', 'semdedup']\n"
+    changed = base.replace("n_clusters = 4", 'n_clusters = 4\nrule = "any"')
+    spec = {
+        s.name: s
+        for s in make_plan(_parse(changed), tmp_path, print, Executor(LocalEngine(1))).splits
+    }
+    assert spec["semdedup"].params["rule"] == "any"
+    before, after = _keys(base, tmp_path), _keys(changed, tmp_path)
+    ran = {name for name in before if before[name] != after[name]}
+    per_split = {f"{s}-semdedup" for s in ("select", "gaps", "materialize", "train", "evaluate")}
+    per_split |= {"select-semdedup-random", "gaps-semdedup-random"}
+    assert ran == per_split | {"gaps", "analysis-robustness", "analysis-similarity"}
 
 
 # ----------------------------------------------------------------------------- dry runs

@@ -376,7 +376,7 @@ def test_select_near_far_coreset_random_by_size(world, tmp_path):
         root / "pool-beta",
     )
     core = json.loads((tmp_path / "core" / "split.json").read_text())
-    assert core["size"] == 150 and core["params"] == {"size": 0.5}
+    assert core["size"] == 150 and core["params"] == {"fraction": 0.5}
     assert _kept(tmp_path / "core") == sorted(keys[np.argsort(-union, kind="stable")[:150]])
     _run("random", root / "pool", "-o", tmp_path / "rnd", "--size", "30", "--seed", "9")
     assert _kept(tmp_path / "rnd") == sorted(keys[random_split(300, 30, 9)])

@@ -139,7 +139,11 @@ class Coreset:
 @dataclass(frozen=True)
 class Semdedup:
     n_clusters: int = field(default=0, metadata=NON_NEGATIVE)  # 0: no dedup split
-    eps: float = field(default=0.124, metadata=POSITIVE)
+    # Dropped above similarity 1 - eps; the paper's 0.124 is similarity 0.876.
+    eps: float = field(default=0.124, metadata=_check(lambda x: 0 < x < 2, "a number in (0, 2)"))
+    # Keep rule (METHOD.md §4): "kept" keeps one point per duplicate group (the paper's text),
+    # "any" drops every point too similar to any earlier one (SemDeDup's public code).
+    rule: str = field(default="kept", metadata=_one_of("kept", "any"))
     control: bool = True  # a size-matched random control
 
 

@@ -28,7 +28,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simgap import __version__
-from simgap import select as policies
 from simgap.analysis import audit_analysis, guarded, robustness_analysis, similarity_analysis
 from simgap.config import Config, ConfigError, to_json
 from simgap.data.tars import expand_shards
@@ -36,9 +35,18 @@ from simgap.evaluate import evaluate_benchmark
 from simgap.io import read_json, write_json, write_npy, write_parquet
 from simgap.models import ModelSpec, load_model
 from simgap.parallel import Executor, make_engine
-from simgap.runner import Runner, Stage, execute, stage_key
+from simgap.runner import Runner, Stage, execute
 from simgap.scan import load_scan, scan_store
-from simgap.splits import materialize, write_split
+from simgap.select.build import (
+    SelectConfig,
+    guarantee,
+    nearest,
+    record_guarantee,
+    select,
+    split_nn,
+    split_rows,
+)
+from simgap.splits import materialize
 from simgap.store import Store, check_compatible, open_store
 from simgap.train import (
     Recipe,
@@ -149,13 +157,16 @@ def _store(run: Path, name: str, data: Data) -> Store:
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """How one split is made: its policy, the benchmarks it is scored against, parameters."""
+    """How one split is made: a policy of :mod:`simgap.select.build`, the benchmarks it is scored
+    against, and its parameters as split.json records them (``fraction``; ``clusters``, ``eps``,
+    ``rule``). A control's size is its split's, known once that split is made."""
 
     name: str
-    policy: str  # full | gapmatch | near | far | random | semdedup | image-based
+    policy: str  # full | gapmatch | near | far | random | coreset | semdedup | image-based
     benchmarks: tuple[str, ...] = ()
     params: dict[str, Any] = field(default_factory=dict)
     control_of: str | None = None
+    seed: int | None = None  # the seeded policies only (random, semdedup, image-based)
 
 
 def _seed(cfg: Config, name: str) -> int:
@@ -187,29 +198,30 @@ def split_specs(cfg: Config, benchmarks: list[str]) -> list[SplitSpec]:
         _check_benchmarks(cfg, f"splits.{policy}.benchmarks", scored, benchmarks)
         for f in dict.fromkeys(sized.sizes):
             name = _fraction_name(policy, f)
-            params: dict[str, Any] = {"fraction": f}
             if policy == "random":
-                params["seed"] = _seed(cfg, name)
-            specs.append(SplitSpec(name, policy, () if policy == "random" else scored, params))
+                specs.append(SplitSpec(name, policy, (), {"fraction": f}, seed=_seed(cfg, name)))
+            else:
+                specs.append(SplitSpec(name, policy, scored, {"fraction": f}))
     if sp.coreset.fraction > 0:
         specs.append(
-            SplitSpec("coreset", "far", tuple(benchmarks), {"fraction": sp.coreset.fraction})
+            SplitSpec("coreset", "coreset", tuple(benchmarks), {"fraction": sp.coreset.fraction})
         )
         if sp.coreset.control:
             controlled.append("coreset")
     if sp.semdedup.n_clusters:
-        params = {"n_clusters": sp.semdedup.n_clusters, "eps": sp.semdedup.eps, "seed": cfg.seed}
-        specs.append(SplitSpec("semdedup", "semdedup", (), params))
-        if sp.semdedup.control:
+        sd = sp.semdedup
+        params = {"clusters": sd.n_clusters, "eps": sd.eps, "rule": sd.rule}
+        specs.append(SplitSpec("semdedup", "semdedup", (), params, seed=cfg.seed))
+        if sd.control:
             controlled.append("semdedup")
     if sp.image_based.n_clusters:
-        params = {"n_clusters": sp.image_based.n_clusters, "seed": cfg.seed}
-        specs.append(SplitSpec("image-based", "image-based", (), params))
+        params = {"clusters": sp.image_based.n_clusters}
+        specs.append(SplitSpec("image-based", "image-based", (), params, seed=cfg.seed))
         if sp.image_based.control:
             controlled.append("image-based")
     for name in controlled:
         control = f"{name}-random"
-        specs.append(SplitSpec(control, "random", (), {"seed": _seed(cfg, control)}, name))
+        specs.append(SplitSpec(control, "random", (), control_of=name, seed=_seed(cfg, control)))
     names = [s.name for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -230,64 +242,39 @@ def _check_benchmarks(cfg: Config, key: str, names: tuple[str, ...], known: list
             )
 
 
-def _scores(run: Path, benchmarks: tuple[str, ...]) -> np.ndarray:
-    return policies.union_score(
-        [load_scan(run / "scans" / f"pool-{b}").row_max for b in benchmarks]
+def select_config(
+    run: Path, data: Data, spec: SplitSpec, reference_added: bool, results: Results
+) -> SelectConfig:
+    """The split as ``simgap select`` makes it, from the run's stores and scans."""
+    benches = spec.benchmarks
+    gapmatch = spec.policy == "gapmatch"
+    size = results[f"select-{spec.control_of}"]["size"] if spec.control_of else None
+    p = spec.params
+    return SelectConfig(
+        policy=spec.policy,
+        pool=Path(data.pool_store) if data.pool_store else run / "stores" / "pool",
+        out=run / "splits" / spec.name,
+        benchmarks=tuple(run / "stores" / f"bench-{b}" for b in benches),
+        scans=tuple(run / "scans" / f"pool-{b}" for b in benches),
+        reference=(
+            run / "stores" / "reference" if spec.policy in ("gapmatch", "image-based") else None
+        ),
+        reference_scans=tuple(run / "scans" / f"reference-{b}" for b in benches if gapmatch),
+        size=p.get("fraction", size),
+        seed=spec.seed or 0,
+        add_reference=reference_added,
+        check=False,  # the gaps stage checks the guarantee, on the rescan it makes anyway
+        control_of=spec.control_of,
+        **{k: p[k] for k in ("clusters", "eps", "rule") if k in p},
     )
 
 
 def select_split(
-    run: Path, data: Data, spec: SplitSpec, reference_added: bool, results: Results
+    run: Path, data: Data, spec: SplitSpec, reference_added: bool, results: Results, log: Log
 ) -> dict[str, Any]:
-    """Make one split's keep-mask, write ``splits/<name>/`` (keys, split.json, mask.npy)."""
-    pool = _store(run, "pool", data)
-    keys = np.array(pool.keys(), dtype=object)
-    total = len(keys)
-    p = spec.params
-    if spec.policy == "full":
-        mask = np.ones(total, bool)
-    elif spec.policy == "gapmatch":
-        mask = policies.gapmatch(
-            [load_scan(run / "scans" / f"pool-{b}").row_margin for b in spec.benchmarks]
-        )
-    elif spec.policy in ("near", "far"):
-        n = int(round(p["fraction"] * total))
-        pick = policies.near_pruned if spec.policy == "near" else policies.far_pruned
-        mask = pick(_scores(run, spec.benchmarks), n)
-    elif spec.policy == "random":
-        n = (
-            results[f"select-{spec.control_of}"]["size"]
-            if spec.control_of
-            else int(round(p["fraction"] * total))
-        )
-        mask = policies.random_split(total, n, p["seed"])
-    elif spec.policy == "semdedup":
-        mask, stats = policies.semdedup(pool, p["n_clusters"], p["eps"], seed=p["seed"])
-        write_parquet(run / "splits" / spec.name / "clusters.parquet", stats)
-    elif spec.policy == "image-based":
-        reference = _store(run, "reference", data)
-        mask = policies.image_based(pool, reference, p["n_clusters"], seed=p["seed"])
-    else:  # split_specs makes no other policy
-        raise ValueError(f"unknown split policy {spec.policy!r}")
-    mask = np.asarray(mask, bool)
-    meta = {
-        "name": spec.name,
-        "policy": spec.policy,
-        "benchmarks": list(spec.benchmarks),
-        "params": p,
-        "control_of": spec.control_of,
-        "pool_size": total,
-        "reference_added": reference_added,
-        "fingerprints": {
-            "pool": stage_key(pool.manifest),
-            "scans": {
-                b: stage_key(read_json(run / "scans" / f"pool-{b}" / "scan.json"))
-                for b in spec.benchmarks
-            },
-        },
-    }
-    write_npy(run / "splits" / spec.name / "mask.npy", mask)
-    meta = write_split(run / "splits" / spec.name, list(keys[mask]), meta)
+    """Make one split with ``simgap select``'s code: ``splits/<name>/`` (keys, split.json)."""
+    cfg = select_config(run, data, spec, reference_added, results)
+    meta = select(cfg, log, pool=_store(run, "pool", data))
     return {"size": meta["size"], "keys_sha256": meta["keys_sha256"]}
 
 
@@ -313,45 +300,31 @@ def scan_benchmarks(run: Path, data: Data, benchmarks: list[str], topk: int, log
     return {"removed": removed}
 
 
-def split_gaps(run: Path, data: Data, spec: SplitSpec, benchmarks: list[str]) -> dict[str, Any]:
+def split_gaps(
+    run: Path, data: Data, spec: SplitSpec, benchmarks: list[str], reference_added: bool
+) -> dict[str, Any]:
     """Rescan the split against every benchmark: its NN similarity per test point (the gap
-    figure), and for a gap-matched split the guarantee, checked rather than assumed."""
+    figure), and for a gap-matched split the guarantee, checked rather than assumed (with
+    ``simgap select``'s check, on the same rescan)."""
     pool = _store(run, "pool", data)
-    mask = np.load(run / "splits" / spec.name / "mask.npy")
-    check = {"violations": 0, "tests": 0}
+    folder = run / "splits" / spec.name
+    rows = split_rows(pool, folder)
+    tests, nn = {}, {}
     for bench in benchmarks:
-        tests = _store(run, f"bench-{bench}", data).embeddings()
-        kept_nn = _masked_nn(pool, tests, mask)
-        write_npy(run / "gaps" / "by-split" / spec.name / f"{bench}.npy", kept_nn)
-        if spec.policy == "gapmatch" and bench in spec.benchmarks:
-            thresholds = load_scan(run / "scans" / f"reference-{bench}", rows=False).topk_sim[:, 0]
-            check["violations"] += int((kept_nn > thresholds).sum())
-            check["tests"] += len(tests)
+        tests[bench] = _store(run, f"bench-{bench}", data).embeddings()
+        nn[bench] = split_nn(pool, rows, tests[bench])
+        write_npy(run / "gaps" / "by-split" / spec.name / f"{bench}.npy", nn[bench])
     if spec.policy != "gapmatch":
         return {}
-    meta_path = run / "splits" / spec.name / "split.json"
-    write_json(
-        meta_path,
-        {**read_json(meta_path), "guarantee": {**check, "holds": not check["violations"]}},
+    checked = spec.benchmarks
+    reference_nn = None
+    if reference_added:
+        reference = _store(run, "reference", data)
+        reference_nn = [nearest(reference, tests[b]) for b in checked]
+    check = guarantee(
+        [nn[b] for b in checked], [_nn(run, "reference", b) for b in checked], reference_nn
     )
-    if check["violations"]:
-        raise RuntimeError(
-            f"split {spec.name}: {check['violations']} test points have a pool neighbour above "
-            "their threshold; the gap-matching guarantee does not hold"
-        )
-    return check
-
-
-def _masked_nn(pool: Store, tests: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    offsets = {s.name: (s.offset, s.rows) for s in pool.shards}
-
-    def keep(shard: str) -> np.ndarray:
-        start, rows = offsets[shard]
-        return mask[start : start + rows]
-
-    if not mask.any():
-        return np.full(len(tests), -np.inf, np.float32)
-    return scan_store(pool, tests, topk=1, keep=keep).topk_sim[:, 0]
+    return record_guarantee(folder, check)["guarantee"]
 
 
 def write_gaps(run: Path, data: Data, benchmarks: list[str], splits: list[str]) -> dict:
@@ -576,20 +549,22 @@ def _source_stages(
 
 
 def _split_stages(
-    cfg: Config, run: Path, data: Data, specs: list[SplitSpec], benchmarks: list[str]
+    cfg: Config, run: Path, data: Data, specs: list[SplitSpec], benchmarks: list[str], log: Log
 ) -> list[Stage]:
     """Per split its select and gap check, then the gap tables of every split."""
     stages: list[Stage] = []
     add = stages.append
+    added = cfg.reference.add_to_splits
     for spec in specs:
-        inputs = {**dataclasses.asdict(spec), "reference_added": cfg.reference.add_to_splits}
+        inputs = {**dataclasses.asdict(spec), "reference_added": added}
         after = ("scan",) + ((f"select-{spec.control_of}",) if spec.control_of else ())
         add(
             Stage(
                 f"select-{spec.name}",
                 inputs,
-                lambda r, spec=spec: select_split(run, data, spec, cfg.reference.add_to_splits, r),
+                lambda r, spec=spec: select_split(run, data, spec, added, r, log),
                 after=after,
+                owns=(f"splits/{spec.name}",),
             )
         )
     for spec in specs:
@@ -597,7 +572,7 @@ def _split_stages(
             Stage(
                 f"gaps-{spec.name}",
                 {},
-                lambda r, spec=spec: split_gaps(run, data, spec, benchmarks),
+                lambda r, spec=spec: split_gaps(run, data, spec, benchmarks, added),
                 after=(f"select-{spec.name}",),
             )
         )
@@ -736,7 +711,7 @@ def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
     embeds = tuple(s.name for s in sources if s.name.startswith("embed-"))
     stages = [
         *sources,
-        *_split_stages(cfg, run, data, specs, benchmarks),
+        *_split_stages(cfg, run, data, specs, benchmarks, log),
         *_train_stages(cfg, run, data, trained, evaluated, log, executor),
         *_analysis_stages(cfg, run, data, trained, evaluated, benchmarks, embeds, log),
     ]

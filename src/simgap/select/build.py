@@ -1,13 +1,16 @@
 """Make one split from stores and scan outputs, write it with its provenance, check gapmatch.
 
-This is what ``simgap select`` runs. Per-benchmark inputs are a benchmark store (its test
-points) and/or a pool scan against it (``simgap scan``: per-row max and margin); thresholds come
-from a reference store (scanned here) or from reference scans (their top-1 similarity). When a
-pool scan and thresholds are both given, the scan's recorded input hashes must match them.
+This is what ``simgap select`` runs, and what every select stage of ``simgap run`` runs: one
+implementation of each policy, of the size resolution and of the guarantee check. Per-benchmark
+inputs are a benchmark store (its test points) and/or a pool scan against it (``simgap scan``:
+per-row max and margin); thresholds come from a reference store (scanned here) or from reference
+scans (their top-1 similarity). When a pool scan and thresholds are both given, the scan's
+recorded input hashes must match them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from simgap.io import read_json, sha256_bytes, write_parquet
+from simgap.io import read_json, sha256_bytes, write_json, write_parquet
 from simgap.select.policies import (
     coreset,
     far_pruned,
@@ -31,7 +34,8 @@ from simgap.select.policies import (
 from simgap.splits import read_key_list, write_split
 from simgap.store import Store, check_compatible, open_store
 
-POLICIES = ("gapmatch", "near", "far", "random", "coreset", "semdedup", "image-based")
+POLICIES = ("full", "gapmatch", "near", "far", "random", "coreset", "semdedup", "image-based")
+SEEDED = ("random", "semdedup", "image-based")  # the policies a seed changes
 Log = Callable[[str], None]
 
 
@@ -66,7 +70,13 @@ class SelectConfig:
     clusters: int = 100
     eps: float = 0.124
     rule: str = "kept"
+    control_of: str | None = None  # the split this one is a size-matched random control of
     params: dict[str, Any] = field(default_factory=dict)
+
+
+def size_param(size: int | float) -> dict[str, int | float]:
+    """A size as split.json records it: ``{"fraction": f}`` of the pool or ``{"size": n}`` rows."""
+    return {"fraction": size} if isinstance(size, float) else {"size": size}
 
 
 @dataclass
@@ -133,7 +143,12 @@ def _load_benches(cfg: SelectConfig, pool: Store, fp: dict[str, Any], log: Log) 
                 raise FileNotFoundError(f"{cfg.scans[i]}: not a finished scan (no scan.json)")
             _check_scan(cfg.scans[i], pool, read_json(Path(cfg.scans[i]) / "scan.json"), b)
             res = load_scan(cfg.scans[i])
-            b.row_max, b.row_margin = res.row_max, res.row_margin
+            # Only the per-row field the policy reads stays in memory: a LAION pool's is 800 MB
+            # per benchmark.
+            if cfg.policy == "gapmatch":
+                b.row_margin = res.row_margin
+            else:
+                b.row_max = res.row_max
             fp.setdefault("scans", {})[b.name] = scan_fingerprint(cfg.scans[i])
         benches.append(b)
     return benches
@@ -144,7 +159,7 @@ def _need_scores(pool: Store, benches: list[_Bench], margin: bool, log: Log) -> 
     from simgap.scan import scan_store
 
     for b in benches:
-        if b.row_max is not None and (b.row_margin is not None or not margin):
+        if (b.row_margin if margin else b.row_max) is not None:
             continue
         if b.tests is None:
             raise ValueError(f"benchmark {b.name}: its scan lacks margins and no store was given")
@@ -173,11 +188,13 @@ def make_mask(
     semdedup) its per-cluster statistics."""
     p = cfg.policy
     params: dict[str, Any] = dict(cfg.params)
+    if p == "full":
+        return np.ones(pool.rows, bool), params, [], None
     if p == "random":
         if cfg.size is None:
             raise ValueError("random needs --size")
         n = resolve_size(cfg.size, pool.rows)
-        params["size"] = cfg.size
+        params.update(size_param(cfg.size))
         return random_split(pool.rows, n, cfg.seed), params, [], None
     if p == "semdedup":
         from simgap.select.semdedup import semdedup
@@ -204,12 +221,77 @@ def make_mask(
     size = cfg.size if cfg.size is not None else (0.5 if p == "coreset" else None)
     if size is None:
         raise ValueError(f"{p} needs --size (a count or a fraction of the pool)")
-    params["size"] = size
+    params.update(size_param(size))
     n = resolve_size(size, pool.rows)
     policy = {"near": near_pruned, "far": far_pruned, "coreset": coreset}.get(p)
     if policy is None:
         raise ValueError(f"unknown policy {p!r}: choose one of {', '.join(POLICIES)}")
     return policy(score, n), params, benches, None
+
+
+def split_rows(pool: Store, split: Path) -> np.ndarray:
+    """The pool rows whose keys the split's written key list holds: the check reads what will be
+    trained, not the mask that made it."""
+    kept = pa.array(sorted(read_key_list(split, allow_empty=True)), pa.string())
+    rows = np.zeros(pool.rows, bool)
+    for s in pool.shards:
+        keys = pool.read_keys(s.name).column("key")
+        rows[s.offset : s.offset + s.rows] = pc.is_in(keys, value_set=kept).to_numpy(
+            zero_copy_only=False
+        )
+    return rows
+
+
+def split_nn(pool: Store, rows: np.ndarray, tests: np.ndarray) -> np.ndarray:
+    """Each test point's NN similarity among the pool's ``rows`` (-inf when there are none)."""
+    from simgap.scan import scan_store
+
+    if not rows.any():
+        return np.full(len(tests), -np.inf, np.float32)
+    spans = {s.name: (s.offset, s.rows) for s in pool.shards}
+
+    def keep(shard: str) -> np.ndarray:
+        start, n = spans[shard]
+        return rows[start : start + n]
+
+    return scan_store(pool, tests, topk=1, keep=keep).topk_sim[:, 0]
+
+
+def nearest(store: Store, tests: np.ndarray) -> np.ndarray:
+    """Each test point's NN similarity in a whole store (the reference set's: the thresholds)."""
+    from simgap.scan import scan_store
+
+    return scan_store(store, tests, topk=1).topk_sim[:, 0]
+
+
+def guarantee(
+    nn: list[np.ndarray],
+    thresholds: list[np.ndarray],
+    reference_nn: list[np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """The verdict, per benchmark given the split's NN similarities: every one ≤ its threshold;
+    with the reference set added (``reference_nn``), the NN similarity of split ∪ reference
+    equal to the threshold."""
+    total = violations = equal = 0
+    worst = -np.inf
+    for i, (split, thr) in enumerate(zip(nn, thresholds, strict=True)):
+        split, thr = np.asarray(split, np.float32), np.asarray(thr, np.float32)
+        total += len(thr)
+        violations += int((split > thr).sum())
+        if len(thr):
+            worst = max(worst, float(np.max(split - thr)))
+        if reference_nn is not None:
+            equal += int((np.maximum(split, reference_nn[i]) == thr).sum())
+    out: dict[str, Any] = {
+        "tests": total,
+        "violations": violations,
+        "max_excess": worst if np.isfinite(worst) else None,
+        "holds": violations == 0,
+    }
+    if reference_nn is not None:
+        out["equal"] = equal
+        out["holds"] = violations == 0 and equal == total
+    return out
 
 
 def check_guarantee(
@@ -222,44 +304,42 @@ def check_guarantee(
     """Rescan the pool restricted to the split's written keys: every test point's NN similarity
     must be ≤ its threshold; with the reference set added, the NN similarity of split ∪ reference
     must equal the threshold."""
-    from simgap.scan import scan_store
-
-    kept = pa.array(sorted(read_key_list(split, allow_empty=True)), pa.string())
-    offsets = {s.name: s for s in pool.shards}
-
-    def keep(shard: str) -> np.ndarray:
-        keys = pool.read_keys(offsets[shard].name).column("key")
-        return pc.is_in(keys, value_set=kept).to_numpy(zero_copy_only=False)
-
-    total = violations = equal = 0
-    worst = -np.inf
-    for t, thr in zip(tests, thresholds, strict=True):
-        nn = scan_store(pool, t, topk=1, keep=keep).topk_sim[:, 0]
-        thr = np.asarray(thr, np.float32)
-        total += len(t)
-        violations += int((nn > thr).sum())
-        worst = max(worst, float(np.max(nn - thr)))
-        if reference is not None:
-            ref_nn = scan_store(reference, t, topk=1).topk_sim[:, 0]
-            equal += int((np.maximum(nn, ref_nn) == thr).sum())
-    out: dict[str, Any] = {
-        "tests": total,
-        "violations": violations,
-        "max_excess": worst if np.isfinite(worst) else None,
-        "holds": violations == 0,
-    }
-    if reference is not None:
-        out["equal"] = equal
-        out["holds"] = violations == 0 and equal == total
-    return out
+    rows = split_rows(pool, split)
+    nn = [split_nn(pool, rows, t) for t in tests]
+    reference_nn = None if reference is None else [nearest(reference, t) for t in tests]
+    return guarantee(nn, thresholds, reference_nn)
 
 
-def select(cfg: SelectConfig, log: Log = lambda _: None) -> dict[str, Any]:
+def record_guarantee(split: Path, check: dict[str, Any]) -> dict[str, Any]:
+    """Write the check's result into split.json; stop, naming the split, if it does not hold."""
+    split = Path(split)
+    meta = {**read_json(split / "split.json"), "guarantee": check}
+    write_json(split / "split.json", meta)
+    if not check["holds"]:
+        why = (
+            f"{check['violations']} of {check['tests']} test points have a split neighbour "
+            "above their threshold"
+        )
+        if "equal" in check and check["equal"] != check["tests"]:
+            why += (
+                f", {check['tests'] - check['equal']} differ from it with the reference set added"
+            )
+        raise RuntimeError(
+            f"split {meta.get('name', split.name)}: the gap-matching guarantee does not hold: "
+            f"{why} (see {split / 'split.json'})"
+        )
+    return meta
+
+
+def select(
+    cfg: SelectConfig, log: Log = lambda _: None, pool: Store | None = None
+) -> dict[str, Any]:
     """Make, write and (gapmatch) check one split; with ``control`` also its size-matched random
-    control in ``<out>-random``. Returns the split's metadata."""
+    control in ``<out>-random``. ``pool``: the pool store already opened (a clip-retrieval folder
+    opened with its model), else ``cfg.pool`` is opened. Returns the split's metadata."""
     if cfg.policy not in POLICIES:
         raise ValueError(f"unknown policy {cfg.policy!r}: choose one of {', '.join(POLICIES)}")
-    pool = open_store(cfg.pool)
+    pool = pool if pool is not None else open_store(cfg.pool)
     fp: dict[str, Any] = {"pool": store_fingerprint(pool)}
     mask, params, benches, stats = make_mask(cfg, pool, fp, log)
     out = Path(cfg.out)
@@ -268,31 +348,34 @@ def select(cfg: SelectConfig, log: Log = lambda _: None) -> dict[str, Any]:
         "name": name,
         "policy": cfg.policy,
         "params": params,
-        "seed": cfg.seed,
+        "seed": cfg.seed if cfg.policy in SEEDED else None,
         "benchmarks": [b.name for b in benches],
         "pool_size": pool.rows,
         "removed": int(pool.rows - mask.sum()),
-        "reference_added": bool(cfg.add_reference and cfg.policy == "gapmatch"),
-        "control_of": None,
+        "reference_added": cfg.add_reference,
+        "control_of": cfg.control_of,
         "fingerprints": fp,
     }
     if stats is not None:
         write_parquet(out / "clusters.parquet", stats)
     meta = write_split(out, _pool_keys(pool, mask), meta)
     if cfg.policy == "gapmatch" and cfg.check:
-        meta = run_check(cfg, pool, benches, out, meta, log)
+        meta = run_check(cfg, pool, benches, out, log)
     if cfg.control:
-        ctrl = dict(meta, name=f"{name}-random", policy="random", control_of=name)
-        ctrl.update(params={"size": int(mask.sum())}, benchmarks=[], reference_added=False)
-        ctrl.pop("guarantee", None)
-        control = random_split(pool.rows, int(mask.sum()), cfg.seed)
-        ctrl["removed"] = int(pool.rows - control.sum())
-        write_split(out.parent / f"{name}-random", _pool_keys(pool, control), ctrl)
+        control = dataclasses.replace(
+            cfg,
+            policy="random",
+            out=out.parent / f"{name}-random",
+            size=int(mask.sum()),
+            control=False,
+            control_of=name,
+        )
+        select(control, log, pool)
     return meta
 
 
 def run_check(
-    cfg: SelectConfig, pool: Store, benches: list[_Bench], out: Path, meta: dict, log: Log
+    cfg: SelectConfig, pool: Store, benches: list[_Bench], out: Path, log: Log
 ) -> dict[str, Any]:
     missing = [b.name for b in benches if b.tests is None or b.thresholds is None]
     if missing:
@@ -300,15 +383,9 @@ def run_check(
             f"the guarantee check needs the benchmark stores and thresholds of {missing}: "
             "give --benchmarks and --reference/--reference-scans, or pass --no-check"
         )
-    reference = open_store(cfg.reference) if cfg.reference and meta["reference_added"] else None
+    reference = open_store(cfg.reference) if cfg.reference and cfg.add_reference else None
     log("select: checking the gap-matching guarantee by rescanning the split")
     check = check_guarantee(
         pool, out, [b.tests for b in benches], [b.thresholds for b in benches], reference
     )
-    meta = write_split(out, read_key_list(out, allow_empty=True), {**meta, "guarantee": check})
-    if not check["holds"]:
-        raise RuntimeError(
-            f"{out}: the gap-matching guarantee does not hold: {check['violations']} of "
-            f"{check['tests']} test points have a split neighbour above their threshold"
-        )
-    return meta
+    return record_guarantee(out, check)
