@@ -28,8 +28,8 @@ def curve_splits(files: RunFiles) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for name, split in files.splits.items():
         policy = str(split.get("policy", ""))
-        # The name check keeps out splits made with these policies for another purpose (the
-        # coreset is a far split at one fraction): the curves are splits/<policy>-<fraction>.
+        # The name check keeps out splits made with these policies for another purpose (runs made
+        # before the coreset policy existed recorded it as far): the curves are <policy>-<fraction>.
         named = name.startswith(f"{policy}-")
         if policy in CURVE_POLICIES and named and "fraction" in (split.get("params") or {}):
             out.setdefault(policy, []).append(name)

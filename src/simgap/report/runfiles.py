@@ -151,8 +151,10 @@ def _configured_benchmarks(run: Mapping) -> list[str]:
     return [b for b in out if isinstance(b, str)]
 
 
-# Splits sort by policy first: the full pool, then the gap-matched splits, then the rest.
-_POLICY_RANK = {"full": 0, "gapmatch": 1, "near": 2, "far": 3}
+# Splits sort by policy first: the full pool, then the gap-matched splits, then the rest. The
+# coreset shares far's rank: runs made before it had its own policy recorded it as "far", and
+# both kinds of run list their splits in the same order.
+_POLICY_RANK = {"full": 0, "gapmatch": 1, "near": 2, "far": 3, "coreset": 3}
 
 
 def split_order(files: RunFiles) -> list[str]:
