@@ -331,3 +331,22 @@ def test_split_transform_is_bitwise_the_model_transform(checkpoint):
     # A transform that is not a Compose ending in ToTensor + Normalize is kept whole.
     kept = split_transform(lambda im: torch.zeros(3, 2, 2))
     assert kept.normalize is None and kept.batch([kept.per_image(None)] * 2).shape == (2, 3, 2, 2)
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 7])
+def test_marked_chunks_mark_only_the_last_chunk_after_the_records_end(n):
+    from simgap.embed import marked_chunks
+
+    ended = []
+
+    def records():
+        yield from ((f"k{i}", b"", {}) for i in range(n))
+        ended.append(True)
+
+    chunks = []
+    for chunk, last in marked_chunks(records(), 3):
+        assert ended or not last  # marked last only once the reader is exhausted
+        chunks.append(([k for k, _, _ in chunk], last))
+    expected = [[f"k{i}" for i in range(s, min(s + 3, n))] for s in range(0, n, 3)] or [[]]
+    assert [c for c, _ in chunks] == expected
+    assert [last for _, last in chunks] == [False] * (len(expected) - 1) + [True]

@@ -16,7 +16,7 @@ import contextlib
 import functools
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -191,16 +191,22 @@ def encode_texts(
 
 @dataclass
 class Batch:
-    """Up to ``batch_size`` samples of a shard, ready for the forward: the decodable ones' keys,
-    metadata and normalised pixels (None if none decoded), and what was skipped and why."""
+    """Up to ``batch_size`` samples of one shard, ready for the forward: the decodable ones' keys,
+    metadata and normalised pixels (None if none decoded), and what was skipped and why.
+    ``shard`` is the shard's index in its group; its ``last`` batch also carries what reading
+    the shard skipped (unsafe members, a cut tar)."""
 
+    shard: int
+    last: bool
     keys: list[str]
     meta: list[dict[str, Any]]
     pixels: torch.Tensor | None
     skipped: Counter
 
 
-def prepare_batch(transform: SplitTransform, records: list[Record]) -> Batch:
+def prepare_batch(
+    transform: SplitTransform, records: list[Record], shard: int = 0, last: bool = True
+) -> Batch:
     """Decode, transform and stack one batch of records (in a decode worker, if any)."""
     skipped: Counter[str] = Counter()
     keys, meta, pixels = [], [], []
@@ -210,43 +216,57 @@ def prepare_batch(transform: SplitTransform, records: list[Record]) -> Batch:
             keys.append(key)
             meta.append(columns)
             pixels.append(transform.per_image(image))
-    return Batch(keys, meta, transform.batch(pixels) if pixels else None, skipped)
+    stacked = transform.batch(pixels) if pixels else None
+    return Batch(shard, last, keys, meta, stacked, skipped)
 
 
-def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+def marked_chunks(records: Iterable[Record], size: int) -> Iterator[tuple[list[Record], bool]]:
+    """``size`` records at a time, the last chunk marked; an empty shard gives one empty chunk.
+    The mark is given once the records have run out, so the reader's skip counts are final."""
+    held: list[Record] | None = None
     chunk: list[Record] = []
     for r in records:
         chunk.append(r)
         if len(chunk) == size:
-            yield chunk
-            chunk = []
+            if held is not None:
+                yield held, False
+            held, chunk = chunk, []
     if chunk:
-        yield chunk
+        if held is not None:
+            yield held, False
+        held = chunk
+    yield (held if held is not None else []), True
 
 
-class ShardBatches(torch.utils.data.IterableDataset):
-    """One shard task's samples as ``Batch``es, in order.
+class GroupBatches(torch.utils.data.IterableDataset):
+    """The ``Batch``es of a group of shard tasks, shard after shard, in order.
 
-    Under a DataLoader with N workers, worker w prepares batches w, w+N, ... (each reads the
-    shard, only decodes its own batches); the DataLoader takes them round-robin, which is the
-    original order, so the bytes written do not depend on N. The pixels cross to the main
-    process in shared memory, so the main process does nothing but the forward. Skips counted
-    while reading the shard (unsafe members, a cut tar) come last, from worker 0, as a batch
-    without rows.
+    Batches never span two shards (each shard's last batch is short), so the bytes are those of
+    embedding each shard alone. Under a DataLoader with N workers, worker w prepares the group's
+    batches w, w+N, ... (each worker reads every shard, only decodes its own batches); the
+    DataLoader takes them round-robin, which is the original order, so the bytes written do not
+    depend on N. Workers run on into the next shard while the main process finishes the
+    previous one: a group pays the workers' start-up and the first batch's wait once, not once a
+    shard. The pixels cross to the main process in shared memory, so the main process does
+    nothing but the forward.
     """
 
-    def __init__(self, task: ShardTask, transform: SplitTransform, batch_size: int):
-        self.task, self.transform, self.batch_size = task, transform, batch_size
+    def __init__(self, tasks: tuple[ShardTask, ...], transform: SplitTransform, batch_size: int):
+        self.tasks, self.transform, self.batch_size = tasks, transform, batch_size
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        skipped: Counter[str] = Counter()
-        for b, chunk in enumerate(_chunks(self.task.records(skipped), self.batch_size)):
-            if b % workers == worker:
-                yield prepare_batch(self.transform, chunk)
-        if worker == 0:
-            yield Batch([], [], None, skipped)
+        b = 0
+        for i, task in enumerate(self.tasks):
+            read_skips: Counter[str] = Counter()
+            for chunk, last in marked_chunks(task.records(read_skips), self.batch_size):
+                if b % workers == worker:
+                    batch = prepare_batch(self.transform, chunk, i, last)
+                    if last:
+                        batch.skipped.update(read_skips)
+                    yield batch
+                b += 1
 
 
 def _as_is(item: Any) -> Any:
@@ -254,12 +274,12 @@ def _as_is(item: Any) -> Any:
 
 
 def prepared_batches(
-    task: ShardTask, transform: SplitTransform, batch_size: int, workers: int = 0
+    tasks: tuple[ShardTask, ...], transform: SplitTransform, batch_size: int, workers: int = 0
 ) -> Iterable[Batch]:
     """Decode + transform in this process (``workers`` 0) or in a DataLoader's worker
     processes, which run ahead of the model (decode is Python-heavy: threads would share the
     GIL with it)."""
-    batches = ShardBatches(task, transform, batch_size)
+    batches = GroupBatches(tasks, transform, batch_size)
     if workers <= 0:
         return batches
     return torch.utils.data.DataLoader(
@@ -299,30 +319,48 @@ class EmbedShard:
         config = [task_fingerprint, self.model_sha256, self.text, numerics, self.batch_size]
         return fingerprint(config)
 
-    def __call__(self, task: ShardTask) -> dict[str, Any]:
+    def __call__(self, group: tuple[ShardTask, ...]) -> dict[str, Any]:
+        """Embed a group of shard tasks (those not done already); one record per shard."""
         writer = StoreWriter(Path(self.store), {}, self.dim, {})
-        fingerprint = self.fingerprint(task.fingerprint())
-        if (done := writer.done_record(task.name, fingerprint)) is not None:
-            return done
-        loaded = _cached_model(self.spec, self.device)
-        transform = split_transform(loaded.preprocess)
-        skipped: Counter[str] = Counter()
-        keys: list[str] = []
-        meta: list[dict[str, Any]] = []
-        features: list[np.ndarray] = []
-        for batch in prepared_batches(task, transform, self.batch_size, self.decode_workers):
-            skipped.update(batch.skipped)
-            if batch.pixels is not None:
-                features.append(
-                    encode_batch(loaded, batch.pixels, self.device, self.precision, self.batch_size)
-                )
-                keys += batch.keys
-                meta += batch.meta
-        emb = normalize_fp16(np.concatenate(features)) if features else _empty(self.dim)
-        _check_unique(task.name, keys, meta)
+        records: dict[str, dict[str, Any]] = {}
+        todo: list[tuple[ShardTask, str]] = []
+        for task in group:
+            fingerprint = self.fingerprint(task.fingerprint())
+            if (done := writer.done_record(task.name, fingerprint)) is not None:
+                records[task.name] = done
+            else:
+                todo.append((task, fingerprint))
+        if todo:
+            loaded = _cached_model(self.spec, self.device)
+            transform = split_transform(loaded.preprocess)
+            tasks = tuple(t for t, _ in todo)
+            shard = _Shard()
+            for batch in prepared_batches(tasks, transform, self.batch_size, self.decode_workers):
+                shard.skipped.update(batch.skipped)
+                if batch.pixels is not None:
+                    shard.features.append(
+                        encode_batch(
+                            loaded, batch.pixels, self.device, self.precision, self.batch_size
+                        )
+                    )
+                    shard.keys += batch.keys
+                    shard.meta += batch.meta
+                if batch.last:
+                    task, fingerprint = todo[batch.shard]
+                    records[task.name] = self._write(writer, loaded, task.name, fingerprint, shard)
+                    shard = _Shard()
+        shards = [records[t.name] for t in group]
+        return {"rows": sum(r["rows"] for r in shards), "shards": shards}
+
+    def _write(
+        self, writer: StoreWriter, loaded: LoadedModel, name: str, fingerprint: str, shard: _Shard
+    ) -> dict[str, Any]:
+        keys, meta = shard.keys, shard.meta
+        emb = normalize_fp16(np.concatenate(shard.features)) if keys else _empty(self.dim)
+        _check_unique(name, keys, meta)
         columns: dict[str, list] = {"key": keys}
-        for name in sorted({k for m in meta for k in m}):
-            columns[name] = [m.get(name) for m in meta]
+        for column in sorted({k for m in meta for k in m}):
+            columns[column] = [m.get(column) for m in meta]
         text_emb = None
         if self.text:
             captions = [m.get("caption") or "" for m in meta]
@@ -334,7 +372,17 @@ class EmbedShard:
                 else _empty(self.dim)
             )
         table = pa.table(columns) if keys else pa.table({"key": pa.array([], pa.string())})
-        return writer.write_shard(task.name, emb, table, fingerprint, dict(skipped), text_emb)
+        return writer.write_shard(name, emb, table, fingerprint, dict(shard.skipped), text_emb)
+
+
+@dataclass
+class _Shard:
+    """What the forward has produced so far for the shard being embedded."""
+
+    keys: list[str] = field(default_factory=list)
+    meta: list[dict[str, Any]] = field(default_factory=list)
+    features: list[np.ndarray] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
 
 
 def _empty(dim: int) -> np.ndarray:
@@ -398,5 +446,20 @@ def embed(
         loaded.identity["checkpoint_sha256"] or "",
     )
     executor = executor or Executor(LocalEngine(1))
-    records = executor.map(worker, tasks, on_done=Progress(f"embed {out.name}", progress))
-    return writer.finish(records)
+    groups = _groups(tasks, executor)
+    label = f"embed {out.name}" + (
+        f" ({len(groups[0])} shards a task)" if len(groups[0]) > 1 else ""
+    )
+    done = executor.map(worker, groups, on_done=Progress(label, progress))
+    return writer.finish([r for group in done for r in group["shards"]])
+
+
+# Shards embedded one after another in this process go in groups, so that the decode workers run
+# on from one shard into the next; a process pool or a cluster gets single shards to spread.
+GROUP_SHARDS = 8
+
+
+def _groups(tasks: list[ShardTask], executor: Executor) -> list[tuple[ShardTask, ...]]:
+    engine = executor.engine
+    size = GROUP_SHARDS if isinstance(engine, LocalEngine) and engine.workers <= 1 else 1
+    return [tuple(tasks[i : i + size]) for i in range(0, len(tasks), size)]
