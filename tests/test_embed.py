@@ -228,7 +228,7 @@ def test_another_model_redoes_every_shard(tmp_path, shards, checkpoint):
 
 
 def test_resume_fingerprint_holds_the_resolved_numerics(checkpoint):
-    """"auto" is float32 on CPU: a resume with fp32 reuses its shards, one with bf16 does not."""
+    """ "auto" is float32 on CPU: a resume with fp32 reuses its shards, one with bf16 does not."""
     from simgap.embed import EmbedShard
 
     def fingerprint(precision):

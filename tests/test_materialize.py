@@ -11,7 +11,7 @@ import pytest
 
 from simgap.cli import main as cli_main
 from simgap.data.tars import iter_samples, write_tar
-from simgap.parallel import Executor, LocalEngine
+from simgap.parallel import Executor, ExecutorError, LocalEngine, ThreadEngine, make_engine
 from simgap.splits import materialize, read_key_list, write_split
 
 
@@ -201,3 +201,148 @@ def test_bad_shard_size(tmp_path):
     write_split(tmp_path / "split", [samples[0][0]], {"name": "x"})
     with pytest.raises(ValueError, match="shard size"):
         materialize(tmp_path / "split", str(pool), tmp_path / "o", shard_size=0)
+
+
+def _reference(root, per_class=3):
+    for c, name in enumerate(["cat", "dog"]):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (root / name / f"r{c}{i:03d}.jpg").write_bytes(bytes([c, i]) * (50 + i))
+    return root
+
+
+def test_reference_shards_are_resumable_tasks(tmp_path):
+    pool, samples = _pool(tmp_path, n_shards=2, per=3)
+    write_split(tmp_path / "split", [k for k, _ in samples], {"name": "all"})
+    ref = _reference(tmp_path / "ref")
+    out = tmp_path / "out"
+    args = (tmp_path / "split", str(pool), out)
+    s = materialize(*args, reference=ref, shard_size=4, caption_template="a {c}")
+    assert s["reference"] == 6 and s["kept"] == 6
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert {k: v for k, v in sizes.items() if k.startswith("ref-")} == {
+        "ref-00000.tar": 4,
+        "ref-00001.tar": 2,
+    }
+    got = dict(_read_out(out))
+    assert got["r1002"] == {
+        "jpg": bytes([1, 2]) * 52,
+        "txt": b"a dog",
+        "json": json.dumps({"key": "r1002", "caption": "a dog", "label": 1}).encode(),
+    }
+    stamps = {p.name: os.stat(p).st_mtime_ns for p in out.glob("ref-*.tar")}
+    materialize(*args, reference=ref, shard_size=4, caption_template="a {c}")
+    assert {p.name: os.stat(p).st_mtime_ns for p in out.glob("ref-*.tar")} == stamps
+    # A changed image rewrites its shard only; a changed template rewrites all.
+    (ref / "dog" / "r1002.jpg").write_bytes(b"new bytes")
+    materialize(*args, reference=ref, shard_size=4, caption_template="a {c}")
+    assert os.stat(out / "ref-00000.tar").st_mtime_ns == stamps["ref-00000.tar"]
+    assert os.stat(out / "ref-00001.tar").st_mtime_ns != stamps["ref-00001.tar"]
+    assert dict(_read_out(out))["r1002"]["jpg"] == b"new bytes"
+    materialize(*args, reference=ref, shard_size=4)
+    assert dict(_read_out(out))["r0000"]["txt"] == b"a photo of a cat"
+    # A smaller reference set leaves no stale shard behind for a folder glob to pick up.
+    for p in (ref / "dog").iterdir():
+        p.unlink()
+    (ref / "dog").rmdir()
+    s = materialize(*args, reference=ref, shard_size=4)
+    assert s["reference"] == 3 and not (out / "ref-00001.tar").exists()
+    assert not (out / ".done" / "ref-00001.json").exists()
+
+
+def test_reference_key_in_the_split_is_refused(tmp_path):
+    pool, samples = _pool(tmp_path, n_shards=1, per=3)
+    ref = _reference(tmp_path / "ref")
+    write_split(tmp_path / "split", [samples[0][0], "r1001"], {"name": "clash"})
+    with pytest.raises(ValueError, match=r"reference key 'r1001' is also in the split"):
+        materialize(tmp_path / "split", str(pool), tmp_path / "out", reference=ref)
+    assert not (tmp_path / "out" / "sizes.json").exists()
+
+
+def test_threads_give_the_same_bytes_and_every_done_shard_is_whole(tmp_path):
+    pool, samples = _pool(tmp_path, n_shards=4, per=5)
+    write_split(tmp_path / "split", [k for k, _ in samples], {"name": "all"})
+    ref = _reference(tmp_path / "ref")
+    one = materialize(tmp_path / "split", str(pool), tmp_path / "one", reference=ref, shard_size=3)
+    out = tmp_path / "threads"
+    args = [str(tmp_path / "split"), str(pool), str(out)]
+    # Killed mid-run with 3 threads writing: whatever has a done record must be whole.
+    r = subprocess.run([sys.executable, "-c", _KILL_THREADS, *args], capture_output=True)
+    assert r.returncode == 9, r.stderr.decode()
+    for done in (out / ".done").glob("*.json"):
+        tar = out / f"{done.stem}.tar"
+        assert [k for k, _ in iter_samples(str(tar))], tar  # parses to its end marker
+    threads = materialize(
+        *args, reference=ref, shard_size=3, executor=Executor(make_engine("thread", 3))
+    )
+    assert threads == {**one, "shards": one["shards"].replace(str(tmp_path / "one"), str(out))}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "one").glob("*.tar")} == {
+        p.name: p.read_bytes() for p in out.glob("*.tar")
+    }
+
+
+_KILL_THREADS = """
+import os, sys, threading
+import simgap.splits as sp
+from simgap.parallel import Executor, ThreadEngine
+lock, calls = threading.Lock(), []
+real = sp.write_plan_tar
+def dying(path, plan):
+    with lock:
+        calls.append(path)
+        if len(calls) == 5:
+            os._exit(9)
+    real(path, plan)
+sp.write_plan_tar = dying
+sp.materialize(sys.argv[1], sys.argv[2], sys.argv[3], shard_size=3,
+               executor=Executor(ThreadEngine(3)))
+"""
+
+
+def _fails_on_two(x):
+    if x == 2:
+        raise OSError("disk says no")
+    return {"rows": x}
+
+
+def test_thread_engine_runs_every_task_and_reports_failures():
+    outcomes = sorted(ThreadEngine(3).run(lambda x: x * x, list(range(7))))
+    assert outcomes == [(i, True, i * i) for i in range(7)]
+    with pytest.raises(ExecutorError, match=r"task 2: OSError: disk says no") as e:
+        Executor(make_engine("thread", 2), retries=1).map(_fails_on_two, [0, 1, 2, 3])
+    assert len(e.value.tracebacks) == 1
+    with pytest.raises(ValueError, match="unknown engine"):
+        make_engine("threads")
+
+
+def test_members_larger_than_the_write_buffer(tmp_path):
+    # 9 MiB of output: members bigger than the 4 MiB buffer, and writeback started mid-shard.
+    big = [(f"b{i}", {"jpg": bytes([i + 1]) * (4_500_000 + i), "txt": b"t"}) for i in range(2)]
+    small = [_sample(f"s{i}", i) for i in range(3)]
+    write_tar(tmp_path / "pool" / "00000.tar", [small[0], big[0], small[1], big[1], small[2]])
+    keys = [k for k, _ in [*big, *small]]
+    write_split(tmp_path / "split", keys, {"name": "big"})
+    materialize(tmp_path / "split", str(tmp_path / "pool"), tmp_path / "out", shard_size=10)
+    write_tar(tmp_path / "want.tar", [small[0], big[0], small[1], big[1], small[2]])
+    assert (tmp_path / "out" / "00000.tar").read_bytes() == (tmp_path / "want.tar").read_bytes()
+
+
+def test_mirrored_shards_drop_a_key_kept_earlier_and_resume(tmp_path):
+    pool, samples = _pool(tmp_path, n_shards=3, per=3)
+    again = (samples[1][0], {"jpg": b"other bytes", "txt": b"again"})
+    write_tar(pool / "00001.tar", [samples[3], again, samples[4], samples[5]])
+    write_tar(pool / "00002.tar", [again])  # nothing left once the duplicate is dropped
+    write_split(tmp_path / "split", [k for k, _ in samples], {"name": "all"})
+    out = tmp_path / "out"
+    s = materialize(tmp_path / "split", str(pool), out, executor=Executor(ThreadEngine(2)))
+    assert (s["kept"], s["duplicate"], s["output_shards"]) == (6, 2, 2)
+    assert _read_out(out) == samples[:6]
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]
+    stamps = {p.name: os.stat(p).st_mtime_ns for p in out.glob("*.tar")}
+    assert materialize(tmp_path / "split", str(pool), out) == s
+    assert {p.name: os.stat(p).st_mtime_ns for p in out.glob("*.tar")} == stamps
+    # The same bytes as resharding into shards of the mirrored sizes.
+    materialize(tmp_path / "split", str(pool), tmp_path / "re", shard_size=3)
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == {
+        p.name: p.read_bytes() for p in (tmp_path / "re").glob("*.tar")
+    }

@@ -78,6 +78,7 @@ def test_local_pool_and_ray_equal_one_process(case, tmp_path):
     assert folder_bytes(tmp_path / "pool") == want
 
     import ray  # a hard dependency: a broken Ray must fail here, not skip
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         run_scan(store, t, thr, tmp_path / "ray", Executor(RayEngine(num_cpus=2)))  # one worker

@@ -34,7 +34,7 @@ from simgap.data.tars import expand_shards
 from simgap.evaluate import evaluate_benchmark
 from simgap.io import read_json, write_json, write_npy, write_parquet
 from simgap.models import ModelSpec, load_model
-from simgap.parallel import Executor, make_engine
+from simgap.parallel import Executor, LocalEngine, ThreadEngine, make_engine
 from simgap.runner import Runner, Stage, execute
 from simgap.scan import load_scan, scan_store
 from simgap.select.build import (
@@ -355,6 +355,9 @@ def _nn(run: Path, scanned: str, bench: str) -> np.ndarray:
 
 
 def materialize_split(run: Path, data: Data, cfg: Config, split: str, executor: Executor) -> dict:
+    # IO-bound: a local run copies on threads (no process start-up, fsyncs overlap copies).
+    if isinstance(executor.engine, LocalEngine):
+        executor = Executor(ThreadEngine(max(4, executor.engine.workers)), executor.retries)
     return materialize(
         run / "splits" / split,
         _pool_shards(data),

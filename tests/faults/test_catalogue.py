@@ -351,6 +351,7 @@ STORE_CASES = {
     "fewer rows than manifest": (lambda e: e[:150], True),
 }
 
+
 def _store_case(name: str):
     return pytest.param(name, id=name.replace(" ", "-"))
 
