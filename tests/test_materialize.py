@@ -150,11 +150,26 @@ def test_corrupt_and_truncated_shards_are_counted(tmp_path):
     t2.write_bytes(bytes(data))
     write_split(tmp_path / "split", [k for k, _ in samples], {"name": "all"})
     s = materialize(tmp_path / "split", str(pool), tmp_path / "out", shard_size=100)
-    assert s["corrupt"] == 1 and s["skipped"]["truncated_shard"] >= 1
+    # Shard 2's 2nd sample is dropped too: the walk stopped at a header it could not read,
+    # which may have been that sample's next member (as iter_samples does).
+    assert s["corrupt"] == 2 and s["skipped"]["truncated_shard"] >= 1
     assert s["skipped"]["damaged_tail"] == 1  # shard 2; shard 1 counts as truncated
-    assert s["kept"] == 4 + 2 + 2 and s["missing"] == 12 - 8
+    assert s["kept"] == 4 + 2 + 1 and s["missing"] == 12 - 7
     got = dict(_read_out(tmp_path / "out"))
     assert all(got[k] == m for k, m in samples if k in got)
+
+
+def test_a_tar_cut_inside_a_header_drops_the_sample_in_progress(tmp_path):
+    pool, samples = _pool(tmp_path, n_shards=1, per=3)
+    tar_path = pool / "00000.tar"
+    with tarfile.open(tar_path) as tar:
+        members = tar.getmembers()
+    _cut(tar_path, members[-1].offset + 100)  # inside the last member's header
+    write_split(tmp_path / "split", [k for k, _ in samples], {"name": "all"})
+    s = materialize(tmp_path / "split", str(pool), tmp_path / "out")
+    got = dict(_read_out(tmp_path / "out"))
+    assert sorted(got) == [k for k, _ in samples[:2]] and s["corrupt"] == 1
+    assert [k for k, _ in iter_samples(str(tar_path))] == sorted(got)  # the embed path agrees
 
 
 _KILL = """

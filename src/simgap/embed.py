@@ -447,10 +447,10 @@ def embed(
     )
     executor = executor or Executor(LocalEngine(1))
     groups = _groups(tasks, executor)
-    label = f"embed {out.name}" + (
-        f" ({len(groups[0])} shards a task)" if len(groups[0]) > 1 else ""
-    )
-    done = executor.map(worker, groups, on_done=Progress(label, progress))
+    size = len(groups[0]) if groups else 1
+    tasks_are = f"groups of {size} shards" if size > 1 else "shards"
+    on_done = Progress(f"embed {out.name}", progress, tasks=tasks_are)
+    done = executor.map(worker, groups, on_done=on_done)
     return writer.finish([r for group in done for r in group["shards"]])
 
 

@@ -10,7 +10,6 @@ CLIP_benchmark and open_clip do. Benchmark layouts are read by
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from simgap.data.clip_benchmark import Benchmark, open_benchmark
 from simgap.data.images import decode_rgb
 from simgap.io import write_json, write_parquet
 from simgap.models import LoadedModel
+from simgap.parallel import Progress
 
 PREDICTION_SCHEMA = pa.schema(
     [("key", pa.string()), ("label", pa.int32()), ("pred", pa.int32()), ("correct", pa.bool_())]
@@ -96,7 +96,8 @@ def evaluate_benchmark(
     weights = zero_shot_classifier(loaded, list(bench.classnames), templates)
     skipped: Counter[str] = Counter()
     keys, labels, chunks = [], [], []
-    progress = _Progress(bench.root.name, log)
+    progress = Progress(f"evaluate {bench.root.name}", log, unit="images", every_s=10.0)
+    seen = 0
     for batch in _batches(bench.samples(skipped), batch_size, len(bench.classnames), bench.root):
         pixels = []
         for key, data, label in batch:
@@ -108,7 +109,8 @@ def evaluate_benchmark(
         if pixels:
             emb = loaded.model.encode_image(torch.stack(pixels).to(loaded.device)).float()
             chunks.append(F.normalize(emb, dim=-1).cpu() @ weights)
-        progress(len(batch))
+        seen += len(batch)
+        progress.count(seen)
     if not keys:
         raise ValueError(
             f"benchmark {bench.root} has no readable images (skipped: {dict(skipped)})"
@@ -170,23 +172,6 @@ def _batches(
             batch = []
     if batch:
         yield batch
-
-
-class _Progress:
-    """Logs images/s every ~10 s."""
-
-    def __init__(self, name: str, log: Callable[[str], None] | None, every_s: float = 10.0):
-        self.name, self.log, self.every_s = name, log, every_s
-        self.start = self.last = time.perf_counter()
-        self.done = 0
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.log is not None and now - self.last >= self.every_s:
-            self.last = now
-            rate = self.done / (now - self.start)
-            self.log(f"evaluate {self.name}: {self.done} images, {rate:.0f} images/s")
 
 
 def evaluate_benchmarks(

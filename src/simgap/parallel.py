@@ -164,11 +164,40 @@ class Executor:
 
 
 class Progress:
-    """``on_done`` callback that logs rows/s and an ETA from the records' ``rows`` counts."""
+    """Rate and ETA of a long stage, the project's one progress reporter. Two ways in:
 
-    def __init__(self, label: str, log: Callable[[str], None] | None):
-        self.label, self.log = label, log
+    - as an executor's ``on_done(finished, total, record)``: a line per finished task, counting
+      the records' ``rows``;
+    - ``count(done, total)`` from inside one long loop (``total`` None if unknown): a line at
+      most every ``every_s`` seconds, and at the end.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        log: Callable[[str], None] | None,
+        unit: str = "rows",
+        every_s: float = 5.0,
+        tasks: str = "shards",
+    ):
+        self.label, self.log, self.unit, self.every_s = label, log, unit, every_s
+        self.tasks = tasks  # what one task is, for the on_done lines
         self.start, self.rows = time.perf_counter(), 0
+        self.last = -every_s
+
+    def count(self, done: int, total: int | None = None) -> None:
+        if self.log is None:
+            return
+        elapsed = time.perf_counter() - self.start
+        if elapsed - self.last < self.every_s and (total is None or done < total):
+            return
+        self.last = elapsed
+        rate = done / max(elapsed, 1e-9)
+        line = f"{self.label}: {done}" + (f"/{total}" if total is not None else "")
+        line += f" {self.unit}, {rate:.0f} {self.unit}/s"
+        if total is not None:
+            line += f", ETA {(total - done) / rate if rate else float('inf'):.0f}s"
+        self.log(line)
 
     def __call__(self, finished: int, total: int, record: Any) -> None:
         self.rows += int(record.get("rows", 0)) if isinstance(record, dict) else 0
@@ -177,6 +206,6 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         eta = elapsed / finished * (total - finished)
         self.log(
-            f"{self.label}: {finished}/{total} shards, {self.rows} rows, "
+            f"{self.label}: {finished}/{total} {self.tasks}, {self.rows} rows, "
             f"{self.rows / max(elapsed, 1e-9):.0f} rows/s, ETA {eta:.0f}s"
         )

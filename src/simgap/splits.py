@@ -129,11 +129,16 @@ def index_tar(path: str, keep: frozenset[str] | set[str]) -> dict[str, Any]:
             entries = list(walk)
     except (tarfile.ReadError, EOFError, OSError) as e:
         raise ShardError(f"{path}: not a readable tar ({e})") from None
+    bad: set[str] = set()
     if walk.end != "complete":
         # A cut keeps the members before it; other damage ends the walk where it is met.
         skipped["truncated_shard" if walk.end == "cut" else "damaged_tail"] += 1
+        if walk.end != "trailing_data" and entries:
+            # The sample in progress where the walk stopped may lack its later members.
+            last = split_name(entries[-1][0])[0]
+            if last in keep:
+                bad.add(last)
     samples: dict[str, list[list]] = {}
-    bad: set[str] = set()
     for name, regular, offset, n, _ in entries:
         if not regular or not safe_member_name(name):
             skipped["unsafe_member"] += 1

@@ -9,7 +9,6 @@ benchmark rows free of NaN/Inf and of non-unit vectors (named by key in the erro
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from simgap.parallel import Executor
+from simgap.parallel import Progress as RateProgress
 from simgap.scan.kernel import KernelConfig
 from simgap.scan.scan import Progress, ScanResult, find_bad_rows
 from simgap.scan.shards import FIRST_KEYS, scan_store
@@ -61,19 +61,7 @@ def load_tests(stores: list[Store]) -> tuple[np.ndarray, pa.Table]:
 def log_progress(label: str, log: Callable[[str], None], every_s: float = 5.0) -> Progress:
     """A ``progress(rows_done, rows_total)`` callback logging rows/s and ETA, at most every
     ``every_s`` seconds (and at the end)."""
-    start = time.perf_counter()
-    last = [-every_s]
-
-    def progress(done: int, total: int) -> None:
-        now = time.perf_counter() - start
-        if now - last[0] < every_s and done < total:
-            return
-        last[0] = now
-        rate = done / max(now, 1e-9)
-        eta = (total - done) / rate if rate else float("inf")
-        log(f"{label}: {done}/{total} rows, {rate:.0f} rows/s, ETA {eta:.0f}s")
-
-    return progress
+    return RateProgress(label, log, every_s=every_s).count
 
 
 def scan_benchmarks(
