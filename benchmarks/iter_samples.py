@@ -12,31 +12,19 @@ cache, best of ``--repeats``. The last line is one JSON object:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from simgap.data.tars import iter_samples, split_name
 
-from simgap.data.tars import iter_samples, split_name, write_tar
-
-
-def write_images(path: Path, n: int, px: int, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    samples = []
-    for i in range(n):
-        low = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
-        img = Image.fromarray(low).resize((px, px), Image.BILINEAR)
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=90)
-        samples.append((f"b{i:08d}", {"jpg": buf.getvalue(), "txt": f"image {i}".encode()}))
-    write_tar(path, samples)
+sys.path.insert(0, str(Path(__file__).parent))
+from embed import write_images  # noqa: E402 - the embed benchmark's JPEG shards
 
 
 def tarfile_samples(path: str) -> int:
@@ -70,8 +58,8 @@ def main() -> None:
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="simgap-bench-tars-"))
     try:
+        write_images(root, a.samples, a.px, per_shard=a.samples)  # one shard: 00000.tar
         path = str(root / "00000.tar")
-        write_images(Path(path), a.samples, a.px)
         ours = best_us(lambda: sum(1 for _ in iter_samples(path)), a.repeats)
         anchor = best_us(lambda: tarfile_samples(path), a.repeats)
     finally:

@@ -354,6 +354,20 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _outputs(out: Path, name: str) -> tuple[Path, Path]:
+    """An output shard's tar and its done record."""
+    return out / f"{name}.tar", out / ".done" / f"{name}.json"
+
+
+def _finished(tar: Path, done: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The done record of a shard already written from the same inputs, else None."""
+    if done.exists() and tar.exists():
+        record = read_json(done)
+        if record.get("fingerprint") == fingerprint:
+            return record
+    return None
+
+
 @dataclass(frozen=True)
 class WriteShard:
     """Phase 2 worker: write one output shard from its plan (reused when the plan is unchanged)."""
@@ -364,12 +378,9 @@ class WriteShard:
         """``task``: (name, fingerprint, plan) or, for a mirrored shard, (name, fingerprint,
         plan, index fingerprint of its input), kept in the done record."""
         name, fingerprint, plan, *index = task
-        tar = Path(self.out) / f"{name}.tar"
-        done = Path(self.out) / ".done" / f"{name}.json"
-        if done.exists() and tar.exists():
-            record = read_json(done)
-            if record.get("fingerprint") == fingerprint:
-                return record
+        tar, done = _outputs(Path(self.out), name)
+        if (record := _finished(tar, done, fingerprint)) is not None:
+            return record
         write_plan_tar(tar, plan)
         record = {
             "name": name,
@@ -404,8 +415,8 @@ class MirrorShard:
         name, index = record["name"], record["fingerprint"]
         plan = [(record["source"], k, ms) for k, ms in record["samples"]]
         written = None
-        done = Path(self.out) / ".done" / f"{name}.json"
-        if done.exists() and (Path(self.out) / f"{name}.tar").exists():
+        tar, done = _outputs(Path(self.out), name)
+        if done.exists() and tar.exists():
             written = read_json(done)  # the same input: whether its drops still hold is
             if written.get("index") != index:  # for the caller to check
                 written = None
@@ -500,12 +511,9 @@ class WriteReferenceShard:
             st = os.stat(path)
             lines.append(f"{key}\0{path}\0{caption}\0{label}\0{st.st_size}\0{st.st_mtime_ns}")
         fingerprint = sha256_bytes("\n".join(lines).encode())
-        tar = Path(self.out) / f"{name}.tar"
-        done = Path(self.out) / ".done" / f"{name}.json"
-        if done.exists() and tar.exists():
-            record = read_json(done)
-            if record.get("fingerprint") == fingerprint:
-                return record
+        tar, done = _outputs(Path(self.out), name)
+        if (record := _finished(tar, done, fingerprint)) is not None:
+            return record
         write_tar(tar, _ref_samples(items))  # fsync'd before its done record, like any shard
         record = {"name": name, "rows": len(items), "fingerprint": fingerprint}
         write_json(done, record)
