@@ -286,6 +286,9 @@ def test_killed_run_resumes_from_latest_checkpoint(shards, tmp_path):
     assert any("resuming checkpoint" in line and "(epoch 1)" in line for line in lines)
     assert not any("Start epoch 0" in line for line in lines)
     assert torch.load(final, weights_only=True)["epoch"] == 2
+    # The resumed epoch sees the samples in the uninterrupted run's order: the same weights.
+    whole = train(recipe, shards, 64, tmp_path, "whole", log=lambda line: None, threads=1)
+    _assert_same_weights(final, whole)
 
 
 def test_failed_run_raises_with_log_tail(shards, tmp_path):

@@ -4,9 +4,11 @@ It is open_clip_train's ``main`` with these additions, all made before ``main`` 
 
 1. simgap's shipped model configs are registered, so ``--model simgap-tiny`` resolves.
 2. The per-sample shuffle buffer of open_clip_train's webdataset pipeline is seeded from
-   ``--seed``: open_clip_train calls ``webdataset.shuffle(bufsize, initial)`` without an rng,
-   and webdataset then seeds it from ``pid + time``, so two runs of the same recipe would
-   see the samples in different orders. The replacement is webdataset's own ``detshuffle``.
+   ``--seed`` and the epoch: open_clip_train calls ``webdataset.shuffle(bufsize, initial)``
+   without an rng, and webdataset then seeds it from ``pid + time``, so two runs of the same
+   recipe would see the samples in different orders. The replacement is open_clip's own
+   ``detshuffle2`` on open_clip_train's shared epoch, so a resumed epoch sees the samples in
+   the order the uninterrupted run did.
 3. ``--simgap-keys FILE`` (first on the command line, not an open_clip_train option): only
    samples whose ``__key__`` is in the key list pass, filtered right after the tar reader
    (before the shuffle buffer and the image decoder). FILE holds the sorted 128-bit key hashes
@@ -23,14 +25,26 @@ import logging
 import sys
 
 
-def _seeded_sample_shuffle(seed: int):
-    import webdataset
+def _seeded_sample_shuffle(seed: int, data):
+    """A replacement for ``webdataset.shuffle`` in open_clip_train's pipeline (module ``data``):
+    open_clip's own ``detshuffle2``, seeded with ``seed`` plus the epoch that open_clip_train
+    sets before every epoch (its ``SharedEpoch``, also right after a resume). webdataset's
+    ``detshuffle`` would count passes in each worker process instead, and after a resume the
+    first pass of a fresh process is not the epoch it trains: the resumed epoch would see
+    another sample order than the uninterrupted run."""
+    epochs = []  # every SharedEpoch made; get_wds_dataset makes its own before the shuffle
+    make = data.SharedEpoch.__init__
+
+    def tracked(self, epoch: int = 0) -> None:
+        make(self, epoch)
+        epochs.append(self)
+
+    data.SharedEpoch.__init__ = tracked
 
     # Only the arguments open_clip_train 3.3.0 passes: a call that passes more (an rng of
     # its own) fails here instead of being ignored.
     def shuffle(bufsize: int = 1000, initial: int = 100):
-        # detshuffle reseeds with seed + n on its n-th pass over the data in this worker.
-        return webdataset.detshuffle(bufsize=bufsize, initial=initial, seed=seed)
+        return data.detshuffle2(bufsize=bufsize, initial=initial, seed=seed, epoch=epochs[-1])
 
     return shuffle
 
@@ -114,7 +128,7 @@ def main(argv: list[str]) -> int:
     register_shipped_configs()
     # open_clip_train.data looks up `wds.shuffle` and `tarfile_to_samples_nothrow` at call
     # time, and open_clip_train.main `pt_load`: patch those module attributes.
-    open_clip_train.data.wds.shuffle = _seeded_sample_shuffle(seed)
+    open_clip_train.data.wds.shuffle = _seeded_sample_shuffle(seed, open_clip_train.data)
     if keys is not None:
         reader = open_clip_train.data.tarfile_to_samples_nothrow
         open_clip_train.data.tarfile_to_samples_nothrow = FilteredReader(reader, KeyFilter(keys))

@@ -446,7 +446,7 @@ def embed(
         loaded.identity["checkpoint_sha256"] or "",
     )
     executor = executor or Executor(LocalEngine(1))
-    groups = _groups(tasks, executor)
+    groups = _groups(tasks, executor, decode_workers)
     size = len(groups[0]) if groups else 1
     tasks_are = f"groups of {size} shards" if size > 1 else "shards"
     on_done = Progress(f"embed {out.name}", progress, tasks=tasks_are)
@@ -454,12 +454,16 @@ def embed(
     return writer.finish([r for group in done for r in group["shards"]])
 
 
-# Shards embedded one after another in this process go in groups, so that the decode workers run
-# on from one shard into the next; a process pool or a cluster gets single shards to spread.
+# Shards embedded one after another in this process with decode workers go in groups, so that the
+# workers run on from one shard into the next; a process pool or a cluster gets single shards to
+# spread, and so does a run without decode workers (nothing to keep running).
 GROUP_SHARDS = 8
 
 
-def _groups(tasks: list[ShardTask], executor: Executor) -> list[tuple[ShardTask, ...]]:
+def _groups(
+    tasks: list[ShardTask], executor: Executor, decode_workers: int
+) -> list[tuple[ShardTask, ...]]:
     engine = executor.engine
-    size = GROUP_SHARDS if isinstance(engine, LocalEngine) and engine.workers <= 1 else 1
+    in_process = isinstance(engine, LocalEngine) and engine.workers <= 1
+    size = GROUP_SHARDS if in_process and decode_workers > 0 else 1
     return [tuple(tasks[i : i + size]) for i in range(0, len(tasks), size)]
