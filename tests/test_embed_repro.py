@@ -15,7 +15,7 @@ from PIL import Image
 
 from simgap.data.tars import write_tar
 from simgap.embed import embed, forward_threads
-from simgap.models import ModelSpec, load_model
+from simgap.models import load_model
 
 BATCH = 4
 
@@ -26,13 +26,6 @@ def _jpeg(rng: np.random.Generator) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(low).resize((40, 40), Image.BILINEAR).save(buf, "JPEG", quality=90)
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save(load_model(ModelSpec("simgap-tiny"), allow_random=True).model.state_dict(), path)
-    return ModelSpec("simgap-tiny", checkpoint=str(path))
 
 
 @pytest.fixture(scope="module")

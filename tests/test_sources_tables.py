@@ -7,7 +7,6 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from simgap.data.clip_benchmark import write_wds
@@ -15,20 +14,12 @@ from simgap.data.sources import fetch_samples, image_folder_items, shard_tasks
 from simgap.data.tables import TableSpec
 from simgap.data.tars import ShardError, expand_shards, iter_samples, write_tar
 from simgap.embed import embed
-from simgap.models import ModelSpec, load_model
 
 
 def _png(color):
     buf = io.BytesIO()
     Image.new("RGB", (10, 10), color).save(buf, "PNG")
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save(load_model(ModelSpec("simgap-tiny"), allow_random=True).model.state_dict(), path)
-    return ModelSpec("simgap-tiny", checkpoint=str(path))
 
 
 @pytest.fixture
