@@ -350,3 +350,29 @@ def test_marked_chunks_mark_only_the_last_chunk_after_the_records_end(n):
     expected = [[f"k{i}" for i in range(s, min(s + 3, n))] for s in range(0, n, 3)] or [[]]
     assert [c for c, _ in chunks] == expected
     assert [last for _, last in chunks] == [False] * (len(expected) - 1) + [True]
+
+
+@pytest.mark.parametrize("batch_size", [4, 8])
+def test_prepared_batches_are_the_same_with_any_number_of_workers(shards, checkpoint, batch_size):
+    # With workers, this process prepares the first batch and the workers the rest; the sequence
+    # (order, shard marks, skip counts, pixels) must be the in-process one. With 8 rows a batch,
+    # the first shard's only batch is also its last, so its read skips travel with batch 0.
+    from simgap.data.sources import shard_tasks
+    from simgap.embed import prepared_batches, split_transform
+
+    tasks = tuple(shard_tasks(str(shards)))
+    transform = split_transform(load_model(checkpoint).preprocess)
+
+    def run(workers):
+        got = []
+        for b in prepared_batches(tasks, transform, batch_size, workers):
+            got.append((b.shard, b.last, b.keys, dict(b.skipped), b.pixels.clone()))
+        return got
+
+    plain = run(0)
+    assert [(s, last) for s, last, *_ in plain if last] == [(0, True), (1, True), (2, True)]
+    assert sum(len(k) for _, _, k, _, _ in plain) == 16
+    for workers in (1, 2):
+        other = run(workers)
+        assert [b[:4] for b in other] == [b[:4] for b in plain]
+        assert all(torch.equal(a[4], b[4]) for a, b in zip(other, plain, strict=True))

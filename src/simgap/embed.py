@@ -246,13 +246,23 @@ class GroupBatches(torch.utils.data.IterableDataset):
     batches w, w+N, ... (each worker reads every shard, only decodes its own batches); the
     DataLoader takes them round-robin, which is the original order, so the bytes written do not
     depend on N. Workers run on into the next shard while the main process finishes the
-    previous one: a group pays the workers' start-up and the first batch's wait once, not once a
-    shard. The pixels cross to the main process in shared memory, so the main process does
-    nothing but the forward.
+    previous one: a group pays the workers' start-up once, not once a shard. The pixels cross to
+    the main process in shared memory, so the main process does nothing but the forward.
+
+    The first ``skip`` batches are left out (the main process prepares them itself, see
+    ``prepared_batches``); ``stop`` ends the iteration after that many batches.
     """
 
-    def __init__(self, tasks: tuple[ShardTask, ...], transform: SplitTransform, batch_size: int):
+    def __init__(
+        self,
+        tasks: tuple[ShardTask, ...],
+        transform: SplitTransform,
+        batch_size: int,
+        skip: int = 0,
+        stop: int | None = None,
+    ):
         self.tasks, self.transform, self.batch_size = tasks, transform, batch_size
+        self.skip, self.stop = skip, stop
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -261,7 +271,9 @@ class GroupBatches(torch.utils.data.IterableDataset):
         for i, task in enumerate(self.tasks):
             read_skips: Counter[str] = Counter()
             for chunk, last in marked_chunks(task.records(read_skips), self.batch_size):
-                if b % workers == worker:
+                if b == self.stop:
+                    return
+                if b >= self.skip and (b - self.skip) % workers == worker:
                     batch = prepare_batch(self.transform, chunk, i, last)
                     if last:
                         batch.skipped.update(read_skips)
@@ -278,13 +290,27 @@ def prepared_batches(
 ) -> Iterable[Batch]:
     """Decode + transform in this process (``workers`` 0) or in a DataLoader's worker
     processes, which run ahead of the model (decode is Python-heavy: threads would share the
-    GIL with it)."""
-    batches = GroupBatches(tasks, transform, batch_size)
+    GIL with it).
+
+    With workers, this process prepares the group's first batch itself while the workers start
+    up and prepare the next ones: the forward begins one batch earlier, instead of waiting for a
+    worker's start-up and first batch (~25 % of a 1,000-image shard's time on 2 CPUs)."""
     if workers <= 0:
-        return batches
-    return torch.utils.data.DataLoader(
-        batches, batch_size=None, num_workers=workers, collate_fn=_as_is, prefetch_factor=2
+        return GroupBatches(tasks, transform, batch_size)
+    loader = torch.utils.data.DataLoader(
+        GroupBatches(tasks, transform, batch_size, skip=1),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_as_is,
+        prefetch_factor=2,
     )
+    return _primed(loader, GroupBatches(tasks, transform, batch_size, stop=1))
+
+
+def _primed(loader: Iterable[Batch], first: Iterable[Batch]) -> Iterator[Batch]:
+    batches = iter(loader)  # starts the workers
+    yield from first
+    yield from batches
 
 
 @functools.lru_cache(maxsize=2)
