@@ -314,7 +314,7 @@ def test_sigkill_at_several_points_then_rerun_gives_the_same_bytes(tmp_path, che
 
 
 def test_split_transform_is_bitwise_the_model_transform(checkpoint):
-    from simgap.embed import split_transform
+    from simgap.data.transforms import split_transform
 
     loaded = load_model(checkpoint)
     split = split_transform(loaded.preprocess)
@@ -358,7 +358,8 @@ def test_prepared_batches_are_the_same_with_any_number_of_workers(shards, checkp
     # (order, shard marks, skip counts, pixels) must be the in-process one. With 8 rows a batch,
     # the first shard's only batch is also its last, so its read skips travel with batch 0.
     from simgap.data.sources import shard_tasks
-    from simgap.embed import prepared_batches, split_transform
+    from simgap.data.transforms import split_transform
+    from simgap.embed import prepared_batches
 
     tasks = tuple(shard_tasks(str(shards)))
     transform = split_transform(load_model(checkpoint).preprocess)

@@ -27,62 +27,13 @@ import torch
 from simgap.data.images import decode_rgb
 from simgap.data.sources import Record, ShardTask, shard_tasks
 from simgap.data.tables import is_table
+from simgap.data.transforms import SplitTransform, split_transform
 from simgap.io import fingerprint
 from simgap.models import LoadedModel, ModelSpec, load_model, model_identity
 from simgap.parallel import Executor, LocalEngine, Progress
 from simgap.store import Store, StoreWriter, is_clip_retrieval, link_clip_retrieval, normalize_fp16
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-@dataclass(frozen=True)
-class SplitTransform:
-    """A model's eval transform cut at ``ToTensor``: the PIL part runs per image (in the decode
-    workers), ``ToTensor`` + ``Normalize`` run once per batch. Per-image torchvision tensor ops
-    cost more than the tiny model's forward; the batched ops do the same float32 arithmetic in
-    the same order, so the pixels are bitwise those of the per-image transform."""
-
-    per_image: Callable[[Any], Any]
-    normalize: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None  # None: not split
-
-    def batch(self, items: list) -> torch.Tensor:
-        if self.normalize is None:
-            return torch.stack(items)
-        # contiguous NCHW, as stacking per-image tensors gives: a permuted (channels-last) batch
-        # takes other conv kernels, whose float results differ in the last bits.
-        x = torch.from_numpy(np.stack(items)).permute(0, 3, 1, 2).contiguous().float().div(255)
-        for mean, std in self.normalize:
-            x = x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
-        return x
-
-
-def split_transform(preprocess: Callable[[Any], torch.Tensor]) -> SplitTransform:
-    """Split a torchvision ``Compose([...PIL ops, ToTensor, Normalize...])``; anything else is
-    kept whole (its per-image outputs are stacked)."""
-    from torchvision import transforms as T
-
-    steps = getattr(preprocess, "transforms", None)
-    cut = next((i for i, t in enumerate(steps or []) if isinstance(t, T.ToTensor)), None)
-    if cut is None or not all(isinstance(t, T.Normalize) for t in steps[cut + 1 :]):
-        return SplitTransform(preprocess, None)
-    norms = tuple(
-        (torch.as_tensor(t.mean, dtype=torch.float32), torch.as_tensor(t.std, dtype=torch.float32))
-        for t in steps[cut + 1 :]
-    )
-    return SplitTransform(_PilPart(T.Compose(steps[:cut])), norms)
-
-
-@dataclass(frozen=True)
-class _PilPart:
-    """The transform's PIL steps, then HWC uint8 pixels (picklable for DataLoader workers)."""
-
-    steps: Callable[[Any], Any]
-
-    def __call__(self, image: Any) -> np.ndarray:
-        out = self.steps(image)
-        if getattr(out, "mode", None) != "RGB":
-            out = out.convert("RGB")
-        return np.asarray(out, dtype=np.uint8)
 
 
 @functools.lru_cache(maxsize=2)
