@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from simgap.data.clip_benchmark import Benchmark, open_benchmark
 from simgap.data.images import decode_rgb
+from simgap.data.transforms import split_transform
 from simgap.io import write_json, write_parquet
 from simgap.models import LoadedModel
 from simgap.parallel import Progress
@@ -98,6 +99,7 @@ def evaluate_benchmark(
     keys, labels, chunks = [], [], []
     progress = Progress(f"evaluate {bench.root.name}", log, unit="images", every_s=10.0)
     seen = 0
+    transform = split_transform(loaded.preprocess)  # bitwise the per-image transform, faster
     for batch in _batches(bench.samples(skipped), batch_size, len(bench.classnames), bench.root):
         pixels = []
         for key, data, label in batch:
@@ -105,9 +107,9 @@ def evaluate_benchmark(
             if img is not None:
                 keys.append(key)
                 labels.append(label)
-                pixels.append(loaded.preprocess(img))
+                pixels.append(transform.per_image(img))
         if pixels:
-            emb = loaded.model.encode_image(torch.stack(pixels).to(loaded.device)).float()
+            emb = loaded.model.encode_image(transform.batch(pixels).to(loaded.device)).float()
             chunks.append(F.normalize(emb, dim=-1).cpu() @ weights)
         seen += len(batch)
         progress.count(seen)
