@@ -349,7 +349,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (folders)")
-    p.add_argument("--decode-workers", type=int, default=0, help="decode processes per shard task")
+    p.add_argument(
+        "--decode-workers",
+        type=int,
+        help="decode processes per shard task (default: the spare CPUs, at most 8, when shards "
+        "run in this process; 0 under --workers > 1 or Ray)",
+    )
     p.add_argument("--text", action="store_true", help="also store caption embeddings")
     p.add_argument("--csv-img-key", default="filepath", help="table column of image paths")
     p.add_argument("--csv-caption-key", default="title", help="caption column ('' for none)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -393,11 +394,12 @@ def embed(
     shard_size: int = 1000,
     progress: Callable[[str], None] | None = None,
     *,
-    decode_workers: int = 0,
+    decode_workers: int | None = None,
     text: bool = False,
     precision: str = "auto",
 ) -> Store:
-    """Embed ``source`` into the store at ``out`` (resuming a killed run)."""
+    """Embed ``source`` into the store at ``out`` (resuming a killed run). ``decode_workers``
+    None: ``auto_decode_workers``."""
     out = Path(out)
     if not is_table(source) and is_clip_retrieval(source):
         return link_clip_retrieval(out, Path(source), model_identity(spec))
@@ -411,6 +413,9 @@ def embed(
     # A rerun may rewrite shards (the source or the model changed): until finish() writes the
     # new manifest the folder must read as unfinished, never as the old store over new shards.
     (out / "manifest.json").unlink(missing_ok=True)
+    executor = executor or Executor(LocalEngine(1))
+    if decode_workers is None:
+        decode_workers = auto_decode_workers(executor)
     worker = EmbedShard(
         str(out),
         spec,
@@ -422,7 +427,6 @@ def embed(
         precision,
         loaded.identity["checkpoint_sha256"] or "",
     )
-    executor = executor or Executor(LocalEngine(1))
     groups = _groups(tasks, executor, decode_workers)
     size = len(groups[0]) if groups else 1
     tasks_are = f"groups of {size} shards" if size > 1 else "shards"
@@ -444,3 +448,13 @@ def _groups(
     in_process = isinstance(engine, LocalEngine) and engine.workers <= 1
     size = GROUP_SHARDS if in_process and decode_workers > 0 else 1
     return [tuple(tasks[i : i + size]) for i in range(0, len(tasks), size)]
+
+
+def auto_decode_workers(executor: Executor) -> int:
+    """Decode processes when the caller did not choose: the spare CPUs (at most 8) when shards
+    run one after another in this process; none under a process pool or Ray, whose tasks
+    already take the CPUs."""
+    engine = executor.engine
+    if not (isinstance(engine, LocalEngine) and engine.workers <= 1):
+        return 0
+    return max(0, min(8, len(os.sched_getaffinity(0)) - 1))
