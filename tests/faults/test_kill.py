@@ -77,10 +77,10 @@ def _embed_points(n: int, shards: int, seed: int):
     return points
 
 
-def _embed_case(workdir: Path, pool, checkpoint: Path, name: str):
+def _embed_case(workdir: Path, pool, checkpoint: Path, name: str, extra=()):
     folder, keys = pool
     out = workdir / name
-    args = ["embed", folder, "-o", out, "--checkpoint", checkpoint, "--batch-size", "4"]
+    args = ["embed", folder, "-o", out, "--checkpoint", checkpoint, "--batch-size", "4", *extra]
     reference = _reference_run(args, out)
 
     def check(store: Path) -> None:
@@ -101,13 +101,17 @@ def _embed_case(workdir: Path, pool, checkpoint: Path, name: str):
 # stage's kill-and-resume test beside the stage (tests/test_embed.py, test_train.py).
 @pytest.mark.extended
 def test_embed_survives_kills(workdir, pool, checkpoint):
+    # Default decode workers: the 6 shards run as one group with one progress line at its end,
+    # so every kill point is a delay from the start (k = 0).
     args, out, reference, check = _embed_case(workdir, pool, checkpoint, "embed-kill")
-    _survive("embed", args, out, reference, _embed_points(DEFAULT_POINTS, 6, seed=1), check=check)
+    _survive("embed", args, out, reference, _embed_points(DEFAULT_POINTS, 1, seed=1), check=check)
 
 
 @pytest.mark.extended
 def test_embed_survives_many_kills(workdir, pool, checkpoint):
-    args, out, reference, check = _embed_case(workdir, pool, checkpoint, "embed-kill-x")
+    # No decode workers: a progress line per shard, so kill points fall after any shard.
+    no_workers = ["--decode-workers", "0"]
+    args, out, reference, check = _embed_case(workdir, pool, checkpoint, "embed-kill-x", no_workers)
     points = _embed_points(EXTENDED_POINTS, 6, seed=101)
     _survive("embed", args, out, reference, points, check=check)
 
