@@ -32,7 +32,7 @@ from PIL import Image
 from simgap.data.images import decode_rgb
 from simgap.data.sources import shard_tasks
 from simgap.data.tars import write_tar
-from simgap.embed import _cached_model, embed, encode_batch
+from simgap.embed import GROUP_SHARDS, _cached_model, embed, encode_batch
 from simgap.models import ModelSpec, load_model
 
 
@@ -86,15 +86,18 @@ def main() -> None:
     ap.add_argument("--model", default="simgap-tiny")
     ap.add_argument("--checkpoint", help="weights file (default: a seeded random init, saved)")
     ap.add_argument("--source", help="tar shards to embed (default: written here)")
-    ap.add_argument("--images", type=int, default=4000)
+    # Default: one shard group (the shards one DataLoader runs through), the unit a run of any
+    # size repeats; fewer images overweight the group's start-up, which a long run pays once.
+    ap.add_argument("--images", type=int, help="default: one shard group of --per-shard images")
     ap.add_argument("--image-size", type=int, default=64, help="JPEG side (the world's is 64)")
     ap.add_argument("--per-shard", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--decode-workers", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: default)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()
+    a.images = a.images or GROUP_SHARDS * a.per_shard
     if a.threads:
         torch.set_num_threads(a.threads)
 
