@@ -372,3 +372,22 @@ def test_prepared_batches_are_the_same_with_any_number_of_workers(shards, checkp
         other = run(workers)
         assert [b[:4] for b in other] == [b[:4] for b in plain]
         assert all(torch.equal(a[4], b[4]) for a, b in zip(other, plain, strict=True))
+
+
+def test_a_group_of_shards_logs_a_progress_line_per_shard(tmp_path, shards, checkpoint):
+    # With a decode worker the three shards run as one group in this process; the log still
+    # gets a line per shard, on a first run and on a resume that finds them all done.
+    for _ in range(2):
+        lines = []
+        embed(
+            shards,
+            tmp_path / "s",
+            checkpoint,
+            batch_size=4,
+            decode_workers=1,
+            progress=lines.append,
+        )
+        assert [line.split(",")[0] for line in lines] == [
+            f"embed s: {i}/3 shards" for i in (1, 2, 3)
+        ]
+        assert ", 16 rows," in lines[-1]

@@ -17,11 +17,11 @@ def test_count_lines_throttle_and_say_eta_only_with_a_total():
 
 def test_on_done_counts_records_rows_per_task():
     lines = []
-    p = Progress("embed pool", lines.append, tasks="groups of 8 shards")
+    p = Progress("embed pool", lines.append)
     p(1, 2, {"rows": 7})
     p(2, 2, {"rows": 5})
-    assert lines[0].startswith("embed pool: 1/2 groups of 8 shards, 7 rows, ")
-    assert lines[1].startswith("embed pool: 2/2 groups of 8 shards, 12 rows, ")
+    assert lines[0].startswith("embed pool: 1/2 shards, 7 rows, ")
+    assert lines[1].startswith("embed pool: 2/2 shards, 12 rows, ")
     assert p.rows == 12
     silent = Progress("x", None)
     silent(1, 1, {"rows": 3})

@@ -13,6 +13,7 @@ for it in a link store that reads the folder in place.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from collections import Counter
@@ -286,6 +287,9 @@ class EmbedShard:
     text: bool = False
     precision: str = "auto"
     model_sha256: str = ""  # the weights' identity: a shard made by other weights is redone
+    # Called with each shard's record as it finishes; only for groups run in this process
+    # (a pool or Ray reports per task through the executor).
+    on_shard: Callable[[dict[str, Any]], None] | None = field(default=None, compare=False)
 
     def fingerprint(self, task_fingerprint: str) -> str:
         # The forward's kernel choice is part of the bytes: shards written before threads and
@@ -306,6 +310,7 @@ class EmbedShard:
             fingerprint = self.fingerprint(task.fingerprint())
             if (done := writer.done_record(task.name, fingerprint)) is not None:
                 records[task.name] = done
+                self._report(done)
             else:
                 todo.append((task, fingerprint))
         if todo:
@@ -326,9 +331,14 @@ class EmbedShard:
                 if batch.last:
                     task, fingerprint = todo[batch.shard]
                     records[task.name] = self._write(writer, loaded, task.name, fingerprint, shard)
+                    self._report(records[task.name])
                     shard = _Shard()
         shards = [records[t.name] for t in group]
         return {"rows": sum(r["rows"] for r in shards), "shards": shards}
+
+    def _report(self, record: dict[str, Any]) -> None:
+        if self.on_shard is not None:
+            self.on_shard(record)
 
     def _write(
         self, writer: StoreWriter, loaded: LoadedModel, name: str, fingerprint: str, shard: _Shard
@@ -428,11 +438,28 @@ def embed(
         loaded.identity["checkpoint_sha256"] or "",
     )
     groups = _groups(tasks, executor, decode_workers)
-    size = len(groups[0]) if groups else 1
-    tasks_are = f"groups of {size} shards" if size > 1 else "shards"
-    on_done = Progress(f"embed {out.name}", progress, tasks=tasks_are)
-    done = executor.map(worker, groups, on_done=on_done)
+    on_done = Progress(f"embed {out.name}", progress)
+    if any(len(g) > 1 for g in groups):  # groups run in this process: a line per shard still
+        worker = dataclasses.replace(worker, on_shard=_EachShard(on_done, len(tasks)))
+        done = executor.map(worker, groups)
+    else:
+        done = executor.map(worker, groups, on_done=on_done)
     return writer.finish([r for group in done for r in group["shards"]])
+
+
+@dataclass
+class _EachShard:
+    """Feeds a group's shards to the progress reporter one by one, each shard once (a retried
+    group reports its finished shards again)."""
+
+    progress: Progress
+    total: int
+    seen: set[str] = field(default_factory=set)
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if record["name"] not in self.seen:
+            self.seen.add(record["name"])
+            self.progress(len(self.seen), self.total, record)
 
 
 # Shards embedded one after another in this process with decode workers go in groups, so that the

@@ -178,10 +178,8 @@ class Progress:
         log: Callable[[str], None] | None,
         unit: str = "rows",
         every_s: float = 5.0,
-        tasks: str = "shards",
     ):
         self.label, self.log, self.unit, self.every_s = label, log, unit, every_s
-        self.tasks = tasks  # what one task is, for the on_done lines
         self.start, self.rows = time.perf_counter(), 0
         self.last = -every_s
 
@@ -206,6 +204,6 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         eta = elapsed / finished * (total - finished)
         self.log(
-            f"{self.label}: {finished}/{total} {self.tasks}, {self.rows} rows, "
+            f"{self.label}: {finished}/{total} shards, {self.rows} rows, "
             f"{self.rows / max(elapsed, 1e-9):.0f} rows/s, ETA {eta:.0f}s"
         )

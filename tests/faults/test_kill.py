@@ -101,15 +101,14 @@ def _embed_case(workdir: Path, pool, checkpoint: Path, name: str, extra=()):
 # stage's kill-and-resume test beside the stage (tests/test_embed.py, test_train.py).
 @pytest.mark.extended
 def test_embed_survives_kills(workdir, pool, checkpoint):
-    # Default decode workers: the 6 shards run as one group with one progress line at its end,
-    # so every kill point is a delay from the start (k = 0).
+    # Default decode workers: the 6 shards run as one group (one DataLoader), a line per shard.
     args, out, reference, check = _embed_case(workdir, pool, checkpoint, "embed-kill")
-    _survive("embed", args, out, reference, _embed_points(DEFAULT_POINTS, 1, seed=1), check=check)
+    _survive("embed", args, out, reference, _embed_points(DEFAULT_POINTS, 6, seed=1), check=check)
 
 
 @pytest.mark.extended
 def test_embed_survives_many_kills(workdir, pool, checkpoint):
-    # No decode workers: a progress line per shard, so kill points fall after any shard.
+    # No decode workers: shard tasks one by one, killed after any of them.
     no_workers = ["--decode-workers", "0"]
     args, out, reference, check = _embed_case(workdir, pool, checkpoint, "embed-kill-x", no_workers)
     points = _embed_points(EXTENDED_POINTS, 6, seed=101)
