@@ -471,9 +471,7 @@ GROUP_SHARDS = 8
 def _groups(
     tasks: list[ShardTask], executor: Executor, decode_workers: int
 ) -> list[tuple[ShardTask, ...]]:
-    engine = executor.engine
-    in_process = isinstance(engine, LocalEngine) and engine.workers <= 1
-    size = GROUP_SHARDS if in_process and decode_workers > 0 else 1
+    size = GROUP_SHARDS if _in_process(executor) and decode_workers > 0 else 1
     return [tuple(tasks[i : i + size]) for i in range(0, len(tasks), size)]
 
 
@@ -481,7 +479,12 @@ def auto_decode_workers(executor: Executor) -> int:
     """Decode processes when the caller did not choose: the spare CPUs (at most 8) when shards
     run one after another in this process; none under a process pool or Ray, whose tasks
     already take the CPUs."""
-    engine = executor.engine
-    if not (isinstance(engine, LocalEngine) and engine.workers <= 1):
+    if not _in_process(executor):
         return 0
     return max(0, min(8, len(os.sched_getaffinity(0)) - 1))
+
+
+def _in_process(executor: Executor) -> bool:
+    """Whether the executor runs its tasks one after another in this process."""
+    engine = executor.engine
+    return isinstance(engine, LocalEngine) and engine.workers <= 1

@@ -52,8 +52,7 @@ def split_transform(preprocess: Callable[[Any], torch.Tensor]) -> SplitTransform
         (torch.as_tensor(t.mean, dtype=torch.float32), torch.as_tensor(t.std, dtype=torch.float32))
         for t in steps[cut + 1 :]
     )
-    pil_steps = T.Compose(steps[:cut])
-    return SplitTransform(resize_crop(steps[:cut]) or PilPart(pil_steps), norms)
+    return SplitTransform(resize_crop(steps[:cut]) or PilPart(T.Compose(steps[:cut])), norms)
 
 
 @dataclass(frozen=True)
