@@ -16,7 +16,8 @@ import pytest
 
 from simgap import config
 from simgap.cli import main as cli_main
-from simgap.experiment import Data, _split_stages, scan_benchmarks, split_specs
+from simgap.experiment import Data, scan_benchmarks, split_specs
+from simgap.experiment.plan import _split_stages
 from simgap.runner import Runner, Stage, execute
 from simgap.select.build import guarantee
 from simgap.store import StoreWriter, normalize_fp16, write_store

@@ -1,0 +1,162 @@
+"""A run's lifecycle: prepare the folder, retire stale splits, execute the plan, write
+`run.json` and the report."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from simgap import __version__
+from simgap.config import Config, to_json
+from simgap.experiment.plan import (
+    Plan,
+    make_plan,
+)
+from simgap.experiment.specs import (
+    missing_paths,
+    where,
+)
+from simgap.io import write_json
+from simgap.parallel import Executor, make_engine
+from simgap.runner import Runner, execute
+
+Log = Callable[[str], None]
+Results = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _prepare_dir(run: Path) -> None:
+    if run.is_dir() and any(run.iterdir()) and not (run / "stages").is_dir():
+        # Resuming writes into the folder: never mix a run into someone else's files.
+        raise ValueError(f"{run}: folder is not empty and is not a simgap run; choose another")
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "stages").mkdir(exist_ok=True)
+
+
+def _retire_stale(run: Path, plan: Plan, log: Log) -> None:
+    """Splits a previous config made but this one does not: remove their outputs so the report
+    shows only this config's splits (their checkpoints stay, as train/<split>)."""
+    planned = {s.name for s in plan.splits}
+    for folder in sorted((run / "splits").glob("*/")):
+        name = folder.name
+        if name in planned:
+            continue
+        log(f"[retire] split {name}: not in this config")
+        shutil.rmtree(folder)
+        shutil.rmtree(run / "gaps" / "by-split" / name, ignore_errors=True)
+        (run / "eval" / f"{name}.json").unlink(missing_ok=True)
+        for p in (run / "eval" / "predictions").glob(f"{name}-*.parquet"):
+            if p.name[len(name) + 1 : -len(".parquet")] in plan.benchmarks:
+                p.unlink()
+        for stage in ("select", "gaps", "materialize", "train", "evaluate"):
+            (run / "stages" / f"{stage}-{name}.json").unlink(missing_ok=True)
+
+
+def format_plan(runner: Runner, cfg: Config, plan: Plan) -> str:
+    rows = runner.plan()
+    todo = sum(not r["cached"] for r in rows)
+    lines = [
+        f"plan of {cfg.name} ({cfg.path or 'config'}): {len(rows)} stages, "
+        f"{len(rows) - todo} cached, {todo} to run",
+        f"benchmarks: {', '.join(plan.benchmarks)}",
+        f"splits ({len(plan.splits)}): {', '.join(s.name for s in plan.splits)}",
+        f"trained ({len(plan.trained)}): {', '.join(plan.trained)}",
+        f"engine: {cfg.engine.name}; training: {cfg.train.gpus} x {cfg.train.device}, "
+        f"recipe {cfg.train.recipe.model} {cfg.train.recipe.epochs} epochs, "
+        f"global batch {cfg.train.recipe.batch_size}",
+    ]
+    missing = missing_paths(cfg)
+    if missing:
+        lines.append(f"missing paths ({len(missing)}); a real run stops on them:")
+        lines += [f"  missing: {m}" for m in missing]
+    width = max(len(r["stage"]) for r in rows)
+    lines += [
+        f"  {'cached' if r['cached'] else 'run   '}  {r['stage']:<{width}}  {r['key']}"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def run_config(
+    cfg: Config, run_dir: Path, log: Log = print, dry_run: bool = False, report: bool = True
+) -> dict[str, Any]:
+    """Plan the config's stages in ``run_dir`` and run them (or, dry, only print the plan)."""
+    run = Path(run_dir)
+    executor = Executor(
+        make_engine(cfg.engine.name, cfg.engine.workers, cfg.engine.address or None)
+    )
+    plan = make_plan(cfg, run, log, executor)
+    if dry_run:
+        # Reads stage records only: a dry run writes nothing, not even the run folder.
+        runner = Runner(run, plan.stages, log)
+        return {"plan": runner.plan(), "text": format_plan(runner, cfg, plan)}
+    missing = missing_paths(cfg)
+    if missing:
+        raise FileNotFoundError(f"{where(cfg)}: missing inputs: " + "; ".join(missing))
+    _prepare_dir(run)
+    _retire_stale(run, plan, log)
+    runner = Runner(run, plan.stages, log)
+    started = time.time()
+    provenance = {
+        "config": {**to_json(cfg), "benchmarks": plan.benchmarks},
+        "config_text": cfg.text,
+        "config_path": cfg.path,
+        "versions": _versions(),
+        "started": _utc(started),
+    }
+    write_json(run / "run.json", provenance)  # a killed run still says what it was
+    execute(runner, cfg.train.parallel)
+    write_json(
+        run / "run.json",
+        {
+            **provenance,
+            "world": runner.results.get("world"),
+            "splits": [s.name for s in plan.splits],
+            "trained": plan.trained,
+            "timings": runner.timings,
+            "finished": _utc(time.time()),
+            "wall_seconds": round(time.time() - started, 1),
+            "analysis": {
+                k: runner.results.get(k)
+                for k in ("analysis-robustness", "analysis-similarity", "audit")
+            },
+        },
+    )
+    paths: dict[str, str] = {}
+    if report:
+        from simgap.report import build_report
+
+        paths = {k: str(v) for k, v in build_report(run).items()}
+    return {
+        "timings": runner.timings,
+        "report": paths,
+        "splits": plan.splits,
+        "trained": plan.trained,
+    }
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _versions() -> dict[str, str]:
+    import open_clip
+    import torch
+
+    return {
+        "simgap": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "numpy": np.__version__,
+        "pyarrow": pa.__version__,
+    }
