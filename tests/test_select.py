@@ -23,7 +23,7 @@ from simgap.select import (
     union_score,
 )
 from simgap.select.build import SelectConfig, check_guarantee, select
-from simgap.select.policies import parse_size
+from simgap.select.policies import parse_size, split_seed
 from simgap.splits import materialize, read_split, write_split
 from simgap.store import write_store
 
@@ -292,10 +292,42 @@ def test_select_gapmatch_per_benchmark_without_reference(world, tmp_path):
     assert meta["reference_added"] is False and "equal" not in meta["guarantee"]
     control = json.loads((tmp_path / "s-random" / "split.json").read_text())
     assert control["control_of"] == "s" and control["policy"] == "random"
-    assert control["size"] == meta["size"] and control["seed"] == 4
+    seed = split_seed(4, "s-random")
+    assert control["size"] == meta["size"] and control["seed"] == seed != 4
     assert _kept(tmp_path / "s-random") == sorted(
-        np.array(pool.keys())[random_split(300, meta["size"], 4)]
+        np.array(pool.keys())[random_split(300, meta["size"], seed)]
     )
+
+
+def test_controls_are_seeded_by_name_as_the_runner_seeds_them(world, tmp_path):
+    """`--control` once seeded every control with --seed (0): the controls of two splits were
+    nested subsets of one permutation. Now each control's seed comes from its name, with the
+    runner's rule (experiment.specs), so `simgap select` and `simgap run` make the same control."""
+    from simgap.config import parse
+    from simgap.experiment.specs import split_specs
+
+    root = world["root"]
+    for name, size in (("near", "0.5"), ("far", "0.25")):
+        _run(
+            name,
+            root / "pool",
+            "-o",
+            tmp_path / name,
+            "--size",
+            size,
+            "--control",
+            "--scans",
+            root / "pool-alpha",
+        )
+    near = set(_kept(tmp_path / "near-random"))
+    far = set(_kept(tmp_path / "far-random"))
+    assert len(near) == 150 and len(far) == 75
+    assert not far <= near  # one permutation's prefixes would be nested
+    cfg = parse("seed = 0\n[splits.coreset]\nfraction = 0.5\n", "x.toml")
+    runner = {s.name: s.seed for s in split_specs(cfg, ["alpha"])}
+    assert runner["coreset-random"] == split_seed(0, "coreset-random")
+    meta = json.loads((tmp_path / "near-random" / "split.json").read_text())
+    assert meta["seed"] == split_seed(0, "near-random")
 
 
 def test_guarantee_check_catches_a_broken_split(world, tmp_path, monkeypatch):

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 from simgap.config import Config, ConfigError
 from simgap.data.tars import expand_shards
 from simgap.io import read_json
+from simgap.select.policies import split_seed
 from simgap.store import Store, open_store
 from simgap.world import BENCHMARKS
 
@@ -127,8 +127,7 @@ class SplitSpec:
 
 
 def _seed(cfg: Config, name: str) -> int:
-    # From the split's own name, not its position: adding a split changes no other split.
-    return (cfg.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+    return split_seed(cfg.seed, name)
 
 
 def _fraction_name(policy: str, f: float) -> str:

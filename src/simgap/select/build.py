@@ -29,6 +29,7 @@ from simgap.select.policies import (
     near_pruned,
     random_split,
     resolve_size,
+    split_seed,
     union_score,
 )
 from simgap.splits import read_key_list, write_split
@@ -362,10 +363,13 @@ def select(
     if cfg.policy == "gapmatch" and cfg.check:
         meta = run_check(cfg, pool, benches, out, log)
     if cfg.control:
+        control_name = f"{name}-random"
         control = dataclasses.replace(
             cfg,
             policy="random",
-            out=out.parent / f"{name}-random",
+            out=out.parent / control_name,
+            # The runner's rule: seeded by name, so the controls of two splits are not nested.
+            seed=split_seed(cfg.seed, control_name),
             size=int(mask.sum()),
             control=False,
             control_of=name,

@@ -6,6 +6,8 @@ takes an explicit seed.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
 
@@ -46,6 +48,13 @@ def far_pruned(score: np.ndarray, n: int) -> np.ndarray:
     keep = np.zeros(len(score), bool)
     keep[_order(-score)[:n]] = True
     return keep
+
+
+def split_seed(seed: int, name: str) -> int:
+    """A seeded split's seed, from the experiment's seed and the split's own name (not its
+    position: adding a split changes no other split). Controls of different splits get different
+    seeds, so their random subsets are not nested in one another."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
 
 
 def random_split(total: int, n: int, seed: int) -> np.ndarray:
