@@ -250,13 +250,17 @@ def test_reference_shards_are_resumable_tasks(tmp_path):
     assert {p.name: os.stat(p).st_mtime_ns for p in out.glob("ref-*.tar")} == stamps
     # A changed image rewrites its shard only; a changed template rewrites all.
     (ref / "dog" / "r1002.jpg").write_bytes(b"new bytes")
+    holder = next(
+        t.name for t in out.glob("ref-*.tar") if any(k == "r1002" for k, _ in iter_samples(str(t)))
+    )
     materialize(*args, reference=ref, shard_size=4, caption_template="a {c}")
-    assert os.stat(out / "ref-00000.tar").st_mtime_ns == stamps["ref-00000.tar"]
-    assert os.stat(out / "ref-00001.tar").st_mtime_ns != stamps["ref-00001.tar"]
+    for name, stamp in stamps.items():
+        assert (os.stat(out / name).st_mtime_ns != stamp) == (name == holder)
     assert dict(_read_out(out))["r1002"]["jpg"] == b"new bytes"
     materialize(*args, reference=ref, shard_size=4)
     assert dict(_read_out(out))["r0000"]["txt"] == b"a photo of a cat"
     # A smaller reference set leaves no stale shard behind for a folder glob to pick up.
+    assert s["reference"] == 6
     for p in (ref / "dog").iterdir():
         p.unlink()
     (ref / "dog").rmdir()
@@ -361,3 +365,62 @@ def test_mirrored_shards_drop_a_key_kept_earlier_and_resume(tmp_path):
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == {
         p.name: p.read_bytes() for p in (tmp_path / "re").glob("*.tar")
     }
+
+
+def _reference_keys(out):
+    return [[k for k, _ in iter_samples(str(t))] for t in sorted(out.glob("ref-*.tar"))]
+
+
+def test_reference_shards_mix_the_classes_in_a_seeded_order(tmp_path):
+    """Written class after class, every reference shard held one caption, and so did the batches
+    a shuffle buffer draws from it. Now the samples are shuffled across shards by a seed: the same
+    seed gives the same bytes, each shard holds several classes, every sample is written once."""
+    pool, samples = _pool(tmp_path, n_shards=1, per=2)
+    write_split(tmp_path / "split", [samples[0][0]], {"name": "one"})
+    ref = _reference(tmp_path / "ref", per_class=20)
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        out = tmp_path / name
+        materialize(
+            tmp_path / "split", str(pool), out, reference=ref, shard_size=8, reference_seed=seed
+        )
+        runs[name] = (out, _reference_keys(out))
+    out, shards = runs["a"]
+    assert sorted(k for shard in shards for k in shard) == sorted(
+        f"r{c}{i:03d}" for c in range(2) for i in range(20)
+    )
+    assert all({k[1] for k in shard} == {"0", "1"} for shard in shards)  # both classes
+    assert [(out / f"ref-{i:05d}.tar").read_bytes() for i in range(len(shards))] == [
+        (runs["b"][0] / f"ref-{i:05d}.tar").read_bytes() for i in range(len(shards))
+    ]
+    assert runs["c"][1] != shards
+
+
+def _wnid_reference(root, wnids):
+    for c, wnid in enumerate(wnids):
+        (root / wnid).mkdir(parents=True)
+        (root / wnid / f"img{c}.JPEG").write_bytes(bytes([c]) * 60)
+    return root
+
+
+def test_wordnet_id_folders_get_imagenet_class_names_in_captions(tmp_path):
+    """An ImageNet-train folder names its classes by WordNet id: the captions once read
+    "a photo of a n01440764". They use the class names open_clip ships, in sorted-id order."""
+    from open_clip import IMAGENET_CLASSNAMES
+
+    pool, samples = _pool(tmp_path, n_shards=1, per=2)
+    write_split(tmp_path / "split", [samples[0][0]], {"name": "one"})
+    ref = _wnid_reference(tmp_path / "train", ["n01440764", "n01443537", "n15075141"])
+    s = materialize(tmp_path / "split", str(pool), tmp_path / "out", reference=ref)
+    assert s["reference"] == 3
+    captions = {k: m["txt"].decode() for k, m in _read_out(tmp_path / "out") if k.startswith("img")}
+    assert captions == {
+        "img0": "a photo of a tench",
+        "img1": "a photo of a goldfish",
+        "img2": f"a photo of a {IMAGENET_CLASSNAMES[999]}",
+    }
+    # An id outside the 1000 classes (or a stray folder among ids) has no class name: refused.
+    for bad in ("n99999999", "extra"):
+        ref2 = _wnid_reference(tmp_path / f"bad-{bad}", ["n01440764", bad])
+        with pytest.raises(ValueError, match=f"{bad}.*1000 ImageNet classes"):
+            materialize(tmp_path / "split", str(pool), tmp_path / "o2", reference=ref2)

@@ -38,10 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from simgap.data.keylist import read_key_list
-from simgap.data.sources import image_folder_items
+from simgap.data.sources import folder_class_names, image_folder_items
 from simgap.data.tars import (
     BLOCK,
     Sample,
@@ -461,18 +462,26 @@ def plan_shards(
 RefItem = tuple[str, str, str, int]  # key, image path, caption, label
 
 
-def reference_items(reference: Path, template: str) -> list[RefItem]:
+def reference_items(reference: Path, template: str, seed: int = 0) -> list[RefItem]:
     """The reference set's images with their templated caption (the paper's ``a photo of a
-    {class}``): paths only, so that a 1.28M-image set costs a listing, not its bytes."""
+    {class}``, with ImageNet's class names for WordNet-id folders): paths only, so that a
+    1.28M-image set costs a listing, not its bytes.
+
+    In a seeded random order: listed class after class, a training loader's shuffle buffer
+    (open_clip's holds a few thousand samples) would fill whole batches with one caption."""
+    items = image_folder_items(Path(reference))
+    folders = sorted({Path(path).parent.name for _, path, _ in items})
+    names = folder_class_names(Path(reference), folders)
+    order = np.random.default_rng(seed).permutation(len(items))
     return [
-        (key, path, template.format(c=Path(path).parent.name), label)
-        for key, path, label in image_folder_items(Path(reference))
+        (key, path, template.format(c=names[Path(path).parent.name]), label)
+        for key, path, label in (items[i] for i in order)
     ]
 
 
-def reference_samples(reference: Path, template: str) -> Iterator[Sample]:
+def reference_samples(reference: Path, template: str, seed: int = 0) -> Iterator[Sample]:
     """The reference set as webdataset samples, one image read at a time."""
-    return _ref_samples(reference_items(reference, template))
+    return _ref_samples(reference_items(reference, template, seed))
 
 
 def _ref_samples(items: list[RefItem]) -> Iterator[Sample]:
@@ -541,6 +550,7 @@ def materialize(
     reference: Path | None = None,
     caption_template: str = "a photo of a {c}",
     shard_size: int | None = None,
+    reference_seed: int = 0,
     executor: Executor | None = None,
     keys_only: bool = False,
     log: Callable[[str], None] | None = None,
@@ -549,14 +559,17 @@ def materialize(
     counts and the '::'-joined shard list that open_clip_train reads.
 
     ``split``: a split folder or a key list file. ``shard_size``: samples per output shard
-    (None: one output shard per input shard). ``keys_only``: write only the key list of the
+    (None: one output shard per input shard). ``reference_seed``: the order of the reference
+    samples across their shards. ``keys_only``: write only the key list of the
     samples found (``keys.txt``, ``keys.parquet``) and ``sources.json`` (input shard → kept
     count) for a loader that filters the source shards on the fly."""
     out = Path(out)
     _refuse_broken(Path(split))
     keys_path = _keys_path(split)
     wanted = read_key_list(keys_path, allow_empty=True)
-    ref_items = [] if reference is None else reference_items(reference, caption_template)
+    ref_items = (
+        [] if reference is None else reference_items(reference, caption_template, reference_seed)
+    )
     _refuse_clashes(ref_items, wanted, Path(reference or "."), keys_path)
     tars = expand_shards(source)
     executor = executor or Executor(LocalEngine(1))

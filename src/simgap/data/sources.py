@@ -8,6 +8,7 @@ local process pool and Ray can ship them.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -89,6 +90,30 @@ def read_classnames(path: Path) -> list[str]:
     if not names:
         raise ValueError(f"{path}: class-names file is empty")
     return names
+
+
+_WNID = re.compile(r"n\d{8}")
+
+
+def folder_class_names(root: Path, folders: list[str]) -> dict[str, str]:
+    """The class name of each class folder of an image folder, for captions: the folder's own
+    name, except that WordNet-id folders (ImageNet-train's ``n01440764``) get the ImageNet class
+    name open_clip ships (``tench``), by the id's position among the 1000 sorted ids."""
+    wnid_like = [f for f in folders if _WNID.fullmatch(f)]
+    if not wnid_like:
+        return {f: f for f in folders}
+    from simgap.data.clip_benchmark import imagenet_classnames, imagenet_wnids
+
+    position = {w: i for i, w in enumerate(imagenet_wnids("imagenet"))}
+    names = imagenet_classnames()
+    for f in folders:
+        if f not in position:
+            what = "a WordNet id outside" if _WNID.fullmatch(f) else "not a WordNet id, unlike"
+            raise ValueError(
+                f"{Path(root) / f}: class folder {f!r} is {what} the 1000 ImageNet classes "
+                f"(the other folders are WordNet ids); its images' caption has no class name"
+            )
+    return {f: names[position[f]] for f in folders}
 
 
 def image_folder_items(root: Path) -> list[tuple[str, str, int]]:
