@@ -328,6 +328,8 @@ def test_controls_are_seeded_by_name_as_the_runner_seeds_them(world, tmp_path):
     assert runner["coreset-random"] == split_seed(0, "coreset-random")
     meta = json.loads((tmp_path / "near-random" / "split.json").read_text())
     assert meta["seed"] == split_seed(0, "near-random")
+    # The paper's family default: near splits (and their controls) are the pool alone.
+    assert meta["reference_added"] is False
 
 
 def test_guarantee_check_catches_a_broken_split(world, tmp_path, monkeypatch):

@@ -87,7 +87,7 @@ def similarity_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: 
                 )
             rows = np.array([order[k] for k in preds["key"]])
             nn = np.array(gaps[split], np.float32)[rows]
-            if cfg.reference.add_to_splits:
+            if read_json(run / "splits" / split / "split.json").get("reference_added"):
                 nn = np.maximum(nn, reference[rows])
             correct = np.array(preds["pred"]) == np.array(preds["label"])
             t = accuracy_by_similarity(correct, nn, bins=cfg.analysis.bins)

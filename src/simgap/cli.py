@@ -126,6 +126,14 @@ def cmd_scan(a: argparse.Namespace) -> None:
     print(msg)
 
 
+def _adds_reference(policy: str, given: bool | None) -> bool:
+    """--add-reference / --no-add-reference, else the paper's setting for the family (the
+    config's default ``reference.add_to``): the full pool alone, the gap-matched splits with it."""
+    from simgap.config import Reference
+
+    return given if given is not None else policy in Reference().add_to
+
+
 def cmd_select(a: argparse.Namespace) -> None:
     from simgap.select.build import SelectConfig, select
     from simgap.select.policies import parse_size
@@ -140,7 +148,7 @@ def cmd_select(a: argparse.Namespace) -> None:
         reference_scans=tuple(Path(s) for s in a.reference_scans or ()),
         size=parse_size(a.size) if a.size else None,
         seed=a.seed,
-        add_reference=a.add_reference,
+        add_reference=_adds_reference(a.policy, a.add_reference),
         check=a.check,
         control=a.control,
         clusters=a.clusters,
@@ -394,11 +402,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", help="kept size: a count (1000) or a fraction (0.25)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--add-reference",
+        dest="add_reference",
+        action="store_true",
+        default=None,
+        help="the reference set is added to the split and its control (recorded in split.json); "
+        "default: for gapmatch only, as the paper",
+    )
+    p.add_argument(
         "--no-add-reference",
         dest="add_reference",
         action="store_false",
-        help="the reference set is not added to the split (recorded in split.json; for "
-        "gapmatch the paper's ablation: the check then skips its 'equal' half)",
+        help="the reference set is not added to the split (for gapmatch the paper's ablation: "
+        "the check then skips its 'equal' half)",
     )
     p.add_argument(
         "--no-check",

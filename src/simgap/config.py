@@ -102,10 +102,19 @@ class Similarity:
     device: str = "cpu"
 
 
+# Split families (select policies) the reference set can be added to. A control follows the split
+# it controls; `full` is the pool alone and `full-reference` the pool plus the reference set.
+FAMILIES = ("gapmatch", "near", "far", "random", "coreset", "semdedup", "image-based")
+
+
 @dataclass(frozen=True)
 class Reference:
     caption: str = "a photo of a {c}"  # the caption the reference set gets when added to a split
-    add_to_splits: bool = True  # the paper adds ImageNet-train to every pruned pool
+    # The families whose splits get the reference set added. The paper adds ImageNet-train to
+    # the gap-matched splits (replicating the gap); its near / far / random / coreset splits are
+    # subsets of LAION alone.
+    add_to: tuple[str, ...] = field(default=("gapmatch",), metadata=_one_of(*FAMILIES))
+    add_to_splits: bool | None = None  # replaced by add_to (refused with how to migrate)
 
 
 @dataclass(frozen=True)
@@ -122,10 +131,15 @@ class Gapmatch:
 
 @dataclass(frozen=True)
 class Sized:
-    """near / far / random splits: pool fractions kept; scored against ``benchmarks``."""
+    """near / far / random splits: pool fractions kept. near / far: one split per size scored
+    against each benchmark of ``targets`` (``near-sketch-0.25``: the paper prunes against one
+    benchmark at a time) and, with ``union``, one scored against the union of ``benchmarks``
+    (``near-0.25``)."""
 
     sizes: tuple[float, ...] = field(default=(), metadata=FRACTION)
-    benchmarks: tuple[str, ...] = ()  # () = all benchmarks (the union score)
+    targets: tuple[str, ...] = ()  # one split per benchmark named here (near / far only)
+    union: bool = True  # also the split scored against the union of benchmarks
+    benchmarks: tuple[str, ...] = ()  # of the union split; () = all benchmarks
 
 
 @dataclass(frozen=True)
@@ -155,7 +169,8 @@ class ImageBased:
 
 @dataclass(frozen=True)
 class Splits:
-    full: bool = True
+    full: bool = True  # the whole pool (the pool alone)
+    full_reference: bool = True  # `full-reference`: the whole pool plus the reference set
     gapmatch: Gapmatch = Gapmatch()
     near: Sized = Sized()
     far: Sized = Sized()
@@ -395,6 +410,13 @@ def check(cfg: Config) -> None:
         raise ConfigError(
             f"{where}: similarity: checkpoint/pretrained and train_on_pool = true "
             "exclude each other"
+        )
+    if cfg.reference.add_to_splits is not None:
+        raise ConfigError(
+            f"{where}: reference.add_to_splits: replaced by reference.add_to, the split families "
+            f'the reference set is added to: the paper\'s add_to = ["gapmatch"], every family '
+            f"add_to = {json.dumps(list(FAMILIES))}, none add_to = []; the full pool with it is "
+            "the split full-reference (splits.full_reference)"
         )
     if "{c}" not in cfg.reference.caption:
         raise ConfigError(f'{where}: reference.caption: must contain "{{c}}"')

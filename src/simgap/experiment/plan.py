@@ -164,15 +164,14 @@ def _split_stages(
     """Per split its select and gap check, then the gap tables of every split."""
     stages: list[Stage] = []
     add = stages.append
-    added = cfg.reference.add_to_splits
     for spec in specs:
-        inputs = {**dataclasses.asdict(spec), "reference_added": added}
+        inputs = dataclasses.asdict(spec)  # `reference`: whether the reference set is added
         after = ("scan",) + ((f"select-{spec.control_of}",) if spec.control_of else ())
         add(
             Stage(
                 f"select-{spec.name}",
                 inputs,
-                lambda r, spec=spec: select_split(run, data, spec, added, r, log),
+                lambda r, spec=spec: select_split(run, data, spec, spec.reference, r, log),
                 after=after,
                 owns=(f"splits/{spec.name}",),
             )
@@ -182,7 +181,7 @@ def _split_stages(
             Stage(
                 f"gaps-{spec.name}",
                 {},
-                lambda r, spec=spec: split_gaps(run, data, spec, benchmarks, added),
+                lambda r, spec=spec: split_gaps(run, data, spec, benchmarks, spec.reference),
                 after=(f"select-{spec.name}",),
             )
         )
@@ -207,17 +206,22 @@ def _train_stages(
     evaluated: list[str],
     log: Log,
     executor: Executor,
+    with_reference: set[str],
 ) -> list[Stage]:
-    """Per trained split a chain: materialize, train, evaluate."""
+    """Per trained split a chain: materialize (with the reference set for the splits in
+    ``with_reference``), train, evaluate."""
     stages: list[Stage] = []
     add = stages.append
     recipe = recipe_key(cfg.train.recipe)
     for split in trained:
+        ref = split in with_reference
         add(
             Stage(
                 f"materialize-{split}",
-                {"caption": cfg.reference.caption, "reference": cfg.reference.add_to_splits},
-                lambda r, split=split: materialize_split(run, data, cfg, split, executor),
+                {"caption": cfg.reference.caption, "reference": ref, "seed": cfg.seed},
+                lambda r, split=split, ref=ref: materialize_split(
+                    run, data, cfg, split, executor, ref
+                ),
                 after=(f"select-{split}",),
                 owns=(f"shards/{split}",),
                 chain=split,
@@ -322,7 +326,16 @@ def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
     stages = [
         *sources,
         *_split_stages(cfg, run, data, specs, benchmarks, log),
-        *_train_stages(cfg, run, data, trained, evaluated, log, executor),
+        *_train_stages(
+            cfg,
+            run,
+            data,
+            trained,
+            evaluated,
+            log,
+            executor,
+            {s.name for s in specs if s.reference},
+        ),
         *_analysis_stages(cfg, run, data, trained, evaluated, benchmarks, embeds, log),
     ]
     return Plan(stages, benchmarks, specs, trained, evaluated)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,8 @@ def run_store(run: Path, name: str, data: Data) -> Store:
 class SplitSpec:
     """How one split is made: a policy of :mod:`simgap.select.build`, the benchmarks it is scored
     against, and its parameters as split.json records them (``fraction``; ``clusters``, ``eps``,
-    ``rule``). A control's size is its split's, known once that split is made."""
+    ``rule``); whether the reference set is added to it (its family's setting, a control's that of
+    the split it controls). A control's size is its split's, known once that split is made."""
 
     name: str
     policy: str  # full | gapmatch | near | far | random | coreset | semdedup | image-based
@@ -124,14 +126,41 @@ class SplitSpec:
     params: dict[str, Any] = field(default_factory=dict)
     control_of: str | None = None
     seed: int | None = None  # the seeded policies only (random, semdedup, image-based)
+    reference: bool = False  # the reference set is added to the split's training data
 
 
 def _seed(cfg: Config, name: str) -> int:
     return split_seed(cfg.seed, name)
 
 
-def _fraction_name(policy: str, f: float) -> str:
-    return f"{policy}-{f:g}"
+def _fraction_name(policy: str, f: float, target: str = "") -> str:
+    return f"{policy}-{target}-{f:g}" if target else f"{policy}-{f:g}"
+
+
+def _sized_specs(cfg: Config, policy: str, benchmarks: list[str]) -> list[SplitSpec]:
+    """near / far / random at each size: per target benchmark (``near-sketch-0.25``) and over the
+    union of benchmarks (``near-0.25``)."""
+    sized = getattr(cfg.splits, policy)
+    if policy == "random" and sized.targets:
+        raise ConfigError(
+            f"{where(cfg)}: splits.random.targets: random splits are scored against no benchmark"
+        )
+    check_benchmarks(cfg, f"splits.{policy}.targets", sized.targets, benchmarks)
+    scored = sized.benchmarks or tuple(benchmarks)
+    check_benchmarks(cfg, f"splits.{policy}.benchmarks", scored, benchmarks)
+    specs = []
+    for f in dict.fromkeys(sized.sizes):
+        if policy == "random":
+            name = _fraction_name(policy, f)
+            specs.append(SplitSpec(name, policy, (), {"fraction": f}, seed=_seed(cfg, name)))
+            continue
+        for target in dict.fromkeys(sized.targets):
+            specs.append(
+                SplitSpec(_fraction_name(policy, f, target), policy, (target,), {"fraction": f})
+            )
+        if sized.union:
+            specs.append(SplitSpec(_fraction_name(policy, f), policy, scored, {"fraction": f}))
+    return specs
 
 
 def split_specs(cfg: Config, benchmarks: list[str]) -> list[SplitSpec]:
@@ -139,6 +168,8 @@ def split_specs(cfg: Config, benchmarks: list[str]) -> list[SplitSpec]:
     specs: list[SplitSpec] = []
     if sp.full:
         specs.append(SplitSpec("full", "full"))
+    if sp.full_reference:
+        specs.append(SplitSpec("full-reference", "full", reference=True))
     controlled: list[str] = []
     if sp.gapmatch.per_benchmark:
         specs += [SplitSpec(b, "gapmatch", (b,)) for b in benchmarks]
@@ -149,15 +180,7 @@ def split_specs(cfg: Config, benchmarks: list[str]) -> list[SplitSpec]:
     if not sp.gapmatch.controls:
         controlled = []
     for policy in ("near", "far", "random"):
-        sized = getattr(sp, policy)
-        scored = sized.benchmarks or tuple(benchmarks)
-        check_benchmarks(cfg, f"splits.{policy}.benchmarks", scored, benchmarks)
-        for f in dict.fromkeys(sized.sizes):
-            name = _fraction_name(policy, f)
-            if policy == "random":
-                specs.append(SplitSpec(name, policy, (), {"fraction": f}, seed=_seed(cfg, name)))
-            else:
-                specs.append(SplitSpec(name, policy, scored, {"fraction": f}))
+        specs += _sized_specs(cfg, policy, benchmarks)
     if sp.coreset.fraction > 0:
         specs.append(
             SplitSpec("coreset", "coreset", tuple(benchmarks), {"fraction": sp.coreset.fraction})
@@ -175,14 +198,33 @@ def split_specs(cfg: Config, benchmarks: list[str]) -> list[SplitSpec]:
         specs.append(SplitSpec("image-based", "image-based", (), params, seed=cfg.seed))
         if sp.image_based.control:
             controlled.append("image-based")
+    specs = [
+        s if s.policy == "full" else dataclasses.replace(s, reference=_adds(cfg, s.policy))
+        for s in specs
+    ]
+    policy_of = {s.name: s.policy for s in specs}
     for name in controlled:
         control = f"{name}-random"
-        specs.append(SplitSpec(control, "random", (), control_of=name, seed=_seed(cfg, control)))
+        specs.append(
+            SplitSpec(
+                control,
+                "random",
+                (),
+                control_of=name,
+                seed=_seed(cfg, control),
+                reference=_adds(cfg, policy_of[name]),
+            )
+        )
     names = [s.name for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"{where(cfg)}: splits: two splits are named {dupes}")
     return specs
+
+
+def _adds(cfg: Config, policy: str) -> bool:
+    """Whether the splits of a family get the reference set (``reference.add_to``)."""
+    return policy in cfg.reference.add_to
 
 
 def where(cfg: Config) -> str:

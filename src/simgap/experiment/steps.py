@@ -161,7 +161,11 @@ def _nn(run: Path, scanned: str, bench: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- train, evaluate
 
 
-def materialize_split(run: Path, data: Data, cfg: Config, split: str, executor: Executor) -> dict:
+def materialize_split(
+    run: Path, data: Data, cfg: Config, split: str, executor: Executor, reference: bool
+) -> dict:
+    """The split's training shards, plus the reference set's (shuffled by the run's seed) when
+    its family adds it."""
     # IO-bound: a local run copies on threads (no process start-up, fsyncs overlap copies).
     if isinstance(executor.engine, LocalEngine):
         executor = Executor(ThreadEngine(max(4, executor.engine.workers)), executor.retries)
@@ -169,8 +173,9 @@ def materialize_split(run: Path, data: Data, cfg: Config, split: str, executor: 
         run / "splits" / split,
         pool_shards(data),
         run / "shards" / split,
-        reference=Path(data.reference) if cfg.reference.add_to_splits else None,
+        reference=Path(data.reference) if reference else None,
         caption_template=cfg.reference.caption,
+        reference_seed=cfg.seed,
         executor=executor,
     )
 
