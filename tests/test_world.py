@@ -20,6 +20,7 @@ from simgap.world import (
     DOMAINS,
     WorldConfig,
     generate_world,
+    pool_ground_truth,
     render_image,
 )
 
@@ -147,6 +148,40 @@ def test_pool_mix_and_captions(world: tuple[Path, dict]) -> None:
     names = info["classnames"]
     own_word = sum(names[r["label"]] in r["caption"] for r in rows if r["label"] >= 0)
     assert 0.6 < own_word / sum(r["label"] >= 0 for r in rows) < 0.95  # noisy, not useless
+
+
+def test_pool_ground_truth_says_what_each_pool_sample_is(world: tuple[Path, dict]) -> None:
+    """ground_truth/pool.parquet: kind, domain, label and caption noise of every pool sample,
+    the same as the samples written (what pruning removed is counted against it)."""
+    root, info = world
+    truth = pq.read_table(root / "ground_truth" / "pool.parquet").to_pylist()
+    rows = [
+        r for p in sorted((root / "pool").glob("*.parquet")) for r in pq.read_table(p).to_pylist()
+    ]
+    assert [t["key"] for t in truth] == [r["key"] for r in rows]
+    assert all(
+        (t["domain"], t["label"]) == (r["domain"], r["label"])
+        for t, r in zip(truth, rows, strict=True)
+    )
+    near = pq.read_table(root / "ground_truth" / "near_duplicates.parquet").to_pylist()
+    copies = {t["key"]: t["copy"] for t in truth if t["kind"] == "near-duplicate"}
+    assert copies == {n["pool_key"]: n["test_key"] for n in near} and copies
+    assert {t["kind"] for t in truth} == set(DOMAINS) | {"distractor", "near-duplicate"}
+    names = info["classnames"]
+    by_noise: dict[str, list[tuple[str, str]]] = {}
+    for t, r in zip(truth, rows, strict=True):
+        words = {n for n in names if n in r["caption"].lower()}
+        by_noise.setdefault(t["caption"], []).append((names[t["label"]], words))
+    assert set(by_noise) == {"clean", "no-class", "wrong-class", "distractor"}
+    assert all(own in words for own, words in by_noise["clean"])
+    assert all(not words for _, words in by_noise["no-class"] + by_noise["distractor"])
+    assert all(words and own not in words for own, words in by_noise["wrong-class"])
+    # Deterministic, and written into a world made before the file existed.
+    assert pool_ground_truth(SMALL).equals(pq.read_table(root / "ground_truth" / "pool.parquet"))
+    before = (root / "ground_truth" / "pool.parquet").read_bytes()
+    (root / "ground_truth" / "pool.parquet").unlink()
+    generate_world(SMALL, root)
+    assert (root / "ground_truth" / "pool.parquet").read_bytes() == before
 
 
 def test_tar_members_are_reproducible_metadata(world: tuple[Path, dict]) -> None:

@@ -12,6 +12,7 @@ from simgap.world.writer import (
     WorldConfig,
     benchmark_key,
     generate_world,
+    pool_ground_truth,
     pool_key,
     reference_key,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "WorldConfig",
     "benchmark_key",
     "generate_world",
+    "pool_ground_truth",
     "pool_key",
     "reference_key",
     "render_image",

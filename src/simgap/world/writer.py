@@ -377,17 +377,29 @@ def _decorate(text: str, rng: np.random.Generator) -> str:
     return text[:1].upper() + text[1:] if rng.random() < 0.5 else text
 
 
+def _caption_noise(kind: str, u: float, cfg: WorldConfig) -> str:
+    """Which caption a pool sample of ``kind`` gets, from its caption stream's first draw ``u``:
+    ``clean`` (its class word), ``no-class``, ``wrong-class``, or ``distractor`` (no class)."""
+    if kind == _DISTRACTOR:
+        return "distractor"
+    if u < cfg.no_class_caption_fraction:
+        return "no-class"
+    if u < cfg.no_class_caption_fraction + cfg.wrong_class_caption_fraction:
+        return "wrong-class"
+    return "clean"
+
+
 def _caption(
     kind: str, label: int, cfg: WorldConfig, classnames: Sequence[str], rng: np.random.Generator
 ) -> str:
     """A noisy caption: style words of the domain, sometimes the wrong or no class word."""
     if kind == _DISTRACTOR:
         return _decorate(str(rng.choice(_DISTRACTOR_CAPTIONS)), rng)
-    u = rng.random()
-    if u < cfg.no_class_caption_fraction:
+    noise = _caption_noise(kind, rng.random(), cfg)
+    if noise == "no-class":
         return _decorate(str(rng.choice(_NO_CLASS_CAPTIONS[kind])), rng)
     word = classnames[label]
-    if u < cfg.no_class_caption_fraction + cfg.wrong_class_caption_fraction:
+    if noise == "wrong-class":
         other = int(rng.integers(len(classnames) - 1))
         word = classnames[other + (other >= label)]
     return _decorate(str(rng.choice(_STYLE_CAPTIONS[kind])).format(c=word), rng)
@@ -532,6 +544,40 @@ def _write_near_duplicates(plan: _Plan, out: Path) -> None:
     _write_atomic(out / "ground_truth" / "near_duplicates.parquet", _parquet_bytes(table))
 
 
+POOL_TRUTH = "pool.parquet"  # in ground_truth/: what each pool sample is
+
+
+def pool_ground_truth(cfg: WorldConfig) -> pa.Table:
+    """What each pool sample is, drawn from the same random streams as its image and caption
+    (without rendering either): ``kind`` (its domain, ``distractor`` or ``near-duplicate``),
+    ``domain`` (a near-duplicate's: the benchmark it copies), ``label`` (-1: no class),
+    ``caption`` (``clean``, ``no-class``, ``wrong-class``, ``distractor``; a near-duplicate's
+    caption is clean) and, for a near-duplicate, the benchmark test image it copies."""
+    plan = _plan(cfg)
+    cols: dict[str, list] = {k: [] for k in ("key", "kind", "domain", "label", "caption", "copy")}
+    for index, kind in enumerate(plan.pool_kinds):
+        if kind == _NEAR:
+            bench, test_index = plan.near_picks[index]
+            label = plan.benchmark_labels[bench][test_index // plan.benchmark_per_class]
+            row = (bench, label, "clean", benchmark_key(bench, test_index))
+        elif kind == _DISTRACTOR:
+            row = (kind, -1, "distractor", None)
+        else:
+            label = int(_rng(cfg, _PART_POOL, index).integers(cfg.n_classes))
+            noise = _caption_noise(kind, _rng(cfg, _PART_POOL, index, 1).random(), cfg)
+            row = (kind, label, noise, None)
+        for col, value in zip(cols, (pool_key(index), kind, *row), strict=True):
+            cols[col].append(value)
+    types = {"label": pa.int64()}
+    return pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in cols.items()})
+
+
+def _write_pool_truth(cfg: WorldConfig, out: Path) -> None:
+    (out / "ground_truth").mkdir(parents=True, exist_ok=True)
+    table = pool_ground_truth(cfg)
+    _write_atomic(out / "ground_truth" / POOL_TRUTH, _parquet_bytes(table))
+
+
 def _config_json(cfg: WorldConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
@@ -648,6 +694,8 @@ def generate_world(
     out = Path(out_dir)
     existing = _existing_world(cfg, out)
     if existing is not None:
+        if not (out / "ground_truth" / POOL_TRUTH).is_file():
+            _write_pool_truth(cfg, out)  # a world written before this file existed
         if progress:
             progress(f"world already complete in {out}")
         return existing
@@ -679,6 +727,7 @@ def generate_world(
         for task in tasks:
             report(task())
     _write_near_duplicates(plan, out)
+    _write_pool_truth(cfg, out)
 
     info = _world_info(cfg, plan)
     text = json.dumps(info, indent=2, sort_keys=True) + "\n"
