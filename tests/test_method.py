@@ -58,7 +58,12 @@ def test_reference_is_added_per_family_with_the_papers_defaults(tmp_path):
     ).keys
     changed = {n for n in before if before[n] != after[n]}
     per_split = {f"{s}-near-0.5" for s in ("select", "gaps", "materialize", "train", "evaluate")}
-    assert changed == per_split | {"gaps", "analysis-robustness", "analysis-similarity"}
+    assert changed == per_split | {
+        "gaps",
+        "analysis-composition",
+        "analysis-robustness",
+        "analysis-similarity",
+    }
 
 
 def test_the_old_add_to_splits_key_is_refused_with_how_to_migrate():

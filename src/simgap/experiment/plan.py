@@ -24,6 +24,7 @@ from simgap.experiment.specs import (
 )
 from simgap.experiment.steps import (
     audit_step,
+    composition_step,
     embed_source,
     evaluate_split,
     materialize_split,
@@ -186,6 +187,14 @@ def _split_stages(
             )
         )
     names = [s.name for s in specs]
+    add(
+        Stage(
+            "analysis-composition",
+            names,
+            lambda r: composition_step(run, data, cfg, specs, benchmarks),
+            after=tuple(f"select-{n}" for n in names),
+        )
+    )
     add(
         Stage(
             "gaps",

@@ -1,0 +1,105 @@
+"""What pruning removed (issue 14, section 3): kept against removed pool points by what they are."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from simgap.scan import scan_store
+from simgap.select.build import SelectConfig, select, split_rows
+from simgap.select.composition import QUANTILES, composition, pick_removed, scan_scores
+from simgap.store import write_store
+from simgap.world import DOMAINS, WorldConfig, generate_world
+
+MODEL = {"arch": "test", "pretrained": None, "checkpoint_sha256": None}
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """A tiny world's pool, embedded so that each kind of pool sample lies near its own direction:
+    a benchmark made of sketch-like test points then finds the sketch samples most similar."""
+    root = tmp_path_factory.mktemp("comp")
+    generate_world(WorldConfig(scale=0.05, shard_size=80), root / "world")
+    truth = pq.read_table(root / "world" / "ground_truth" / "pool.parquet")
+    kinds = truth.column("kind").to_pylist()
+    names = sorted(set(kinds))
+    rng = np.random.default_rng(0)
+    axes = np.eye(len(names), 16, dtype=np.float32)
+    emb = np.stack([axes[names.index(k)] for k in kinds]) + 0.35 * rng.standard_normal(
+        (len(kinds), 16)
+    ).astype(np.float32)
+    pool = write_store(root / "pool", emb, truth.column("key").to_pylist(), MODEL, 64)
+    tests = axes[names.index("sketch")] + 0.35 * rng.standard_normal((20, 16)).astype(np.float32)
+    bench = write_store(root / "bench-sketch", tests, [f"t{i:03d}" for i in range(20)], MODEL)
+    # The reference set: far from every pool point, so its similarities are the thresholds.
+    ref = rng.standard_normal((30, 16)).astype(np.float32)
+    ref_store = write_store(root / "reference", ref, [f"r{i:03d}" for i in range(30)], MODEL)
+    tests_f = bench.embeddings()
+    thr = scan_store(ref_store, tests_f, topk=1).topk_sim[:, 0].copy()
+    scan_store(pool, tests_f, thresholds=thr, topk=2, out_dir=root / "scans" / "pool-sketch")
+    for name, policy, size in (("sketch", "gapmatch", None), ("near-0.5", "near", 0.5)):
+        select(
+            SelectConfig(
+                policy,
+                root / "pool",
+                root / "splits" / name,
+                benchmarks=(root / "bench-sketch",),
+                scans=(root / "scans" / "pool-sketch",),
+                reference=root / "reference",
+                size=size,
+                check=False,
+            )
+        )
+    splits = {
+        "sketch": ("gapmatch", ("sketch",), split_rows(pool, root / "splits" / "sketch")),
+        "near-0.5": ("near", ("sketch",), split_rows(pool, root / "splits" / "near-0.5")),
+        "full": ("full", (), np.ones(pool.rows, bool)),
+    }
+    out = composition(pool, splits, scan_scores(root / "scans", ["sketch"]), truth)
+    return out, truth, splits
+
+
+def test_counts_add_up_to_the_ground_truth(pruned):
+    out, truth, splits = pruned
+    kinds = np.array(truth.column("kind").to_pylist())
+    noise = np.array(truth.column("caption").to_pylist())
+    assert out["ground_truth"] and out["pool"] == len(kinds)
+    assert set(out["groups"]["kind"]) == set(DOMAINS) | {"distractor", "near-duplicate"}
+    assert out["groups"]["caption"] == ["clean", "distractor", "no-class", "wrong-class"]
+    for name, (_, _, kept) in splits.items():
+        entry = out["splits"][name]
+        assert entry["kept"] == kept.sum() and entry["removed"] == (~kept).sum()
+        for group, values in (("kind", kinds), ("caption", noise)):
+            for category, (k, r) in entry["counts"][group].items():
+                assert k == (kept & (values == category)).sum()
+                assert r == (~kept & (values == category)).sum()
+    assert out["splits"]["full"]["removed"] == 0 and out["splits"]["full"]["examples"] == []
+    json.dumps(out)  # plain JSON data
+
+
+def test_pruning_against_sketch_removes_sketch_samples_and_shows_them(pruned):
+    out, _, _ = pruned
+    for name in ("sketch", "near-0.5"):
+        entry = out["splits"][name]
+        share = {c: r / (k + r) for c, (k, r) in entry["counts"]["kind"].items()}
+        assert entry["removed"] > 0 and share["sketch"] > 0.9
+        assert max(share, key=share.get) == "sketch"
+        examples = entry["examples"]
+        assert [e["quantile"] for e in examples] == list(QUANTILES)[: len(examples)]
+        scores = [e["score"] for e in examples]
+        assert scores == sorted(scores, reverse=True)
+        assert all(e["key"].startswith("p") and e["kind"] for e in examples)
+    assert out["splits"]["sketch"]["score"] == "margin"
+    assert all(e["score"] > 0 for e in out["splits"]["sketch"]["examples"])  # removed: above
+    assert out["splits"]["near-0.5"]["score"] == "similarity"
+
+
+def test_pick_removed_without_a_score_spreads_over_the_removed_rows():
+    kept = np.array([True, False, False, True, False, False, False])
+    assert pick_removed(kept, None) == [(1.0, 1), (0.75, 2), (0.5, 4), (0.25, 5), (0.0, 6)]
+    score = np.array([0, 5, 1, 0, 1, 3, 2], np.float32)
+    assert pick_removed(kept, score) == [(1.0, 1), (0.75, 5), (0.5, 6), (0.25, 2), (0.0, 4)]
+    assert pick_removed(np.ones(3, bool), None) == []
