@@ -75,6 +75,7 @@ def make_run(run: Path, gallery: bool = True) -> Path:
     _evals(run)
     _analysis(run, rng)
     _audit(run)
+    _composition(run)
     if gallery:
         _stores_and_scans(run, np.random.default_rng(1))
     return run
@@ -186,6 +187,38 @@ def _analysis(run: Path, rng: np.random.Generator) -> None:
                     }
                 )
     pq.write_table(pa.Table.from_pylist(rows), run / "analysis" / "accuracy_by_similarity.parquet")
+
+
+def _composition(run: Path) -> None:
+    """analysis/composition.json (simgap.select.composition): kind counts as [kept, removed]."""
+    kinds = ("photo", "sketch", "distractor")
+    splits = {}
+    for name, (policy, benches, size, _, _) in SPLITS.items():
+        removed = POOL_SIZE - size
+        sketch = min(removed, 2 * removed // 3) if policy in ("gapmatch", "near") else removed // 3
+        per_kind = {"photo": removed - sketch - removed // 10, "sketch": sketch}
+        per_kind["distractor"] = removed - per_kind["photo"] - sketch
+        kept = {k: POOL_SIZE // 3 - per_kind[k] for k in kinds}
+        kept["photo"] += POOL_SIZE - 3 * (POOL_SIZE // 3)
+        counts = {k: [kept[k], per_kind[k]] for k in kinds}
+        splits[name] = {
+            "policy": policy,
+            "benchmarks": benches,
+            "score": None,
+            "kept": size,
+            "removed": removed,
+            "counts": {"kind": counts, "caption": {"clean": [size, removed]}},
+            "examples": [],
+        }
+    write_json(
+        run / "analysis" / "composition.json",
+        {
+            "pool": POOL_SIZE,
+            "ground_truth": True,
+            "groups": {"kind": sorted(kinds), "caption": ["clean"]},
+            "splits": splits,
+        },
+    )
 
 
 def _audit(run: Path) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+from simgap.data.tars import write_tar
+from simgap.io import write_json
+from simgap.report import build_report
 from simgap.scan import scan_store
 from simgap.select.build import SelectConfig, select, split_rows
 from simgap.select.composition import QUANTILES, composition, pick_removed, scan_scores
@@ -103,3 +108,74 @@ def test_pick_removed_without_a_score_spreads_over_the_removed_rows():
     score = np.array([0, 5, 1, 0, 1, 3, 2], np.float32)
     assert pick_removed(kept, score) == [(1.0, 1), (0.75, 5), (0.5, 6), (0.25, 2), (0.0, 4)]
     assert pick_removed(np.ones(3, bool), None) == []
+
+
+def _report(run, comp):
+    write_json(run / "run.json", {"config": {}, "world": None, "analysis": {}})
+    write_json(run / "analysis" / "composition.json", comp)
+    return build_report(run)["markdown"].read_text(encoding="utf-8")
+
+
+def test_report_shows_the_composition_with_computed_sentences(pruned, tmp_path):
+    out, _, _ = pruned
+    md = _report(tmp_path / "run", out)
+    section = md[md.index("What pruning removed") :]
+    assert (tmp_path / "run" / "report" / "fig-composition.png").stat().st_size > 5000
+    assert "fig-composition.png" in section
+    counts = out["splits"]["sketch"]["counts"]["kind"]
+    removed = sum(r for _, r in counts.values())
+    share = 100 * counts["sketch"][1] / removed
+    kept_share = 100 * counts["sketch"][0] / sum(k for k, _ in counts.values())
+    assert (
+        f"sketch removed {removed:,} of 200 pool points ({removed / 2:.1f}%); {share:.1f}% of "
+        f"them are sketch samples, more than among the points it kept ({kept_share:.1f}%)"
+    ) in section
+    assert "full removed" not in section  # removed nothing: not shown
+
+
+def test_report_on_real_data_shows_removed_images_with_captions(tmp_path):
+    tar = tmp_path / "pool" / "00000.tar"
+    samples = []
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), (80 * i, 20, 200)).save(buf, format="JPEG")
+        samples.append((f"k{i}", {"jpg": buf.getvalue(), "txt": b"x"}))
+    write_tar(tar, samples)
+    examples = [
+        {
+            "key": f"k{i}",
+            "source": str(tar),
+            "caption": f"a photo number {i}",
+            "quantile": q,
+            "score": s,
+        }
+        for i, (q, s) in enumerate(((1.0, 0.2), (0.5, 0.1), (0.0, 0.01)))
+    ]
+    comp = {
+        "pool": 10,
+        "ground_truth": False,
+        "splits": {
+            "imagenet-sketch": {
+                "policy": "gapmatch",
+                "benchmarks": ["imagenet-sketch"],
+                "score": "margin",
+                "kept": 7,
+                "removed": 3,
+                "examples": examples,
+            },
+            "full": {
+                "policy": "full",
+                "benchmarks": [],
+                "score": None,
+                "kept": 10,
+                "removed": 0,
+                "examples": [],
+            },
+        },
+    }
+    md = _report(tmp_path / "run", comp)
+    section = md[md.index("What pruning removed") :]
+    assert (tmp_path / "run" / "report" / "fig-removed-imagenet-sketch.png").is_file()
+    assert "a photo number 1" in section and "0.100" in section
+    assert "not found again" not in section
+    assert not (tmp_path / "run" / "report" / "fig-removed-full.png").exists()

@@ -57,6 +57,7 @@ def _table(html: str, caption: str) -> dict[str, list[str]]:
 FIGURES = [
     "fig-accuracy-similarity.png",
     "fig-accuracy.png",
+    "fig-composition.png",
     *(f"fig-gallery-{b}.png" for b in sorted(BENCHMARKS)),
     "fig-gaps.png",
     "fig-removed.png",
@@ -273,7 +274,7 @@ def test_run_json_only(tmp_path: Path) -> None:
         {"config": {}, "world": None, "analysis": {"audit": None, "analysis-robustness": why}},
     )
     html = build_report(run)["html"].read_text(encoding="utf-8")
-    assert html.count("not computed in this run") == 8
+    assert html.count("not computed in this run") == 9
     assert (
         "Effective robustness: not computed in this run (no analysis/robustness.json; the run "
         "says: needs two trained splits and an OOD benchmark)." in html

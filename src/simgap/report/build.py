@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from simgap.io import write_bytes
-from simgap.report import analysis, audit, figures, gallery
+from simgap.report import analysis, audit, composition, figures, gallery
 from simgap.report.blocks import (
     FigureBlock,
     Note,
@@ -434,6 +434,7 @@ def build_sections(files: RunFiles) -> list[Section]:
         analysis.robustness_section(files),
         audit.audit_section(files),
         _splits_section(files, colors),
+        composition.composition_section(files),
         _provenance_section(files),
     ]
     for i, section in enumerate(body, start=1):

@@ -1,0 +1,231 @@
+"""The report's "What pruning removed" section, from ``analysis/composition.json``
+(:mod:`simgap.select.composition`).
+
+On the world, where what each pool sample is is known, a stacked-bar figure and a table compare
+the removed points with the kept ones (by kind: domain, distractor, planted near-duplicate; and
+by caption noise), and one computed sentence per pruned split names the kind most
+over-represented among its removed points. On real data, galleries show removed points at
+several scores (margin over the threshold, or similarity to the benchmarks), with captions.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from simgap.io import read_json
+from simgap.report import figures
+from simgap.report.blocks import FigureBlock, Note, Paragraph, Section, Table
+from simgap.report.figures import _figure, _png, _style
+from simgap.report.gallery import Sample, fetch_thumbnails
+from simgap.report.runfiles import NOT_COMPUTED, RunFiles, split_order
+
+GROUP_TITLES = {"kind": "kind of pool sample", "caption": "caption"}
+_CATEGORY_COLORS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+_CAPTION_CHARS = 18  # per line under a gallery thumbnail
+
+
+def load_composition(files: RunFiles) -> dict[str, Any] | None:
+    path = None if files.run_dir is None else files.run_dir / "analysis" / "composition.json"
+    return read_json(path) if path is not None and path.is_file() else None
+
+
+def pruned_splits(files: RunFiles, comp: Mapping[str, Any]) -> list[str]:
+    """Splits that removed something, in the report's split order (then by name)."""
+    rank = {name: i for i, name in enumerate(split_order(files))}
+    names = sorted(comp["splits"], key=lambda n: (rank.get(n, len(rank)), n))
+    return [n for n in names if comp["splits"][n]["removed"] > 0]
+
+
+def shares(counts: Mapping[str, Sequence[int]], column: int) -> dict[str, float]:
+    """category -> its share of the kept (column 0) or removed (column 1) points."""
+    total = sum(c[column] for c in counts.values())
+    return {k: (c[column] / total if total else 0.0) for k, c in counts.items()}
+
+
+def over_represented(counts: Mapping[str, Sequence[int]]) -> tuple[str, float, float]:
+    """The category whose share of the removed points most exceeds its share of the kept ones
+    (ties to the first in name order): (category, removed share, kept share)."""
+    removed, kept = shares(counts, 1), shares(counts, 0)
+    best = max(sorted(counts), key=lambda k: removed[k] - kept[k])
+    return best, removed[best], kept[best]
+
+
+def removed_sentence(name: str, split: Mapping[str, Any], pool: int) -> str:
+    """One computed sentence: how much the split removed and what is over-represented in it."""
+    kind, r, k = over_represented(split["counts"]["kind"])
+    noise, nr, nk = over_represented(split["counts"]["caption"])
+    direction = "more" if r > k else "no more"
+    return (
+        f"{name} removed {split['removed']:,} of {pool:,} pool points "
+        f"({100 * split['removed'] / pool:.1f}%); {100 * r:.1f}% of them are {kind} samples, "
+        f"{direction} than among the points it kept ({100 * k:.1f}%), and {100 * nr:.1f}% have "
+        f"a {noise} caption ({100 * nk:.1f}% of the kept)."
+    )
+
+
+def composition_figure(comp: Mapping[str, Any], names: Sequence[str]) -> bytes:
+    """Stacked horizontal bars, one panel per ground-truth group: for each split a bar of its
+    kept points and one of its removed points, each split into the shares of every category."""
+    groups = list(GROUP_TITLES)
+    with _style():
+        fig = _figure(11.0, 1.6 + 0.42 * len(names))
+        axes = fig.subplots(1, len(groups), sharey=True)
+        labels = [f"{n} {side}" for n in names for side in ("kept", "removed")]
+        y = np.arange(len(labels))
+        for ax, group in zip(axes, groups, strict=True):
+            categories = comp["groups"][group]
+            left = np.zeros(len(labels))
+            for i, category in enumerate(categories):
+                widths = np.array(
+                    [
+                        shares(comp["splits"][n]["counts"][group], side).get(category, 0.0)
+                        for n in names
+                        for side in (0, 1)
+                    ]
+                )
+                color = _CATEGORY_COLORS[i % len(_CATEGORY_COLORS)]
+                ax.barh(y, widths, left=left, height=0.75, color=color, label=category)
+                left += widths
+            ax.set_yticks(y, labels)
+            ax.set_xlim(0, 1)
+            ax.set_xlabel(f"share of points, by {GROUP_TITLES[group]}")
+            ax.grid(axis="y", visible=False)
+            ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=3, frameon=False)
+        axes[0].invert_yaxis()  # once: the panels share the axis
+        return _png(fig)
+
+
+def composition_table(comp: Mapping[str, Any], names: Sequence[str]) -> Table:
+    kinds = comp["groups"]["kind"]
+    rows = []
+    for n in names:
+        counts = comp["splits"][n]["counts"]["kind"]
+        removed, kept = shares(counts, 1), shares(counts, 0)
+        rows.append(
+            [n, f"{comp['splits'][n]['removed']:,}"]
+            + [f"{100 * removed.get(k, 0):.1f} / {100 * kept.get(k, 0):.1f}" for k in kinds]
+        )
+    return Table(
+        ["split", "removed", *kinds],
+        rows,
+        caption="Share (%) of each kind of pool sample among the removed / the kept points.",
+    )
+
+
+def _caption_lines(text: str | None) -> list[str]:
+    lines = textwrap.wrap(text or "(no caption)", _CAPTION_CHARS)[:2]
+    return lines or ["(no caption)"]
+
+
+def removed_gallery(split: Mapping[str, Any], images: Mapping[Sample, np.ndarray]) -> bytes:
+    """One row: the split's removed examples, each titled with its score and caption."""
+    score = split["score"] or "row"
+    cells = []
+    for e in split["examples"]:
+        value = "" if e["score"] is None else f" {e['score']:.3f}"
+        title = [f"q{e['quantile']:.2f} {score}{value}", e["key"], *_caption_lines(e["caption"])]
+        cells.append(figures.Thumb(images.get(Sample(e["key"], e["source"])), "\n".join(title)))
+    return figures.nn_gallery([cells])
+
+
+def _galleries(comp: Mapping[str, Any], names: Sequence[str]) -> list[FigureBlock | Note]:
+    shown = [n for n in names if comp["splits"][n]["examples"]]
+    samples = [Sample(e["key"], e["source"]) for n in shown for e in comp["splits"][n]["examples"]]
+    missing: Counter[str] = Counter()
+    images = fetch_thumbnails(samples, missing)
+    blocks: list[FigureBlock | Note] = [
+        FigureBlock(
+            f"fig-removed-{n}.png",
+            removed_gallery(comp["splits"][n], images),
+            f"Image row: pool points removed by {n}, with their captions",
+            f"{n}: removed pool points at the highest, 75%, median, 25% and lowest "
+            f"{comp['splits'][n]['score'] or 'row position'} among its removed points.",
+        )
+        for n in shown
+    ]
+    if missing:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(missing.items()))
+        blocks.append(Note(f"{sum(missing.values())} removed images not found again ({reasons})."))
+    return blocks
+
+
+def composition_section(files: RunFiles) -> Section:
+    section = Section("What pruning removed")
+    comp = load_composition(files)
+    if comp is None:
+        section.blocks.append(
+            Note(
+                f"Composition of the removed points: {NOT_COMPUTED} (no analysis/composition.json)."
+            )
+        )
+        return section
+    names = pruned_splits(files, comp)
+    if not names:
+        section.blocks.append(Note("No split removed any pool point."))
+        return section
+    if comp["ground_truth"]:
+        section.blocks += [
+            Paragraph(
+                "On the world each pool sample's kind (its domain, a class-less distractor, or a "
+                "planted near-duplicate of a test image) and its caption (clean, without a class "
+                "word, with a wrong one) are known. For every split that removed points: the "
+                "composition of the points it removed against the points it kept."
+            ),
+            FigureBlock(
+                "fig-composition.png",
+                composition_figure(comp, names),
+                "Stacked bars: composition of kept and removed pool points per split",
+                "Per split, the kept and the removed pool points, as shares of each kind of "
+                "sample (left) and each kind of caption (right).",
+            ),
+            composition_table(comp, names),
+            *(Paragraph(removed_sentence(n, comp["splits"][n], comp["pool"])) for n in names),
+        ]
+        return section
+    section.blocks.append(
+        Paragraph(
+            "What each pool point is cannot be known on real data: for every split that removed "
+            "points, removed pool images with their captions, at several scores among the "
+            "removed points (the margin over a test point's threshold for a gap-matched split, "
+            "the similarity to the benchmarks for near / far / coreset)."
+        )
+    )
+    section.blocks += _galleries(comp, names)
+    section.blocks.append(examples_table(comp, names))
+    return section
+
+
+def examples_table(comp: Mapping[str, Any], names: Sequence[str]) -> Table:
+    rows = [
+        [
+            n,
+            f"{e['quantile']:.2f}",
+            "—" if e["score"] is None else f"{e['score']:.3f}",
+            e["key"],
+            e["caption"] or "(no caption)",
+        ]
+        for n in names
+        for e in comp["splits"][n]["examples"]
+    ]
+    return Table(
+        ["split", "quantile", "score", "key", "caption"],
+        rows,
+        caption="Removed pool points shown in the galleries, with their captions.",
+        numeric=(1, 2),
+    )
