@@ -189,14 +189,6 @@ def _split_stages(
     names = [s.name for s in specs]
     add(
         Stage(
-            "analysis-composition",
-            names,
-            lambda r: composition_step(run, data, cfg, specs, benchmarks),
-            after=tuple(f"select-{n}" for n in names),
-        )
-    )
-    add(
-        Stage(
             "gaps",
             names,
             lambda r: write_gaps(run, data, benchmarks, names),
@@ -205,6 +197,19 @@ def _split_stages(
     )
 
     return stages
+
+
+def _composition_stage(
+    cfg: Config, run: Path, data: Data, specs: list[SplitSpec], benchmarks: list[str]
+) -> Stage:
+    """What each split removed, against the world's ground truth (select.composition)."""
+    names = [s.name for s in specs]
+    return Stage(
+        "analysis-composition",
+        names,
+        lambda r: composition_step(run, data, cfg, specs, benchmarks),
+        after=tuple(f"select-{n}" for n in names),
+    )
 
 
 def _train_stages(
@@ -335,6 +340,7 @@ def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
     stages = [
         *sources,
         *_split_stages(cfg, run, data, specs, benchmarks, log),
+        _composition_stage(cfg, run, data, specs, benchmarks),
         *_train_stages(
             cfg,
             run,
