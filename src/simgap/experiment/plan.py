@@ -11,6 +11,7 @@ from typing import Any
 
 from simgap.analysis import guarded, robustness_analysis, similarity_analysis
 from simgap.config import Config, ConfigError
+from simgap.experiment.engines import Executors, executors_of, kernel_config
 from simgap.experiment.specs import (
     Data,
     SplitSpec,
@@ -23,15 +24,15 @@ from simgap.experiment.specs import (
     where,
 )
 from simgap.experiment.steps import (
+    CHECK_SCAN,
     audit_step,
+    check_splits,
     embed_source,
     evaluate_split,
     materialize_split,
-    scan_benchmarks,
+    scan_grid,
     select_split,
-    split_gaps,
     train_split,
-    write_gaps,
 )
 from simgap.parallel import Executor
 from simgap.runner import Stage
@@ -77,7 +78,7 @@ def recipe_key(recipe: Recipe) -> list[str]:
 
 
 def _source_stages(
-    cfg: Config, run: Path, data: Data, benchmarks: list[str], log: Log, executor: Executor
+    cfg: Config, run: Path, data: Data, benchmarks: list[str], log: Log, executors: Executors
 ) -> list[Stage]:
     """The world (or nothing, for real sources), the similarity model, the embeddings, the scan."""
     stages: list[Stage] = []
@@ -138,7 +139,7 @@ def _source_stages(
                     "device": sim.device,
                 },
                 lambda r, name=name, source=source: embed_source(
-                    run, name, source, r, sim, executor, log
+                    run, name, source, r, sim, executors.embed, log
                 ),
                 after=("similarity-model",),
                 owns=(f"stores/{name}",),
@@ -146,11 +147,13 @@ def _source_stages(
         )
     embeds = tuple(f"embed-{n}" for n in sources)
     pool_input = {"pool_embeddings": data.pool_store}
+    kernel = kernel_config(cfg)
+    # Keyed without device, precision, tiles or engine: the scan is exact, they change no byte.
     add(
         Stage(
             "scan",
             {"topk": cfg.scan.topk, "benchmarks": benchmarks, **pool_input},
-            lambda r: scan_benchmarks(run, data, benchmarks, cfg.scan.topk, log),
+            lambda r: scan_grid(run, data, benchmarks, cfg.scan.topk, kernel, executors.scan, log),
             after=embeds,
             owns=("scans",),
         )
@@ -159,9 +162,17 @@ def _source_stages(
 
 
 def _split_stages(
-    cfg: Config, run: Path, data: Data, specs: list[SplitSpec], benchmarks: list[str], log: Log
+    cfg: Config,
+    run: Path,
+    data: Data,
+    specs: list[SplitSpec],
+    benchmarks: list[str],
+    log: Log,
+    executors: Executors | None = None,
 ) -> list[Stage]:
-    """Per split its select and gap check, then the gap tables of every split."""
+    """Per split its select (from the scan, no pool pass); then one gaps stage: every split's
+    gap check in one pass over the pool, and the gap tables."""
+    executors = executors or executors_of(cfg)
     stages: list[Stage] = []
     add = stages.append
     added = cfg.reference.add_to_splits
@@ -177,22 +188,17 @@ def _split_stages(
                 owns=(f"splits/{spec.name}",),
             )
         )
-    for spec in specs:
-        add(
-            Stage(
-                f"gaps-{spec.name}",
-                {},
-                lambda r, spec=spec: split_gaps(run, data, spec, benchmarks, added),
-                after=(f"select-{spec.name}",),
-            )
-        )
     names = [s.name for s in specs]
+    kernel = kernel_config(cfg)
     add(
         Stage(
             "gaps",
-            names,
-            lambda r: write_gaps(run, data, benchmarks, names),
-            after=tuple(f"gaps-{n}" for n in names),
+            {"splits": names, "reference_added": added},
+            lambda r: check_splits(
+                run, data, specs, benchmarks, added, kernel, executors.scan, log
+            ),
+            after=("scan", *(f"select-{n}" for n in names)),
+            owns=(str(CHECK_SCAN), "gaps/by-split"),
         )
     )
 
@@ -304,8 +310,22 @@ def _analysis_stages(
     return stages
 
 
-def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
+def make_plan(
+    cfg: Config, run: Path, log: Log, executor: Executor | Executors | None = None
+) -> Plan:
+    """``executor``: one for every stage, or one per kind of work; None: the config's
+    (``engines.executors_of``)."""
     run = Path(run)
+    if executor is None:
+        executors = executors_of(cfg)
+    elif isinstance(executor, Executors):
+        executors = executor
+    else:
+        executors = Executors.every(executor)
+    try:
+        kernel_config(cfg).resolved()
+    except ValueError as err:
+        raise ConfigError(f"{where(cfg)}: scan: {err}") from None
     data = data_of(cfg, run)
     benchmarks = benchmarks_of(cfg)
     evaluated = list(cfg.evaluate.benchmarks) or benchmarks
@@ -317,12 +337,12 @@ def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
         )
     specs = split_specs(cfg, benchmarks)
     trained = trained_splits(cfg, [s.name for s in specs])
-    sources = _source_stages(cfg, run, data, benchmarks, log, executor)
+    sources = _source_stages(cfg, run, data, benchmarks, log, executors)
     embeds = tuple(s.name for s in sources if s.name.startswith("embed-"))
     stages = [
         *sources,
-        *_split_stages(cfg, run, data, specs, benchmarks, log),
-        *_train_stages(cfg, run, data, trained, evaluated, log, executor),
+        *_split_stages(cfg, run, data, specs, benchmarks, log, executors),
+        *_train_stages(cfg, run, data, trained, evaluated, log, executors.io),
         *_analysis_stages(cfg, run, data, trained, evaluated, benchmarks, embeds, log),
     ]
     return Plan(stages, benchmarks, specs, trained, evaluated)
