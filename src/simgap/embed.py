@@ -419,9 +419,7 @@ def embed(
     autocast_dtype(device, precision)  # a bad choice fails before any work
     tasks = shard_tasks(source, shard_size)
     executor = executor or Executor(LocalEngine(1))
-    # Shards embedded elsewhere (a pool, Ray) load their own model: the driver reads the identity
-    # and dimension on the CPU rather than hold a GPU (one a task may need) for nothing.
-    probe = device if _in_process(executor) else "cpu"
+    probe = probe_device(executor, device)
     loaded = _cached_model(spec, probe)
     dim = _dim_of(spec, probe)
     manifest_source: dict[str, Any] = {"spec": str(source)}
@@ -479,6 +477,13 @@ def _groups(
 ) -> list[tuple[ShardTask, ...]]:
     size = GROUP_SHARDS if _in_process(executor) and decode_workers > 0 else 1
     return [tuple(tasks[i : i + size]) for i in range(0, len(tasks), size)]
+
+
+def probe_device(executor: Executor, device: str) -> str:
+    """Where the driver loads the model to read its identity and dimension: shards embedded
+    elsewhere (a pool, Ray) load their own model, so the driver uses the CPU rather than hold a
+    GPU (one a task may need) for nothing; in this process the tasks reuse the driver's model."""
+    return device if _in_process(executor) else "cpu"
 
 
 def auto_decode_workers(executor: Executor) -> int:
