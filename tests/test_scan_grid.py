@@ -132,3 +132,32 @@ def test_every_split_equals_simgap_select(grid, tmp_path):
         mine = json.loads((ours / "split.json").read_text())
         cli = json.loads((theirs / "split.json").read_text())
         assert mine == cli, spec.name  # guarantee included: the run's check pass = select's
+
+
+def test_dry_run_prints_passes_and_estimates_per_scanning_stage(tmp_path, capsys):
+    assert cli_main(["run", "paper-laion", "--dry-run", "--run-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "scanning on cuda (cuda rates: projected, not measured" in out
+    assert "pool 200,000,000 rows, reference 1,281,167, 166,963 test points, d=640" in out
+    # 2 x 2e8 x 166,963 x 640 + 2 x 1,281,167 x 166,963 x 640 FLOP.
+    assert (
+        "scan: 1 pass over the reference set + 1 over the pool (every benchmark at once), "
+        "43.0 PFLOP" in out
+    )
+    assert "gaps: 1 pass over the pool checking 41 splits at once" in out
+    assert "embed-pool: 1 pass over the pool's images" in out
+    # A run whose stores exist: their sizes, and this CPU's measured rate.
+    assert cli_main(["run", "paper-world", "--dry-run", "--run-dir", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    assert "scanning on cpu (cpu rates: measured" in out
+    assert "sizes from the world's config: pool 1,200 rows, reference 180" in out
+
+
+def test_estimates_use_the_runs_stores(grid, capsys):
+    run, cfg, _, _ = grid
+    from simgap.experiment.estimate import sizes_of
+    from simgap.store import open_store
+
+    sizes = sizes_of(cfg, run)
+    assert sizes.source == "the run's stores"
+    assert sizes.pool == open_store(run / "stores" / "pool").rows and sizes.dim == 64

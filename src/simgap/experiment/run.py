@@ -16,6 +16,7 @@ import pyarrow as pa
 from simgap import __version__
 from simgap.config import Config, to_json
 from simgap.experiment.engines import executors_of
+from simgap.experiment.estimate import scan_lines
 from simgap.experiment.plan import (
     Plan,
     make_plan,
@@ -74,6 +75,7 @@ def format_plan(runner: Runner, cfg: Config, plan: Plan) -> str:
         f"recipe {cfg.train.recipe.model} {cfg.train.recipe.epochs} epochs, "
         f"global batch {cfg.train.recipe.batch_size}",
     ]
+    lines += scan_lines(cfg, runner.dir, plan.splits, [r["stage"] for r in rows])
     missing = missing_paths(cfg)
     if missing:
         lines.append(f"missing paths ({len(missing)}); a real run stops on them:")
