@@ -1,6 +1,6 @@
 """A small but complete run directory for the report tests: every file the report reads
 (docs/CONTRACTS.md "Run directory" + this session's run-layout additions), written with the
-project's real writers (StoreWriter, scan_arrays + write_scan, parquet) and real images."""
+project's real writers (StoreWriter, the scan front-end, parquet) and real images."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from simgap.scan import scan_arrays, write_scan
+from simgap.scan.run import scan_benchmarks
 from simgap.store import StoreWriter
 
 BENCHMARKS = ("photo", "sketch", "rendition")
@@ -289,9 +289,16 @@ def _pool_store(run: Path, rng: np.random.Generator) -> np.ndarray:
 def _stores_and_scans(run: Path, rng: np.random.Generator) -> None:
     reference = _file_store(run, "reference", [f"r{i:07d}" for i in range(REFERENCE_IMAGES)], rng)
     pool = _pool_store(run, rng)
+    del reference, pool
     for bench in BENCHMARKS:
         keys = [f"{bench}-{i:05d}" for i in range(GALLERY_TESTS)]
-        tests = _file_store(run, f"bench-{bench}", keys, rng).astype(np.float32)
-        for name, base in (("reference", reference), ("pool", pool)):
-            result = scan_arrays([(0, base)], tests, topk=4)
-            write_scan(result, run / "scans" / f"{name}-{bench}")
+        _file_store(run, f"bench-{bench}", keys, rng)
+    # The run's scan: one folder for every benchmark, with its reference pass.
+    stores = run / "stores"
+    scan_benchmarks(
+        stores / "pool",
+        [stores / f"bench-{b}" for b in BENCHMARKS],
+        run / "scans" / "pool",
+        reference=stores / "reference",
+        topk=4,
+    )

@@ -211,7 +211,7 @@ def test_partial_run_says_what_was_not_computed(built, tmp_path: Path) -> None:
     (run / "report" / "report.md").write_text("stale")
     shutil.rmtree(run / "analysis")
     shutil.rmtree(run / "audit")
-    shutil.rmtree(run / "scans" / "pool-sketch")
+    shutil.rmtree(run / "stores" / "bench-sketch")  # its gallery's test images
     shutil.rmtree(run / "eval")
     html = build_report(run)["html"].read_text(encoding="utf-8")
     for part in ("Accuracy against NN similarity", "Effective robustness", "Contamination audit"):

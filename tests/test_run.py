@@ -182,7 +182,7 @@ def test_changing_one_split_changes_only_its_stages(tmp_path):
     before = _keys(base, tmp_path)
     after = _keys(base.replace("fraction = 0.5", "fraction = 0.4"), tmp_path)
     changed = {name for name in before if before[name] != after[name]}
-    per_split = {"select", "gaps", "materialize", "train", "evaluate"}
+    per_split = {"select", "materialize", "train", "evaluate"}
     expected = {f"{s}-{n}" for s in per_split for n in ("coreset", "coreset-random")}
     # The aggregates read every split: they rerun too, and they are cheap.
     assert changed == expected | {
@@ -205,8 +205,8 @@ def test_semdedup_rule_is_configured_and_reruns_only_its_split(tmp_path):
     assert spec["semdedup"].params["rule"] == "any"
     before, after = _keys(base, tmp_path), _keys(changed, tmp_path)
     ran = {name for name in before if before[name] != after[name]}
-    per_split = {f"{s}-semdedup" for s in ("select", "gaps", "materialize", "train", "evaluate")}
-    per_split |= {"select-semdedup-random", "gaps-semdedup-random"}
+    per_split = {f"{s}-semdedup" for s in ("select", "materialize", "train", "evaluate")}
+    per_split |= {"select-semdedup-random"}
     assert ran == per_split | {
         "gaps",
         "analysis-composition",
@@ -397,7 +397,7 @@ def test_rerun_hits_caches_and_a_resized_split_reruns_alone(tiny, reference_run)
     proc = run_cli("run", str(resized), "--run-dir", str(run))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ran = {ln.split("[run] ")[1].strip() for ln in proc.stderr.splitlines() if "[run] " in ln}
-    per_split = {f"{s}-near-0.4" for s in ("select", "gaps", "materialize", "train", "evaluate")}
+    per_split = {f"{s}-near-0.4" for s in ("select", "materialize", "train", "evaluate")}
     assert ran == per_split | {
         "gaps",
         "analysis-composition",

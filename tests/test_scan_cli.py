@@ -64,7 +64,18 @@ def test_scan_names_benchmarks_and_matches_bruteforce(stores, tmp_path, capsys):
     sims = (s["base"].embeddings().astype(np.float64) @ tests.T).astype(np.float32)
     np.testing.assert_array_equal(table.column("threshold").to_numpy(), thr)
     res = load_scan(out)
-    np.testing.assert_array_equal(res.row_max, sims.max(1))
+    # Per base row and per benchmark (one pass): max, argmax (a test index of the whole scan)
+    # and margin over the thresholds.
+    for i, span in enumerate((slice(0, 7), slice(7, 12))):
+        np.testing.assert_array_equal(res.row_max[:, i], sims[:, span].max(1))
+        np.testing.assert_array_equal(res.row_argmax[:, i], sims[:, span].argmax(1) + span.start)
+        margin = (sims[:, span] - thr[span]).max(1)
+        np.testing.assert_array_equal(res.row_margin[:, i], margin)
+    meta = json.loads((out / "scan.json").read_text())
+    assert meta["benchmarks"] == [
+        {"name": "bench-a", "start": 0, "stop": 7},
+        {"name": "bench-b", "start": 7, "stop": 12},
+    ]
     np.testing.assert_array_equal(res.count_above, (sims > thr).sum(0))
     above = int(((sims > thr).any(1)).sum())
     assert f"{above} rows above a threshold" in cap.out

@@ -445,3 +445,37 @@ def test_size_parsing_and_coreset():
         resolve_size(1.5, 10)
     score = np.array([0.2, 0.9, 0.5])
     assert coreset(score, 2).tolist() == [False, True, True]
+
+
+def test_select_reads_one_scan_of_every_benchmark_made_by_simgap_scan(world, tmp_path):
+    """`simgap scan` writes one folder for every benchmark; `simgap select --scans` picks each
+    split's benchmarks from it by name, with the thresholds the scan recorded."""
+    root, pool = world["root"], world["pool"]
+    both = tmp_path / "both"
+    benches = [root / "bench-alpha", root / "bench-beta"]
+    scan_args = ["scan", root / "pool", "--benchmarks", *benches, "--thresholds-from",
+                 root / "reference", "--topk", "2", "-o", both]  # fmt: skip
+    assert cli_main([*map(str, scan_args)]) == 0
+    p = _f32(pool)
+    keys = np.array(pool.keys())
+    _, tests, thr = world["bench"]["beta"]
+    brute = ~((p @ tests.T) > thr[None, :]).any(axis=1)
+    # beta alone, from the two-benchmark scan: its thresholds and margins only.
+    _run("gapmatch", root / "pool", "-o", tmp_path / "g", "--scans", both, "--benchmarks",
+         root / "bench-beta", "--reference", root / "reference")  # fmt: skip
+    assert _kept(tmp_path / "g") == sorted(keys[brute])
+    assert json.loads((tmp_path / "g" / "split.json").read_text())["guarantee"]["holds"]
+    # Without stores: every benchmark of the scan, thresholds from its reference pass.
+    _run("gapmatch", root / "pool", "-o", tmp_path / "c", "--scans", both, "--reference-scans",
+         both / "reference", "--no-check")  # fmt: skip
+    combined = np.ones(len(p), bool)
+    for _, t, th in world["bench"].values():
+        combined &= ~((p @ t.T) > th[None, :]).any(axis=1)
+    assert _kept(tmp_path / "c") == sorted(keys[combined])
+    _run("near", root / "pool", "-o", tmp_path / "n", "--scans", both, "--benchmarks",
+         root / "bench-alpha", "--size", "0.25")  # fmt: skip
+    score_a = (p @ world["bench"]["alpha"][1].T).max(axis=1)
+    assert _kept(tmp_path / "n") == sorted(keys[np.argsort(score_a, kind="stable")[:75]])
+    with pytest.raises(ValueError, match="no scan of benchmark"):
+        select(SelectConfig("near", root / "pool", tmp_path / "x", (root / "reference",),
+                            (both,), size=0.5))  # fmt: skip

@@ -16,9 +16,12 @@ import pytest
 
 from simgap import config
 from simgap.cli import main as cli_main
-from simgap.experiment import Data, scan_benchmarks, split_specs
+from simgap.experiment import Data, scan_grid, split_specs
+from simgap.experiment.engines import Executors
 from simgap.experiment.plan import _split_stages
+from simgap.parallel import Executor, LocalEngine
 from simgap.runner import Runner, Stage, execute
+from simgap.scan import KernelConfig
 from simgap.select.build import guarantee
 from simgap.store import StoreWriter, normalize_fp16, write_store
 
@@ -60,7 +63,7 @@ def _unit(rng, n, d=16):
 
 
 def _make_run(run: Path) -> None:
-    """stores/{pool, reference, bench-*} and the scan stage's scans/{reference-*, pool-*}."""
+    """stores/{pool, reference, bench-*} and the scan stage's scans/pool (+ reference)."""
     rng = np.random.default_rng(11)
     pool = _unit(rng, 240)
     pool[200:] = pool[:40] + 0.05 * _unit(rng, 40)  # near-duplicates for semdedup to find
@@ -76,14 +79,15 @@ def _make_run(run: Path) -> None:
             {"key": [f"{b}-{i:03d}" for i in range(10)], "label": [i % 3 for i in range(10)]}
         )
         writer.finish([writer.write_shard("00000", normalize_fp16(_unit(rng, 10)), keys)])
-    scan_benchmarks(run, DATA, BENCHMARKS, 2, lambda _: None)
+    scan_grid(run, DATA, BENCHMARKS, 2, KernelConfig(), Executor(LocalEngine(1)), lambda _: None)
 
 
 def _run_splits(cfg: config.Config, run: Path) -> list:
     """The runner's select and gaps stages of ``cfg`` (the scan stage's outputs exist)."""
     specs = split_specs(cfg, BENCHMARKS)
     scanned = Stage("scan", {}, lambda r: {})
-    stages = [scanned, *_split_stages(cfg, run, DATA, specs, BENCHMARKS, lambda _: None)]
+    one = Executors.every(Executor(LocalEngine(1)))
+    stages = [scanned, *_split_stages(cfg, run, DATA, specs, BENCHMARKS, lambda _: None, one)]
     execute(Runner(run, stages, lambda _: None), 1)
     return specs
 
@@ -101,9 +105,9 @@ def _select_args(run: Path, name: str, spec, seed: int) -> list[str]:
     """The `simgap select` command line that should make the runner's split ``name``."""
     stores, scans = run / "stores", run / "scans"
     benches = [str(stores / f"bench-{b}") for b in spec.benchmarks]
-    pool_scans = [str(scans / f"pool-{b}") for b in spec.benchmarks]
+    pool_scans = [str(scans / "pool")]  # one scan of every benchmark: picked by name
     if spec.policy == "gapmatch":
-        ref_scans = [str(scans / f"reference-{b}") for b in spec.benchmarks]
+        ref_scans = [str(scans / "pool" / "reference")]
         return ["--benchmarks", *benches, "--scans", *pool_scans, "--reference",
                 str(stores / "reference"), "--reference-scans", *ref_scans]  # fmt: skip
     if spec.policy in ("near", "far", "coreset"):
@@ -202,7 +206,7 @@ def test_the_gaps_stage_stops_on_a_broken_guarantee(made, tmp_path, monkeypatch)
     assert "\n" not in msg and "test points have a split neighbour above" in msg
     meta = json.loads((run / "splits" / "combined" / "split.json").read_text())
     assert meta["guarantee"]["holds"] is False and meta["guarantee"]["violations"] > 0
-    assert not (run / "stages" / "gaps-combined.json").exists()  # not recorded as done
+    assert not (run / "stages" / "gaps.json").exists()  # not recorded as done
 
     # The 'equal' half: thresholds from a scan of another reference set than the one added.
     monkeypatch.setattr(build, "gapmatch", real)

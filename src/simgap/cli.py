@@ -71,7 +71,7 @@ def cmd_embed(a: argparse.Namespace) -> None:
     from simgap.data.tables import TableSpec, is_table
     from simgap.embed import embed
     from simgap.models import ModelSpec
-    from simgap.parallel import Executor, make_engine
+    from simgap.parallel import Executor, build_engine
 
     spec = ModelSpec(arch=a.model, checkpoint=a.checkpoint, pretrained=a.pretrained)
     source = a.source
@@ -79,8 +79,7 @@ def cmd_embed(a: argparse.Namespace) -> None:
         source = TableSpec(
             source, a.csv_img_key, a.csv_caption_key, a.csv_key, a.csv_separator
         ).locator()
-    gpus = 1.0 if a.device.startswith("cuda") else 0.0
-    executor = Executor(make_engine(a.engine, a.workers, a.address, num_gpus=gpus))
+    executor = Executor(build_engine(_engine_spec(a), a.device))
     store = embed(
         source,
         Path(a.out),
@@ -98,21 +97,21 @@ def cmd_embed(a: argparse.Namespace) -> None:
 
 
 def cmd_scan(a: argparse.Namespace) -> None:
-    from simgap.parallel import Executor, RayEngine, make_engine
+    from simgap.parallel import Executor, build_engine
     from simgap.scan import KernelConfig, iter_scan_rows
     from simgap.scan.run import scan_benchmarks
 
-    if a.engine == "ray" and a.device == "cuda":
-        engine = RayEngine(a.address, num_cpus=1, num_gpus=1)  # one GPU per shard task
-    else:
-        engine = make_engine(a.engine, a.workers, a.address)
+    engine = build_engine(_engine_spec(a), a.device)
+    kernel = KernelConfig(
+        precision=a.precision, device=a.device, tile_rows=a.tile_rows, tile_tests=a.tile_tests
+    )
     res = scan_benchmarks(
         a.base,
         a.benchmarks,
         Path(a.out),
         reference=a.thresholds_from,
         topk=a.topk,
-        config=KernelConfig(precision=a.precision, device=a.device),
+        config=kernel,
         executor=Executor(engine),
         bad_rows="skip" if a.skip_bad else "error",
         log=_log,
@@ -121,7 +120,10 @@ def cmd_scan(a: argparse.Namespace) -> None:
     if res.bad_rows:
         msg += f"; {res.bad_rows} bad base rows skipped"
     if res.count_above is not None:
-        above = sum(int((rec["margin"] > 0).sum()) for _, _, rec in iter_scan_rows(a.out))
+        above = sum(
+            int((rec["margin"].reshape(len(rec), -1) > 0).any(1).sum())
+            for _, _, rec in iter_scan_rows(a.out)
+        )
         msg += f"; {above} rows above a threshold"
     print(msg)
 
@@ -307,9 +309,31 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", help="open_clip pretrained tag (needs the hub or its cache)")
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+def _engine_args(p: argparse.ArgumentParser, gpus: bool = False) -> None:
     p.add_argument("--engine", choices=["local", "ray"], default="local")
     p.add_argument("--workers", type=int, default=1)
+    if gpus:
+        p.add_argument(
+            "--gpus-per-task", type=float, default=1.0, help="Ray, CUDA device: GPUs per task"
+        )
+        p.add_argument(
+            "--cpus-per-gpu-task",
+            type=float,
+            default=4.0,
+            help="Ray, CUDA device: CPUs per GPU task (embed: all but one decode images)",
+        )
+
+
+def _engine_spec(a: argparse.Namespace):  # -> simgap.parallel.EngineSpec (imported lazily)
+    from simgap.parallel import EngineSpec
+
+    return EngineSpec(
+        a.engine,
+        a.workers,
+        getattr(a, "address", None),
+        getattr(a, "gpus_per_task", 1.0),
+        getattr(a, "cpus_per_gpu_task", 4.0),
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -351,7 +375,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--out", required=True)
     _model_args(p)
-    _engine_args(p)
+    _engine_args(p, gpus=True)
     p.add_argument("--address", help="Ray cluster address")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (Ray: one GPU per task)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
@@ -376,10 +400,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds-from", help="reference store: thresholds = NN similarity to it")
     p.add_argument("--topk", type=int, default=10)
     p.add_argument("-o", "--out", required=True)
-    _engine_args(p)
+    _engine_args(p, gpus=True)
     p.add_argument("--address", help="Ray cluster address")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (Ray: one GPU per task)")
+    p.add_argument(
+        "--precision", default="auto", help="screen precision: auto, fp32, bf16 (see KernelConfig)"
+    )
+    p.add_argument("--tile-rows", type=int, help="base rows per tile (default: per device)")
+    p.add_argument("--tile-tests", type=int, help="tests per tile (default: per device)")
     p.add_argument(
         "--skip-bad",
         action="store_true",

@@ -119,7 +119,17 @@ class Reference:
 
 @dataclass(frozen=True)
 class Scan:
+    """The scan of the pool (and of the reference set) against every benchmark: where it runs
+    and how it is tiled. Results do not depend on precision or tiles (the scan is exact)."""
+
     topk: int = field(default=10, metadata=COUNT)
+    device: str = "cpu"  # cpu, cuda, cuda:1
+    precision: str = "auto"  # the screen GEMM's precision, as KernelConfig takes it
+    tile_rows: int = field(default=0, metadata=NON_NEGATIVE)  # 0: the kernel's default
+    tile_tests: int = field(default=0, metadata=NON_NEGATIVE)
+    engine: str = field(default="", metadata=_one_of("", "local", "ray"))  # "": [engine].name
+    workers: int = field(default=0, metadata=NON_NEGATIVE)  # 0: [engine].workers
+    gpus_per_task: float = field(default=0.0, metadata=NON_NEGATIVE)  # 0: [engine]'s
 
 
 @dataclass(frozen=True)
@@ -216,6 +226,10 @@ class Engine:
     name: str = field(default="local", metadata=_one_of("local", "ray"))
     workers: int = field(default=1, metadata=COUNT)
     address: str = ""  # Ray cluster address ("" = start a local cluster)
+    # Ray tasks on a CUDA device (embed, scan): GPUs and CPUs each asks for. An embed task decodes
+    # images on all its CPUs but one. Tasks on the CPU ask for 1 CPU and no GPU.
+    gpus_per_task: float = field(default=1.0, metadata=POSITIVE)
+    cpus_per_gpu_task: float = field(default=4.0, metadata=POSITIVE)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from simgap.data.tables import is_table
 from simgap.data.transforms import SplitTransform, split_transform
 from simgap.io import fingerprint
 from simgap.models import LoadedModel, ModelSpec, load_model, model_identity
-from simgap.parallel import Executor, LocalEngine, Progress
+from simgap.parallel import Executor, LocalEngine, Progress, RayEngine, task_device
 from simgap.store import Store, StoreWriter, is_clip_retrieval, link_clip_retrieval, normalize_fp16
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -314,7 +314,8 @@ class EmbedShard:
             else:
                 todo.append((task, fingerprint))
         if todo:
-            loaded = _cached_model(self.spec, self.device)
+            device = task_device(self.device)
+            loaded = _cached_model(self.spec, device)
             transform = split_transform(loaded.preprocess)
             tasks = tuple(t for t, _ in todo)
             shard = _Shard()
@@ -322,9 +323,7 @@ class EmbedShard:
                 shard.skipped.update(batch.skipped)
                 if batch.pixels is not None:
                     shard.features.append(
-                        encode_batch(
-                            loaded, batch.pixels, self.device, self.precision, self.batch_size
-                        )
+                        encode_batch(loaded, batch.pixels, device, self.precision, self.batch_size)
                     )
                     shard.keys += batch.keys
                     shard.meta += batch.meta
@@ -354,7 +353,9 @@ class EmbedShard:
             captions = [m.get("caption") or "" for m in meta]
             text_emb = (
                 normalize_fp16(
-                    encode_texts(loaded, captions, self.device, self.batch_size, self.precision)
+                    encode_texts(
+                        loaded, captions, task_device(self.device), self.batch_size, self.precision
+                    )
                 )
                 if captions
                 else _empty(self.dim)
@@ -415,15 +416,16 @@ def embed(
         return link_clip_retrieval(out, Path(source), model_identity(spec))
     autocast_dtype(device, precision)  # a bad choice fails before any work
     tasks = shard_tasks(source, shard_size)
-    loaded = _cached_model(spec, device)
-    dim = _dim_of(spec, device)
+    executor = executor or Executor(LocalEngine(1))
+    probe = probe_device(executor, device)
+    loaded = _cached_model(spec, probe)
+    dim = _dim_of(spec, probe)
     manifest_source: dict[str, Any] = {"spec": str(source)}
     writer = StoreWriter(out, loaded.identity, dim, manifest_source)
     _remove_stale_temporaries(out)
     # A rerun may rewrite shards (the source or the model changed): until finish() writes the
     # new manifest the folder must read as unfinished, never as the old store over new shards.
     (out / "manifest.json").unlink(missing_ok=True)
-    executor = executor or Executor(LocalEngine(1))
     if decode_workers is None:
         decode_workers = auto_decode_workers(executor)
     worker = EmbedShard(
@@ -475,10 +477,21 @@ def _groups(
     return [tuple(tasks[i : i + size]) for i in range(0, len(tasks), size)]
 
 
+def probe_device(executor: Executor, device: str) -> str:
+    """Where the driver loads the model to read its identity and dimension: shards embedded
+    elsewhere (a pool, Ray) load their own model, so the driver uses the CPU rather than hold a
+    GPU (one a task may need) for nothing; in this process the tasks reuse the driver's model."""
+    return device if _in_process(executor) else "cpu"
+
+
 def auto_decode_workers(executor: Executor) -> int:
     """Decode processes when the caller did not choose: the spare CPUs (at most 8) when shards
-    run one after another in this process; none under a process pool or Ray, whose tasks
-    already take the CPUs."""
+    run one after another in this process; under Ray a GPU task's own CPUs but one (the model
+    waits on decoding otherwise); none under a process pool or for Ray's CPU tasks, whose
+    tasks already take the CPUs."""
+    engine = executor.engine
+    if isinstance(engine, RayEngine) and engine.num_gpus > 0:
+        return max(0, min(8, int(engine.num_cpus) - 1))
     if not _in_process(executor):
         return 0
     return max(0, min(8, len(os.sched_getaffinity(0)) - 1))

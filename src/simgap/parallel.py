@@ -10,6 +10,7 @@ executor raises naming every failed task: nothing is dropped silently.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -42,11 +43,28 @@ def _call(fn: Callable[[Any], Any], task: Any) -> tuple[bool, Any]:
         return False, (f"{type(e).__name__}: {e}", traceback.format_exc(limit=8))
 
 
+# The GPU a local pool worker uses: set once per worker process by the pool's initializer.
+GPU_ENV = "SIMGAP_WORKER_GPU"
+
+
+def _assign_gpu(counter: Any, gpus: int) -> None:
+    # Pool initializer: workers (and their replacements) take GPUs round robin, so a pool of
+    # 8 workers on an 8-GPU node puts one worker on each GPU instead of all on cuda:0.
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    os.environ[GPU_ENV] = str(index % gpus)
+
+
 @dataclass(frozen=True)
 class LocalEngine:
-    """In-process for one worker; a ``spawn`` process pool otherwise (safe with torch threads)."""
+    """In-process for one worker; a ``spawn`` process pool otherwise (safe with torch threads).
+
+    ``gpus`` > 0: the pool's workers are spread over that many GPUs (``task_device`` maps a task's
+    ``cuda`` to its worker's GPU)."""
 
     workers: int = 1
+    gpus: int = 0
 
     def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> Iterator[Outcome]:
         if self.workers <= 1 or len(tasks) <= 1:
@@ -54,7 +72,12 @@ class LocalEngine:
                 yield (i, *_call(fn, t))
             return
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(self.workers, mp_context=ctx, max_tasks_per_child=16) as pool:
+        spread: dict[str, Any] = {}
+        if self.gpus > 0:
+            spread = {"initializer": _assign_gpu, "initargs": (ctx.Value("i", 0), self.gpus)}
+        with ProcessPoolExecutor(
+            self.workers, mp_context=ctx, max_tasks_per_child=16, **spread
+        ) as pool:
             futures = {pool.submit(_call, fn, t): i for i, t in enumerate(tasks)}
             for future in as_completed(futures):
                 yield (futures[future], *future.result())
@@ -84,12 +107,19 @@ class RayEngine:
     """Runs tasks as Ray tasks; joins ``address`` or starts a local cluster.
 
     ``num_cpus`` per task is explicit because on small machines tasks that take every CPU starve
-    Ray's own work and deadlock.
+    Ray's own work and deadlock. With ``num_gpus`` > 0 Ray places each task on a GPU and sets
+    CUDA_VISIBLE_DEVICES to it. ``max_calls=0`` keeps a worker process across tasks: Ray's default
+    for GPU tasks (one call per worker) would re-import torch, re-initialise CUDA and reload the
+    model for every shard.
     """
 
     address: str | None = None
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+
+    def options(self) -> dict[str, Any]:
+        """The resources and worker reuse every task of this engine asks Ray for."""
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_calls": 0}
 
     def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> Iterator[Outcome]:
         try:
@@ -98,7 +128,7 @@ class RayEngine:
             raise ExecutorError("engine 'ray' needs Ray: pip install 'ray'", []) from None
         if not ray.is_initialized():
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
-        remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus)(_call)
+        remote = ray.remote(**self.options())(_call)
         fn_ref = ray.put(fn)
         pending = {remote.remote(fn_ref, t): i for i, t in enumerate(tasks)}
         while pending:
@@ -108,17 +138,94 @@ class RayEngine:
 
 
 def make_engine(
-    name: str, workers: int = 1, address: str | None = None, num_gpus: float = 0.0
+    name: str,
+    workers: int = 1,
+    address: str | None = None,
+    num_gpus: float = 0.0,
+    num_cpus: float = 1.0,
+    gpus: int = 0,
 ) -> Engine:
-    """``num_gpus``: GPUs each Ray task asks for (Ray places it on a GPU node and sets
-    CUDA_VISIBLE_DEVICES); a Ray worker process keeps its loaded model across tasks."""
+    """``num_gpus``/``num_cpus``: what each Ray task asks for; ``gpus``: the GPUs a local pool's
+    workers are spread over."""
     if name == "local":
-        return LocalEngine(workers)
+        return LocalEngine(workers, gpus)
     if name == "thread":
         return ThreadEngine(workers)
     if name == "ray":
-        return RayEngine(address, num_gpus=num_gpus)
+        return RayEngine(address, num_cpus=num_cpus, num_gpus=num_gpus)
     raise ValueError(f"unknown engine {name!r}: choose 'local', 'thread' or 'ray'")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How a stage's tasks run: the config's ``[engine]`` (and ``[scan]``'s overrides) or the
+    CLI's ``--engine/--workers/--address/--gpus-per-task/--cpus-per-gpu-task``."""
+
+    name: str = "local"
+    workers: int = 1
+    address: str | None = None
+    gpus_per_task: float = 1.0  # on a CUDA device; a CPU device's tasks never ask for GPUs
+    cpus_per_gpu_task: float = 4.0  # a GPU task's CPUs (embed decodes on all but one); CPU: 1
+
+
+def is_cuda(device: str) -> bool:
+    return str(device).startswith("cuda")
+
+
+def build_engine(spec: EngineSpec, device: str, gpu_count: int | None = None) -> Engine:
+    """The one engine builder (CLI and ``simgap run``): Ray tasks of a CUDA device ask for
+    ``gpus_per_task`` GPUs (without, Ray hides every GPU from them), a CPU device's for none; a
+    local pool on CUDA spreads its workers over the machine's GPUs (``gpu_count``: how many;
+    None: ask torch)."""
+    cuda = is_cuda(device)
+    if spec.name == "ray":
+        return RayEngine(
+            spec.address or None,
+            num_cpus=spec.cpus_per_gpu_task if cuda else 1.0,
+            num_gpus=spec.gpus_per_task if cuda else 0.0,
+        )
+    if spec.name == "local" and cuda and spec.workers > 1 and ":" not in device:
+        if gpu_count is None:
+            import torch
+
+            gpu_count = torch.cuda.device_count()
+        return LocalEngine(spec.workers, gpu_count)
+    return make_engine(spec.name, spec.workers, spec.address)
+
+
+def task_device(device: str) -> str:
+    """The device a task runs on, inside the task: under Ray with GPUs assigned only the task's
+    GPUs are visible, so ``cuda:N`` names the first of them, ``cuda``; a local pool worker
+    spread over GPUs (``LocalEngine.gpus``) maps ``cuda`` to its own GPU. Elsewhere unchanged."""
+    if not is_cuda(device):
+        return device
+    if _ray_gpus():
+        return "cuda"
+    index = os.environ.get(GPU_ENV)
+    if index is not None and device == "cuda":
+        return f"cuda:{index}"
+    return device
+
+
+def _ray_gpus() -> list[Any]:
+    """The GPUs Ray assigned to the current task; empty outside a Ray worker."""
+    import sys
+
+    ray = sys.modules.get("ray")  # never import Ray just to learn we are not in a Ray task
+    if ray is None or not ray.is_initialized():
+        return []
+    try:
+        ctx = ray.get_runtime_context()
+        if ctx.worker.mode != ray.WORKER_MODE:
+            return []
+        return list(ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001 - no Ray task context: not a Ray task
+        return []
+
+
+def task_cpus(engine: Engine) -> float | None:
+    """CPUs each of the engine's tasks holds (None: the engine does not say)."""
+    return engine.num_cpus if isinstance(engine, RayEngine) else None
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import Any
 
 from simgap.analysis import guarded, robustness_analysis, similarity_analysis
 from simgap.config import Config, ConfigError
+from simgap.experiment.engines import Executors, executors_of, kernel_config
 from simgap.experiment.specs import (
     Data,
     SplitSpec,
@@ -23,16 +24,16 @@ from simgap.experiment.specs import (
     where,
 )
 from simgap.experiment.steps import (
+    CHECK_SCAN,
     audit_step,
+    check_splits,
     composition_step,
     embed_source,
     evaluate_split,
     materialize_split,
-    scan_benchmarks,
+    scan_grid,
     select_split,
-    split_gaps,
     train_split,
-    write_gaps,
 )
 from simgap.parallel import Executor
 from simgap.runner import Stage
@@ -78,7 +79,7 @@ def recipe_key(recipe: Recipe) -> list[str]:
 
 
 def _source_stages(
-    cfg: Config, run: Path, data: Data, benchmarks: list[str], log: Log, executor: Executor
+    cfg: Config, run: Path, data: Data, benchmarks: list[str], log: Log, executors: Executors
 ) -> list[Stage]:
     """The world (or nothing, for real sources), the similarity model, the embeddings, the scan."""
     stages: list[Stage] = []
@@ -139,7 +140,7 @@ def _source_stages(
                     "device": sim.device,
                 },
                 lambda r, name=name, source=source: embed_source(
-                    run, name, source, r, sim, executor, log
+                    run, name, source, r, sim, executors.embed, log
                 ),
                 after=("similarity-model",),
                 owns=(f"stores/{name}",),
@@ -147,11 +148,13 @@ def _source_stages(
         )
     embeds = tuple(f"embed-{n}" for n in sources)
     pool_input = {"pool_embeddings": data.pool_store}
+    kernel = kernel_config(cfg)
+    # Keyed without device, precision, tiles or engine: the scan is exact, they change no byte.
     add(
         Stage(
             "scan",
             {"topk": cfg.scan.topk, "benchmarks": benchmarks, **pool_input},
-            lambda r: scan_benchmarks(run, data, benchmarks, cfg.scan.topk, log),
+            lambda r: scan_grid(run, data, benchmarks, cfg.scan.topk, kernel, executors.scan, log),
             after=embeds,
             owns=("scans",),
         )
@@ -160,9 +163,17 @@ def _source_stages(
 
 
 def _split_stages(
-    cfg: Config, run: Path, data: Data, specs: list[SplitSpec], benchmarks: list[str], log: Log
+    cfg: Config,
+    run: Path,
+    data: Data,
+    specs: list[SplitSpec],
+    benchmarks: list[str],
+    log: Log,
+    executors: Executors | None = None,
 ) -> list[Stage]:
-    """Per split its select and gap check, then the gap tables of every split."""
+    """Per split its select (from the scan, no pool pass); then one gaps stage: every split's
+    gap check in one pass over the pool, and the gap tables."""
+    executors = executors or executors_of(cfg)
     stages: list[Stage] = []
     add = stages.append
     for spec in specs:
@@ -177,22 +188,15 @@ def _split_stages(
                 owns=(f"splits/{spec.name}",),
             )
         )
-    for spec in specs:
-        add(
-            Stage(
-                f"gaps-{spec.name}",
-                {},
-                lambda r, spec=spec: split_gaps(run, data, spec, benchmarks, spec.reference),
-                after=(f"select-{spec.name}",),
-            )
-        )
     names = [s.name for s in specs]
+    kernel = kernel_config(cfg)
     add(
         Stage(
             "gaps",
-            names,
-            lambda r: write_gaps(run, data, benchmarks, names),
-            after=tuple(f"gaps-{n}" for n in names),
+            {"splits": names, "reference": [s.name for s in specs if s.reference]},
+            lambda r: check_splits(run, data, specs, benchmarks, kernel, executors.scan, log),
+            after=("scan", *(f"select-{n}" for n in names)),
+            owns=(str(CHECK_SCAN), "gaps/by-split"),
         )
     )
 
@@ -322,8 +326,22 @@ def _analysis_stages(
     return stages
 
 
-def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
+def make_plan(
+    cfg: Config, run: Path, log: Log, executor: Executor | Executors | None = None
+) -> Plan:
+    """``executor``: one for every stage, or one per kind of work; None: the config's
+    (``engines.executors_of``)."""
     run = Path(run)
+    if executor is None:
+        executors = executors_of(cfg)
+    elif isinstance(executor, Executors):
+        executors = executor
+    else:
+        executors = Executors.every(executor)
+    try:
+        kernel_config(cfg).resolved()
+    except ValueError as err:
+        raise ConfigError(f"{where(cfg)}: scan: {err}") from None
     data = data_of(cfg, run)
     benchmarks = benchmarks_of(cfg)
     evaluated = list(cfg.evaluate.benchmarks) or benchmarks
@@ -335,11 +353,11 @@ def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
         )
     specs = split_specs(cfg, benchmarks)
     trained = trained_splits(cfg, [s.name for s in specs])
-    sources = _source_stages(cfg, run, data, benchmarks, log, executor)
+    sources = _source_stages(cfg, run, data, benchmarks, log, executors)
     embeds = tuple(s.name for s in sources if s.name.startswith("embed-"))
     stages = [
         *sources,
-        *_split_stages(cfg, run, data, specs, benchmarks, log),
+        *_split_stages(cfg, run, data, specs, benchmarks, log, executors),
         _composition_stage(cfg, run, data, specs, benchmarks),
         *_train_stages(
             cfg,
@@ -348,7 +366,7 @@ def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
             trained,
             evaluated,
             log,
-            executor,
+            executors.io,
             {s.name for s in specs if s.reference},
         ),
         *_analysis_stages(cfg, run, data, trained, evaluated, benchmarks, embeds, log),

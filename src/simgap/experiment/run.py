@@ -15,6 +15,8 @@ import pyarrow as pa
 
 from simgap import __version__
 from simgap.config import Config, to_json
+from simgap.experiment.engines import executors_of
+from simgap.experiment.estimate import scan_lines
 from simgap.experiment.plan import (
     Plan,
     make_plan,
@@ -24,7 +26,6 @@ from simgap.experiment.specs import (
     where,
 )
 from simgap.io import write_json
-from simgap.parallel import Executor, make_engine
 from simgap.runner import Runner, execute
 
 Log = Callable[[str], None]
@@ -74,6 +75,7 @@ def format_plan(runner: Runner, cfg: Config, plan: Plan) -> str:
         f"recipe {cfg.train.recipe.model} {cfg.train.recipe.epochs} epochs, "
         f"global batch {cfg.train.recipe.batch_size}",
     ]
+    lines += scan_lines(cfg, runner.dir, plan.splits, [r["stage"] for r in rows])
     missing = missing_paths(cfg)
     if missing:
         lines.append(f"missing paths ({len(missing)}); a real run stops on them:")
@@ -91,10 +93,8 @@ def run_config(
 ) -> dict[str, Any]:
     """Plan the config's stages in ``run_dir`` and run them (or, dry, only print the plan)."""
     run = Path(run_dir)
-    executor = Executor(
-        make_engine(cfg.engine.name, cfg.engine.workers, cfg.engine.address or None)
-    )
-    plan = make_plan(cfg, run, log, executor)
+    # Per kind of work, from the one engine builder the CLI uses (GPUs for CUDA tasks).
+    plan = make_plan(cfg, run, log, executors_of(cfg))
     if dry_run:
         # Reads stage records only: a dry run writes nothing, not even the run folder.
         runner = Runner(run, plan.stages, log)

@@ -26,18 +26,24 @@ from simgap.experiment.specs import (
 from simgap.io import write_json, write_npy, write_parquet
 from simgap.models import ModelSpec, load_model
 from simgap.parallel import Executor, LocalEngine, ThreadEngine
-from simgap.scan import load_scan, scan_store
+from simgap.scan.kernel import KernelConfig
+from simgap.scan.layout import benchmark_rows, benchmark_scan
+from simgap.scan.run import (
+    benchmark_groups,
+    load_tests,
+    scan_benchmarks,
+    scan_splits,
+    split_masks,
+)
 from simgap.select.build import (
     SelectConfig,
     guarantee,
     nearest,
     record_guarantee,
     select,
-    split_nn,
     split_rows,
 )
-from simgap.splits import materialize
-from simgap.store import check_compatible
+from simgap.splits import materialize, read_key_list
 from simgap.train import (
     TrainError,
     final_checkpoint,
@@ -62,15 +68,15 @@ def select_config(
         pool=Path(data.pool_store) if data.pool_store else run / "stores" / "pool",
         out=run / "splits" / spec.name,
         benchmarks=tuple(run / "stores" / f"bench-{b}" for b in benches),
-        scans=tuple(run / "scans" / f"pool-{b}" for b in benches),
+        scans=(run / POOL_SCAN,) if benches else (),
         reference=(
             run / "stores" / "reference" if spec.policy in ("gapmatch", "image-based") else None
         ),
-        reference_scans=tuple(run / "scans" / f"reference-{b}" for b in benches if gapmatch),
+        reference_scans=(run / REFERENCE_SCAN,) if gapmatch else (),
         size=p.get("fraction", size),
         seed=spec.seed or 0,
         add_reference=reference_added,
-        check=False,  # the gaps stage checks the guarantee, on the rescan it makes anyway
+        check=False,  # the gaps stage checks every split's guarantee in one pass
         control_of=spec.control_of,
         **{k: p[k] for k in ("clusters", "eps", "rule") if k in p},
     )
@@ -87,51 +93,78 @@ def select_split(
 
 # ----------------------------------------------------------------------------- scan and gaps
 
+POOL_SCAN = Path("scans") / "pool"  # the pool against every benchmark (simgap scan's layout)
+REFERENCE_SCAN = POOL_SCAN / "reference"  # the thresholds: the reference set's NN similarities
+CHECK_SCAN = Path("gaps") / "check"  # every split's NN similarities, from the written keys
 
-def scan_benchmarks(run: Path, data: Data, benchmarks: list[str], topk: int, log: Log) -> dict:
-    """Per benchmark: thresholds (NN similarity to the reference set), then the pool scanned
-    against them (per-row max and margin, per-test pool NN)."""
+
+def scan_grid(
+    run: Path,
+    data: Data,
+    benchmarks: list[str],
+    topk: int,
+    kernel: KernelConfig,
+    executor: Executor,
+    log: Log,
+) -> dict:
+    """``simgap scan``'s front-end over the run's stores: one pass over the reference set (the
+    thresholds), then one over the pool giving every row's max, argmax and margin per benchmark
+    (every split is selected from it)."""
     reference, pool = run_store(run, "reference", data), run_store(run, "pool", data)
-    removed = {}
-    for bench in benchmarks:
-        tests_store = run_store(run, f"bench-{bench}", data)
-        tests = tests_store.embeddings()
-        check_compatible(reference, pool, tests_store)
-        ref = scan_store(reference, tests, topk=topk, out_dir=run / "scans" / f"reference-{bench}")
-        thresholds = ref.topk_sim[:, 0].copy()
-        res = scan_store(
-            pool, tests, thresholds=thresholds, topk=topk, out_dir=run / "scans" / f"pool-{bench}"
-        )
-        removed[bench] = int((res.row_margin > 0).sum())
-        log(f"scan {bench}: {len(tests)} tests, {removed[bench]} pool rows above threshold")
+    stores = [run_store(run, f"bench-{b}", data) for b in benchmarks]
+    scan_benchmarks(pool, stores, run / POOL_SCAN, reference, topk, kernel, executor, "error", log)
+    margin = benchmark_rows(run / POOL_SCAN, "margin", None)
+    removed = {b: int((margin[:, i] > 0).sum()) for i, b in enumerate(benchmarks)}
+    for b in benchmarks:
+        log(f"scan {b}: {removed[b]} pool rows above threshold")
     return {"removed": removed}
 
 
-def split_gaps(
-    run: Path, data: Data, spec: SplitSpec, benchmarks: list[str], reference_added: bool
+def _bench_nn(run: Path, folder: Path, bench: str) -> np.ndarray:
+    return benchmark_scan(run / folder, f"bench-{bench}").topk_sim[:, 0]
+
+
+def check_splits(
+    run: Path,
+    data: Data,
+    specs: list[SplitSpec],
+    benchmarks: list[str],
+    kernel: KernelConfig,
+    executor: Executor,
+    log: Log,
 ) -> dict[str, Any]:
-    """Rescan the split against every benchmark: its NN similarity per test point (the gap
+    """Every split's gap check in one more pass over the pool, from its written keys: per split
+    and test point its NN similarity (``gaps/by-split/<split>/<benchmark>.npy``, the gap
     figure), and for a gap-matched split the guarantee, checked rather than assumed (with
-    ``simgap select``'s check, on the same rescan)."""
+    ``simgap select``'s verdict). Then ``gaps/<benchmark>.parquet``."""
     pool = run_store(run, "pool", data)
-    folder = run / "splits" / spec.name
-    rows = split_rows(pool, folder)
-    tests, nn = {}, {}
-    for bench in benchmarks:
-        tests[bench] = run_store(run, f"bench-{bench}", data).embeddings()
-        nn[bench] = split_nn(pool, rows, tests[bench])
-        write_npy(run / "gaps" / "by-split" / spec.name / f"{bench}.npy", nn[bench])
-    if spec.policy != "gapmatch":
-        return {}
-    checked = spec.benchmarks
+    stores = [run_store(run, f"bench-{b}", data) for b in benchmarks]
+    tests, info = load_tests(stores)
+    groups = {name[len("bench-") :]: slice(a, b) for name, a, b in benchmark_groups(info)}
+    keys = [read_key_list(run / "splits" / s.name, allow_empty=True) for s in specs]
+    masks = split_masks(pool, keys)
+    nn, _ = scan_splits(pool, tests, masks, run / CHECK_SCAN, kernel, executor, log)
     reference_nn = None
-    if reference_added:
-        reference = run_store(run, "reference", data)
-        reference_nn = [nearest(reference, tests[b]) for b in checked]
-    check = guarantee(
-        [nn[b] for b in checked], [_nn(run, "reference", b) for b in checked], reference_nn
-    )
-    return record_guarantee(folder, check)["guarantee"]
+    if any(s.policy == "gapmatch" and s.reference for s in specs):
+        # The reference set's own NN similarities, recomputed from the store that is added: the
+        # 'equal' half holds only if the thresholds came from that same set.
+        reference_nn = nearest(run_store(run, "reference", data), tests)
+    verdicts = {}
+    for i, spec in enumerate(specs):
+        for b in benchmarks:
+            write_npy(run / "gaps" / "by-split" / spec.name / f"{b}.npy", nn[i, groups[b]])
+    for i, spec in enumerate(specs):
+        if spec.policy != "gapmatch":
+            continue
+        checked = spec.benchmarks
+        check = guarantee(
+            [nn[i, groups[b]] for b in checked],
+            [_bench_nn(run, REFERENCE_SCAN, b) for b in checked],
+            None if not spec.reference else [reference_nn[groups[b]] for b in checked],
+        )
+        verdicts[spec.name] = record_guarantee(run / "splits" / spec.name, check)["guarantee"]
+    write_gaps(run, data, benchmarks, [s.name for s in specs])
+    return verdicts
 
 
 def write_gaps(run: Path, data: Data, benchmarks: list[str], splits: list[str]) -> dict:
@@ -143,8 +176,8 @@ def write_gaps(run: Path, data: Data, benchmarks: list[str], splits: list[str]) 
         columns = {
             "test_key": table.column("key"),
             "label": table.column("label"),
-            "reference": pa.array(_nn(run, "reference", bench), pa.float32()),
-            "pool": pa.array(_nn(run, "pool", bench), pa.float32()),
+            "reference": pa.array(_bench_nn(run, REFERENCE_SCAN, bench), pa.float32()),
+            "pool": pa.array(_bench_nn(run, POOL_SCAN, bench), pa.float32()),
         }
         for name in splits:
             columns[name] = pa.array(
@@ -152,10 +185,6 @@ def write_gaps(run: Path, data: Data, benchmarks: list[str], splits: list[str]) 
             )
         write_parquet(run / "gaps" / f"{bench}.parquet", pa.table(columns))
     return {"benchmarks": benchmarks, "splits": splits}
-
-
-def _nn(run: Path, scanned: str, bench: str) -> np.ndarray:
-    return load_scan(run / "scans" / f"{scanned}-{bench}", rows=False).topk_sim[:, 0]
 
 
 # ----------------------------------------------------------------------------- train, evaluate

@@ -1,7 +1,7 @@
 """Nearest-neighbour galleries: a few test images of each benchmark beside their nearest reference
 and pool images, with similarities (the paper's first figure).
 
-Read from the run's scan results (scans/reference-<benchmark>/, scans/pool-<benchmark>/: per test
+Read from the run's scan results (scans/pool/ and scans/pool/reference/, per benchmark: per test
 point the top-k similarities and global base rows) and the stores' keys tables (stores/bench-<b>,
 stores/reference, stores/pool: the `source` locator of every row); the image bytes are fetched
 again from those sources. Only the keys tables of the shards that hold a shown row are read, so a
@@ -90,10 +90,11 @@ def gallery_rows(run_dir: Path, bench: str, stores: dict[str, KeyIndex]) -> list
     """The gallery of one benchmark, from its two scans; FileNotFoundError if one is missing."""
     # Imported here: simgap.scan loads torch (its kernel), which a report without scans, and
     # `simgap report --help`, should not pay for.
-    from simgap.scan import load_scan
+    from simgap.scan.layout import benchmark_scan
 
-    ref_scan = load_scan(run_dir / "scans" / f"reference-{bench}", rows=False)
-    pool_scan = load_scan(run_dir / "scans" / f"pool-{bench}", rows=False)
+    # One scan of every benchmark (scans/pool/) with its reference pass (scans/pool/reference/).
+    ref_scan = benchmark_scan(run_dir / "scans" / "pool" / "reference", f"bench-{bench}")
+    pool_scan = benchmark_scan(run_dir / "scans" / "pool", f"bench-{bench}")
     tests = _store(stores, run_dir, f"bench-{bench}")
     if ref_scan.topk_sim.shape[0] != pool_scan.topk_sim.shape[0]:
         raise ValueError(
@@ -215,7 +216,7 @@ def gallery_section(files: RunFiles, benches: Sequence[str] | None = None) -> Se
     for bench in benches:
         try:
             rows = gallery_rows(run_dir, bench, stores) if run_dir is not None else []
-        except (FileNotFoundError, StoreError):
+        except (FileNotFoundError, KeyError, StoreError):  # KeyError: not in the scan
             rows = []
         if rows:
             galleries[bench] = rows
@@ -224,8 +225,8 @@ def gallery_section(files: RunFiles, benches: Sequence[str] | None = None) -> Se
     if not galleries:
         section.blocks.append(
             Note(
-                f"Nearest-neighbour galleries: {NOT_COMPUTED} (no scans/reference-<benchmark>/ "
-                "and scans/pool-<benchmark>/ results with their stores)."
+                f"Nearest-neighbour galleries: {NOT_COMPUTED} (no scans/pool/ and "
+                "scans/pool/reference/ results with their stores)."
             )
         )
         return section

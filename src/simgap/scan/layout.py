@@ -11,11 +11,17 @@
     tests/count_above.npy  int64 (M,) base rows with similarity > threshold; only with thresholds
     tests/tests.parquet    one row per test: test (index), the caller's columns (benchmark, key),
                            threshold, count_above, nn_sim, nn_key, topk_sim, topk_key (lists)
-    rows/<shard>.npy       structured per base row: max f4, argmax i4 (test index), margin f4
+    rows/<shard>.npy       structured per base row: max f4, argmax i4 (test index), margin f4;
+                           a scan of several benchmarks (scan.json ``benchmarks``: name and test
+                           range of each) holds one of each per benchmark: max f4[B], ...
     parts/<shard>.npy      per-shard per-test partial (sim f4[k], row i8[k], count i8)
     done/<shard>.json      the shard's done record (fingerprint of its inputs, rows, bad rows)
 
 Excluded rows (a keep mask, or bad rows skipped) have max/margin NaN and argmax -1.
+
+``simgap scan``, ``simgap select`` and ``simgap run`` all write and read this one layout: a scan
+of several benchmarks is one folder, and ``benchmark_rows`` / ``benchmark_scan`` read one
+benchmark's part of it.
 """
 
 from __future__ import annotations
@@ -31,12 +37,15 @@ import pyarrow.parquet as pq
 from simgap.io import read_json, write_json, write_npy, write_parquet
 from simgap.scan.scan import ScanResult
 
-FORMAT = "simgap-scan/1"
+FORMAT = "simgap-scan/2"
 
 
 def row_records(mx: np.ndarray, arg: np.ndarray, margin: np.ndarray | None) -> np.ndarray:
-    fields = [("max", "<f4"), ("argmax", "<i4")] + (
-        [("margin", "<f4")] if margin is not None else []
+    """Per-row outputs as one structured array; (n, B) inputs (B benchmarks) become B-wide
+    fields."""
+    shape = mx.shape[1:]
+    fields = [("max", "<f4", shape), ("argmax", "<i4", shape)] + (
+        [("margin", "<f4", shape)] if margin is not None else []
     )
     rec = np.empty(len(mx), dtype=fields)
     rec["max"], rec["argmax"] = mx, arg
@@ -162,8 +171,11 @@ def load_scan(out_dir: Path | str, rows: bool = True) -> ScanResult:
     if rows:
         recs = [np.asarray(r) for _, _, r in iter_scan_rows(out)]
         margin = doc["thresholds"]
+        shape = (0, len(benchmarks_of(doc))) if benchmarks_of(doc) else (0,)
         empty = row_records(
-            np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0) if margin else None
+            np.zeros(shape, np.float32),
+            np.zeros(shape, np.int32),
+            np.zeros(shape) if margin else None,
         )
         rec = np.concatenate(recs) if recs else empty
         row_fields = [
@@ -179,4 +191,55 @@ def load_scan(out_dir: Path | str, rows: bool = True) -> ScanResult:
         row_argmax=row_fields[1],
         row_margin=row_fields[2],
         bad_rows=int(doc.get("bad_rows", {}).get("count", 0)),
+    )
+
+
+def benchmarks_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The benchmarks of a scan (name, start, stop: its test range); [] for a scan of one set
+    of tests without names."""
+    return list(doc.get("benchmarks") or [])
+
+
+def benchmark_index(out_dir: Path | str, name: str) -> tuple[int, dict[str, Any]]:
+    """Position and entry of benchmark ``name`` in a scan of several benchmarks."""
+    doc = read_meta(out_dir)
+    entries = benchmarks_of(doc)
+    for i, b in enumerate(entries):
+        if b["name"] == name:
+            return i, b
+    names = ", ".join(b["name"] for b in entries) or "none"
+    raise KeyError(f"{out_dir}/scan.json: no benchmark {name!r} in this scan (it has: {names})")
+
+
+def benchmark_rows(out_dir: Path | str, field: str, index: int | None = None) -> np.ndarray:
+    """One per-row field (max, argmax or margin) over all base rows: benchmark ``index``'s
+    column of a scan of several benchmarks, or the whole field (``index`` None). Reads one shard
+    at a time: only this column is kept in memory."""
+    cols = []
+    for _, _, rec in iter_scan_rows(out_dir):
+        col = rec[field]
+        if index is not None:
+            if col.ndim != 2:
+                raise ValueError(f"{out_dir}: not a scan of several benchmarks")
+            col = col[:, index]
+        cols.append(np.array(col))
+    if cols:
+        return np.concatenate(cols)
+    return np.zeros(0, np.int32 if field == "argmax" else np.float32)
+
+
+def benchmark_scan(out_dir: Path | str, name: str) -> ScanResult:
+    """One benchmark's per-test outputs (top-k, counts) from a scan of several benchmarks; its
+    test indices start at 0. No per-row fields."""
+    _, entry = benchmark_index(out_dir, name)
+    res = load_scan(out_dir, rows=False)
+    span = slice(entry["start"], entry["stop"])
+    return ScanResult(
+        topk_sim=res.topk_sim[span],
+        topk_row=res.topk_row[span],
+        count_above=None if res.count_above is None else res.count_above[span],
+        row_max=None,
+        row_argmax=None,
+        row_margin=None,
+        bad_rows=res.bad_rows,
     )

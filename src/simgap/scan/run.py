@@ -1,8 +1,12 @@
-"""Scan a base store against benchmark stores (what ``simgap scan`` runs).
+"""Scan a base store against benchmark stores: the one scan front-end, what ``simgap scan``,
+``simgap select`` (through its ``--scans``) and every ``simgap run`` read.
 
 The benchmarks' tests are concatenated in the order given; ``tests/tests.parquet`` names each
-test's benchmark (the store folder's name) and key. With a reference store the thresholds are
-every test's NN similarity to it, from a scan written to ``<out>/reference`` (same layout).
+test's benchmark (the store folder's name) and key, and scan.json each benchmark's test range.
+One pass over the base gives, per base row and per benchmark, the max similarity, its argmax and
+the margin over the thresholds (``layout.py``): every split of the grid is selected from it. With
+a reference store the thresholds are every test's NN similarity to it, from one pass over the
+reference written to ``<out>/reference`` (same layout).
 Inputs are checked before any work: same similarity model, same dim, normalised stores, and
 benchmark rows free of NaN/Inf and of non-unit vectors (named by key in the error).
 """
@@ -10,16 +14,20 @@ benchmark rows free of NaN/Inf and of non-unit vectors (named by key in the erro
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from simgap.parallel import Executor
+from simgap.io import fingerprint, read_json, sha256_array, write_json, write_npy
+from simgap.parallel import Executor, LocalEngine, task_device
 from simgap.parallel import Progress as RateProgress
-from simgap.scan.kernel import KernelConfig
-from simgap.scan.scan import Progress, ScanResult, find_bad_rows
-from simgap.scan.shards import FIRST_KEYS, scan_store
+from simgap.scan.kernel import KernelConfig, merge_topk
+from simgap.scan.scan import Progress, ScanResult, check_tests, find_bad_rows, scan_arrays
+from simgap.scan.shards import FIRST_KEYS, scan_store, verify_shard
 from simgap.store import Store, StoreError, check_compatible, open_store
 
 
@@ -64,25 +72,43 @@ def log_progress(label: str, log: Callable[[str], None], every_s: float = 5.0) -
     return RateProgress(label, log, every_s=every_s).count
 
 
+def _open(store: Store | Path | str) -> Store:
+    return store if isinstance(store, Store) else open_store(store)
+
+
+def benchmark_groups(info: pa.Table) -> list[tuple[str, int, int]]:
+    """(benchmark, start, stop) of each benchmark's consecutive tests in ``load_tests``'s table."""
+    names = info.column("benchmark").to_pylist()
+    groups: list[tuple[str, int, int]] = []
+    for i, name in enumerate(names):
+        if groups and groups[-1][0] == name:
+            groups[-1] = (name, groups[-1][1], i + 1)
+        else:
+            groups.append((name, i, i + 1))
+    return groups
+
+
 def scan_benchmarks(
-    base: Path | str,
-    benchmarks: list[Path | str],
+    base: Store | Path | str,
+    benchmarks: list[Store | Path | str],
     out: Path | str,
-    reference: Path | str | None = None,
+    reference: Store | Path | str | None = None,
     topk: int = 10,
     config: KernelConfig | None = None,
     executor: Executor | None = None,
     bad_rows: str = "error",
     log: Callable[[str], None] | None = None,
 ) -> ScanResult:
-    """Scan ``base`` against every benchmark at once, with thresholds from ``reference``."""
-    base_store = open_store(base)
-    test_stores = [open_store(b) for b in benchmarks]
-    ref_store = None if reference is None else open_store(reference)
+    """Scan ``base`` against every benchmark at once (one pass, per-benchmark row outputs), with
+    thresholds from ``reference`` (one pass over it)."""
+    base_store = _open(base)
+    test_stores = [_open(b) for b in benchmarks]
+    ref_store = None if reference is None else _open(reference)
     stores = [base_store, *test_stores, *([ref_store] if ref_store else [])]
     check_compatible(*stores)
     check_normalized(*stores)
     tests, info = load_tests(test_stores)
+    groups = benchmark_groups(info)
     out = Path(out)
     thresholds = None
     if ref_store is not None:
@@ -99,6 +125,7 @@ def scan_benchmarks(
             return_rows=False,
             test_info=info,
             bad_rows=bad_rows,
+            groups=groups,
         )
         thresholds = ref.topk_sim[:, 0].copy()
         if not np.isfinite(thresholds).all():
@@ -117,4 +144,130 @@ def scan_benchmarks(
         return_rows=False,
         test_info=info,
         bad_rows=bad_rows,
+        groups=groups,
     )
+
+
+# ----------------------------------------------------------------------------- the splits' check
+
+
+@dataclass(frozen=True, repr=False)
+class SplitsTask:
+    """One base shard and, per split, which of its rows the split keeps (bit-packed)."""
+
+    name: str
+    offset: int
+    rows: int
+    keep: np.ndarray  # (splits, ceil(rows / 8)) uint8, np.packbits of each split's mask
+
+    def __repr__(self) -> str:
+        return f"shard {self.name}"
+
+
+@dataclass(frozen=True)
+class SplitsScan:
+    """Per shard, each split's nearest kept row for every test: the shard is read once and its
+    kept rows scanned once per split (``scan_arrays``, top-1, no per-row outputs)."""
+
+    store: Store
+    out: str
+    config: KernelConfig
+    inputs: str  # fingerprint of the tests and the format
+
+    def fingerprint(self, task: SplitsTask, sha256: str) -> str:
+        return fingerprint([CHECK_FORMAT, self.inputs, sha256, task.offset, task.rows,
+                            sha256_array(task.keep)])  # fmt: skip
+
+    def __call__(self, task: SplitsTask) -> dict[str, Any]:
+        out = Path(self.out)
+        info = next((s for s in self.store.shards if s.name == task.name), None)
+        if info is None:
+            raise StoreError(f"{self.store.path}: no shard {task.name}")
+        fp = self.fingerprint(task, info.sha256)
+        done = out / "done" / f"{task.name}.json"
+        part = out / "parts" / f"{task.name}.npy"
+        if done.exists() and part.exists() and read_json(done).get("fingerprint") == fp:
+            return read_json(done)
+        verify_shard(self.store, info)
+        emb = self.store.read_emb(task.name)
+        tests = np.load(out / "inputs" / "tests.npy")
+        keep = np.unpackbits(task.keep, axis=1, count=task.rows).astype(bool)
+        config = replace(self.config, device=task_device(self.config.device))
+        sim = np.full((len(keep), len(tests)), -np.inf, np.float32)
+        row = np.full((len(keep), len(tests)), -1, np.int64)
+        for s, mask in enumerate(keep):
+            if mask.any():
+                res = scan_arrays(
+                    [(task.offset, emb, mask)], tests, None, 1, config, collect_rows=False
+                )
+                sim[s], row[s] = res.topk_sim[:, 0], res.topk_row[:, 0]
+        write_npy(part, _check_records(sim, row))
+        record = {"name": task.name, "rows": task.rows, "fingerprint": fp}
+        write_json(done, record)  # last: marks the shard finished
+        return record
+
+
+CHECK_FORMAT = "simgap-splits-check/1"
+
+
+def _check_records(sim: np.ndarray, row: np.ndarray) -> np.ndarray:
+    rec = np.empty(sim.shape, dtype=[("sim", "<f4"), ("row", "<i8")])
+    rec["sim"], rec["row"] = sim, row
+    return rec
+
+
+def split_masks(base: Store, keys: list[list[str]]) -> dict[str, np.ndarray]:
+    """Per shard, the (splits, rows) mask of each split's written keys (``keys``: each split's
+    key list); each shard's keys are read once for all splits."""
+    sets = [pa.array(sorted(k), pa.string()) for k in keys]
+    masks = {}
+    for s in base.shards:
+        col = base.read_keys(s.name).column("key")
+        masks[s.name] = np.stack(
+            [pc.is_in(col, value_set=v).to_numpy(zero_copy_only=False) for v in sets]
+        ).reshape(len(sets), s.rows)
+    return masks
+
+
+def scan_splits(
+    base: Store,
+    tests: np.ndarray,
+    masks: dict[str, np.ndarray],
+    out: Path | str,
+    config: KernelConfig | None = None,
+    executor: Executor | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every split's guarantee check in one pass over ``base``: per split and test, the NN
+    similarity (and global row) among the split's kept rows (``masks``: per shard, (splits,
+    rows) bool). -inf / -1 where a split keeps no row. Resumable per shard like ``scan_store``."""
+    out = Path(out)
+    cfg = (config or KernelConfig()).resolved()
+    tests = np.asarray(tests)
+    check_tests(tests, None, 1)
+    if tests.shape[1] != base.dim:
+        raise ValueError(f"{base.path}: dim {base.dim}, tests have d={tests.shape[1]}")
+    n_splits = len(next(iter(masks.values()))) if masks else 0
+    (out / "check.json").unlink(missing_ok=True)
+    write_npy(out / "inputs" / "tests.npy", tests)
+    inputs = fingerprint([CHECK_FORMAT, sha256_array(tests), str(tests.dtype)])
+    fn = SplitsScan(base, str(out), cfg, inputs)
+    tasks = [
+        SplitsTask(s.name, s.offset, s.rows, np.packbits(masks[s.name], axis=1))
+        for s in base.shards
+    ]
+    progress = RateProgress("splits check", log)
+    (executor or Executor(LocalEngine(1))).map(fn, tasks, on_done=progress)
+    sim = np.full((n_splits, len(tests)), -np.inf, np.float32)
+    row = np.full((n_splits, len(tests)), -1, np.int64)
+    for t in tasks:  # in shard order: merge_topk's total order makes any order give these bytes
+        part = np.load(out / "parts" / f"{t.name}.npy")
+        for s in range(n_splits):
+            a, b = merge_topk((sim[s, :, None], row[s, :, None]),
+                              (part["sim"][s, :, None], part["row"][s, :, None]))  # fmt: skip
+            sim[s], row[s] = a[:, 0], b[:, 0]
+    write_npy(out / "nn_sim.npy", sim)
+    write_npy(out / "nn_row.npy", row)
+    write_json(out / "check.json", {"format": CHECK_FORMAT, "splits": n_splits,
+                                    "tests": len(tests), "rows": base.rows})  # fmt: skip
+    return sim, row

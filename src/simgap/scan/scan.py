@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,6 +182,7 @@ def scan_arrays(
     progress: Progress | None = None,
     rows_total: int | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    groups: Sequence[tuple[int, int]] | None = None,
 ) -> ScanResult:
     """Exact fused scan of blocks ``(global row offset, rows[, keep mask])`` against ``tests``.
 
@@ -189,21 +190,21 @@ def scan_arrays(
     offset, max, argmax, margin)`` receives each block's per-row outputs as soon as the block is
     done; with ``collect_rows=False`` they are not kept (the result's row fields are None).
     ``config`` chooses device and tuning (default: ``KernelConfig()`` resolved for the CPU);
-    ``progress(rows_done, rows_total)`` is called after every chunk."""
+    ``progress(rows_done, rows_total)`` is called after every chunk.
+
+    ``groups``: consecutive test ranges ``(start, stop)`` (one per benchmark). Then the per-row
+    outputs are (N, groups): each row's max, argmax (a test index) and margin per group, from
+    the same pass over the rows (each chunk is read and moved to the device once)."""
     cfg = (config or KernelConfig()).resolved()
     tests = np.asarray(tests)
     thresholds = None if thresholds is None else np.asarray(thresholds, np.float32)
     check_tests(tests, thresholds, topk)
     m, d = tests.shape
+    spans = _check_groups(groups, m)
     dev = torch.device(cfg.device)
     t_tensor = torch.from_numpy(tests).to(dev)
     thr_tensor = None if thresholds is None else torch.from_numpy(thresholds).to(dev)
-    test_set = prepare_tests(t_tensor, thr_tensor, cfg.precision, cfg.tile_tests, cfg.test_group)
-
-    row_max, row_margin = RowMaxHandler(), MarginHandler() if thresholds is not None else None
-    top = TopKHandler(m, topk, dev) if topk > 0 else None
-    count = CountAboveHandler(m, dev) if thresholds is not None else None
-    handlers = [h for h in (row_max, row_margin, top, count) if h is not None]
+    parts_of = [_GroupScan(t_tensor, thr_tensor, a, b, topk, cfg, dev) for a, b in spans]
 
     triples = (b if len(b) == 3 else (b[0], b[1], None) for b in blocks)
     collected: list[tuple[np.ndarray, ...]] = []
@@ -212,7 +213,11 @@ def scan_arrays(
     for chunk in _prefetch(_chunks(triples, chunk_rows, dev)):
         if chunk.x.shape[1] != d:
             raise ValueError(f"block {chunk.block}: rows of shape {tuple(chunk.x.shape)}, d={d}")
-        parts.append(_scan_chunk(chunk, test_set, handlers, row_max, row_margin, cfg))
+        outs = [g.chunk(chunk, cfg) for g in parts_of]
+        if groups is None:
+            parts.append(outs[0])
+        else:
+            parts.append(tuple(np.stack(o, axis=1) for o in zip(*outs, strict=True)))
         done += chunk.n
         if progress is not None:
             progress(done, rows_total if rows_total is not None else done)
@@ -225,13 +230,23 @@ def scan_arrays(
             if collect_rows:
                 collected.append(block)
 
-    if top is not None:
-        topk_sim, topk_row = (v.cpu().numpy() for v in top.result())
+    if topk > 0:
+        per_group = [g.top.result() for g in parts_of]
+        topk_sim = np.concatenate([s.cpu().numpy() for s, _ in per_group])
+        topk_row = np.concatenate([r.cpu().numpy() for _, r in per_group])
     else:
         topk_sim, topk_row = np.zeros((m, 0), np.float32), np.zeros((m, 0), np.int64)
+    count_above = None
+    if thresholds is not None:
+        count_above = np.concatenate([g.count.result().cpu().numpy() for g in parts_of])
     rows: list[np.ndarray | None] = [None, None, None]
     if collect_rows:
-        empty = (np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.float32))
+        shape = (0,) if groups is None else (0, len(spans))
+        empty = (
+            np.zeros(shape, np.float32),
+            np.zeros(shape, np.int32),
+            np.zeros(shape, np.float32),
+        )
         rows = [np.concatenate(p) for p in zip(*collected, strict=True)] if collected else []
         rows = rows or list(empty)
         if thresholds is None:
@@ -239,11 +254,58 @@ def scan_arrays(
     return ScanResult(
         topk_sim=topk_sim,
         topk_row=topk_row,
-        count_above=None if count is None else count.result().cpu().numpy(),
+        count_above=count_above,
         row_max=rows[0],
         row_argmax=rows[1],
         row_margin=rows[2],
     )
+
+
+def _check_groups(groups: Sequence[tuple[int, int]] | None, m: int) -> list[tuple[int, int]]:
+    if groups is None:
+        return [(0, m)]
+    spans = [(int(a), int(b)) for a, b in groups]
+    ends = [0] + [b for _, b in spans]
+    if (
+        not spans
+        or [a for a, _ in spans] != ends[:-1]
+        or ends[-1] != m
+        or any(b <= a for a, b in spans)
+    ):
+        raise ValueError(f"groups {spans} must cut the {m} tests into consecutive non-empty ranges")
+    return spans
+
+
+class _GroupScan:
+    """One group's tests prepared for the kernel, its handlers, and its per-chunk row outputs."""
+
+    def __init__(
+        self,
+        tests: torch.Tensor,
+        thresholds: torch.Tensor | None,
+        start: int,
+        stop: int,
+        topk: int,
+        cfg: KernelConfig,
+        dev: torch.device,
+    ):
+        thr = None if thresholds is None else thresholds[start:stop]
+        self.start = start
+        self.tests = prepare_tests(
+            tests[start:stop], thr, cfg.precision, cfg.tile_tests, cfg.test_group
+        )
+        self.row_max = RowMaxHandler()
+        self.margin = MarginHandler() if thr is not None else None
+        self.top = TopKHandler(stop - start, topk, dev) if topk > 0 else None
+        self.count = CountAboveHandler(stop - start, dev) if thr is not None else None
+        self.handlers = [h for h in (self.row_max, self.margin, self.top, self.count) if h]
+
+    def chunk(self, chunk: _Chunk, cfg: KernelConfig) -> tuple[np.ndarray, ...]:
+        mx, arg, margin = _scan_chunk(
+            chunk, self.tests, self.handlers, self.row_max, self.margin, cfg
+        )
+        # The kernel numbers a group's tests from 0: argmax names a test of the whole scan.
+        return mx, np.where(arg >= 0, arg + self.start, -1).astype(np.int32), margin
 
 
 def _scan_chunk(

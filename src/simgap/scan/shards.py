@@ -11,8 +11,8 @@ order give the same bytes as one process scanning the stream.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from simgap.io import fingerprint, read_json, sha256_array, sha256_file, write_json, write_npy
-from simgap.parallel import Executor, LocalEngine
+from simgap.parallel import Executor, LocalEngine, task_device
 from simgap.scan.kernel import KernelConfig, merge_topk
 from simgap.scan.layout import (
     FORMAT,
@@ -80,7 +80,8 @@ class ShardScan:
     topk: int
     config: KernelConfig
     bad_rows: str
-    inputs: str  # fingerprint of tests, thresholds, k and format
+    inputs: str  # fingerprint of tests, thresholds, k, groups and format
+    groups: tuple[tuple[int, int], ...] | None = None  # test ranges of the benchmarks
 
     def fingerprint(self, info: ShardInfo, keep: np.ndarray | None) -> str:
         # The partials hold global row ids: a shard whose offset moved (an earlier shard gained or
@@ -107,7 +108,11 @@ class ShardScan:
         tests = np.load(out / "inputs" / "tests.npy")
         thr_path = out / "inputs" / "thresholds.npy"
         thresholds = np.load(thr_path) if thr_path.exists() else None
-        res = scan_arrays([(task.offset, emb, keep)], tests, thresholds, self.topk, self.config)
+        # Under Ray or a GPU-spread pool the task's GPU is only known here.
+        config = replace(self.config, device=task_device(self.config.device))
+        res = scan_arrays(
+            [(task.offset, emb, keep)], tests, thresholds, self.topk, config, groups=self.groups
+        )
         write_npy(
             out / "rows" / f"{task.name}.npy",
             row_records(res.row_max, res.row_argmax, res.row_margin),
@@ -205,8 +210,12 @@ def scan_store(
     return_rows: bool = True,
     test_info: pa.Table | None = None,
     bad_rows: str = "error",
+    groups: Sequence[tuple[str, int, int]] | None = None,
 ) -> ScanResult:
     """Exact fused scan of an embedding store against ``tests`` (M, d).
+
+    ``groups``: (benchmark name, start, stop) of consecutive test ranges; the per-row outputs
+    are then per benchmark, (N, B), from the same one pass over the store (``scan_arrays``).
 
     ``keep(shard_name)`` returns a bool mask of that shard's rows to scan (a split rescanned
     without copying). Rows that are NaN/Inf or not unit-norm raise a ValueError naming their
@@ -239,6 +248,7 @@ def scan_store(
             cfg,
             progress=progress,
             rows_total=base.rows,
+            groups=None if groups is None else [(a, b) for _, a, b in groups],
         )
         res.bad_rows = sum(n for n, _ in bad)
         return res
@@ -255,6 +265,7 @@ def scan_store(
         return_rows,
         test_info,
         bad_rows,
+        groups,
     )
 
 
@@ -278,6 +289,7 @@ def _scan_shards(
     return_rows: bool,
     test_info: pa.Table | None,
     bad_rows: str,
+    groups: Sequence[tuple[str, int, int]] | None = None,
 ) -> ScanResult:
     # A scan.json left by an earlier run would mark this folder finished while it is rewritten.
     (out / "scan.json").unlink(missing_ok=True)
@@ -293,8 +305,11 @@ def _scan_shards(
         "thresholds_sha256": sha256_array(thresholds),
         "topk": topk,
     }
+    spans = None if groups is None else tuple((int(a), int(b)) for _, a, b in groups)
+    if groups is not None:
+        inputs["benchmarks"] = [[n, a, b] for n, a, b in groups]
     inputs_fp = fingerprint(inputs)
-    fn = ShardScan(base, str(out), topk, cfg, bad_rows, inputs_fp)
+    fn = ShardScan(base, str(out), topk, cfg, bad_rows, inputs_fp, spans)
     tasks = [
         ShardTask(s.name, s.offset, s.rows, None if masks is None else masks[s.name])
         for s in base.shards
@@ -328,16 +343,19 @@ def _scan_shards(
         },
         "bad_rows": {"policy": bad_rows, "count": n_bad, "first_keys": first_bad},
     }
+    if groups is not None:
+        meta["benchmarks"] = [{"name": n, "start": a, "stop": b} for n, a, b in groups]
     shards = [{"name": s.name, "offset": s.offset, "rows": s.rows} for s in base.shards]
     table = test_table(result, test_info, thresholds, keys)
     write_tests_and_meta(result, out, shards, table, meta)
     if return_rows:
         recs = [np.load(out / "rows" / f"{n}.npy") for n in names]
+        shape = (0,) if groups is None else (0, len(groups))
         rec = (
             np.concatenate(recs)
             if recs
             else row_records(
-                np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.float32)
+                np.zeros(shape, np.float32), np.zeros(shape, np.int32), np.zeros(shape, np.float32)
             )
         )
         result.row_max, result.row_argmax = rec["max"].copy(), rec["argmax"].copy()

@@ -90,67 +90,119 @@ class _Bench:
     row_margin: np.ndarray | None = None
 
 
-def _check_scan(scan: Path, pool: Store, doc: dict[str, Any], bench: _Bench) -> None:
+def _check_scan(scan: Path, pool: Store, doc: dict[str, Any], bench: _Bench, span: slice) -> None:
     inputs = doc.get("inputs", {})
     if doc["rows"] != pool.rows or inputs.get("base", {}).get("shards_sha256") not in (
         None,
         [s.sha256 for s in pool.shards],
     ):
         raise ValueError(f"{scan}/scan.json: the scan was not made over the pool {pool.path}")
-    if bench.tests is not None and inputs.get("tests_sha256") not in (
-        None,
-        sha256_bytes(bench.tests),
-    ):
+    scanned = Path(scan) / "inputs" / "tests.npy"
+    if bench.tests is not None and scanned.exists():
+        if not np.array_equal(np.load(scanned)[span], bench.tests):
+            raise ValueError(
+                f"{scan}/scan.json: the scan's test points are not those of {bench.store.path}"
+            )
+    recorded = Path(scan) / "inputs" / "thresholds.npy"
+    if bench.thresholds is not None and doc.get("thresholds") and recorded.exists():
+        if not np.array_equal(np.load(recorded)[span], np.float32(bench.thresholds)):
+            raise ValueError(
+                f"{scan}/scan.json: the scan's thresholds differ from the reference's NN "
+                "similarities"
+            )
+
+
+@dataclass(frozen=True)
+class _ScanPart:
+    """One benchmark's part of a scan folder: the whole folder (a scan of one set of tests) or
+    its ``index``-th benchmark (``layout.py``), whose tests are ``span`` of the scan's."""
+
+    folder: Path
+    name: str
+    index: int | None
+    span: slice
+
+
+def _scan_parts(folders: tuple[Path, ...], prefix: str) -> list[_ScanPart]:
+    from simgap.scan.layout import benchmarks_of, read_meta
+
+    parts = []
+    for folder in folders:
+        doc = read_meta(folder)
+        entries = benchmarks_of(doc)
+        if not entries:
+            name = _bench_name(folder, prefix)
+            parts.append(_ScanPart(Path(folder), name, None, slice(0, doc["tests"])))
+        for i, e in enumerate(entries):
+            name = _bench_name(Path(e["name"]), "bench-")
+            parts.append(_ScanPart(Path(folder), name, i, slice(e["start"], e["stop"])))
+    return parts
+
+
+def _match(parts: list[_ScanPart], names: list[str], what: str) -> list[_ScanPart]:
+    """The scan part of each benchmark: by name, or (scans of one benchmark each, as many as
+    the benchmarks) in the order given."""
+    if len(parts) == len(names) and all(p.index is None for p in parts):
+        return parts
+    by_name = {p.name: p for p in parts}
+    missing = [n for n in names if n not in by_name]
+    if missing:
         raise ValueError(
-            f"{scan}/scan.json: the scan's test points are not those of {bench.store.path}"
+            f"{what}: no scan of benchmark(s) {', '.join(missing)} "
+            f"(the scans hold: {', '.join(by_name) or 'none'})"
         )
-    want = (
-        None if bench.thresholds is None else sha256_bytes(np.float32(bench.thresholds).tobytes())
-    )
-    if want and doc.get("thresholds") and inputs.get("thresholds_sha256") not in (None, want):
-        raise ValueError(
-            f"{scan}/scan.json: the scan's thresholds differ from the reference's NN similarities"
-        )
+    return [by_name[n] for n in names]
 
 
 def _load_benches(cfg: SelectConfig, pool: Store, fp: dict[str, Any], log: Log) -> list[_Bench]:
     from simgap.scan import load_scan, scan_store
+    from simgap.scan.layout import benchmark_rows
 
-    n = max(len(cfg.benchmarks), len(cfg.scans))
-    for what, paths in (("--scans", cfg.scans), ("--reference-scans", cfg.reference_scans)):
-        if paths and len(paths) != n:
-            raise ValueError(f"{what}: {len(paths)} given for {n} benchmarks (one each, in order)")
+    for f in (*cfg.scans, *cfg.reference_scans):
+        if not (Path(f) / "scan.json").exists():
+            raise FileNotFoundError(f"{f}: not a finished scan (no scan.json)")
+    stores = [open_store(b) for b in cfg.benchmarks]
+    scans = _scan_parts(cfg.scans, "pool-")
+    names = [_bench_name(s.path, "bench-") for s in stores] or [p.name for p in scans]
+    if scans:
+        scans = _match(scans, names, "--scans")
+    refs = _scan_parts(cfg.reference_scans, "reference-")
+    if refs:
+        refs = _match(refs, names, "--reference-scans")
     reference = open_store(cfg.reference) if cfg.reference else None
     if reference is not None:
         check_compatible(pool, reference)
         fp["reference"] = store_fingerprint(reference)
     benches = []
-    for i in range(n):
-        if cfg.benchmarks:
-            store = open_store(cfg.benchmarks[i])
+    for i, name in enumerate(names):
+        if stores:
+            store = stores[i]
             check_compatible(pool, store)
-            b = _Bench(_bench_name(store.path, "bench-"), store, store.embeddings())
+            b = _Bench(name, store, store.embeddings())
             fp.setdefault("benchmarks", {})[b.name] = store_fingerprint(store)
         else:
-            b = _Bench(_bench_name(cfg.scans[i], "pool-"))
-        if cfg.reference_scans:
-            b.thresholds = load_scan(cfg.reference_scans[i], rows=False).topk_sim[:, 0].copy()
-            fp.setdefault("reference_scans", {})[b.name] = scan_fingerprint(cfg.reference_scans[i])
+            b = _Bench(name)
+        if refs:
+            ref = refs[i]
+            b.thresholds = load_scan(ref.folder, rows=False).topk_sim[ref.span, 0].copy()
+            fp.setdefault("reference_scans", {})[b.name] = scan_fingerprint(ref.folder)
         elif reference is not None and b.tests is not None:
             log(f"select: thresholds of {b.name} from the reference store")
             b.thresholds = scan_store(reference, b.tests, topk=1).topk_sim[:, 0].copy()
-        if cfg.scans:
-            if not (Path(cfg.scans[i]) / "scan.json").exists():
-                raise FileNotFoundError(f"{cfg.scans[i]}: not a finished scan (no scan.json)")
-            _check_scan(cfg.scans[i], pool, read_json(Path(cfg.scans[i]) / "scan.json"), b)
-            res = load_scan(cfg.scans[i])
+        elif scans and (scans[i].folder / "inputs" / "thresholds.npy").exists():
+            # The thresholds the pool scan's margins were computed against.
+            b.thresholds = np.load(scans[i].folder / "inputs" / "thresholds.npy")[scans[i].span]
+        if scans:
+            part = scans[i]
+            doc = read_json(part.folder / "scan.json")
+            _check_scan(part.folder, pool, doc, b, part.span)
             # Only the per-row field the policy reads stays in memory: a LAION pool's is 800 MB
-            # per benchmark.
-            if cfg.policy == "gapmatch":
-                b.row_margin = res.row_margin
-            else:
-                b.row_max = res.row_max
-            fp.setdefault("scans", {})[b.name] = scan_fingerprint(cfg.scans[i])
+            # per benchmark. A scan without thresholds has no margins: _need_scores scans.
+            if cfg.policy != "gapmatch":
+                b.row_max = benchmark_rows(part.folder, "max", part.index)
+            elif doc["thresholds"]:
+                b.row_margin = benchmark_rows(part.folder, "margin", part.index)
+            fp.setdefault("scans", {})[b.name] = scan_fingerprint(part.folder)
         benches.append(b)
     return benches
 
