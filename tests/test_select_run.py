@@ -135,6 +135,7 @@ def test_run_and_select_make_the_same_splits(made, tmp_path, capsys):
             continue
         out = tmp_path / name  # same folder name: split.json names the split by its folder
         args = ["select", spec.policy, str(run / "stores" / "pool"), "-o", str(out)]
+        args.append("--add-reference" if spec.reference else "--no-add-reference")
         assert cli_main(args + _select_args(run, name, spec, cfg.seed)) == 0, name
         ours = run / "splits" / name
         assert (ours / "keys.txt").read_bytes() == (out / "keys.txt").read_bytes(), name
