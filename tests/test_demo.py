@@ -116,7 +116,12 @@ def test_a_resized_split_reruns_alone(demo_run):
     ran = {m.removeprefix("[run] ") for m in logs if m.startswith("[run] ")}
     per_split = {f"{s}-{n}" for s in ("select", "gaps") for n in ("coreset", "coreset-random")}
     per_split |= {f"{s}-coreset" for s in ("materialize", "train", "evaluate")}
-    assert ran == per_split | {"gaps", "analysis-robustness", "analysis-similarity"}
+    assert ran == per_split | {
+        "gaps",
+        "analysis-robustness",
+        "analysis-statistics",
+        "analysis-similarity",
+    }
     assert "[cached] train-combined" in logs and "[clear] train/coreset: made for other inputs" in [
         m for m in logs if m.startswith("[clear]")
     ]

@@ -185,7 +185,12 @@ def test_changing_one_split_changes_only_its_stages(tmp_path):
     per_split = {"select", "gaps", "materialize", "train", "evaluate"}
     expected = {f"{s}-{n}" for s in per_split for n in ("coreset", "coreset-random")}
     # The aggregates read every split: they rerun too, and they are cheap.
-    assert changed == expected | {"gaps", "analysis-robustness", "analysis-similarity"}
+    assert changed == expected | {
+        "gaps",
+        "analysis-robustness",
+        "analysis-statistics",
+        "analysis-similarity",
+    }
     # Keys are stable: the same text plans the same keys.
     assert before == _keys(base, tmp_path)
 
@@ -202,7 +207,12 @@ def test_semdedup_rule_is_configured_and_reruns_only_its_split(tmp_path):
     ran = {name for name in before if before[name] != after[name]}
     per_split = {f"{s}-semdedup" for s in ("select", "gaps", "materialize", "train", "evaluate")}
     per_split |= {"select-semdedup-random", "gaps-semdedup-random"}
-    assert ran == per_split | {"gaps", "analysis-robustness", "analysis-similarity"}
+    assert ran == per_split | {
+        "gaps",
+        "analysis-robustness",
+        "analysis-statistics",
+        "analysis-similarity",
+    }
 
 
 # ----------------------------------------------------------------------------- dry runs
@@ -388,7 +398,12 @@ def test_rerun_hits_caches_and_a_resized_split_reruns_alone(tiny, reference_run)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ran = {ln.split("[run] ")[1].strip() for ln in proc.stderr.splitlines() if "[run] " in ln}
     per_split = {f"{s}-near-0.4" for s in ("select", "gaps", "materialize", "train", "evaluate")}
-    assert ran == per_split | {"gaps", "analysis-robustness", "analysis-similarity"}
+    assert ran == per_split | {
+        "gaps",
+        "analysis-robustness",
+        "analysis-statistics",
+        "analysis-similarity",
+    }
     assert "[cached] train-combined" in proc.stderr
     # The stage records say the same as the log, and the old split is gone from the outputs.
     record = json.loads((run / "stages" / "train-near-0.4.json").read_text())
