@@ -120,6 +120,7 @@ def test_a_resized_split_reruns_alone(demo_run):
         "gaps",
         "analysis-composition",
         "analysis-robustness",
+        "analysis-statistics",
         "analysis-similarity",
     }
     assert "[cached] train-combined" in logs and "[clear] train/coreset: made for other inputs" in [

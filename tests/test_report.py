@@ -74,6 +74,7 @@ def test_full_report_is_self_contained_with_figures_and_tables(built) -> None:
     assert paths == {
         "html": full_run / "report" / "report.html",
         "markdown": full_run / "report" / "report.md",
+        "findings": full_run / "report" / "findings.json",
     }
     html = paths["html"].read_text(encoding="utf-8")
     assert not re.search(r'(src|href)\s*=\s*"?(https?:)?//', html)
@@ -201,7 +202,7 @@ def test_same_run_gives_same_bytes(built) -> None:
     build_report(built[0])
     second = {p.name: p.read_bytes() for p in sorted(report.iterdir())}
     assert first == second
-    assert sorted(first) == [*FIGURES, "report.html", "report.md"]
+    assert sorted(first) == [*FIGURES, "findings.json", "report.html", "report.md"]
 
 
 def test_partial_run_says_what_was_not_computed(built, tmp_path: Path) -> None:
@@ -214,7 +215,12 @@ def test_partial_run_says_what_was_not_computed(built, tmp_path: Path) -> None:
     shutil.rmtree(run / "stores" / "bench-sketch")  # its gallery's test images
     shutil.rmtree(run / "eval")
     html = build_report(run)["html"].read_text(encoding="utf-8")
-    for part in ("Accuracy against NN similarity", "Effective robustness", "Contamination audit"):
+    for part in (
+        "Findings",
+        "Accuracy against NN similarity",
+        "Effective robustness",
+        "Contamination audit",
+    ):
         assert f"{part}: not computed in this run" in html
     assert "Galleries not computed in this run for: sketch." in html
     report = sorted(p.name for p in (run / "report").iterdir())
@@ -274,7 +280,7 @@ def test_run_json_only(tmp_path: Path) -> None:
         {"config": {}, "world": None, "analysis": {"audit": None, "analysis-robustness": why}},
     )
     html = build_report(run)["html"].read_text(encoding="utf-8")
-    assert html.count("not computed in this run") == 9
+    assert html.count("not computed in this run") == 10  # composition and the Findings too
     assert (
         "Effective robustness: not computed in this run (no analysis/robustness.json; the run "
         "says: needs two trained splits and an OOD benchmark)." in html

@@ -189,6 +189,7 @@ def test_changing_one_split_changes_only_its_stages(tmp_path):
         "gaps",
         "analysis-composition",
         "analysis-robustness",
+        "analysis-statistics",
         "analysis-similarity",
     }
     # Keys are stable: the same text plans the same keys.
@@ -211,6 +212,7 @@ def test_semdedup_rule_is_configured_and_reruns_only_its_split(tmp_path):
         "gaps",
         "analysis-composition",
         "analysis-robustness",
+        "analysis-statistics",
         "analysis-similarity",
     }
 
@@ -402,6 +404,7 @@ def test_rerun_hits_caches_and_a_resized_split_reruns_alone(tiny, reference_run)
         "gaps",
         "analysis-composition",
         "analysis-robustness",
+        "analysis-statistics",
         "analysis-similarity",
     }
     assert "[cached] train-combined" in proc.stderr

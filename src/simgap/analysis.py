@@ -4,7 +4,6 @@ cannot support into a recorded "not computed, because ..." instead of a failed r
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,58 +11,304 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from simgap import claims, stats
 from simgap.config import Config
 from simgap.io import read_json, write_json, write_parquet
-from simgap.robustness import accuracy_by_similarity, effective_robustness, fit_line
+from simgap.robustness import (
+    Line,
+    accuracy_by_similarity,
+    effective_robustness,
+    fit_line,
+    logit,
+)
 from simgap.select import audit
 from simgap.store import Store
 
 Log = Callable[[str], None]
 
 
-def robustness_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: list[str]) -> dict:
-    """Effective robustness (Taori et al.): the line of OOD vs ID top-1 (logit axes) through the
-    reference models (trained without similarity control: the full pool and the random
-    controls), then every trained split's distance above it. OOD accuracy is the mean over the
-    shift benchmarks, as in CLIP's and the paper's robustness plots."""
+MEAN_OOD = "mean-ood"  # the pseudo-benchmark of every table: mean top-1 over the OOD benchmarks
+
+
+# ----------------------------------------------------------------------------- model outcomes
+
+
+def model_names(split: str, seeds: int) -> list[str]:
+    return [split if k == 0 else f"{split}@s{k}" for k in range(seeds)]
+
+
+def correct_matrix(folder: Path, models: list[str], bench: str) -> tuple[list[str], np.ndarray]:
+    """``models x tests`` 0/1 outcomes from ``<folder>/predictions/<model>-<bench>.parquet``,
+    every model's rows in the same (sorted key) order."""
+    keys: list[str] | None = None
+    rows = []
+    for model in models:
+        path = folder / "predictions" / f"{model}-{bench}.parquet"
+        t = pq.read_table(path, columns=["key", "label", "pred"]).to_pydict()
+        order = np.argsort(np.array(t["key"], dtype=object), kind="stable")
+        k = [t["key"][i] for i in order]
+        if keys is None:
+            keys = k
+        elif k != keys:
+            raise ValueError(f"{path}: test keys differ from {models[0]}'s on {bench}")
+        rows.append((np.array(t["pred"])[order] == np.array(t["label"])[order]).astype(np.float64))
+    return keys or [], np.stack(rows)
+
+
+def _id_and_ood(cfg: Config, benchmarks: list[str]) -> tuple[str, list[str]]:
     id_bench = cfg.analysis.id_benchmark or benchmarks[0]
-    ood = [b for b in benchmarks if b != id_bench]
-    patterns = cfg.analysis.reference_models
-    reference = [s for s in trained if any(fnmatch.fnmatchcase(s, p) for p in patterns)]
-    if len(reference) < 2 or not ood:
+    return id_bench, [b for b in benchmarks if b != id_bench]
+
+
+class Outcomes:
+    """Every trained split's outcomes and their bootstrap replicates (shared draws)."""
+
+    def __init__(self, run: Path, cfg: Config, trained: list[str], benchmarks: list[str]):
+        self.seeds = cfg.train.seeds
+        self.id_bench, self.ood = _id_and_ood(cfg, benchmarks)
+        self.benchmarks = benchmarks
+        self.correct = {
+            (s, b): correct_matrix(run / "eval", model_names(s, self.seeds), b)[1]
+            for s in trained
+            for b in benchmarks
+        }
+        tests = {b: self.correct[(trained[0], b)].shape[1] for b in benchmarks} if trained else {}
+        self.boot = stats.Bootstrap(tests, cfg.analysis.bootstrap, cfg.seed)
+        self.trained = trained
+        self._cache: dict[tuple[str, str], tuple[float, np.ndarray]] = {}
+
+    def estimate(self, split: str, bench: str) -> tuple[float, np.ndarray]:
+        """(point, replicates) of a split's top-1 on a benchmark, or on MEAN_OOD."""
+        key = (split, bench)
+        if key not in self._cache:
+            if bench == MEAN_OOD:
+                parts = [self.estimate(split, b) for b in self.ood]
+                point = float(np.mean([p for p, _ in parts]))
+                self._cache[key] = (point, np.mean(np.stack([r for _, r in parts]), axis=0))
+            else:
+                c = self.correct[key]
+                self._cache[key] = (float(c.mean()), self.boot.replicate(c, bench))
+        return self._cache[key]
+
+    def columns(self) -> list[str]:
+        return [*self.benchmarks, MEAN_OOD] if self.ood else list(self.benchmarks)
+
+
+def _as_interval(est: tuple[float, np.ndarray]) -> stats.Interval:
+    return stats.interval(est[0], est[1])
+
+
+# ----------------------------------------------------------------------------- robustness
+
+
+def read_reference_points(path: Path, id_bench: str, ood: list[str]) -> dict[str, dict]:
+    """``analysis.reference_points``: published models' accuracies (docs/reference-points.md):
+    a CSV with a ``model`` column, the ID benchmark's column and one per OOD benchmark, each an
+    accuracy in [0, 1] or in percent (above 1)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: no reference points")
+    header = list(rows[0])
+    need = ["model", id_bench, *ood]
+    missing = [c for c in need if c not in header]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing} (has {header})")
+    percent = any(float(r[c]) > 1 for r in rows for c in need[1:] if r[c].strip())
+    out = {}
+    for i, r in enumerate(rows, start=2):
+        try:
+            accs = {c: float(r[c]) / (100 if percent else 1) for c in need[1:]}
+        except ValueError as err:
+            raise ValueError(f"{path}: line {i}: {err}") from None
+        if not all(0 <= v <= 1 for v in accs.values()):
+            raise ValueError(f"{path}: line {i}: accuracies must be in [0, 1] or [0, 100]")
+        out[r["model"]] = accs
+    return out
+
+
+def _fit_rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares slope and intercept per row of ``x``/``y`` (replicates x models)."""
+    xm, ym = x.mean(axis=1, keepdims=True), y.mean(axis=1, keepdims=True)
+    var = ((x - xm) ** 2).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = ((x - xm) * (y - ym)).sum(axis=1) / var
+    return slope, ym[:, 0] - slope * xm[:, 0]
+
+
+def _line_replicates(
+    ref_id: list[tuple[float, np.ndarray]], ref_ood: list[tuple[float, np.ndarray]]
+) -> tuple[Line, np.ndarray, np.ndarray]:
+    """The line through the reference models, and its slope/intercept in every replicate."""
+    line = fit_line(np.array([p for p, _ in ref_id]), np.array([p for p, _ in ref_ood]))
+    x = logit(np.stack([r for _, r in ref_id], axis=1))
+    y = logit(np.stack([r for _, r in ref_ood], axis=1))
+    slope, intercept = _fit_rows(x, y)
+    return line, slope, intercept
+
+
+def _er(
+    line: Line,
+    slopes: np.ndarray,
+    intercepts: np.ndarray,
+    id_est: tuple[float, np.ndarray],
+    ood_est: tuple[float, np.ndarray],
+) -> stats.Interval:
+    point = effective_robustness(line, id_est[0], ood_est[0])
+    z = slopes * logit(id_est[1]) + intercepts
+    reps = ood_est[1] - 1.0 / (1.0 + np.exp(-z))
+    return stats.interval(point, reps)
+
+
+def robustness_analysis(
+    run: Path, cfg: Config, trained: list[str], benchmarks: list[str], line_models: list[str]
+) -> dict:
+    """Effective robustness (Taori et al. 2020), per OOD benchmark and for the mean OOD top-1:
+    a line of OOD vs ID top-1 on logit axes through the reference models (the world: models
+    trained on the reference set alone; a real run: analysis.reference_points), then every
+    trained split's distance above it, in accuracy, with its bootstrap interval (the line is
+    refitted in every replicate: the reference models' test points are resampled too)."""
+    id_bench, ood = _id_and_ood(cfg, benchmarks)
+    if not ood:
+        return {"computed": False, "why": "needs an OOD benchmark besides the ID one"}
+    out = Outcomes(run, cfg, trained, benchmarks)
+    boot = out.boot
+    ref: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
+    source = "reference-line"
+    if cfg.analysis.reference_points:
+        source = cfg.analysis.reference_points
+        for model, accs in read_reference_points(Path(source), id_bench, ood).items():
+            # Published points carry no test-level outcomes: fixed in every replicate.
+            ref[model] = {b: (v, np.full(boot.replicates, v)) for b, v in accs.items()}
+    else:
+        folder = run / "eval" / "reference-line"
+        for model in line_models:
+            ref[model] = {}
+            for b in benchmarks:
+                c = correct_matrix(folder, [model], b)[1]
+                ref[model][b] = (float(c.mean()), boot.replicate(c, b))
+    if len(ref) < 2:
         return {
             "computed": False,
-            "why": f"needs two trained reference models (analysis.reference_models = "
-            f"{list(patterns)} matched {reference}) and an OOD benchmark",
+            "why": f"needs at least two reference models, has {len(ref)} (analysis."
+            "reference_epochs x reference_seeds, or analysis.reference_points)",
         }
-    evals = {s: read_json(run / "eval" / f"{s}.json")["benchmarks"] for s in trained}
-    id_acc = {s: float(evals[s][id_bench]["top1"]) for s in trained}
-    ood_acc = {s: float(np.mean([evals[s][b]["top1"] for b in ood])) for s in trained}
-    line = fit_line(
-        np.array([id_acc[s] for s in reference]), np.array([ood_acc[s] for s in reference])
-    )
+    for model in ref:
+        parts = [ref[model][b] for b in ood]
+        ref[model][MEAN_OOD] = (
+            float(np.mean([p for p, _ in parts])),
+            np.mean(np.stack([r for _, r in parts]), axis=0),
+        )
+    lines, er = {}, {s: {} for s in trained}
+    for bench in [*ood, MEAN_OOD]:
+        line, slopes, intercepts = _line_replicates(
+            [ref[m][id_bench] for m in ref], [ref[m][bench] for m in ref]
+        )
+        lines[bench] = {"slope": line.slope, "intercept": line.intercept}
+        for s in trained:
+            iv = _er(line, slopes, intercepts, out.estimate(s, id_bench), out.estimate(s, bench))
+            er[s][bench] = iv.as_dict()
+    mean_line = lines[MEAN_OOD]
     points = [
         {
             "split": s,
-            "id_acc": id_acc[s],
-            "ood_acc": ood_acc[s],
-            "effective_robustness": float(effective_robustness(line, id_acc[s], ood_acc[s])),
-            "reference": s in reference,
+            "id_acc": out.estimate(s, id_bench)[0],
+            "ood_acc": out.estimate(s, MEAN_OOD)[0],
+            "effective_robustness": er[s][MEAN_OOD]["mean"],
+            "reference": False,
         }
         for s in trained
+    ] + [
+        {
+            "split": m,
+            "id_acc": ref[m][id_bench][0],
+            "ood_acc": ref[m][MEAN_OOD][0],
+            "effective_robustness": float(
+                effective_robustness(
+                    Line(mean_line["slope"], mean_line["intercept"]),
+                    ref[m][id_bench][0],
+                    ref[m][MEAN_OOD][0],
+                )
+            ),
+            "reference": True,
+        }
+        for m in ref
     ]
-    out = {
+    doc = {
         "line": {
-            "slope": float(line.slope),
-            "intercept": float(line.intercept),
+            **mean_line,
             "id_benchmark": id_bench,
             "ood_benchmarks": ood,
             "ood_aggregate": "mean top-1 over ood_benchmarks",
-            "reference_models": reference,
+            "reference_models": list(ref),
+            "source": source,
         },
+        "lines": lines,
         "points": points,
+        "effective_robustness": er,
+        "reference_models": len(ref),
     }
-    write_json(run / "analysis" / "robustness.json", out)
+    write_json(run / "analysis" / "robustness.json", doc)
+    return {"computed": True, "reference_models": len(ref)}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _pairs(run: Path, trained: list[str]) -> list[tuple[str, str]]:
+    """Each split against its size-matched control, and against the full pool."""
+    meta = {s: read_json(run / "splits" / s / "split.json") for s in trained}
+    out = []
+    for s in trained:
+        control_of = meta[s].get("control_of")
+        if control_of in meta:
+            out.append((control_of, s))
+    full = next((s for s in trained if meta[s].get("policy") == "full"), None)
+    if full:
+        out += [(s, full) for s in trained if s != full]
+    return list(dict.fromkeys(out))
+
+
+def pair_name(a: str, b: str) -> str:
+    return f"{a} - {b}"
+
+
+def statistics_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: list[str]) -> dict:
+    """Every split's top-1 with its 95% interval, the paired differences (split - control,
+    split - full), and the paper's two claims, computed: ``analysis/statistics.json``."""
+    if not trained:
+        return {"computed": False, "why": "no trained split"}
+    out = Outcomes(run, cfg, trained, benchmarks)
+    cols = out.columns()
+    top1 = {s: {b: _as_interval(out.estimate(s, b)).as_dict() for b in cols} for s in trained}
+    differences = {}
+    for a, b in _pairs(run, trained):
+        differences[pair_name(a, b)] = {
+            bench: stats.difference(out.estimate(a, bench), out.estimate(b, bench))[0].as_dict(
+                resolved=True
+            )
+            for bench in cols
+        }
+    first_eval = read_json(run / "eval" / f"{trained[0]}.json")["benchmarks"]
+    chance = {
+        b: 1.0 / first_eval[b]["classes"] if first_eval[b].get("classes") else None
+        for b in benchmarks
+    }
+    meta = {s: read_json(run / "splits" / s / "split.json") for s in trained}
+    doc = {
+        "seeds": out.seeds,
+        "test_points": dict(out.boot.tests),
+        "chance": chance,
+        "id_benchmark": out.id_bench,
+        "ood_benchmarks": out.ood,
+        "bootstrap": {"replicates": out.boot.replicates, "level": stats.LEVEL},
+        "top1": top1,
+        "differences": differences,
+        "claims": claims.compute(out, meta),
+    }
+    write_json(run / "analysis" / "statistics.json", doc)
     return {"computed": True}
 
 

@@ -198,6 +198,10 @@ class Train:
     threads: int = field(default=1, metadata=NON_NEGATIVE)  # per training; 0 = torch's default
     device: str = "cpu"
     gpus: int = field(default=1, metadata=COUNT)  # > 1: torchrun on one node
+    # Every trained split is trained with this many seeds (recipe.seed + k for seed k). Seed 0
+    # is the split's plain stage (train-<split>); seed k > 0 is train-<split>@s<k>, so raising
+    # seeds reuses the seeds already trained.
+    seeds: int = field(default=1, metadata=COUNT)
 
 
 @dataclass(frozen=True)
@@ -210,10 +214,15 @@ class Evaluate:
 @dataclass(frozen=True)
 class Analysis:
     id_benchmark: str = ""  # in-distribution benchmark of the robustness line ("" = first)
-    # The effective-robustness line is fitted through these splits' models only (names, or
-    # fnmatch patterns): models trained without similarity control. Every trained split is then
-    # placed against that line.
-    reference_models: tuple[str, ...] = ("full", "*-random")
+    # The effective-robustness line (Taori et al. 2020) is the paper's ImageNet-trained models.
+    # On the world that role belongs to models trained on the reference set alone: one per
+    # budget in reference_epochs and seed below reference_seeds (none: no line). A real run
+    # gives published points instead: reference_points, a CSV (docs/reference-points.md).
+    reference_epochs: tuple[int, ...] = field(default=(), metadata=COUNT)
+    reference_seeds: int = field(default=1, metadata=COUNT)
+    reference_points: str = ""
+    # Bootstrap replicates of every interval (seeds and test points resampled; simgap.stats).
+    bootstrap: int = field(default=2000, metadata=COUNT)
     bins: int = field(default=10, metadata=COUNT)  # accuracy vs NN similarity
     # Contamination audit: "off", "embedding" (pairs above audit_threshold; the paper's method,
     # the only one that scales to LAION) or "pixels" (candidates verified on the images).

@@ -9,7 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simgap.analysis import guarded, robustness_analysis, similarity_analysis
+from simgap.analysis import (
+    guarded,
+    robustness_analysis,
+    similarity_analysis,
+    statistics_analysis,
+)
 from simgap.config import Config, ConfigError
 from simgap.experiment.engines import Executors, executors_of, kernel_config
 from simgap.experiment.specs import (
@@ -25,16 +30,22 @@ from simgap.experiment.specs import (
 )
 from simgap.experiment.steps import (
     CHECK_SCAN,
+    SharedTrainings,
     audit_step,
     check_splits,
     composition_step,
     embed_source,
     evaluate_split,
+    fit_batch,
+    materialize_reference,
     materialize_split,
+    model_name,
     scan_grid,
+    seed_recipe,
     select_split,
     train_split,
 )
+from simgap.io import sha256_bytes
 from simgap.parallel import Executor
 from simgap.runner import Stage
 from simgap.train import (
@@ -226,17 +237,18 @@ def _train_stages(
     executor: Executor,
     with_reference: set[str],
 ) -> list[Stage]:
-    """Per trained split a chain: materialize (with the reference set for the splits in
-    ``with_reference``), train, evaluate."""
+    """Per trained split a chain: materialize, then per seed train and evaluate. Then the
+    reference-line models: the reference set alone, one model per budget and seed."""
     stages: list[Stage] = []
     add = stages.append
-    recipe = recipe_key(cfg.train.recipe)
+    shared = SharedTrainings(run)
     for split in trained:
         ref = split in with_reference
+        materialized = {"caption": cfg.reference.caption, "reference": ref, "seed": cfg.seed}
         add(
             Stage(
                 f"materialize-{split}",
-                {"caption": cfg.reference.caption, "reference": ref, "seed": cfg.seed},
+                materialized,
                 lambda r, split=split, ref=ref: materialize_split(
                     run, data, cfg, split, executor, ref
                 ),
@@ -245,27 +257,111 @@ def _train_stages(
                 chain=split,
             )
         )
-        add(
-            Stage(
-                f"train-{split}",
-                {"recipe": recipe, "gpus": cfg.train.gpus, "device": cfg.train.device},
-                lambda r, split=split: train_split(run, cfg, split, r[f"materialize-{split}"], log),
-                after=(f"materialize-{split}",),
-                owns=(f"train/{split}",),
-                chain=split,
+        for seed in range(cfg.train.seeds):
+            name = model_name(split, seed)
+            recipe = seed_recipe(cfg.train.recipe, seed)
+            add(
+                Stage(
+                    f"train-{name}",
+                    {
+                        "recipe": recipe_key(recipe),
+                        "gpus": cfg.train.gpus,
+                        "device": cfg.train.device,
+                    },
+                    lambda r, split=split, name=name, recipe=recipe, m=materialized: shared.once(
+                        {
+                            "keys": r[f"select-{split}"]["keys_sha256"],
+                            "materialize": m,
+                            "recipe": recipe_key(recipe),
+                            "device": [cfg.train.gpus, cfg.train.device],
+                        },
+                        name,
+                        lambda: train_split(run, cfg, name, recipe, r[f"materialize-{split}"], log),
+                        log,
+                    ),
+                    after=(f"materialize-{split}",),
+                    owns=(f"train/{name}",),
+                    chain=split,
+                )
             )
+            add(
+                Stage(
+                    f"evaluate-{name}",
+                    {"benchmarks": evaluated, "batch_size": cfg.evaluate.batch_size},
+                    lambda r, name=name: evaluate_split(
+                        run, data, cfg, name, r[f"train-{name}"], evaluated
+                    ),
+                    after=(f"train-{name}",),
+                    chain=split,
+                )
+            )
+    if reference_line(cfg):
+        stages = [*_reference_materialize(cfg, run, data, executor), *stages]
+        stages += _reference_models(cfg, run, data, evaluated, log)
+    return stages
+
+
+def reference_line(cfg: Config) -> list[tuple[str, Recipe]]:
+    """The reference-line models (name, recipe): one per budget (epochs) and seed, trained on
+    the reference set alone (none when analysis.reference_epochs is empty, as on a real run,
+    whose line is given: analysis.reference_points)."""
+    a = cfg.analysis
+    return [
+        (
+            f"reference-e{epochs}-s{seed}",
+            dataclasses.replace(cfg.train.recipe, epochs=epochs, seed=cfg.train.recipe.seed + seed),
         )
-        add(
+        for epochs in dict.fromkeys(a.reference_epochs)
+        for seed in range(a.reference_seeds)
+    ]
+
+
+def _reference_materialize(cfg: Config, run: Path, data: Data, executor: Executor) -> list[Stage]:
+    upstream = ("world",) if cfg.sources.kind == "world" else ()
+    return [
+        Stage(
+            "materialize-reference-line",
+            {"caption": cfg.reference.caption, "reference": portable(data.reference, run)},
+            lambda r: materialize_reference(run, data, cfg, executor),
+            after=upstream,
+            owns=("shards/reference-line", "reference-line"),
+        )
+    ]
+
+
+def _reference_models(
+    cfg: Config, run: Path, data: Data, evaluated: list[str], log: Log
+) -> list[Stage]:
+    """Each reference-line model is its own chain (train, evaluate), beside the splits'."""
+    stages: list[Stage] = []
+    out = run / "eval" / "reference-line"
+    for name, recipe in reference_line(cfg):
+        stages += [
             Stage(
-                f"evaluate-{split}",
-                {"benchmarks": evaluated, "batch_size": cfg.evaluate.batch_size},
-                lambda r, split=split: evaluate_split(
-                    run, data, cfg, split, r[f"train-{split}"], evaluated
+                f"train-{name}",
+                {"recipe": recipe_key(recipe), "gpus": cfg.train.gpus, "device": cfg.train.device},
+                lambda r, name=name, recipe=recipe: train_split(
+                    run,
+                    cfg,
+                    name,
+                    fit_batch(recipe, r["materialize-reference-line"]["samples"], cfg.train.gpus),
+                    r["materialize-reference-line"],
+                    log,
                 ),
-                after=(f"train-{split}",),
-                chain=split,
-            )
-        )
+                after=("materialize-reference-line",),
+                owns=(f"train/{name}",),
+                chain=name,
+            ),
+            Stage(
+                f"evaluate-{name}",
+                {"benchmarks": evaluated, "batch_size": cfg.evaluate.batch_size},
+                lambda r, name=name: evaluate_split(
+                    run, data, cfg, name, r[f"train-{name}"], evaluated, out
+                ),
+                after=(f"train-{name}",),
+                chain=name,
+            ),
+        ]
     return stages
 
 
@@ -279,21 +375,47 @@ def _analysis_stages(
     embeds: tuple[str, ...],
     log: Log,
 ) -> list[Stage]:
-    """Effective robustness, accuracy vs NN similarity, the contamination audit."""
+    """Effective robustness, intervals, accuracy vs NN similarity, the contamination audit."""
     stages: list[Stage] = []
     add = stages.append
-    evals = tuple(f"evaluate-{s}" for s in trained)
+    seeds = cfg.train.seeds
+    evals = tuple(f"evaluate-{model_name(s, k)}" for s in trained for k in range(seeds))
+    line = [name for name, _ in reference_line(cfg)]
+    line_evals = tuple(f"evaluate-{n}" for n in line)
     analysis = cfg.section("analysis")
+    stats_inputs = {
+        "id_benchmark": cfg.analysis.id_benchmark,
+        "bootstrap": cfg.analysis.bootstrap,
+        "seeds": seeds,
+        "seed": cfg.seed,
+    }
+    points = cfg.analysis.reference_points
     add(
         Stage(
             "analysis-robustness",
             {
-                "id_benchmark": cfg.analysis.id_benchmark,
+                **stats_inputs,
+                "reference_line": line,
+                "reference_points": _file_identity(points) if points else None,
             },
             lambda r: guarded(
-                "robustness", lambda: robustness_analysis(run, cfg, trained, evaluated), log
+                "robustness",
+                lambda: robustness_analysis(run, cfg, trained, evaluated, line),
+                log,
             ),
-            after=evals,
+            after=(*evals, *line_evals),
+        )
+    )
+    add(
+        Stage(
+            "analysis-statistics",
+            stats_inputs,
+            lambda r: guarded(
+                "statistics",
+                lambda: statistics_analysis(run, cfg, trained, evaluated),
+                log,
+            ),
+            after=(*evals, "analysis-robustness", *(f"select-{s}" for s in trained)),
         )
     )
     add(
@@ -324,6 +446,12 @@ def _analysis_stages(
             )
         )
     return stages
+
+
+def _file_identity(path: str) -> list:
+    """A given file's path and content hash: an edited points.csv redoes the analysis."""
+    p = Path(path)
+    return [path, sha256_bytes(p.read_bytes()) if p.is_file() else None]
 
 
 def make_plan(

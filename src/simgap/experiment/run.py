@@ -55,11 +55,32 @@ def _retire_stale(run: Path, plan: Plan, log: Log) -> None:
         shutil.rmtree(folder)
         shutil.rmtree(run / "gaps" / "by-split" / name, ignore_errors=True)
         (run / "eval" / f"{name}.json").unlink(missing_ok=True)
-        for p in (run / "eval" / "predictions").glob(f"{name}-*.parquet"):
-            if p.name[len(name) + 1 : -len(".parquet")] in plan.benchmarks:
+        for p in (run / "eval" / "seeds").glob(f"{name}@s*.json"):
+            if _seed_of(p.stem, name) is not None:
+                p.unlink()
+        for p in (run / "eval" / "predictions").glob(f"{name}*-*.parquet"):
+            model, bench = _model_and_benchmark(p.stem, plan.benchmarks)
+            if model == name or _seed_of(model, name) is not None:
                 p.unlink()
         for stage in ("select", "gaps", "materialize", "train", "evaluate"):
             (run / "stages" / f"{stage}-{name}.json").unlink(missing_ok=True)
+            for p in (run / "stages").glob(f"{stage}-{name}@s*.json"):
+                if _seed_of(p.stem[len(stage) + 1 :], name) is not None:
+                    p.unlink()
+
+
+def _seed_of(model: str, split: str) -> int | None:
+    """k for a model named <split>@s<k>, else None."""
+    prefix = f"{split}@s"
+    rest = model[len(prefix) :]
+    return int(rest) if model.startswith(prefix) and rest.isdigit() else None
+
+
+def _model_and_benchmark(stem: str, benchmarks: list[str]) -> tuple[str, str]:
+    for bench in benchmarks:
+        if stem.endswith(f"-{bench}"):
+            return stem[: -len(bench) - 1], bench
+    return stem, ""
 
 
 def format_plan(runner: Runner, cfg: Config, plan: Plan) -> str:
@@ -73,7 +94,7 @@ def format_plan(runner: Runner, cfg: Config, plan: Plan) -> str:
         f"trained ({len(plan.trained)}): {', '.join(plan.trained)}",
         f"engine: {cfg.engine.name}; training: {cfg.train.gpus} x {cfg.train.device}, "
         f"recipe {cfg.train.recipe.model} {cfg.train.recipe.epochs} epochs, "
-        f"global batch {cfg.train.recipe.batch_size}",
+        f"global batch {cfg.train.recipe.batch_size}; seeds: {cfg.train.seeds}",
     ]
     lines += scan_lines(cfg, runner.dir, plan.splits, [r["stage"] for r in rows])
     missing = missing_paths(cfg)
@@ -125,9 +146,15 @@ def run_config(
             "timings": runner.timings,
             "finished": _utc(time.time()),
             "wall_seconds": round(time.time() - started, 1),
+            "seeds": cfg.train.seeds,
             "analysis": {
                 k: runner.results.get(k)
-                for k in ("analysis-robustness", "analysis-similarity", "audit")
+                for k in (
+                    "analysis-robustness",
+                    "analysis-statistics",
+                    "analysis-similarity",
+                    "audit",
+                )
             },
         },
     )

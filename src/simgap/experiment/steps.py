@@ -3,8 +3,10 @@ evaluation) from the run folder and the results of the stages it reads from."""
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import pyarrow.parquet as pq
 
 from simgap.analysis import audit_analysis
 from simgap.config import Config
+from simgap.data.clip_benchmark import open_benchmark
 from simgap.evaluate import evaluate_benchmark
 from simgap.experiment.specs import (
     Data,
@@ -23,7 +26,7 @@ from simgap.experiment.specs import (
     run_store,
     templates_of,
 )
-from simgap.io import write_json, write_npy, write_parquet
+from simgap.io import fingerprint, read_json, write_json, write_npy, write_parquet
 from simgap.models import ModelSpec, load_model
 from simgap.parallel import Executor, LocalEngine, ThreadEngine
 from simgap.scan.kernel import KernelConfig
@@ -43,8 +46,9 @@ from simgap.select.build import (
     select,
     split_rows,
 )
-from simgap.splits import materialize, read_key_list
+from simgap.splits import materialize, read_key_list, write_split
 from simgap.train import (
+    Recipe,
     TrainError,
     final_checkpoint,
     torchrun_command,
@@ -209,54 +213,138 @@ def materialize_split(
     )
 
 
-def train_split(run: Path, cfg: Config, split: str, shards: dict, log: Log) -> str:
-    recipe = cfg.train.recipe
+def materialize_reference(run: Path, data: Data, cfg: Config, executor: Executor) -> dict:
+    """The reference set alone, as training shards: the data of the reference-line models (the
+    paper's ImageNet-trained models). An empty split plus the reference set, so the shards are
+    the ones every split gets."""
+    empty = run / "reference-line" / "split"
+    if not (empty / "split.json").is_file():
+        write_split(empty, [], {"name": "reference-only", "policy": "reference-only"})
+    if isinstance(executor.engine, LocalEngine):
+        executor = Executor(ThreadEngine(max(4, executor.engine.workers)), executor.retries)
+    return materialize(
+        empty,
+        pool_shards(data),
+        run / "shards" / "reference-line",
+        reference=Path(data.reference),
+        caption_template=cfg.reference.caption,
+        reference_seed=cfg.seed,
+        executor=executor,
+    )
+
+
+def model_name(split: str, seed: int) -> str:
+    """A trained model's name: the split's for seed 0 (the layout of single-seed runs), else
+    ``<split>@s<k>``."""
+    return split if seed == 0 else f"{split}@s{seed}"
+
+
+def fit_batch(recipe: Recipe, samples: int, gpus: int) -> Recipe:
+    """A reference-line model's recipe with its batch cut to the reference set when that is
+    smaller (a small world's reference set can be smaller than the splits' batch), kept
+    divisible over the ranks."""
+    if samples >= recipe.batch_size:
+        return recipe
+    return dataclasses.replace(recipe, batch_size=max(gpus, samples - samples % gpus))
+
+
+def seed_recipe(recipe: Recipe, seed: int) -> Recipe:
+    return recipe if seed == 0 else dataclasses.replace(recipe, seed=recipe.seed + seed)
+
+
+class SharedTrainings:
+    """Trainings of identical inputs (the same key list, recipe and seed: in paper-laion,
+    far-0.5 is the coreset) run once; the others reuse the checkpoint. Recorded in
+    ``train/by-inputs/<hash>.json`` so a resumed run reuses it too; a lock per input hash makes
+    a second chain wait for the first one's training instead of starting its own."""
+
+    def __init__(self, run: Path):
+        self.dir = run / "train" / "by-inputs"
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def once(self, inputs: Any, name: str, train_fn: Callable[[], str], log: Log) -> str:
+        digest = fingerprint(inputs)[:16]
+        with self._guard:
+            lock = self._locks.setdefault(digest, threading.Lock())
+        with lock:
+            record = self.dir / f"{digest}.json"
+            if record.is_file():
+                done = read_json(record)
+                if Path(done["checkpoint"]).is_file() and done["model"] != name:
+                    log(
+                        f"[{name}] same key list, recipe and seed as {done['model']}: reusing its "
+                        "checkpoint"
+                    )
+                    return done["checkpoint"]
+            ckpt = train_fn()
+            write_json(record, {"model": name, "checkpoint": ckpt})
+            return ckpt
+
+
+def train_split(run: Path, cfg: Config, name: str, recipe: Recipe, shards: dict, log: Log) -> str:
+    """Train one model (a split at one seed, or a reference-line model) into train/<name>."""
+    if shards["samples"] < recipe.batch_size:
+        # open_clip_train's epoch would hold no batch and never end.
+        raise TrainError(
+            f"{name}: {shards['samples']} training samples, fewer than one global batch "
+            f"({recipe.batch_size}); lower train.recipe.batch_size"
+        )
     if cfg.train.gpus > 1:
-        return _torchrun(run, cfg, split, shards, log)
+        return _torchrun(run, cfg, name, recipe, shards, log)
     ckpt = train(
         recipe,
         shards["shards"],
         shards["samples"],
         run / "train",
-        split,
-        lambda m: log(f"[{split}] {m}"),
+        name,
+        lambda m: log(f"[{name}] {m}"),
         device=cfg.train.device,
         threads=cfg.train.threads or None,
     )
     return str(ckpt)
 
 
-def _torchrun(run: Path, cfg: Config, split: str, shards: dict, log: Log) -> str:
+def _torchrun(run: Path, cfg: Config, name: str, recipe: Recipe, shards: dict, log: Log) -> str:
     """One node, ``train.gpus`` ranks; the global batch is kept (simgap.train.torchrun_command)."""
-    recipe = cfg.train.recipe
     cmd = torchrun_command(
-        recipe, shards["shards"], shards["samples"], run / "train", split, cfg.train.gpus
+        recipe, shards["shards"], shards["samples"], run / "train", name, cfg.train.gpus
     )
-    log(f"[{split}] $ {cmd}")
+    log(f"[{name}] $ {cmd}")
     rc = subprocess.run(shlex.split(cmd), check=False).returncode
-    final = final_checkpoint(run / "train", split, recipe)
+    final = final_checkpoint(run / "train", name, recipe)
     if rc != 0 or not final.is_file():
-        raise TrainError(
-            f"torchrun for split {split} exited with {rc}; see {run / 'train' / split}"
-        )
+        raise TrainError(f"torchrun for {name} exited with {rc}; see {run / 'train' / name}")
     return str(final)
 
 
 def evaluate_split(
-    run: Path, data: Data, cfg: Config, split: str, ckpt: str, benchmarks: list[str]
+    run: Path,
+    data: Data,
+    cfg: Config,
+    name: str,
+    ckpt: str,
+    benchmarks: list[str],
+    out: Path | None = None,
 ) -> dict:
+    """Zero-shot top-1 of one model: ``<out>/<name>.json`` and its per-test predictions in
+    ``<out>/predictions/<name>-<benchmark>.parquet`` (out: run/eval)."""
+    out_dir = out or run / "eval"
     loaded = load_model(
         ModelSpec(arch=cfg.train.recipe.model, checkpoint=ckpt), device=cfg.evaluate.device
     )
     templates = templates_of(data)
-    out: dict[str, Any] = {"split": split, "checkpoint": ckpt, "benchmarks": {}}
+    split, _, seed = name.partition("@s")
+    doc: dict[str, Any] = {"split": split, "checkpoint": ckpt, "benchmarks": {}}
+    if seed:
+        doc["seed"] = int(seed)
     for bench in benchmarks:
-        res = evaluate_benchmark(
-            loaded, Path(data.benchmarks[bench]), templates, cfg.evaluate.batch_size
-        )
+        opened = open_benchmark(Path(data.benchmarks[bench]))
+        res = evaluate_benchmark(loaded, opened, templates, cfg.evaluate.batch_size)
+        res["classes"] = len(opened.classnames)  # chance = 1 / classes
         preds = res.pop("predictions")
         write_parquet(
-            run / "eval" / "predictions" / f"{split}-{bench}.parquet",
+            out_dir / "predictions" / f"{name}-{bench}.parquet",
             pa.table(
                 {
                     "key": [p[0] for p in preds],
@@ -265,9 +353,11 @@ def evaluate_split(
                 }
             ),
         )
-        out["benchmarks"][bench] = res
-    write_json(run / "eval" / f"{split}.json", out)
-    return {b: r["top1"] for b, r in out["benchmarks"].items()}
+        doc["benchmarks"][bench] = res
+    # Seed 0 keeps eval/<split>.json; the other seeds sit in eval/seeds/ so readers of
+    # eval/*.json still see one file per split.
+    write_json(out_dir / ("seeds" if seed else "") / f"{name}.json", doc)
+    return {b: r["top1"] for b, r in doc["benchmarks"].items()}
 
 
 # ----------------------------------------------------------------------------- analysis

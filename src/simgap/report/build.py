@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from simgap.io import write_bytes
-from simgap.report import analysis, audit, composition, figures, gallery
+from simgap.io import write_bytes, write_json
+from simgap.report import analysis, audit, composition, figures, findings, gallery
 from simgap.report.blocks import (
     FigureBlock,
     Note,
@@ -425,7 +425,9 @@ def _colors(files: RunFiles) -> dict[str, str]:
 def build_sections(files: RunFiles) -> list[Section]:
     """The report's content, independent of output format."""
     colors = _colors(files)
+    doc = findings.findings(files.run_dir) if files.run_dir else None
     body = [
+        findings.findings_section(files, doc),
         _gaps_section(files, colors),
         gallery.gallery_section(files),
         _accuracy_section(files, colors),
@@ -461,6 +463,12 @@ def build_report(run_dir: Path) -> dict[str, Path]:
         if stale.name not in written:
             stale.unlink()
     paths = {"html": out / "report.html", "markdown": out / "report.md"}
+    doc = findings.findings(run_dir)
+    if doc is not None:
+        paths["findings"] = out / "findings.json"
+        write_json(paths["findings"], doc)
+    else:  # an earlier build's findings would no longer match this report
+        (out / "findings.json").unlink(missing_ok=True)
     write_bytes(paths["markdown"], render_markdown(sections).encode("utf-8"))
     write_bytes(paths["html"], render_html(sections).encode("utf-8"))
     return paths

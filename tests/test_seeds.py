@@ -1,0 +1,73 @@
+"""train.seeds and the reference line in the plan: raising the seed count keeps every trained
+seed's stage key (so a rerun reuses them), seed 0 is the single-seed run's stage, and the
+reference-line models come before the analyses that read them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from simgap import config
+from simgap.experiment import make_plan
+from simgap.experiment.steps import fit_batch, train_split
+from simgap.parallel import Executor, LocalEngine
+from simgap.runner import Runner
+from simgap.train import Recipe, TrainError
+
+BASE = config.override(
+    config.load("demo"),
+    {"train.splits": ["full", "combined", "combined-random"]},
+)
+
+
+def _keys(cfg: config.Config, run: Path) -> dict[str, str]:
+    plan = make_plan(cfg, run, lambda m: None, Executor(LocalEngine(1)))
+    return Runner(run, plan.stages, lambda m: None).keys
+
+
+def test_raising_seeds_reuses_the_seeds_already_trained(tmp_path):
+    one = _keys(config.override(BASE, {"train.seeds": 1}), tmp_path)
+    three = _keys(config.override(BASE, {"train.seeds": 3}), tmp_path)
+    # Seed 0 is the stage a single-seed run has, under the same key.
+    for split in ("full", "combined", "combined-random"):
+        for stage in ("materialize", "train", "evaluate"):
+            assert three[f"{stage}-{split}"] == one[f"{stage}-{split}"]
+        assert f"train-{split}@s1" not in one
+        seeds = {three[f"train-{split}"], three[f"train-{split}@s1"], three[f"train-{split}@s2"]}
+        assert len(seeds) == 3  # each seed its own training
+    five = _keys(config.override(BASE, {"train.seeds": 5}), tmp_path)
+    assert {k: v for k, v in five.items() if k.startswith("train-") and k in three} == {
+        k: v for k, v in three.items() if k.startswith("train-")
+    }
+    # The analyses read every seed: they rerun when a seed is added.
+    assert five["analysis-statistics"] != three["analysis-statistics"]
+
+
+def test_reference_line_models_are_planned_before_the_robustness_analysis(tmp_path):
+    cfg = config.override(
+        BASE, {"analysis.reference_epochs": [1, 2, 4], "analysis.reference_seeds": 2}
+    )
+    plan = make_plan(cfg, tmp_path, lambda m: None, Executor(LocalEngine(1)))
+    names = [s.name for s in plan.stages]
+    line = [n for n in names if n.startswith("train-reference-")]
+    assert line == [f"train-reference-e{e}-s{k}" for e in (1, 2, 4) for k in (0, 1)]
+    robustness = next(s for s in plan.stages if s.name == "analysis-robustness")
+    assert {f"evaluate-reference-e{e}-s{k}" for e in (1, 2, 4) for k in (0, 1)} <= set(
+        robustness.after
+    )
+    assert names.index("materialize-reference-line") < min(names.index(n) for n in line)
+    keys = Runner(tmp_path, plan.stages, lambda m: None).keys
+    assert len({keys[n] for n in line}) == 6
+    none = make_plan(BASE, tmp_path, lambda m: None, Executor(LocalEngine(1)))
+    assert not [s for s in none.stages if "reference-" in s.name]
+
+
+def test_a_split_smaller_than_one_batch_is_refused_not_hung(tmp_path):
+    recipe = Recipe(batch_size=64)
+    with pytest.raises(TrainError, match="30 training samples, fewer than one global batch"):
+        train_split(tmp_path, BASE, "tiny", recipe, {"samples": 30, "shards": "x"}, print)
+    # The reference line cuts its batch to a small reference set, divisible over the ranks.
+    assert fit_batch(recipe, 30, 1).batch_size == 30
+    assert fit_batch(recipe, 30, 4).batch_size == 28
+    assert fit_batch(recipe, 640, 1) is recipe
