@@ -1,4 +1,4 @@
-"""The fused scan against a numpy brute force: every output, exactly, in both screen precisions."""
+"""The fused scan against a numpy brute force: every output, exactly, in every screen precision."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from simgap.scan import (
     scan_store,
     write_scan,
 )
-from simgap.scan.kernel import error_coefficient
+from simgap.scan.kernel import Int8Bound, error_coefficient, quantize_rows
 from simgap.store import write_store
 
 MODEL = {"arch": "test", "pretrained": "none"}
+SCREENS = ("fp32", "bf16", "int8")
 
 
 def unit_fp16(a: np.ndarray) -> np.ndarray:
@@ -85,7 +86,8 @@ def data():
 
 
 @pytest.mark.parametrize(
-    ("precision", "gemm"), [("fp32", "numpy"), ("fp32", "torch"), ("bf16", "torch")]
+    ("precision", "gemm"),
+    [("fp32", "numpy"), ("fp32", "torch"), ("bf16", "torch"), ("int8", "torch")],
 )
 def test_random_matches_bruteforce(data, precision, gemm):
     x, t, thr = data
@@ -103,10 +105,12 @@ def test_random_matches_bruteforce(data, precision, gemm):
 def test_precisions_agree_without_thresholds(data):
     x, t, _ = data
     a = scan_arrays([(0, x)], t, topk=5, config=KernelConfig("fp32", tile_rows=256, tile_tests=64))
-    b = scan_arrays([(0, x)], t, topk=5, config=KernelConfig("bf16", tile_rows=96, tile_tests=32))
     assert_matches(a, brute(x, t, None, 5))
-    for name in ("topk_sim", "topk_row", "row_max", "row_argmax"):
-        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    for precision in ("bf16", "int8"):
+        cfg = KernelConfig(precision, tile_rows=96, tile_tests=32)
+        b = scan_arrays([(0, x)], t, topk=5, config=cfg)
+        for name in ("topk_sim", "topk_row", "row_max", "row_argmax"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
 
 
 def test_ties_duplicates_and_thresholds_at_similarities():
@@ -118,7 +122,7 @@ def test_ties_duplicates_and_thresholds_at_similarities():
     s = sims_of(x, t)
     # Thresholds equal to attained similarities: those rows are not above them (strict >).
     thr = s[rng.integers(0, len(x), len(t)), np.arange(len(t))].copy()
-    for precision in ("fp32", "bf16"):
+    for precision in SCREENS:
         res = scan_arrays(
             split_blocks(x, [50, 51, 200]),
             t,
@@ -137,7 +141,7 @@ def test_massive_ties_across_merges():
     base = unit_fp16(rng.standard_normal((3, 10)))
     x = base[rng.integers(0, 3, 6000)]
     t = np.concatenate([base, unit_fp16(rng.standard_normal((2, 10)))])
-    for precision in ("fp32", "bf16"):
+    for precision in SCREENS:
         res = scan_arrays(
             split_blocks(x, [2500]),
             t,
@@ -163,6 +167,48 @@ def test_bf16_adversarial_near_thresholds():
     cfg = KernelConfig("bf16", tile_rows=64, tile_tests=16)
     res = scan_arrays([(0, x)], t, thr, topk=4, config=cfg)
     assert_matches(res, brute(x, t, thr, 4))
+
+
+def test_int8_adversarial_near_thresholds():
+    """Thresholds within 1e-4 of similarities, where the int8 screen alone decides wrongly."""
+    rng = np.random.default_rng(2)
+    d = 64
+    x = unit_fp16(1.0 + 0.3 * rng.random((400, d)))
+    t = unit_fp16(1.0 + 0.3 * rng.random((30, d)))
+    s = sims_of(x, t)
+    pick = rng.integers(0, len(x), len(t))
+    thr = s[pick, np.arange(len(t))] + np.where(np.arange(len(t)) % 2, 5e-5, -5e-5)
+    thr = thr.astype(np.float32)
+    qx, qt = (
+        quantize_rows(torch.from_numpy(x).float(), 127),
+        quantize_rows(torch.from_numpy(t).float(), 127),
+    )
+    screen = (
+        qx.q.double() @ qt.q.double().T * qx.scale.double()[:, None] * qt.scale.double()
+    ).numpy()
+    assert ((screen > thr) != (s > thr)).any(), "the case must be adversarial for plain int8"
+    res = scan_arrays(
+        [(0, x)], t, thr, topk=4, config=KernelConfig("int8", tile_rows=64, tile_tests=16)
+    )
+    assert_matches(res, brute(x, t, thr, 4))
+
+
+def test_int8_error_within_bound():
+    """The int8 screen's error against the exact similarity stays within Int8Bound, for random,
+    near-parallel and outlier-dimension rows, and the bound is not absurdly loose."""
+    rng = np.random.default_rng(3)
+    d = 256
+    spiky = rng.standard_normal((300, d))
+    spiky[:, :4] *= 30  # a few dominant dimensions, as in CLIP embeddings
+    for a in (rng.standard_normal((300, d)), 1 + 0.1 * rng.random((300, d)), spiky):
+        x = unit_fp16(a)
+        q = quantize_rows(torch.from_numpy(x).float(), 127)
+        acc = q.q.int() @ q.q.int().T  # exact int32
+        screen = (acc.float() * q.scale) * q.scale[:, None]
+        err = np.abs(screen.numpy() - sims_of(x, x))
+        eps = Int8Bound(q, q).eps()
+        assert err.max() <= eps, (err.max(), eps)
+        assert err.max() > eps / 40
 
 
 def test_bf16_error_within_bound():
@@ -191,7 +237,7 @@ def test_edge_sizes():
     ]
     for blocks in cases:
         x = np.concatenate([b for _, b in blocks]) if blocks else np.zeros((0, 6), np.float16)
-        for precision in ("fp32", "bf16"):
+        for precision in SCREENS:
             res = scan_arrays(blocks, t, thr, topk=3, config=KernelConfig(precision))
             assert_matches(res, brute(x, t, thr, 3))
     single = scan_arrays([(0, one)], t[:1], topk=1)
@@ -333,10 +379,10 @@ def scan_cases(draw):
     cuts = draw(st.lists(st.integers(0, n), max_size=3))
     k = draw(st.integers(1, 6))
     tiles = (draw(st.integers(1, 24)), draw(st.integers(1, 8)))
-    return x, t, thr, cuts, k, tiles, draw(st.sampled_from(["fp32", "bf16"]))
+    return x, t, thr, cuts, k, tiles, draw(st.sampled_from(SCREENS))
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=90, deadline=None, derandomize=True)
 @given(scan_cases())
 def test_property_matches_bruteforce(case):
     x, t, thr, cuts, k, (tile_rows, tile_tests), precision = case

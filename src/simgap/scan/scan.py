@@ -28,6 +28,7 @@ from simgap.scan.kernel import (
     KernelConfig,
     MarginHandler,
     RowMaxHandler,
+    ScanStats,
     TestSet,
     TopKHandler,
     prepare_tests,
@@ -51,6 +52,14 @@ class ScanResult:
     row_argmax: np.ndarray | None  # (N,) int32 test index, ties: lowest
     row_margin: np.ndarray | None  # (N,) float32 max_t (sim - thr(t)); None without thr
     bad_rows: int = 0  # base rows excluded because NaN/Inf or not unit-norm (skip policy)
+    # Work counts of an in-process scan (zero when merged from shard files): pairs screened
+    # and exact recomputations; their ratio is the scan's recheck fraction.
+    pairs_screened: int = 0
+    pairs_rechecked: int = 0
+
+    @property
+    def recheck_fraction(self) -> float | None:
+        return self.pairs_rechecked / self.pairs_screened if self.pairs_screened else None
 
 
 def find_bad_rows(emb: np.ndarray, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
@@ -84,7 +93,18 @@ def _chunks(blocks: Iterable[Block], chunk_rows: int, device: torch.device) -> I
     On CUDA the rows go through pinned memory and a side stream, so the host-to-device copy of
     the next chunk overlaps the kernels of the current one."""
     cuda = device.type == "cuda"
-    stream = torch.cuda.Stream(device) if cuda else None
+    if cuda:
+        # This runs on the prefetch thread, whose current device is its own (0): bind it.
+        with torch.cuda.device(device):
+            yield from _chunks_on(blocks, chunk_rows, device, torch.cuda.Stream(device))
+    else:
+        yield from _chunks_on(blocks, chunk_rows, device, None)
+
+
+def _chunks_on(
+    blocks: Iterable[Block], chunk_rows: int, device: torch.device, stream: Any
+) -> Iterator[_Chunk]:
+    cuda = stream is not None
     for i, (offset, emb, keep) in enumerate(blocks):
         n = len(emb)
         if keep is not None and keep.shape != (n,):
@@ -195,10 +215,13 @@ def scan_arrays(
     thresholds = None if thresholds is None else np.asarray(thresholds, np.float32)
     check_tests(tests, thresholds, topk)
     m, d = tests.shape
-    dev = torch.device(cfg.device)
+    dev = scan_device(cfg.device)
     t_tensor = torch.from_numpy(tests).to(dev)
     thr_tensor = None if thresholds is None else torch.from_numpy(thresholds).to(dev)
-    test_set = prepare_tests(t_tensor, thr_tensor, cfg.precision, cfg.tile_tests, cfg.test_group)
+    test_set = prepare_tests(
+        t_tensor, thr_tensor, cfg.precision, cfg.tile_tests, cfg.test_group, cfg.tile_rows
+    )
+    stats = ScanStats()
 
     row_max, row_margin = RowMaxHandler(), MarginHandler() if thresholds is not None else None
     top = TopKHandler(m, topk, dev) if topk > 0 else None
@@ -212,7 +235,7 @@ def scan_arrays(
     for chunk in _prefetch(_chunks(triples, chunk_rows, dev)):
         if chunk.x.shape[1] != d:
             raise ValueError(f"block {chunk.block}: rows of shape {tuple(chunk.x.shape)}, d={d}")
-        parts.append(_scan_chunk(chunk, test_set, handlers, row_max, row_margin, cfg))
+        parts.append(_scan_chunk(chunk, test_set, handlers, row_max, row_margin, cfg, stats))
         done += chunk.n
         if progress is not None:
             progress(done, rows_total if rows_total is not None else done)
@@ -243,7 +266,34 @@ def scan_arrays(
         row_max=rows[0],
         row_argmax=rows[1],
         row_margin=rows[2],
+        pairs_screened=stats.screened,
+        pairs_rechecked=stats.rechecked,
     )
+
+
+def scan_device(
+    device: str | torch.device, current: Callable[[], int] | None = None
+) -> torch.device:
+    """The scan's device with its index: "cuda" means the caller's current GPU, resolved here
+    once, because the prefetch thread's current device is always its own default (0)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", (current or torch.cuda.current_device)())
+    return dev
+
+
+def wait_for_copy(chunk: _Chunk) -> None:
+    """Order the kernels on the rows' device after the chunk's host-to-device copy.
+
+    The stream is the current stream of the rows' own device: ``current_stream()`` without a
+    device is the caller's current device, and waiting there leaves another device's kernels
+    free to read the rows before they arrive."""
+    if chunk.ready is None:
+        return
+    stream = torch.cuda.current_stream(chunk.x.device)
+    stream.wait_event(chunk.ready)
+    # x was allocated on the copy stream: keep its memory until this stream is done with it.
+    chunk.x.record_stream(stream)
 
 
 def _scan_chunk(
@@ -253,15 +303,13 @@ def _scan_chunk(
     row_max: RowMaxHandler,
     row_margin: MarginHandler | None,
     cfg: KernelConfig,
+    stats: ScanStats | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scan one chunk's kept rows; per-row outputs for all its rows (NaN/-1 where not kept)."""
-    if chunk.ready is not None:
-        torch.cuda.current_stream().wait_event(chunk.ready)
-        # x was allocated on the copy stream: keep its memory until this stream is done with it.
-        chunk.x.record_stream(torch.cuda.current_stream())
-    x = chunk.x.to(cfg.device)
-    ids = torch.from_numpy(chunk.offset + chunk.start + chunk.local).to(cfg.device)
-    scan_block(x, ids, test_set, handlers, cfg)
+    wait_for_copy(chunk)
+    x = chunk.x
+    ids = torch.from_numpy(chunk.offset + chunk.start + chunk.local).to(x.device)
+    scan_block(x, ids, test_set, handlers, cfg, stats)
     best, arg = row_max.end()
     out_max = np.full(chunk.n, np.nan, np.float32)
     out_arg = np.full(chunk.n, -1, np.int32)
