@@ -206,7 +206,7 @@ def test_int8_error_within_bound():
         acc = q.q.int() @ q.q.int().T  # exact int32
         screen = (acc.float() * q.scale) * q.scale[:, None]
         err = np.abs(screen.numpy() - sims_of(x, x))
-        eps = Int8Bound(q, q).eps()
+        eps = Int8Bound(q.norms, q.norms).eps()
         assert err.max() <= eps, (err.max(), eps)
         assert err.max() > eps / 40
 

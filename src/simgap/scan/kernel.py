@@ -290,28 +290,43 @@ def exact_sims(
 
 
 @dataclass(frozen=True)
-class QuantRows:
-    """Rows v quantized as ``v ~ scale * q`` with q int8 in [-m, m], one scale per row.
+class QuantNorms:
+    """Upper bounds over a set of quantized rows v ~ scale*q: max |v|, the largest residual
+    |v - scale*q| and max |scale*q| (float64 norms of exact residuals, rounded up)."""
 
-    The three maxima over the rows are upper bounds (float64 from exact residuals, then rounded
-    up by 1e-12 relative): |v|, the residual |v - scale*q| and |scale*q|."""
-
-    q: torch.Tensor  # (n, d) int8
-    scale: torch.Tensor  # (n,) float32, > 0
     norm: float
     resid: float
     qnorm: float
 
+    def max(self, other: QuantNorms) -> QuantNorms:
+        return QuantNorms(
+            *(max(a, b) for a, b in zip(self.astuple(), other.astuple(), strict=True))
+        )
 
-def quantize_rows(v: torch.Tensor, m: int) -> QuantRows:
-    """Per-row symmetric int8 quantization of float32 rows v (n, d).
+    def astuple(self) -> tuple[float, float, float]:
+        return self.norm, self.resid, self.qnorm
+
+
+@dataclass(frozen=True)
+class QuantRows:
+    """Rows v quantized as ``v ~ scale * q`` with q int8 in [-m, m], one scale per row."""
+
+    q: torch.Tensor  # (n, d) int8
+    scale: torch.Tensor  # (n,) float32, > 0
+    norms: QuantNorms
+
+
+def quantize_rows(v: torch.Tensor, m: int, scale: torch.Tensor | None = None) -> QuantRows:
+    """Symmetric int8 quantization of float32 rows v (n, d): per row, or with given scales
+    (one per row, >= max|v_i| / m for the row, e.g. shared by a block of tests).
 
     Any positive scale is valid for the bound, whose residuals are measured, not assumed: the
     scale max|v_i|/m only makes them small. The residual is exact in float64: v is a float32 or
     float16 value and scale*q a 24-bit times 7-bit product; where q != 0, |v| >= scale/2, so
     both are multiples of one power of two within ~40 bits of the larger."""
-    amax = v.abs().amax(1) if v.shape[1] else torch.zeros(len(v), device=v.device)
-    scale = torch.where(amax > 0, amax / m, torch.ones_like(amax))
+    if scale is None:
+        amax = v.abs().amax(1) if v.shape[1] else torch.zeros(len(v), device=v.device)
+        scale = torch.where(amax > 0, amax / m, torch.ones_like(amax))
     q = torch.round(v / scale[:, None]).clamp_(-m, m).to(torch.int8)
     v64, deq = v.double(), q.double() * scale.double()[:, None]
     up = 1 + (v.shape[1] + 4) * 2.0**-52  # float64 sum of squares and square root
@@ -319,7 +334,7 @@ def quantize_rows(v: torch.Tensor, m: int) -> QuantRows:
     def biggest(a: torch.Tensor) -> float:
         return float(torch.linalg.vector_norm(a, dim=1).max()) * up if len(a) else 0.0
 
-    return QuantRows(q, scale, biggest(v64), biggest(v64 - deq), biggest(deq))
+    return QuantRows(q, scale, QuantNorms(biggest(v64), biggest(v64 - deq), biggest(deq)))
 
 
 @dataclass(frozen=True)
@@ -340,8 +355,8 @@ class Int8Bound:
 
     Nothing here depends on the GEMM's order of summation, its blocking or its hardware."""
 
-    rows: QuantRows
-    tests: QuantRows
+    rows: QuantNorms
+    tests: QuantNorms
 
     def eps(self) -> float:
         x, t = self.rows, self.tests
@@ -396,7 +411,8 @@ class TestTile:
     """One tile of tests in screen layout: column ``i * nb + b`` is test ``i`` of block ``b``."""
 
     screen: torch.Tensor  # (C, d) screen dtype, zero rows at padding (shares `exact` for fp32)
-    scale: torch.Tensor | None  # (C,) float32 int8 scales (1 at padding); None for float screens
+    scale: torch.Tensor | None  # (C,) float32 int8 scale of each column's block; float: None
+    block_scale: torch.Tensor | None  # (nb,) the int8 scale shared by the tests of a block
     exact: torch.Tensor  # (C, d) float32 copy of the tests (exact for fp16/fp32), zero padding
     index: torch.Tensor  # (C,) int64 original test index, -1 at padding
     thr: torch.Tensor | None  # (C,) float32 thresholds, +inf at padding
@@ -424,7 +440,7 @@ class TestSet:
     precision: str
     eps_per_row_norm: float  # c * max |t|: times max |x| of a row tile gives eps (float screens)
     fp16_values: bool  # every test value is exactly a float16
-    quant: QuantRows | None = None  # int8: the tests' quantization (for its norms)
+    quant: QuantNorms | None = None  # int8: the tests' quantization norms (all tiles)
     int8_ranges: tuple[int, int] = (127, 127)  # int8: (base rows, tests) ranges
 
     def eps(self, x32: torch.Tensor, xq: QuantRows | None) -> float:
@@ -434,7 +450,7 @@ class TestSet:
         float32 rounding of the bounds evaluated on values up to ~|x||t|."""
         if self.precision == "int8":
             assert xq is not None and self.quant is not None
-            return Int8Bound(xq, self.quant).eps() * (1 + 2**-10) + SLACK
+            return Int8Bound(xq.norms, self.quant).eps() * (1 + 2**-10) + SLACK
         x_norm = float(torch.linalg.vector_norm(x32, dim=1).max()) if len(x32) else 0.0
         return self.eps_per_row_norm * x_norm * (1 + 2**-10) + SLACK
 
@@ -448,7 +464,10 @@ def prepare_tests(
     tile_rows: int = 2048,
 ) -> TestSet:
     """Sort tests by threshold and cut them into tiles; for the int8 screen quantize them at the
-    widest range whose GEMM is exact on a ``tile_rows`` x ``tile_tests`` tile."""
+    widest range whose GEMM is exact on a ``tile_rows`` x ``tile_tests`` tile, one scale per
+    block of ``test_group`` tests: the per-row block maximum is then a max over the int32 GEMM
+    output, scaled afterwards (scaling by a positive number is monotone, also in float32), and
+    the tile is never converted to floats as a whole."""
     m, d = tests.shape
     dev = tests.device
     screen_dtype = SCREEN_DTYPES[precision]
@@ -457,7 +476,6 @@ def prepare_tests(
     if precision == "int8":
         g0 = min(test_group, tile_tests, m)
         ranges = int8_range(tile_rows, g0 * math.ceil(min(tile_tests, m) / g0), d, dev)
-        quant = quantize_rows(tests32, ranges[1])
     if thresholds is not None:
         # Sorted thresholds make each block's [min, max] narrow: tight margin bounds.
         order = torch.argsort(thresholds, stable=True)
@@ -481,16 +499,18 @@ def prepare_tests(
             thr[is_real] = thresholds[index[is_real]]
             tmin = thr.view(g, nb).amin(0)
             tmax = torch.where(is_real, thr, -math.inf).view(g, nb).amax(0)
-        scale = None
-        if quant is not None:
-            screen = torch.zeros((g * nb, d), dtype=torch.int8, device=dev)
-            screen[is_real] = quant.q[index[is_real]]
-            scale = torch.ones(g * nb, dtype=torch.float32, device=dev)
-            scale[is_real] = quant.scale[index[is_real]]
+        scale = block_scale = None
+        if precision == "int8":
+            amax = exact.abs().amax(1).view(g, nb).amax(0) if d else torch.zeros(nb, device=dev)
+            block_scale = torch.where(amax > 0, amax / ranges[1], torch.ones_like(amax))
+            scale = block_scale.repeat(g)  # column i*nb + b: block b
+            qt = quantize_rows(exact, ranges[1], scale)
+            quant = qt.norms if quant is None else quant.max(qt.norms)
+            screen = qt.q
         else:
             screen = exact if screen_dtype == torch.float32 else exact.to(screen_dtype)
         pad = torch.nonzero(~is_real).flatten()
-        tiles.append(TestTile(screen, scale, exact, index, thr, tmin, tmax, pad, g))
+        tiles.append(TestTile(screen, scale, block_scale, exact, index, thr, tmin, tmax, pad, g))
     t_norm = float(torch.linalg.vector_norm(tests.double(), dim=1).max()) if m else 0.0
     c = 0.0 if precision == "int8" else error_coefficient(d, precision, dev)
     fp16_values = bool((tests32.half().float() == tests32).all())
@@ -501,7 +521,9 @@ def prepare_tests(
 class SimTile:
     """Screen similarities of one row tile against one test tile, plus exact recomputation."""
 
-    sims: torch.Tensor  # (Rp, C) screen dtype; padding rows and columns hold -inf
+    # (Rp, C) screen dtype, padding rows and columns at -inf; for int8 the int32 GEMM output,
+    # padding at INT32_MIN, whose screen values are fl(fl(fl(a) * block scale) * row scale)
+    sims: torch.Tensor
     n_rows: int  # real rows (the first n_rows of sims)
     row0: int  # position of the first row within the current block
     x: torch.Tensor  # (n_rows, d) float32 copy of the tile's base rows (exact)
@@ -512,6 +534,18 @@ class SimTile:
     fp32_products: bool  # base rows and tests are all fp16 values
     scratch: Scratch
     stats: ScanStats = field(default_factory=lambda: ScanStats())
+    row_scale: torch.Tensor | None = None  # (Rp,) float32 int8 row scales (1 at padding)
+
+    def _float(
+        self, v: torch.Tensor, rows: torch.Tensor | None, blocks: torch.Tensor
+    ) -> torch.Tensor:
+        """Screen values of int32 GEMM outputs v whose rows and blocks broadcast against v."""
+        if self.row_scale is None:
+            return v.float()
+        bs = self.tests.block_scale
+        assert bs is not None
+        rs = self.row_scale if rows is None else self.row_scale[rows]
+        return v.float().mul_(bs[blocks]).mul_(rs)
 
     @cached_property
     def _block_max_padded(self) -> torch.Tensor:
@@ -521,7 +555,29 @@ class SimTile:
         out = self.scratch.get("block_max", (rp, c // g), torch.float32)
         if self.sims.dtype == torch.float32:
             return torch.amax(view, 1, out=out)
-        return out.copy_(torch.amax(view, 1, out=self.scratch.get("bm_low", out.shape, view.dtype)))
+        low = torch.amax(view, 1, out=self.scratch.get("bm_low", out.shape, view.dtype))
+        if self.row_scale is None:
+            return out.copy_(low)
+        bs = self.tests.block_scale
+        assert bs is not None
+        return out.copy_(low).mul_(bs).mul_(self.row_scale[:, None])
+
+    def dense(self) -> torch.Tensor:
+        """(Rp, C) screen values as floats (padding -inf); for int8 converted here, so only for
+        the rare dense steps (top-k warm start, dense screening of early tiles)."""
+        if self.row_scale is None:
+            return self.sims
+        out = self.scratch.get("dense", self.sims.shape, torch.float32).copy_(self.sims)
+        assert self.tests.scale is not None
+        out.mul_(self.tests.scale).mul_(self.row_scale[:, None])
+        out[self.n_rows :] = -math.inf
+        if len(self.tests.pad_cols):
+            out.index_fill_(1, self.tests.pad_cols, -math.inf)
+        return out
+
+    def values(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Screen values of (tile row, tile column) pairs, as floats."""
+        return self._float(self.sims[rows, cols], rows, cols % self.tests.nb)
 
     @property
     def block_max(self) -> torch.Tensor:
@@ -543,13 +599,16 @@ class SimTile:
     def row_block(self, r: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """(n, g) screen values of row r over the tests of block b (column i*nb + b)."""
         rp, c = self.sims.shape
-        return self.sims.view(rp, self.tests.group, c // self.tests.group)[r, :, b].float()
+        v = self.sims.view(rp, self.tests.group, c // self.tests.group)[r, :, b]
+        return self._float(v, r[:, None], b[:, None])
 
     def block_2d(self, j: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """(n, h, g) screen values of 2D block (row group j, test block b)."""
         rp, c = self.sims.shape
-        g = self.tests.group
-        return self.sims.view(rp // self.row_group, self.row_group, g, c // g)[j, :, :, b].float()
+        g, h = self.tests.group, self.row_group
+        v = self.sims.view(rp // h, h, g, c // g)[j, :, :, b]
+        rows = j[:, None] * h + torch.arange(h, device=j.device)
+        return self._float(v, rows[:, :, None], b[:, None, None])
 
     def exact(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Reference similarities of (tile row, tile column) pairs."""
@@ -586,7 +645,7 @@ def _screen_pairs(tile: SimTile, lo: torch.Tensor) -> tuple[torch.Tensor, torch.
     if len(j) > DENSE_SCREEN * tile.block_max_2d.numel():
         mask = tile.scratch.get("dense_mask", tile.sims.shape, torch.bool)
         # Compared in float32 (type promotion): rounding lo to bf16 would not be conservative.
-        torch.ge(tile.sims, lo, out=mask)
+        torch.ge(tile.dense(), lo, out=mask)
         return torch.nonzero(mask[: tile.n_rows], as_tuple=True)
     rows, cols = [], []
     for s in range(0, len(j), BLOCK_CHUNK):
@@ -599,6 +658,29 @@ def _screen_pairs(tile: SimTile, lo: torch.Tensor) -> tuple[torch.Tensor, torch.
         empty = torch.zeros(0, dtype=torch.int64, device=lo.device)
         return empty, empty
     return torch.cat(rows), torch.cat(cols)
+
+
+def _pilot(
+    tile: SimTile,
+    q: torch.Tensor,
+    block: torch.Tensor | None = None,
+    thr: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per row, the exact value (minus thr of its test, if given) of the pair with the best
+    screen value (minus thr) within ``block`` (default: the block holding the row's screen max).
+
+    One exact recomputation per row, in row order: a cheap, tight lower bound of the row's
+    maximum, which narrows the candidates of the per-row handlers."""
+    n = tile.n_rows
+    ar = torch.arange(n, device=q.device)
+    if block is None:
+        block = q.argmax(1)
+    vals = tile.row_block(ar, block)
+    if thr is not None:
+        vals = vals - _col_values(thr, tile, block)
+    cols = vals.argmax(1) * tile.tests.nb + block
+    sims = tile.exact(ar, cols)
+    return sims if thr is None else sims - thr[cols]
 
 
 def _col_values(v: torch.Tensor, tile: SimTile, b: torch.Tensor) -> torch.Tensor:
@@ -623,9 +705,12 @@ class RowMaxHandler:
         n, eps = tile.n_rows, tile.eps
         q = tile.block_max
         span = slice(tile.row0, tile.row0 + n)
-        # The tile's exact max is >= screen max - eps, so its test has screen >= screen max - 2eps;
-        # and only a pair reaching the max of earlier test tiles (exact) can change the result.
-        cut = torch.maximum(q.amax(1) - 2 * eps, self.value[span] - eps)
+        # A pilot: the exact similarity of each row's screen-best pair is a lower bound of the
+        # row's max, as is the max of earlier test tiles; only a pair whose exact value reaches
+        # it, so whose screen reaches it - eps, can change the result. (Without the pilot the
+        # bound would be screen max - eps, and the cut twice as far below the max.)
+        lower = torch.maximum(_pilot(tile, q), self.value[span])
+        cut = lower - eps
         above = torch.ge(q, cut[:, None], out=tile.buffer("mask", torch.bool))
         r, b = torch.nonzero(above, as_tuple=True)
         rows, cols = _pairs_from_row_blocks(tile, r, b, tile.row_block(r, b) >= cut[r, None])
@@ -655,10 +740,12 @@ class MarginHandler:
         q = tile.block_max
         span = slice(tile.row0, tile.row0 + tile.n_rows)
         buf = tile.buffer("margin", torch.float32)
-        # Block b holds a pair with margin >= q - eps - thr_max(b): a lower bound for the row.
-        # No pair of b exceeds q + eps - thr_min(b): keep the blocks that can reach the bound.
-        bound = torch.sub(q, tt.thr_block_max, out=buf).amax(1) - eps
-        reach = torch.maximum(bound, self.value[span]) - eps  # screen - thr must reach this
+        # A pilot pair per row (the best screen margin of the block with the best lower bound)
+        # gives an exact margin: a lower bound for the row, as is the margin of earlier tiles.
+        # No pair of block b exceeds q + eps - thr_min(b): keep the blocks that can reach it.
+        best_block = torch.sub(q, tt.thr_block_max, out=buf).argmax(1)
+        pilot = _pilot(tile, q, best_block, tt.thr)
+        reach = torch.maximum(pilot, self.value[span]) - eps  # screen - thr must reach this
         upper = torch.sub(q, tt.thr_block_min, out=buf)
         mask = torch.ge(upper, reach[:, None], out=tile.buffer("mask", torch.bool))
         r, b = torch.nonzero(mask, as_tuple=True)
@@ -702,7 +789,7 @@ class TopKHandler:
         if tile.n_rows >= k and any_fresh:
             # Warm start: k rows of this tile have screen >= the k-th screen value v, so the
             # exact k-th value after this tile is >= v - eps and candidates have screen >= v - 2eps.
-            v = torch.topk(tile.sims[: tile.n_rows], k, dim=0).values[-1].float()
+            v = torch.topk(tile.dense()[: tile.n_rows], k, dim=0).values[-1].float()
             lo = torch.where(fresh, v - 2 * eps, lo)
         rows, cols = _screen_pairs(tile, lo)
         if len(rows):
@@ -758,7 +845,7 @@ class CountAboveHandler:
         rows, cols = _screen_pairs(tile, lo)
         if len(rows) == 0:
             return
-        sure = tile.sims[rows, cols].float() > hi[cols]
+        sure = tile.values(rows, cols) > hi[cols]
         band = ~sure
         exact_above = tile.exact(rows[band], cols[band]) > tt.thr[cols[band]]
         hits = torch.cat([cols[sure], cols[band][exact_above]])
@@ -928,8 +1015,8 @@ def scan_block(
                 xq = quantize_rows(x32[:rn], tests.int8_ranges[0])
                 xs = scratch.get("xs", (rp, d), torch.int8)
                 xs[:rn], xs[rn:] = xq.q, 0
-                row_scale = scratch.get("row_scale", (rp, 1), torch.float32)
-                row_scale[:rn, 0], row_scale[rn:] = xq.scale, 1
+                row_scale = scratch.get("row_scale", (rp,), torch.float32)
+                row_scale[:rn], row_scale[rn:] = xq.scale, 1
             elif screen_dtype != torch.float32:
                 xs = scratch.get("xs", (rp, d), screen_dtype).copy_(x32)
             eps = tests.eps(x32[:rn], xq)
@@ -938,10 +1025,13 @@ def scan_block(
                 stats.screened += rn * (tt.cols - len(tt.pad_cols))
                 with _intra_op_threads(gemm_threads if cfg.gemm == "torch" else None):
                     sims = _screen(xs, tt, row_scale, cfg, scratch, tests.int8_ranges)
-                sims[rn:] = -math.inf
+                low = torch.iinfo(torch.int32).min if int8 else -math.inf
+                sims[rn:] = low
                 if len(tt.pad_cols):
-                    sims.index_fill_(1, tt.pad_cols, -math.inf)
-                tile = SimTile(sims, rn, r0, x32, ids, tt, eps, hg, fp32_products, scratch, stats)
+                    sims.index_fill_(1, tt.pad_cols, low)
+                tile = SimTile(
+                    sims, rn, r0, x32, ids, tt, eps, hg, fp32_products, scratch, stats, row_scale
+                )
                 for h in handlers:
                     h.add_results(tile)
 
@@ -954,7 +1044,8 @@ def _screen(
     scratch: Scratch,
     int8_ranges: tuple[int, int],
 ) -> torch.Tensor:
-    """The screen similarities of a row tile against a test tile (float32 for int8)."""
+    """The screen similarities of a row tile against a test tile (int32 dot products for int8:
+    ``SimTile`` scales them, in the order fl(fl(fl(a) * st) * sx) that Int8Bound assumes)."""
     rp, c, d = len(xs), tt.cols, xs.shape[1]
     dev = torch.device(cfg.device).type
     if row_scale is None:
@@ -966,11 +1057,7 @@ def _screen(
             f"the int8 GEMM on {cfg.device} is not exact for {rp}x{c}x{d} tiles at ranges "
             f"{int8_ranges}; scan with precision fp32 or bf16"
         )
-    acc = tile_gemm(xs, tt.screen, scratch.get("acc", (rp, c), torch.int32), "torch")
-    assert tt.scale is not None
-    # fl(fl(fl(a) * st) * sx): the order Int8Bound's rounding term assumes.
-    sims = torch.mul(acc, tt.scale, out=scratch.get("sims", (rp, c), torch.float32))
-    return sims.mul_(row_scale)
+    return tile_gemm(xs, tt.screen, scratch.get("acc", (rp, c), torch.int32), "torch")
 
 
 @contextmanager
