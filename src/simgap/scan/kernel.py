@@ -787,10 +787,14 @@ class TopKHandler:
         fresh = torch.isneginf(kth)
         any_fresh = bool(fresh.any())
         if tile.n_rows >= k and any_fresh:
-            # Warm start: k rows of this tile have screen >= the k-th screen value v, so the
-            # exact k-th value after this tile is >= v - eps and candidates have screen >= v - 2eps.
-            v = torch.topk(tile.dense()[: tile.n_rows], k, dim=0).values[-1].float()
-            lo = torch.where(fresh, v - 2 * eps, lo)
+            # Warm start: the exact values of the k rows of this tile with the best screen
+            # values; the k-th value after this tile is >= their minimum v, so candidates have
+            # screen >= v - eps.
+            cols = torch.nonzero(fresh).flatten()
+            top = torch.topk(tile.dense()[: tile.n_rows, cols], k, dim=0).indices
+            exact = tile.exact(top.flatten(), cols.repeat(k)).view(k, len(cols))
+            lo = lo.clone()
+            lo[cols] = exact.amin(0) - eps
         rows, cols = _screen_pairs(tile, lo)
         if len(rows):
             sims = tile.exact(rows, cols)
