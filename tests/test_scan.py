@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +24,8 @@ from simgap.store import write_store
 
 MODEL = {"arch": "test", "pretrained": "none"}
 SCREENS = ("fp32", "bf16", "int8")
+# benchmarks/gpu_check_scan.py reruns the brute-force tests with SIMGAP_TEST_DEVICE=cuda.
+DEVICE = os.environ.get("SIMGAP_TEST_DEVICE", "cpu")
 
 
 def unit_fp16(a: np.ndarray) -> np.ndarray:
@@ -90,6 +94,8 @@ def data():
     [("fp32", "numpy"), ("fp32", "torch"), ("bf16", "torch"), ("int8", "torch")],
 )
 def test_random_matches_bruteforce(data, precision, gemm):
+    if gemm == "numpy" and DEVICE != "cpu":
+        pytest.skip("numpy's GEMM is CPU only")
     x, t, thr = data
     blocks = split_blocks(x, [100, 100, 333])  # includes an empty block
     res = scan_arrays(
@@ -97,17 +103,17 @@ def test_random_matches_bruteforce(data, precision, gemm):
         t,
         thr,
         topk=7,
-        config=KernelConfig(precision, gemm=gemm, tile_rows=128, tile_tests=40),
+        config=KernelConfig(precision, DEVICE, 128, 40, gemm=gemm),
     )
     assert_matches(res, brute(x, t, thr, 7))
 
 
 def test_precisions_agree_without_thresholds(data):
     x, t, _ = data
-    a = scan_arrays([(0, x)], t, topk=5, config=KernelConfig("fp32", tile_rows=256, tile_tests=64))
+    a = scan_arrays([(0, x)], t, topk=5, config=KernelConfig("fp32", DEVICE, 256, 64))
     assert_matches(a, brute(x, t, None, 5))
     for precision in ("bf16", "int8"):
-        cfg = KernelConfig(precision, tile_rows=96, tile_tests=32)
+        cfg = KernelConfig(precision, DEVICE, 96, 32)
         b = scan_arrays([(0, x)], t, topk=5, config=cfg)
         for name in ("topk_sim", "topk_row", "row_max", "row_argmax"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
@@ -128,7 +134,7 @@ def test_ties_duplicates_and_thresholds_at_similarities():
             t,
             thr,
             topk=9,
-            config=KernelConfig(precision, tile_rows=32, tile_tests=7),
+            config=KernelConfig(precision, DEVICE, 32, 7),
         )
         assert_matches(res, brute(x, t, thr, 9))
     assert (s == thr[None, :]).any(0).all()
@@ -146,7 +152,7 @@ def test_massive_ties_across_merges():
             split_blocks(x, [2500]),
             t,
             topk=7,
-            config=KernelConfig(precision, tile_rows=256, tile_tests=3),
+            config=KernelConfig(precision, DEVICE, 256, 3),
         )
         assert_matches(res, brute(x, t, None, 7))
 
@@ -164,7 +170,7 @@ def test_bf16_adversarial_near_thresholds():
     thr = (s[pick, np.arange(len(t))] + delta).astype(np.float32)
     screen = (torch.from_numpy(x).bfloat16() @ torch.from_numpy(t).bfloat16().T).float().numpy()
     assert ((screen > thr) != (s > thr)).any(), "the case must be adversarial for plain bf16"
-    cfg = KernelConfig("bf16", tile_rows=64, tile_tests=16)
+    cfg = KernelConfig("bf16", DEVICE, 64, 16)
     res = scan_arrays([(0, x)], t, thr, topk=4, config=cfg)
     assert_matches(res, brute(x, t, thr, 4))
 
@@ -187,9 +193,7 @@ def test_int8_adversarial_near_thresholds():
         qx.q.double() @ qt.q.double().T * qx.scale.double()[:, None] * qt.scale.double()
     ).numpy()
     assert ((screen > thr) != (s > thr)).any(), "the case must be adversarial for plain int8"
-    res = scan_arrays(
-        [(0, x)], t, thr, topk=4, config=KernelConfig("int8", tile_rows=64, tile_tests=16)
-    )
+    res = scan_arrays([(0, x)], t, thr, topk=4, config=KernelConfig("int8", DEVICE, 64, 16))
     assert_matches(res, brute(x, t, thr, 4))
 
 
@@ -238,7 +242,7 @@ def test_edge_sizes():
     for blocks in cases:
         x = np.concatenate([b for _, b in blocks]) if blocks else np.zeros((0, 6), np.float16)
         for precision in SCREENS:
-            res = scan_arrays(blocks, t, thr, topk=3, config=KernelConfig(precision))
+            res = scan_arrays(blocks, t, thr, topk=3, config=KernelConfig(precision, DEVICE))
             assert_matches(res, brute(x, t, thr, 3))
     single = scan_arrays([(0, one)], t[:1], topk=1)
     assert single.topk_row.tolist() == [[0]] and single.row_argmax.tolist() == [0]
@@ -391,6 +395,6 @@ def test_property_matches_bruteforce(case):
         t,
         thr,
         topk=k,
-        config=KernelConfig(precision, tile_rows=tile_rows, tile_tests=tile_tests),
+        config=KernelConfig(precision, DEVICE, tile_rows, tile_tests),
     )
     assert_matches(res, brute(x, t, thr, k))
