@@ -1,6 +1,8 @@
-"""The fused scan against a numpy brute force: every output, exactly, in both screen precisions."""
+"""The fused scan against a numpy brute force: every output, exactly, in every screen precision."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -17,10 +19,13 @@ from simgap.scan import (
     scan_store,
     write_scan,
 )
-from simgap.scan.kernel import error_coefficient
+from simgap.scan.kernel import Int8Bound, error_coefficient, quantize_rows
 from simgap.store import write_store
 
 MODEL = {"arch": "test", "pretrained": "none"}
+SCREENS = ("fp32", "bf16", "int8")
+# benchmarks/gpu_check_scan.py reruns the brute-force tests with SIMGAP_TEST_DEVICE=cuda.
+DEVICE = os.environ.get("SIMGAP_TEST_DEVICE", "cpu")
 
 
 def unit_fp16(a: np.ndarray) -> np.ndarray:
@@ -85,9 +90,12 @@ def data():
 
 
 @pytest.mark.parametrize(
-    ("precision", "gemm"), [("fp32", "numpy"), ("fp32", "torch"), ("bf16", "torch")]
+    ("precision", "gemm"),
+    [("fp32", "numpy"), ("fp32", "torch"), ("bf16", "torch"), ("int8", "torch")],
 )
 def test_random_matches_bruteforce(data, precision, gemm):
+    if gemm == "numpy" and DEVICE != "cpu":
+        pytest.skip("numpy's GEMM is CPU only")
     x, t, thr = data
     blocks = split_blocks(x, [100, 100, 333])  # includes an empty block
     res = scan_arrays(
@@ -95,18 +103,20 @@ def test_random_matches_bruteforce(data, precision, gemm):
         t,
         thr,
         topk=7,
-        config=KernelConfig(precision, gemm=gemm, tile_rows=128, tile_tests=40),
+        config=KernelConfig(precision, DEVICE, 128, 40, gemm=gemm),
     )
     assert_matches(res, brute(x, t, thr, 7))
 
 
 def test_precisions_agree_without_thresholds(data):
     x, t, _ = data
-    a = scan_arrays([(0, x)], t, topk=5, config=KernelConfig("fp32", tile_rows=256, tile_tests=64))
-    b = scan_arrays([(0, x)], t, topk=5, config=KernelConfig("bf16", tile_rows=96, tile_tests=32))
+    a = scan_arrays([(0, x)], t, topk=5, config=KernelConfig("fp32", DEVICE, 256, 64))
     assert_matches(a, brute(x, t, None, 5))
-    for name in ("topk_sim", "topk_row", "row_max", "row_argmax"):
-        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    for precision in ("bf16", "int8"):
+        cfg = KernelConfig(precision, DEVICE, 96, 32)
+        b = scan_arrays([(0, x)], t, topk=5, config=cfg)
+        for name in ("topk_sim", "topk_row", "row_max", "row_argmax"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
 
 
 def test_ties_duplicates_and_thresholds_at_similarities():
@@ -118,13 +128,13 @@ def test_ties_duplicates_and_thresholds_at_similarities():
     s = sims_of(x, t)
     # Thresholds equal to attained similarities: those rows are not above them (strict >).
     thr = s[rng.integers(0, len(x), len(t)), np.arange(len(t))].copy()
-    for precision in ("fp32", "bf16"):
+    for precision in SCREENS:
         res = scan_arrays(
             split_blocks(x, [50, 51, 200]),
             t,
             thr,
             topk=9,
-            config=KernelConfig(precision, tile_rows=32, tile_tests=7),
+            config=KernelConfig(precision, DEVICE, 32, 7),
         )
         assert_matches(res, brute(x, t, thr, 9))
     assert (s == thr[None, :]).any(0).all()
@@ -137,12 +147,12 @@ def test_massive_ties_across_merges():
     base = unit_fp16(rng.standard_normal((3, 10)))
     x = base[rng.integers(0, 3, 6000)]
     t = np.concatenate([base, unit_fp16(rng.standard_normal((2, 10)))])
-    for precision in ("fp32", "bf16"):
+    for precision in SCREENS:
         res = scan_arrays(
             split_blocks(x, [2500]),
             t,
             topk=7,
-            config=KernelConfig(precision, tile_rows=256, tile_tests=3),
+            config=KernelConfig(precision, DEVICE, 256, 3),
         )
         assert_matches(res, brute(x, t, None, 7))
 
@@ -160,9 +170,49 @@ def test_bf16_adversarial_near_thresholds():
     thr = (s[pick, np.arange(len(t))] + delta).astype(np.float32)
     screen = (torch.from_numpy(x).bfloat16() @ torch.from_numpy(t).bfloat16().T).float().numpy()
     assert ((screen > thr) != (s > thr)).any(), "the case must be adversarial for plain bf16"
-    cfg = KernelConfig("bf16", tile_rows=64, tile_tests=16)
+    cfg = KernelConfig("bf16", DEVICE, 64, 16)
     res = scan_arrays([(0, x)], t, thr, topk=4, config=cfg)
     assert_matches(res, brute(x, t, thr, 4))
+
+
+def test_int8_adversarial_near_thresholds():
+    """Thresholds within 1e-4 of similarities, where the int8 screen alone decides wrongly."""
+    rng = np.random.default_rng(2)
+    d = 64
+    x = unit_fp16(1.0 + 0.3 * rng.random((400, d)))
+    t = unit_fp16(1.0 + 0.3 * rng.random((30, d)))
+    s = sims_of(x, t)
+    pick = rng.integers(0, len(x), len(t))
+    thr = s[pick, np.arange(len(t))] + np.where(np.arange(len(t)) % 2, 5e-5, -5e-5)
+    thr = thr.astype(np.float32)
+    qx, qt = (
+        quantize_rows(torch.from_numpy(x).float(), 127),
+        quantize_rows(torch.from_numpy(t).float(), 127),
+    )
+    screen = (
+        qx.q.double() @ qt.q.double().T * qx.scale.double()[:, None] * qt.scale.double()
+    ).numpy()
+    assert ((screen > thr) != (s > thr)).any(), "the case must be adversarial for plain int8"
+    res = scan_arrays([(0, x)], t, thr, topk=4, config=KernelConfig("int8", DEVICE, 64, 16))
+    assert_matches(res, brute(x, t, thr, 4))
+
+
+def test_int8_error_within_bound():
+    """The int8 screen's error against the exact similarity stays within Int8Bound, for random,
+    near-parallel and outlier-dimension rows, and the bound is not absurdly loose."""
+    rng = np.random.default_rng(3)
+    d = 256
+    spiky = rng.standard_normal((300, d))
+    spiky[:, :4] *= 30  # a few dominant dimensions, as in CLIP embeddings
+    for a in (rng.standard_normal((300, d)), 1 + 0.1 * rng.random((300, d)), spiky):
+        x = unit_fp16(a)
+        q = quantize_rows(torch.from_numpy(x).float(), 127)
+        acc = q.q.int() @ q.q.int().T  # exact int32
+        screen = (acc.float() * q.scale) * q.scale[:, None]
+        err = np.abs(screen.numpy() - sims_of(x, x))
+        eps = Int8Bound(q.norms, q.norms).eps()
+        assert err.max() <= eps, (err.max(), eps)
+        assert err.max() > eps / 40
 
 
 def test_bf16_error_within_bound():
@@ -191,8 +241,8 @@ def test_edge_sizes():
     ]
     for blocks in cases:
         x = np.concatenate([b for _, b in blocks]) if blocks else np.zeros((0, 6), np.float16)
-        for precision in ("fp32", "bf16"):
-            res = scan_arrays(blocks, t, thr, topk=3, config=KernelConfig(precision))
+        for precision in SCREENS:
+            res = scan_arrays(blocks, t, thr, topk=3, config=KernelConfig(precision, DEVICE))
             assert_matches(res, brute(x, t, thr, 3))
     single = scan_arrays([(0, one)], t[:1], topk=1)
     assert single.topk_row.tolist() == [[0]] and single.row_argmax.tolist() == [0]
@@ -333,10 +383,10 @@ def scan_cases(draw):
     cuts = draw(st.lists(st.integers(0, n), max_size=3))
     k = draw(st.integers(1, 6))
     tiles = (draw(st.integers(1, 24)), draw(st.integers(1, 8)))
-    return x, t, thr, cuts, k, tiles, draw(st.sampled_from(["fp32", "bf16"]))
+    return x, t, thr, cuts, k, tiles, draw(st.sampled_from(SCREENS))
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=90, deadline=None, derandomize=True)
 @given(scan_cases())
 def test_property_matches_bruteforce(case):
     x, t, thr, cuts, k, (tile_rows, tile_tests), precision = case
@@ -345,6 +395,6 @@ def test_property_matches_bruteforce(case):
         t,
         thr,
         topk=k,
-        config=KernelConfig(precision, tile_rows=tile_rows, tile_tests=tile_tests),
+        config=KernelConfig(precision, DEVICE, tile_rows, tile_tests),
     )
     assert_matches(res, brute(x, t, thr, k))

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from simgap.parallel import Executor, LocalEngine, RayEngine
-from simgap.scan import load_scan, load_tests_table, scan_arrays, scan_store
+from simgap.scan import KernelConfig, load_scan, load_tests_table, scan_arrays, scan_store
 from simgap.store import StoreWriter, open_store, write_store
 
 MODEL = {"arch": "test", "pretrained": "none"}
@@ -59,9 +59,12 @@ def case(tmp_path_factory):
     return store, t, thr
 
 
-def run_scan(store, t, thr, out: Path, executor: Executor | None = None):
+def run_scan(store, t, thr, out: Path, executor: Executor | None = None, precision="auto"):
     info = pa.table({"benchmark": ["b"] * len(t), "key": [f"t{i}" for i in range(len(t))]})
-    return scan_store(store, t, thr, topk=6, out_dir=out, executor=executor, test_info=info)
+    cfg = KernelConfig(precision)
+    return scan_store(
+        store, t, thr, topk=6, out_dir=out, executor=executor, test_info=info, config=cfg
+    )
 
 
 def test_local_pool_and_ray_equal_one_process(case, tmp_path):
@@ -73,15 +76,20 @@ def test_local_pool_and_ray_equal_one_process(case, tmp_path):
         np.testing.assert_array_equal(getattr(one, name), getattr(stream, name), err_msg=name)
     want = folder_bytes(tmp_path / "one")
     assert "done/00001.json" in want and "parts/00001.npy" in want  # the zero-size shard
+    # Every screen gives the same bytes: the screen only decides what is recomputed exactly.
+    for precision in ("fp32", "bf16", "int8"):
+        run_scan(store, t, thr, tmp_path / precision, None, precision)
+        assert folder_bytes(tmp_path / precision) == want, precision
 
-    run_scan(store, t, thr, tmp_path / "pool", Executor(LocalEngine(2)))
+    run_scan(store, t, thr, tmp_path / "pool", Executor(LocalEngine(2)), "int8")
     assert folder_bytes(tmp_path / "pool") == want
 
     import ray  # a hard dependency: a broken Ray must fail here, not skip
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        run_scan(store, t, thr, tmp_path / "ray", Executor(RayEngine(num_cpus=2)))  # one worker
+        ray_executor = Executor(RayEngine(num_cpus=2))  # one worker
+        run_scan(store, t, thr, tmp_path / "ray", ray_executor, "int8")
     finally:
         ray.shutdown()
     assert folder_bytes(tmp_path / "ray") == want

@@ -28,6 +28,7 @@ from simgap.scan.kernel import (
     KernelConfig,
     MarginHandler,
     RowMaxHandler,
+    ScanStats,
     TestSet,
     TopKHandler,
     prepare_tests,
@@ -51,6 +52,14 @@ class ScanResult:
     row_argmax: np.ndarray | None  # (N,) int32 test index, ties: lowest
     row_margin: np.ndarray | None  # (N,) float32 max_t (sim - thr(t)); None without thr
     bad_rows: int = 0  # base rows excluded because NaN/Inf or not unit-norm (skip policy)
+    # Work counts of an in-process scan (zero when merged from shard files): pairs screened
+    # and exact recomputations; their ratio is the scan's recheck fraction.
+    pairs_screened: int = 0
+    pairs_rechecked: int = 0
+
+    @property
+    def recheck_fraction(self) -> float | None:
+        return self.pairs_rechecked / self.pairs_screened if self.pairs_screened else None
 
 
 def find_bad_rows(emb: np.ndarray, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
@@ -84,7 +93,18 @@ def _chunks(blocks: Iterable[Block], chunk_rows: int, device: torch.device) -> I
     On CUDA the rows go through pinned memory and a side stream, so the host-to-device copy of
     the next chunk overlaps the kernels of the current one."""
     cuda = device.type == "cuda"
-    stream = torch.cuda.Stream(device) if cuda else None
+    if cuda:
+        # This runs on the prefetch thread, whose current device is its own (0): bind it.
+        with torch.cuda.device(device):
+            yield from _chunks_on(blocks, chunk_rows, device, torch.cuda.Stream(device))
+    else:
+        yield from _chunks_on(blocks, chunk_rows, device, None)
+
+
+def _chunks_on(
+    blocks: Iterable[Block], chunk_rows: int, device: torch.device, stream: Any
+) -> Iterator[_Chunk]:
+    cuda = stream is not None
     for i, (offset, emb, keep) in enumerate(blocks):
         n = len(emb)
         if keep is not None and keep.shape != (n,):
@@ -201,9 +221,10 @@ def scan_arrays(
     check_tests(tests, thresholds, topk)
     m, d = tests.shape
     spans = _check_groups(groups, m)
-    dev = torch.device(cfg.device)
+    dev = scan_device(cfg.device)
     t_tensor = torch.from_numpy(tests).to(dev)
     thr_tensor = None if thresholds is None else torch.from_numpy(thresholds).to(dev)
+    stats = ScanStats()
     parts_of = [_GroupScan(t_tensor, thr_tensor, a, b, topk, cfg, dev) for a, b in spans]
 
     triples = (b if len(b) == 3 else (b[0], b[1], None) for b in blocks)
@@ -213,7 +234,7 @@ def scan_arrays(
     for chunk in _prefetch(_chunks(triples, chunk_rows, dev)):
         if chunk.x.shape[1] != d:
             raise ValueError(f"block {chunk.block}: rows of shape {tuple(chunk.x.shape)}, d={d}")
-        outs = [g.chunk(chunk, cfg) for g in parts_of]
+        outs = [g.chunk(chunk, cfg, stats) for g in parts_of]
         if groups is None:
             parts.append(outs[0])
         else:
@@ -258,6 +279,8 @@ def scan_arrays(
         row_max=rows[0],
         row_argmax=rows[1],
         row_margin=rows[2],
+        pairs_screened=stats.screened,
+        pairs_rechecked=stats.rechecked,
     )
 
 
@@ -292,7 +315,7 @@ class _GroupScan:
         thr = None if thresholds is None else thresholds[start:stop]
         self.start = start
         self.tests = prepare_tests(
-            tests[start:stop], thr, cfg.precision, cfg.tile_tests, cfg.test_group
+            tests[start:stop], thr, cfg.precision, cfg.tile_tests, cfg.test_group, cfg.tile_rows
         )
         self.row_max = RowMaxHandler()
         self.margin = MarginHandler() if thr is not None else None
@@ -300,12 +323,37 @@ class _GroupScan:
         self.count = CountAboveHandler(stop - start, dev) if thr is not None else None
         self.handlers = [h for h in (self.row_max, self.margin, self.top, self.count) if h]
 
-    def chunk(self, chunk: _Chunk, cfg: KernelConfig) -> tuple[np.ndarray, ...]:
+    def chunk(self, chunk: _Chunk, cfg: KernelConfig, stats: ScanStats) -> tuple[np.ndarray, ...]:
         mx, arg, margin = _scan_chunk(
-            chunk, self.tests, self.handlers, self.row_max, self.margin, cfg
+            chunk, self.tests, self.handlers, self.row_max, self.margin, cfg, stats
         )
         # The kernel numbers a group's tests from 0: argmax names a test of the whole scan.
         return mx, np.where(arg >= 0, arg + self.start, -1).astype(np.int32), margin
+
+
+def scan_device(
+    device: str | torch.device, current: Callable[[], int] | None = None
+) -> torch.device:
+    """The scan's device with its index: "cuda" means the caller's current GPU, resolved here
+    once, because the prefetch thread's current device is always its own default (0)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", (current or torch.cuda.current_device)())
+    return dev
+
+
+def wait_for_copy(chunk: _Chunk) -> None:
+    """Order the kernels on the rows' device after the chunk's host-to-device copy.
+
+    The stream is the current stream of the rows' own device: ``current_stream()`` without a
+    device is the caller's current device, and waiting there leaves another device's kernels
+    free to read the rows before they arrive."""
+    if chunk.ready is None:
+        return
+    stream = torch.cuda.current_stream(chunk.x.device)
+    stream.wait_event(chunk.ready)
+    # x was allocated on the copy stream: keep its memory until this stream is done with it.
+    chunk.x.record_stream(stream)
 
 
 def _scan_chunk(
@@ -315,15 +363,13 @@ def _scan_chunk(
     row_max: RowMaxHandler,
     row_margin: MarginHandler | None,
     cfg: KernelConfig,
+    stats: ScanStats | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scan one chunk's kept rows; per-row outputs for all its rows (NaN/-1 where not kept)."""
-    if chunk.ready is not None:
-        torch.cuda.current_stream().wait_event(chunk.ready)
-        # x was allocated on the copy stream: keep its memory until this stream is done with it.
-        chunk.x.record_stream(torch.cuda.current_stream())
-    x = chunk.x.to(cfg.device)
-    ids = torch.from_numpy(chunk.offset + chunk.start + chunk.local).to(cfg.device)
-    scan_block(x, ids, test_set, handlers, cfg)
+    wait_for_copy(chunk)
+    x = chunk.x
+    ids = torch.from_numpy(chunk.offset + chunk.start + chunk.local).to(x.device)
+    scan_block(x, ids, test_set, handlers, cfg, stats)
     best, arg = row_max.end()
     out_max = np.full(chunk.n, np.nan, np.float32)
     out_arg = np.full(chunk.n, -1, np.int32)

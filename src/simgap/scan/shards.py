@@ -227,7 +227,8 @@ def scan_store(
     merged, and the per-test outputs (plus ``test_info`` columns such as benchmark and key, see
     ``layout.py``) and ``scan.json`` are written; ``return_rows=False`` keeps the per-row
     outputs out of memory (read them back per shard with ``iter_scan_rows``)."""
-    cfg = (config or KernelConfig()).resolved()
+    # An "auto" screen on CUDA is chosen by measurement where the shards are scanned, not here.
+    cfg = (config or KernelConfig()).resolved(measure=False)
     tests = np.asarray(tests)
     thresholds = None if thresholds is None else np.asarray(thresholds, np.float32)
     check_tests(tests, thresholds, topk)
