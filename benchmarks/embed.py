@@ -4,10 +4,13 @@ Writes webdataset tars of JPEGs (or uses ``--source``, e.g. a world's ``pool/``)
 
 - pipeline: ``simgap.embed.embed`` end to end (read tar → decode → transform → forward → write
   store), model already loaded, for each ``--decode-workers`` value;
-- forward: ``encode_batch`` alone on the same images, preprocessed beforehand, same batch size.
+- forward: ``encode_batch`` alone on the same images, preprocessed beforehand, same batch size;
+- decode: reading, decoding and transforming alone (no model), with the best pipeline's
+  decode workers.
 
-The ratio pipeline/forward says whether the data path is the bottleneck (target ≥ 0.7). The last
-line printed is one JSON object.
+The ratio pipeline/forward says whether the data path is the bottleneck (target ≥ 0.7);
+``limiting_stage`` names the slower of decode and forward. The last line printed is one JSON
+object.
 
     python benchmarks/embed.py                          # simgap-tiny at 32 px on CPU
     python benchmarks/embed.py --source /tmp/world/pool
@@ -32,7 +35,8 @@ from PIL import Image
 from simgap.data.images import decode_rgb
 from simgap.data.sources import shard_tasks
 from simgap.data.tars import write_tar
-from simgap.embed import GROUP_SHARDS, _cached_model, embed, encode_batch
+from simgap.data.transforms import split_transform
+from simgap.embed import GROUP_SHARDS, _cached_model, embed, encode_batch, prepared_batches
 from simgap.models import ModelSpec, load_model
 
 
@@ -67,6 +71,17 @@ def forward_only(spec: ModelSpec, pixels: torch.Tensor, device: str, batch_size:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return len(pixels) / (time.perf_counter() - start)
+
+
+def decode_only(spec: ModelSpec, source: str, batch_size: int, workers: int) -> float:
+    """Images/s of the data path alone: tar read, decode, transform, in shard groups as embed."""
+    transform = split_transform(_cached_model(spec, "cpu").preprocess)
+    tasks = tuple(shard_tasks(source))
+    start, n = time.perf_counter(), 0
+    for i in range(0, len(tasks), GROUP_SHARDS):
+        for batch in prepared_batches(tasks[i : i + GROUP_SHARDS], transform, batch_size, workers):
+            n += len(batch.keys)
+    return n / (time.perf_counter() - start)
 
 
 def pipeline(spec: ModelSpec, source: str, device: str, batch_size: int, workers: int) -> float:
@@ -125,6 +140,9 @@ def main() -> None:
             print(f"decode_workers={w}: pipeline {ips:.0f} images/s")
         print(f"forward alone: {forward:.0f} images/s")
         best = max(per_workers, key=per_workers.get)
+        decode = max(decode_only(spec, source, a.batch_size, best) for _ in range(2))
+        print(f"decode alone (decode_workers={best}): {decode:.0f} images/s")
+        gpu = torch.cuda.get_device_name() if a.device.startswith("cuda") else None
         result = {
             "model": a.model,
             "device": a.device,
@@ -135,6 +153,9 @@ def main() -> None:
             "best_decode_workers": best,
             "pipeline_images_per_s": round(per_workers[best], 1),
             "forward_images_per_s": round(forward, 1),
+            "decode_images_per_s": round(decode, 1),
+            "limiting_stage": "decode" if decode < forward else "forward",
+            "gpu": gpu,
             "ratio": round(per_workers[best] / forward, 3),
         }
         print(json.dumps(result))

@@ -13,9 +13,13 @@ cost).
 
     python benchmarks/train.py                         # 256 samples, 2 epochs, 2 pairs
     python benchmarks/train.py --samples 512 --pairs 3 --keys
+    python benchmarks/train.py --model ViT-B-32 --device cuda --precision amp_bf16 \
+        --samples 8192 --batch-size 256 --workers 4 --shards 8 --torchrun   # on a GPU
 
-The last line printed is one JSON object with simgap_samples_per_s, open_clip_samples_per_s
-and ratio (simgap / open_clip; target >= 0.95).
+``--torchrun`` adds a third side: simgap's training under ``torch.distributed.run`` with one
+rank (``train(..., torchrun=True)``), compared with the same direct runs. The last line printed
+is one JSON object with simgap_samples_per_s, open_clip_samples_per_s and ratio (simgap /
+open_clip; target >= 0.95), and with ``--torchrun`` torchrun_samples_per_s and torchrun_ratio.
 """
 
 from __future__ import annotations
@@ -76,15 +80,18 @@ class Clock:
             self.start = time.perf_counter()
 
 
-def run_simgap(recipe, data, n, out, name, threads, keys=None) -> tuple[float, float]:
+def run_simgap(
+    recipe, data, n, out, name, threads, keys=None, device="cpu", torchrun=False
+) -> tuple[float, float]:
     clock, t0 = Clock(), time.perf_counter()
-    train(recipe, data, n, out, name, clock, keys=keys, threads=threads)
+    train(recipe, data, n, out, name, clock, keys=keys, threads=threads, device=device,
+          torchrun=torchrun)  # fmt: skip
     end = time.perf_counter()
     return end - clock.start, end - t0
 
 
-def run_direct(recipe, data, n, out, name, threads) -> tuple[float, float]:
-    argv = open_clip_argv(recipe, data, n, out, name)
+def run_direct(recipe, data, n, out, name, threads, device="cpu") -> tuple[float, float]:
+    argv = open_clip_argv(recipe, data, n, out, name, device)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     clock, t0 = Clock(), time.perf_counter()
     proc = subprocess.Popen(
@@ -113,30 +120,45 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=2, help="alternating simgap/direct run pairs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--config", default="simgap-tiny-vit", help="a shipped model config")
+    ap.add_argument("--model", help="an open_clip architecture instead (ViT-B-32), from scratch")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", help="amp_bf16 / amp on a GPU")
+    ap.add_argument("--workers", type=int, default=1, help="dataloader workers (<= shards)")
+    ap.add_argument("--torchrun", action="store_true", help="also time a 1-rank torchrun run")
     ap.add_argument("--keys", action="store_true", help="also time a key-list run")
     a = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = write_shards(tmp / "shards", a.samples, a.shards)
-        model = model_dir(tmp / "model", a.config)
-        recipe = Recipe(model=model, epochs=a.epochs, batch_size=a.batch_size, workers=1)
+        model = a.model or model_dir(tmp / "model", a.config)
+        recipe = Recipe(model=model, epochs=a.epochs, batch_size=a.batch_size,
+                        workers=a.workers, precision=a.precision)  # fmt: skip
         seen = a.samples * a.epochs
-        runs: dict[str, list[tuple[float, float]]] = {"simgap": [], "direct": []}
+        sides = ["simgap", "direct", *(["torchrun"] if a.torchrun else [])]
+        runs: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
+        dev, n = a.device, a.samples
         for i in range(a.pairs):
-            runs["simgap"].append(run_simgap(recipe, data, a.samples, tmp, f"s{i}", a.threads))
-            runs["direct"].append(run_direct(recipe, data, a.samples, tmp, f"d{i}", a.threads))
-            print(f"pair {i}: simgap {runs['simgap'][-1]}, direct {runs['direct'][-1]}", flush=True)
+            runs["simgap"].append(run_simgap(recipe, data, n, tmp, f"s{i}", a.threads, device=dev))
+            runs["direct"].append(run_direct(recipe, data, n, tmp, f"d{i}", a.threads, dev))
+            if a.torchrun:
+                runs["torchrun"].append(
+                    run_simgap(recipe, data, n, tmp, f"t{i}", a.threads, device=dev, torchrun=True)
+                )
+            print(f"round {i}: " + ", ".join(f"{k} {v[-1]}" for k, v in runs.items()), flush=True)
         result = {}
         if a.keys:
             keys = tmp / "keys.txt"
             keys.write_text("".join(f"p{i:07d}\n" for i in range(a.samples)))
-            train_s, _ = run_simgap(recipe, data, None, tmp, "k", a.threads, keys=keys)
+            train_s, _ = run_simgap(recipe, data, None, tmp, "k", a.threads, keys, dev)
             result["simgap_keys_samples_per_s"] = round(seen / train_s, 2)
         best = {side: min(r[0] for r in rs) for side, rs in runs.items()}
         wall = {side: min(r[1] for r in rs) for side, rs in runs.items()}
         simgap, direct = seen / best["simgap"], seen / best["direct"]
         result = {
+            "model": recipe.model if a.model else a.config,
+            "device": a.device,
+            "precision": a.precision,
             "samples_seen": seen,
             "pairs": a.pairs,
             "simgap_wall_s": round(wall["simgap"], 2),
@@ -146,6 +168,11 @@ def main() -> None:
             "open_clip_samples_per_s": round(direct, 2),
             "ratio": round(simgap / direct, 4),
         }
+        if a.torchrun:
+            torchrun = seen / best["torchrun"]
+            result["torchrun_wall_s"] = round(wall["torchrun"], 2)
+            result["torchrun_samples_per_s"] = round(torchrun, 2)
+            result["torchrun_ratio"] = round(torchrun / direct, 4)
     print(json.dumps(result))
 
 

@@ -141,8 +141,9 @@ def test_torchrun_command_quotes_and_keeps_global_batch(tmp_path):
     out = tmp_path / "out dir; rm -rf ~"
     cmd = torchrun_command(recipe, NASTY, 10_000, out, "split$(x)", nproc_per_node=8)
     words = shlex.split(cmd)
-    assert words[:6] == ["torchrun", "--standalone", "--nproc_per_node=8", "-m", ENTRY_MODULE, "--"]
-    args = parse_args(words[6:])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    assert words[:8] == [*launcher, "--nproc_per_node=8", "-m", ENTRY_MODULE, "--"]
+    args = parse_args(words[8:])
     assert args.train_data == NASTY
     assert args.logs == str(out.absolute()) and args.name == "split$(x)"
     assert args.batch_size == 8  # 64 global over 8 GPUs
@@ -181,7 +182,7 @@ def test_slurm_script_content(tmp_path):
     assert srun[:7] == [
         "srun",
         "--cpu-bind=v",
-        "--accel-bind=gn",
+        "--gpu-bind=none",
         "python",
         "-u",
         "-m",
@@ -410,8 +411,8 @@ def test_hostile_values_stay_literal_in_launch_commands(tmp_path):
     recipe = Recipe(model="ViT-B-32", batch_size=64, precision="amp")
     cmd = torchrun_command(recipe, HOSTILE, 10, out, HOSTILE, 8, key_filter=keys)
     words = shlex.split(cmd)
-    assert words[5:8] == ["--", "--simgap-keys", str(keys.absolute())]
-    args = parse_args(words[8:])
+    assert words[7:10] == ["--", "--simgap-keys", str(keys.absolute())]
+    args = parse_args(words[10:])
     assert (args.train_data, args.name, args.logs) == (HOSTILE, HOSTILE, str(out.absolute()))
     script = slurm_script(recipe, HOSTILE, 10, out, HOSTILE, python=f"/opt/py {HOSTILE}/python")
     srun = shlex.split(script.splitlines()[-1])
@@ -419,7 +420,7 @@ def test_hostile_values_stay_literal_in_launch_commands(tmp_path):
     assert parse_args(srun[7:]).train_data == HOSTILE
     # Run through a real shell: echo each word back; nothing may be executed or expanded.
     echoed = subprocess.run(
-        ["bash", "-c", cmd.replace("torchrun", "printf '%s\\n'", 1)],
+        ["bash", "-c", cmd.replace(shlex.quote(sys.executable), "printf '%s\\n'", 1)],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -469,10 +470,11 @@ def test_cli_writes_launch_scripts_for_the_papers_recipe(shards, tmp_path, capsy
     assert main(["train", *common, "--name", "node", "--torchrun", "8"]) == 0
     script = tmp_path / "runs" / "node" / "torchrun.sh"
     words = shlex.split(script.read_text().splitlines()[-1])
-    assert words[:6] == ["torchrun", "--standalone", "--nproc_per_node=8", "-m", ENTRY_MODULE, "--"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    assert words[:8] == [*launcher, "--nproc_per_node=8", "-m", ENTRY_MODULE, "--"]
     key_filter = tmp_path / "runs" / "node" / KEY_HASHES_FILE
-    assert words[6:8] == ["--simgap-keys", str(key_filter)] and key_filter.is_file()
-    args = parse_args(words[8:])
+    assert words[8:10] == ["--simgap-keys", str(key_filter)] and key_filter.is_file()
+    args = parse_args(words[10:])
     assert (args.batch_size, args.train_num_samples, args.epochs) == (4200, 32, 32)
     assert args.grad_checkpointing and args.warmup == 10000 and args.precision == "amp"
     assert os.access(script, os.X_OK)

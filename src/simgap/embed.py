@@ -31,8 +31,17 @@ from simgap.data.sources import Record, ShardTask, shard_tasks
 from simgap.data.tables import is_table
 from simgap.data.transforms import SplitTransform, split_transform
 from simgap.io import fingerprint
-from simgap.models import LoadedModel, ModelSpec, load_model, model_identity
-from simgap.parallel import Executor, LocalEngine, Progress, RayEngine, task_device
+from simgap.models import (
+    DeviceError,
+    LoadedModel,
+    ModelSpec,
+    check_device,
+    ieee_fp32,
+    load_model,
+    model_identity,
+    numerics_identity,
+)
+from simgap.parallel import Executor, LocalEngine, Progress, RayEngine, ThreadEngine, task_device
 from simgap.store import Store, StoreWriter, is_clip_retrieval, link_clip_retrieval, normalize_fp16
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -47,8 +56,9 @@ def _cached_model(spec: ModelSpec, device: str) -> LoadedModel:
 def autocast_dtype(device: str, precision: str) -> torch.dtype | None:
     """The autocast dtype for a device and precision choice; None runs in float32.
 
-    ``auto`` is bf16 on GPUs that support it, else fp16 on GPU, float32 on CPU. fp16 on CPU is
-    refused: CPU fp16 matmul is two orders of magnitude slower than float32.
+    ``auto`` is bf16 on GPUs that support it natively (Ampere and later), else fp16 on GPU,
+    float32 on CPU. fp16 on CPU is refused: CPU fp16 matmul is two orders of magnitude slower
+    than float32.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: choose one of {PRECISIONS}")
@@ -56,7 +66,9 @@ def autocast_dtype(device: str, precision: str) -> torch.dtype | None:
     if precision == "auto":
         if not on_gpu:
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Emulated bf16 (a V100 "supports" it in software) is far slower than fp16.
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float16
     if precision == "fp16" and not on_gpu:
         raise ValueError("precision fp16 needs a GPU (device cuda); on CPU use fp32 or bf16")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -97,6 +109,14 @@ def _autocast(device: str, dtype: torch.dtype | None) -> contextlib.AbstractCont
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def forward_context(device: str, dtype: torch.dtype | None) -> Iterator[None]:
+    """What every embed forward runs under: ``FORWARD_THREADS``, inference mode, float32 GPU
+    kernels in IEEE float32 (no TF32) and autocast to ``dtype`` (None: none)."""
+    with forward_threads(), torch.inference_mode(), ieee_fp32(), _autocast(device, dtype):
+        yield
+
+
 def encode_batch(
     loaded: LoadedModel,
     pixels: torch.Tensor,
@@ -111,7 +131,7 @@ def encode_batch(
     """
     dtype = autocast_dtype(device, precision)
     x = padded(pixels, rows).to(device, non_blocking=True)
-    with forward_threads(), torch.inference_mode(), _autocast(device, dtype):
+    with forward_context(device, dtype):
         return loaded.model.encode_image(x)[: len(pixels)].float().cpu().numpy()
 
 
@@ -137,7 +157,7 @@ def encode_texts(
     for start in range(0, len(texts), batch_size):
         tokens = loaded.tokenizer(texts[start : start + batch_size])
         x = padded(tokens, batch_size).to(device)
-        with forward_threads(), torch.inference_mode(), _autocast(device, dtype):
+        with forward_context(device, dtype):
             out.append(loaded.model.encode_text(x)[: len(tokens)].float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -296,13 +316,44 @@ class EmbedShard:
         # batch shapes were fixed are redone rather than mixed with new ones.
         # The resolved dtype and device kind, not the choice: "auto" is float32 on CPU but bf16
         # on a GPU, and one store must not mix the two.
+        # On a GPU the model, SM count and library versions too (``gpu_fingerprint``): cuBLAS
+        # gives the same bits only on the same ones, so a resume on another GPU kind redoes
+        # the shards instead of mixing two kinds' bytes in one store.
         dtype = autocast_dtype(self.device, self.precision)
         numerics = f"{torch.device(self.device).type},{dtype},threads={FORWARD_THREADS},padded"
+        numerics += gpu_fingerprint(self.numerics())
         config = [task_fingerprint, self.model_sha256, self.text, numerics, self.batch_size]
         return fingerprint(config)
 
+    def numerics(self) -> dict[str, Any]:
+        """This process's forward numerics (``numerics_identity``), as the forward sets them."""
+        with ieee_fp32():
+            return numerics_identity(self.device, autocast_dtype(self.device, self.precision))
+
     def __call__(self, group: tuple[ShardTask, ...]) -> dict[str, Any]:
-        """Embed a group of shard tasks (those not done already); one record per shard."""
+        """Embed a group of shard tasks (those not done already); one record per shard.
+
+        A CUDA error leaves this process's GPU context unusable: it is raised naming the shard,
+        and any later group in this process (a retry) fails at once naming that shard, instead
+        of each failing with the same sticky error as if it were its own."""
+        if _lost_gpu:
+            raise DeviceError(
+                f"not run: an earlier CUDA error left this process's GPU unusable "
+                f"({_lost_gpu[0]}); "
+                "rerun the command to resume"
+            )
+        current = [group[0].name if group else "?"]  # the shard being embedded, for errors
+        try:
+            return self._embed(group, current)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _is_cuda_error(e) or isinstance(e, DeviceError):
+                raise
+            where = f"shard {current[0]}: {type(e).__name__}: {str(e).strip().splitlines()[0]}"
+            if not isinstance(e, torch.OutOfMemoryError):  # out of memory is not sticky
+                _lost_gpu.append(where)
+            raise DeviceError(f"{self.store}: CUDA error in {where}") from e
+
+    def _embed(self, group: tuple[ShardTask, ...], current: list[str]) -> dict[str, Any]:
         writer = StoreWriter(Path(self.store), {}, self.dim, {})
         records: dict[str, dict[str, Any]] = {}
         todo: list[tuple[ShardTask, str]] = []
@@ -314,12 +365,15 @@ class EmbedShard:
             else:
                 todo.append((task, fingerprint))
         if todo:
+            current[0] = todo[0][0].name
             device = task_device(self.device)
             loaded = _cached_model(self.spec, device)
+            numerics = self.numerics()
             transform = split_transform(loaded.preprocess)
             tasks = tuple(t for t, _ in todo)
             shard = _Shard()
             for batch in prepared_batches(tasks, transform, self.batch_size, self.decode_workers):
+                current[0] = todo[batch.shard][0].name
                 shard.skipped.update(batch.skipped)
                 if batch.pixels is not None:
                     shard.features.append(
@@ -329,7 +383,9 @@ class EmbedShard:
                     shard.meta += batch.meta
                 if batch.last:
                     task, fingerprint = todo[batch.shard]
-                    records[task.name] = self._write(writer, loaded, task.name, fingerprint, shard)
+                    records[task.name] = self._write(
+                        writer, loaded, task.name, fingerprint, shard, numerics
+                    )
                     self._report(records[task.name])
                     shard = _Shard()
         shards = [records[t.name] for t in group]
@@ -340,7 +396,13 @@ class EmbedShard:
             self.on_shard(record)
 
     def _write(
-        self, writer: StoreWriter, loaded: LoadedModel, name: str, fingerprint: str, shard: _Shard
+        self,
+        writer: StoreWriter,
+        loaded: LoadedModel,
+        name: str,
+        fingerprint: str,
+        shard: _Shard,
+        numerics: dict[str, Any],
     ) -> dict[str, Any]:
         keys, meta = shard.keys, shard.meta
         emb = normalize_fp16(np.concatenate(shard.features)) if keys else _empty(self.dim)
@@ -361,7 +423,30 @@ class EmbedShard:
                 else _empty(self.dim)
             )
         table = pa.table(columns) if keys else pa.table({"key": pa.array([], pa.string())})
-        return writer.write_shard(name, emb, table, fingerprint, dict(shard.skipped), text_emb)
+        return writer.write_shard(
+            name, emb, table, fingerprint, dict(shard.skipped), text_emb, numerics=numerics
+        )
+
+
+# Set by the first CUDA error in this process (it names the shard); see EmbedShard.__call__.
+_lost_gpu: list[str] = []
+
+
+def _is_cuda_error(e: BaseException) -> bool:
+    # torch >= 2.8 raises AcceleratorError for CUDA runtime errors; cuBLAS / cuDNN failures and
+    # older torch raise RuntimeError with the library named in the message.
+    if isinstance(e, (torch.AcceleratorError, torch.OutOfMemoryError)):
+        return True
+    text = str(e)
+    return any(m in text for m in ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "CUDNN_STATUS"))
+
+
+def gpu_fingerprint(numerics: dict[str, Any]) -> str:
+    """The GPU part of an embed fingerprint ("" on the CPU, so CPU stores keep theirs)."""
+    if numerics.get("device") != "cuda":
+        return ""
+    keys = ("gpu", "capability", "sms", "cuda", "cudnn")
+    return "," + ",".join(f"{k}={numerics.get(k)}" for k in keys)
 
 
 @dataclass
@@ -415,8 +500,10 @@ def embed(
     if not is_table(source) and is_clip_retrieval(source):
         return link_clip_retrieval(out, Path(source), model_identity(spec))
     autocast_dtype(device, precision)  # a bad choice fails before any work
-    tasks = shard_tasks(source, shard_size)
     executor = executor or Executor(LocalEngine(1))
+    if _on_this_machine(executor):
+        check_device(device)  # a Ray task checks its own (the head may have no GPU)
+    tasks = shard_tasks(source, shard_size)
     probe = probe_device(executor, device)
     loaded = _cached_model(spec, probe)
     dim = _dim_of(spec, probe)
@@ -495,6 +582,10 @@ def auto_decode_workers(executor: Executor) -> int:
     if not _in_process(executor):
         return 0
     return max(0, min(8, len(os.sched_getaffinity(0)) - 1))
+
+
+def _on_this_machine(executor: Executor) -> bool:
+    return isinstance(executor.engine, (LocalEngine, ThreadEngine))
 
 
 def _in_process(executor: Executor) -> bool:

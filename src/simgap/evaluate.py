@@ -23,7 +23,7 @@ from simgap.data.clip_benchmark import Benchmark, open_benchmark
 from simgap.data.images import decode_rgb
 from simgap.data.transforms import split_transform
 from simgap.io import write_json, write_parquet
-from simgap.models import LoadedModel
+from simgap.models import LoadedModel, ieee_fp32, numerics_identity
 from simgap.parallel import Progress
 
 PREDICTION_SCHEMA = pa.schema(
@@ -41,7 +41,8 @@ def zero_shot_classifier(
     columns = []
     for name in classnames:
         tokens = loaded.tokenizer([t.format(c=name) for t in templates]).to(loaded.device)
-        emb = F.normalize(loaded.model.encode_text(tokens).float(), dim=-1)
+        with ieee_fp32():  # float32 on a GPU as on the CPU (see evaluate_benchmark)
+            emb = F.normalize(loaded.model.encode_text(tokens).float(), dim=-1)
         columns.append(F.normalize(emb.mean(dim=0), dim=-1))
     return torch.stack(columns, dim=1).cpu()
 
@@ -109,7 +110,10 @@ def evaluate_benchmark(
                 labels.append(label)
                 pixels.append(transform.per_image(img))
         if pixels:
-            emb = loaded.model.encode_image(transform.batch(pixels).to(loaded.device)).float()
+            # The forward is float32 (no autocast); on a GPU, IEEE float32: cuDNN's default
+            # TF32 for the patch-embedding conv would flip near-tied top-1s against the CPU.
+            with ieee_fp32():
+                emb = loaded.model.encode_image(transform.batch(pixels).to(loaded.device)).float()
             chunks.append(F.normalize(emb, dim=-1).cpu() @ weights)
         seen += len(batch)
         progress.count(seen)
@@ -197,7 +201,9 @@ def evaluate_benchmarks(
         results[name] = res
         if log is not None:
             log(f"evaluate {name}: top1 {res['top1']:.4f} over {res['n']} images")
-    summary = {"model": loaded.identity, "benchmarks": results}
+    with ieee_fp32():  # as the forwards ran
+        numerics = numerics_identity(loaded.device, None)
+    summary = {"model": loaded.identity, "numerics": numerics, "benchmarks": results}
     if out is not None:
         write_json(Path(out) / "eval.json", summary)
     return summary

@@ -19,9 +19,11 @@ recorded in a store manifest is the SHA-256 of exactly the bytes in the model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,11 @@ RANDOM_INIT_SEED = 0
 
 class ModelLoadError(ValueError):
     """A model spec that cannot be resolved to weights, or weights that cannot be loaded."""
+
+
+class DeviceError(RuntimeError):
+    """A device this process cannot use: ``--device cuda`` without a usable GPU, or a GPU whose
+    context a CUDA error has made unusable."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,7 @@ def load_model(
     """
     import open_clip
 
+    check_device(device)
     register_shipped_configs()
     weights = _weights_file(spec, cache_dir)
     identity = _identity(spec, weights)
@@ -278,3 +286,127 @@ def _create_kwargs(spec: ModelSpec, weights: str | None) -> dict:
         "image_interpolation": cfg.get("interpolation"),
         "image_resize_mode": cfg.get("resize_mode"),
     }
+
+
+# ----------------------------------------------------------------------------- devices, numerics
+
+
+def check_device(device: str) -> str:
+    """Refuse, before any work, a device this process cannot run on; return it unchanged.
+
+    Without this, ``--device cuda`` on a machine without a GPU ends in a traceback deep in
+    open_clip (or, for open_clip_train, in a warning and a silent fall-back to the CPU).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"device {device!r}: not a device name ({e})") from None
+    if dev.type == "cpu":
+        return device
+    if dev.type != "cuda":
+        raise DeviceError(f"device {device!r}: simgap runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        why = (
+            "this torch is built without CUDA"
+            if torch.version.cuda is None
+            else "no CUDA GPU is visible here (no driver, or CUDA_VISIBLE_DEVICES hides them)"
+        )
+        raise DeviceError(f"device {device!r}: {why}; use --device cpu")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise DeviceError(f"device {device!r}: only {count} CUDA device(s) are visible here")
+    return device
+
+
+def device_key(device: str) -> str:
+    """The device part of a stage key: ``cpu``, or ``cuda`` and the GPU model where this process
+    sees the GPU (``cuda:NVIDIA H100 80GB HBM3``), so that a result made on one kind of device
+    is never taken for another's. The index is left out: ``cuda:0`` and ``cuda:1`` of one node
+    are the same kind. A driver that sees no GPU (a Ray head) keys ``cuda`` alone; the embed
+    fingerprint of every shard still names its GPU (``numerics_identity``)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return dev.type
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return f"cuda:{torch.cuda.get_device_name(index)}"
+
+
+def numerics_identity(device: str, autocast: torch.dtype | None) -> dict[str, Any]:
+    """The numerics a forward on ``device`` runs with, beside the weights and the input: the
+    device kind, the autocast dtype (float32 without autocast) and, on a GPU, whether float32
+    matmuls and cuDNN convolutions may use TF32 (read now: call it where the forward runs, inside
+    ``ieee_fp32``) and the hardware and libraries. cuBLAS and cuDNN promise the same bits only
+    on the same architecture, SM count and library versions, so all of them are named."""
+    dev = torch.device(device)
+    out: dict[str, Any] = {
+        "device": dev.type,
+        "autocast": str(autocast).removeprefix("torch.") if autocast is not None else "float32",
+    }
+    if dev.type != "cuda":
+        return out
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    out |= tf32_settings()
+    out |= {
+        "gpu": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "sms": int(props.multi_processor_count),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+    }
+    return out
+
+
+def tf32_settings() -> dict[str, bool]:
+    """Whether float32 matmuls (cuBLAS) and convolutions (cuDNN) may run in TF32, by the
+    per-backend precision API (torch >= 2.9). "none" means inherit: then the global setting and,
+    below it, the legacy flags decide. Reading a legacy flag raises once the new API has set a
+    mix, so it is read only when nothing newer says."""
+    backends = torch.backends
+    matmul = _fp32_precision(backends.cuda.matmul, backends)
+    conv = _fp32_precision(backends.cudnn.conv, backends.cudnn, backends)
+    if matmul is None:
+        matmul = torch.get_float32_matmul_precision() != "highest"
+    if conv is None:
+        conv = bool(backends.cudnn.allow_tf32)
+    return {"tf32_matmul": matmul, "tf32_cudnn": conv}
+
+
+def _fp32_precision(*levels: Any) -> bool | None:
+    for level in levels:
+        value = getattr(level, "fp32_precision", "none")
+        if value != "none":
+            return value == "tf32"
+    return None
+
+
+_ieee_lock = threading.Lock()
+_ieee_depth = 0
+_ieee_saved: list[tuple[Any, str]] = []
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """Run the block with float32 GPU matmuls and convolutions in IEEE float32, not TF32.
+
+    torch's default lets cuDNN convolutions (the ViT patch embedding) use TF32, which keeps 10
+    mantissa bits: "fp32" on a GPU would silently differ from fp32 on the CPU by ~1e-3. The
+    flags are process-wide, so nested and concurrent blocks (trainings evaluated in threads)
+    share one setting: the first block in sets it, the last one out restores the caller's.
+    Nothing changes for CPU computations."""
+    global _ieee_depth
+    with _ieee_lock:
+        if _ieee_depth == 0:
+            targets = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+            _ieee_saved[:] = [(t, t.fp32_precision) for t in targets]
+            for t in targets:
+                t.fp32_precision = "ieee"
+        _ieee_depth += 1
+    try:
+        yield
+    finally:
+        with _ieee_lock:
+            _ieee_depth -= 1
+            if _ieee_depth == 0:
+                for t, value in _ieee_saved:
+                    t.fp32_precision = value

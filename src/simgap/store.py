@@ -2,7 +2,8 @@
 
 Layout (DESIGN.md)::
 
-    manifest.json        format, model identity, dim, rows, shards (rows, sha256, skipped counts)
+    manifest.json        format, model identity, dim, rows, shards (rows, sha256, skipped counts),
+                         numerics (device kind, autocast dtype, TF32, GPU models) when known
     emb/NNNNN.npy        float16 (rows, dim), L2-normalised
     keys/NNNNN.parquet   key + locator columns, same row order
 
@@ -87,6 +88,13 @@ class Store:
     def has_text(self) -> bool:
         """Whether caption (text) embeddings are stored beside the image embeddings."""
         return bool(self.manifest.get("text", False))
+
+    @property
+    def numerics(self) -> dict[str, Any] | None:
+        """The numerics the embeddings were made with (``simgap.models.numerics_identity``:
+        device kind, autocast dtype, TF32 settings, and on GPUs the GPU models); None when not
+        recorded (stores written before it was, arrays, clip-retrieval folders)."""
+        return self.manifest.get("numerics")
 
     def read_text_emb(self, shard: str) -> np.ndarray:
         """float16 (rows, dim) L2-normalised caption embeddings, row-aligned with ``read_emb``."""
@@ -290,8 +298,24 @@ def _clip_retrieval_index(path: Path) -> int:
     return int(path.stem.rpartition("_")[2])
 
 
-def check_compatible(*stores: Store) -> None:
-    """Refuse to compare embeddings made by different similarity models."""
+# What two stores must share to be compared (of simgap.models.numerics_identity). The rest
+# (GPU model, SM count, library versions) changes bytes only at the level of the last rounding,
+# as two CPU models do: recorded, not compared.
+COMPARED_NUMERICS = ("device", "autocast", "tf32_matmul", "tf32_cudnn")
+
+
+def compared_numerics(numerics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The part of a store's numerics that must match for two stores to be compared."""
+    if numerics is None:
+        return None
+    return {k: numerics[k] for k in COMPARED_NUMERICS if k in numerics}
+
+
+def check_compatible(*stores: Store, mixed_numerics: bool = False) -> None:
+    """Refuse to compare embeddings made by different similarity models, or (unless
+    ``mixed_numerics``) with different numerics: bf16 autocast on a GPU against float32 on the
+    CPU moves similarities by ~1e-3 to 1e-2, enough to shift thresholds and gap decisions.
+    Stores that do not record their numerics are not checked for them."""
     first = stores[0]
     for store in stores:
         if len(stores) > 1 and store.model == UNKNOWN_MODEL:
@@ -309,6 +333,24 @@ def check_compatible(*stores: Store) -> None:
             raise StoreError(
                 f"{other.path} and {first.path} were made by different similarity models "
                 f"({other.model} vs {first.model}); re-embed one of them with the same model"
+            )
+    if mixed_numerics:
+        return
+    known = [(s, compared_numerics(s.numerics)) for s in stores if s.numerics is not None]
+    for other, numerics in known[1:]:
+        base, expected = known[0]
+        if numerics != expected:
+            keys = sorted(set(numerics) | set(expected))
+            differ = {
+                k: (numerics.get(k), expected.get(k))
+                for k in keys
+                if numerics.get(k) != expected.get(k)
+            }
+            raise StoreError(
+                f"{other.path} and {base.path} were embedded with different numerics "
+                f"(this vs that: {differ}); similarities across them differ by up to ~1e-2. "
+                "Re-embed one with the same device and precision, or allow mixed numerics "
+                "explicitly (check_compatible(..., mixed_numerics=True))"
             )
 
 
@@ -353,6 +395,8 @@ class StoreWriter:
         fingerprint: str = "",
         skipped: dict[str, int] | None = None,
         text_emb: np.ndarray | None = None,
+        *,
+        numerics: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         for what, array in (("embeddings", emb), ("text embeddings", text_emb)):
             if array is None:
@@ -376,6 +420,8 @@ class StoreWriter:
             text_path = self.path / "text" / f"{name}.npy"
             write_npy(text_path, text_emb)
             record["text_sha256"] = sha256_file(text_path)
+        if numerics is not None:
+            record["numerics"] = numerics
         # The done record is written last: it is what marks the shard finished.
         write_json(self._done_path(name), record)
         return record
@@ -429,8 +475,37 @@ class StoreWriter:
         }
         if records and all(text):
             manifest["text"] = True
+        numerics = _store_numerics(self.path, records)
+        if numerics is not None:
+            manifest["numerics"] = numerics
         write_json(self.path / "manifest.json", manifest)
         return Store(self.path, manifest)
+
+
+def _store_numerics(path: Path, records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One store, one numerics: the compared part (``COMPARED_NUMERICS``) must be the same for
+    every shard; the hardware of a heterogeneous cluster is listed (``hardware``)."""
+    # A shard without numerics was kept from a run before they were recorded: kept because its
+    # fingerprint (device kind and dtype, and on a GPU the GPU) matches, so it shares them.
+    records = [r for r in records if "numerics" in r]
+    known = [r["numerics"] for r in records]
+    if not known:
+        return None
+    compared = [compared_numerics(n) for n in known]
+    for record, c in zip(records, compared, strict=True):
+        if c != compared[0]:
+            raise StoreError(
+                f"{path}: shard {record['name']} was embedded with other numerics ({c}) than "
+                f"shard {records[0]['name']} ({compared[0]}); re-embed with one device and "
+                "precision"
+            )
+    hardware = {
+        tuple(sorted((k, v) for k, v in n.items() if k not in COMPARED_NUMERICS)) for n in known
+    }
+    out = dict(compared[0])
+    if any(hardware):
+        out["hardware"] = [dict(h) for h in sorted(hardware)]
+    return out
 
 
 BUCKET_ROWS = 1 << 22  # hashes compared at once by the duplicate-key check (32 MiB)

@@ -20,21 +20,30 @@ and trained on, and nothing is resharded.
 
 A run killed at any point is resumed by calling :func:`train` again with the same arguments:
 open_clip_train's ``--resume latest --save-most-recent`` restarts from ``epoch_latest.pt``.
+With ``gpus > 1`` (or ``torchrun=True``) :func:`train` starts the ranks itself, as
+``python -m torch.distributed.run`` of this interpreter, through the same claim, resume check
+and done record. Trainings side by side get disjoint GPU sets (:func:`gpu_sets`,
+:class:`GpuSlots`), each training's process sees only its own (``CUDA_VISIBLE_DEVICES``).
+
+Note: open_clip_train turns on cudnn.benchmark and TF32 whenever CUDA is available, so GPU
+training is not bitwise reproducible; only the sample order is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import shlex
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +62,9 @@ DONE_FILE = "simgap-done.json"
 KEY_HASHES_FILE = "keys.h128.npy"
 KEY_HASH = np.dtype([("hi", "<u8"), ("lo", "<u8")])  # compared field by field: 128-bit order
 KEYS_OPTION = "--simgap-keys"  # read by simgap._train_entry, never passed to open_clip_train
+# torchrun of this very interpreter: a bare `torchrun` is not on PATH when .venv/bin/simgap runs
+# without the venv activated.
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 
 
 class TrainError(RuntimeError):
@@ -80,7 +92,7 @@ class Recipe:
     # checkpointed parts of samples_seen // epochs samples drawn with replacement from shards.
     samples_seen: int | None = None
     # Recompute activations in the backward pass: what lets ViT-B/32 hold a per-GPU batch of
-    # 4,200 (33,600 over 8 GPUs) in memory.
+    # 4,200 (33,600 over 8 GPUs) in memory (estimate in configs/paper-laion.toml).
     grad_checkpointing: bool = False
 
 
@@ -153,25 +165,46 @@ def train(
     keys: Path | str | None = None,
     device: str = "cpu",
     threads: int | None = None,
+    gpus: int = 1,
+    torchrun: bool | None = None,
+    cuda_devices: Sequence[str] = (),
 ) -> Path:
-    """Train (or resume, or skip if done) one run locally; return the final checkpoint path.
+    """Train (or resume, or skip if done) one run on this node; return the final checkpoint.
 
     ``keys``: a key list (``.txt`` / ``.parquet``) applied on the fly to ``train_data``, the
     source shards. ``num_samples`` None counts the samples: the keys of the list, or the
-    ``sizes.json`` beside materialized shards. ``threads`` caps the CPU threads of the training
+    ``sizes.json`` beside materialized shards. ``threads`` caps the CPU threads of each training
     process (its OMP_NUM_THREADS); None keeps torch's default of one per core. On a small
     shared machine 1 can be several times faster.
+
+    ``gpus``: ranks, one per GPU (gloo processes on the CPU); ``torchrun`` None starts them with
+    torchrun when ``gpus > 1`` (True: also for one rank). ``recipe.batch_size`` stays the global
+    batch. ``cuda_devices``: the only GPUs the training may use (CUDA_VISIBLE_DEVICES entries,
+    a set from :func:`gpu_sets`); () leaves the visible GPUs as they are.
     """
+    distributed = gpus > 1 if torchrun is None else torchrun
+    if gpus < 1 or (gpus > 1 and not distributed):
+        raise ValueError(f"gpus = {gpus}: more than one rank needs torchrun")
+    if cuda_devices:
+        # This process's GPU numbering no longer applies in the child: it sees only its set.
+        device = device.partition(":")[0]
+    _check_train_device(device, gpus, cuda_devices)
     final = final_checkpoint(out_dir, name, recipe)
     rdir = run_dir(out_dir, name)
     num_samples, key_filter = prepare_run(recipe, train_data, num_samples, out_dir, name, keys)
     if (rdir / DONE_FILE).is_file() and final.is_file():
         return final
-    _check_shards(train_data, recipe.workers)
+    # open_clip_train asserts shards >= workers x ranks only after building the model.
+    _check_shards(train_data, recipe.workers * gpus)
     check_resumable(rdir)
-    argv = open_clip_argv(recipe, train_data, num_samples, out_dir, name, device)
-    cmd = [sys.executable, "-m", ENTRY_MODULE, *entry_argv(argv, key_filter)]
-    env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+    if distributed:
+        argv = _distributed_argv(recipe, train_data, num_samples, out_dir, name, gpus, device)
+        launcher = [*TORCHRUN, "--standalone", f"--nproc_per_node={gpus}", "-m", ENTRY_MODULE]
+        cmd = [*launcher, "--", *entry_argv(argv, key_filter)]
+    else:
+        argv = open_clip_argv(recipe, train_data, num_samples, out_dir, name, device)
+        cmd = [sys.executable, "-m", ENTRY_MODULE, *entry_argv(argv, key_filter)]
+    env = train_env(threads, cuda_devices)
     rc, tail = _run_streaming(cmd, rdir / LOG_FILE, log or _log_line, env)
     if rc != 0:
         raise TrainError(f"open_clip_train exited with status {rc}; last lines:\n{tail}")
@@ -180,6 +213,91 @@ def train(
     done = {"final_checkpoint": final.name, "sha256": sha256_file(final), "argv": argv}
     write_json(rdir / DONE_FILE, done)
     return final
+
+
+def train_env(threads: int | None, cuda_devices: Sequence[str] = ()) -> dict[str, str]:
+    """What the training process's environment adds: its CPU threads and its GPU set."""
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+    if cuda_devices:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(cuda_devices)
+    return env
+
+
+def _check_train_device(device: str, gpus: int, cuda_devices: Sequence[str]) -> None:
+    """open_clip_train falls back to the CPU with only a warning: refuse here instead."""
+    from simgap.models import DeviceError, check_device
+
+    check_device(device)
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    visible = len(cuda_devices) if cuda_devices else torch.cuda.device_count()
+    if gpus > visible:
+        raise DeviceError(f"{gpus} ranks need {gpus} GPUs; {visible} visible to this training")
+
+
+def visible_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The GPUs this process may give to trainings, as CUDA_VISIBLE_DEVICES entries: that
+    variable's (indices or UUIDs) when set, else 0..device_count-1."""
+    env = os.environ if environ is None else environ
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    if value is not None:
+        return [v.strip() for v in value.split(",") if v.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def gpu_sets(
+    device: str, gpus: int, parallel: int, visible: Sequence[str]
+) -> list[tuple[str, ...]]:
+    """Disjoint GPU sets for trainings side by side: one set per training that may run at once.
+
+    On the CPU, ``parallel`` empty sets. On ``cuda``, at most ``parallel`` sets of ``gpus``
+    entries of ``visible`` each: fewer when the GPUs run out, so two trainings (or two torchruns
+    holding every GPU) never share a GPU. ``cuda:N`` is that one GPU: one set. A training that
+    needs more GPUs than are visible is refused.
+    """
+    if gpus < 1 or parallel < 1:
+        raise ValueError(f"gpus ({gpus}) and parallel ({parallel}) must be at least 1")
+    kind, _, index = device.partition(":")
+    if kind != "cuda":
+        return [()] * parallel
+    if index:
+        if gpus > 1:
+            raise ValueError(f"device {device} is one GPU but each training takes {gpus}; use cuda")
+        if not index.isdigit() or int(index) >= len(visible):
+            raise ValueError(f"device {device}: {len(visible)} GPU(s) visible")
+        return [(visible[int(index)],)]
+    if gpus > len(visible):
+        raise ValueError(f"a training takes {gpus} GPUs but {len(visible)} are visible")
+    sets = min(parallel, len(visible) // gpus)
+    return [tuple(visible[i * gpus : (i + 1) * gpus]) for i in range(sets)]
+
+
+class GpuSlots:
+    """Lends :func:`gpu_sets`' sets to trainings run in threads: a set is held by one training
+    at a time; a training that finds none free waits for one."""
+
+    def __init__(self, sets: Sequence[tuple[str, ...]]):
+        if not sets:
+            raise ValueError("no GPU sets to lend")
+        self.sets = list(sets)
+        self._free: queue.SimpleQueue[tuple[str, ...]] = queue.SimpleQueue()
+        for s in self.sets:
+            self._free.put(s)
+
+    def __len__(self) -> int:
+        return len(self.sets)  # how many trainings may run at once
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[tuple[str, ...]]:
+        held = self._free.get()
+        try:
+            yield held
+        finally:
+            self._free.put(held)
 
 
 def prepare_run(
@@ -289,11 +407,15 @@ def torchrun_command(
     *,
     key_filter: Path | None = None,
     device: str = "cuda",
-    torchrun: str = "torchrun",
+    torchrun: str | None = None,
 ) -> str:
-    """A one-node torchrun command line; recipe.batch_size stays the global batch."""
+    """A one-node torchrun command line; recipe.batch_size stays the global batch.
+
+    ``torchrun`` None: ``python -m torch.distributed.run`` of this interpreter (works without
+    the venv activated); else that torchrun executable."""
     argv = _distributed_argv(recipe, train_data, num_samples, out_dir, name, nproc_per_node, device)
-    launcher = [torchrun, "--standalone", f"--nproc_per_node={int(nproc_per_node)}"]
+    start = list(TORCHRUN) if torchrun is None else [torchrun]
+    launcher = [*start, "--standalone", f"--nproc_per_node={int(nproc_per_node)}"]
     # "--": torchrun's argparse otherwise reads the script's options as abbreviations of its
     # own ("--logs" is ambiguous with "--logs-specs"; a unique prefix would be taken silently).
     return shlex.join([*launcher, "-m", ENTRY_MODULE, "--", *entry_argv(argv, key_filter)])
@@ -319,6 +441,10 @@ def slurm_script(
 ) -> str:
     """An sbatch script: one task per GPU, open_clip_train reads ranks from SLURM_* variables.
 
+    Every task sees all of its node's GPUs (``--gpu-bind=none``): open_clip_train picks
+    ``cuda:<local rank>``, so a binding that gives each task a subset (``--accel-bind=g``, which
+    recent Slurm treats as ``--gpu-bind=closest``: 4 GPUs per socket on a dual-socket node)
+    would leave local ranks 4-7 with an invalid device ordinal.
     Resubmitting the same script resumes the run (``--resume latest``).
     """
     world = nodes * gpus_per_node
@@ -335,7 +461,7 @@ def slurm_script(
     }
     lines = ["#!/bin/bash"]
     lines += [f"#SBATCH --{k}={_sbatch_value(v)}" for k, v in directives.items() if v is not None]
-    run = ["srun", "--cpu-bind=v", "--accel-bind=gn", python, "-u", "-m", ENTRY_MODULE]
+    run = ["srun", "--cpu-bind=v", "--gpu-bind=none", python, "-u", "-m", ENTRY_MODULE]
     run += entry_argv(argv, key_filter)
     lines += [
         "set -euo pipefail",
