@@ -131,6 +131,9 @@ def test_run_and_select_make_the_same_splits(made, tmp_path, capsys):
             continue
         out = tmp_path / name  # same folder name: split.json names the split by its folder
         args = ["select", spec.policy, str(run / "stores" / "pool"), "-o", str(out)]
+        # `simgap select` adds the reference set by the paper's family default; full-reference
+        # (the pool plus the reference set) says so.
+        args += ["--add-reference"] if name == "full-reference" else []
         assert cli_main(args + _select_args(run, name, spec, cfg.seed)) == 0, name
         ours = run / "splits" / name
         assert (ours / "keys.txt").read_bytes() == (out / "keys.txt").read_bytes(), name
