@@ -198,3 +198,23 @@ def test_the_sentence_names_what_was_removed_what_was_kept_and_the_control():
         "removed; 16.7% of the removed have a no-class caption against 5.0% of the kept. "
         "Its size-matched control combined-random keeps 50.0% photo samples."
     )
+
+
+def test_without_ground_truth_only_counts_and_examples(pruned, tmp_path):
+    """Real data: no ground truth, so no per-kind counts; the removed examples still come."""
+    out, truth, splits = pruned
+    pool = write_store(
+        tmp_path / "pool",
+        np.eye(1, 16, dtype=np.float32).repeat(truth.num_rows, 0),
+        truth.column("key").to_pylist(),
+        MODEL,
+    )
+    real = composition(
+        pool, {"sketch": splits["sketch"]}, lambda kind, b: np.arange(pool.rows), None
+    )
+    entry = real["splits"]["sketch"]
+    assert not real["ground_truth"] and "groups" not in real and "counts" not in entry
+    assert entry["removed"] == out["splits"]["sketch"]["removed"]
+    removed_rows = np.flatnonzero(~splits["sketch"][2])
+    assert entry["examples"][0]["score"] == removed_rows.max()  # the highest score first
+    assert "kind" not in entry["examples"][0]
