@@ -118,7 +118,8 @@ def _report(run, comp):
 
 def test_report_shows_the_composition_with_computed_sentences(pruned, tmp_path):
     out, _, _ = pruned
-    md = _report(tmp_path / "run", out)
+    control = {**out["splits"]["near-0.5"], "policy": "random", "benchmarks": []}
+    md = _report(tmp_path / "run", {**out, "splits": {**out["splits"], "x-random": control}})
     section = md[md.index("What pruning removed") :]
     assert (tmp_path / "run" / "report" / "fig-composition.png").stat().st_size > 5000
     assert "fig-composition.png" in section
@@ -131,6 +132,7 @@ def test_report_shows_the_composition_with_computed_sentences(pruned, tmp_path):
         f"the removed are sketch samples against {kept_share:.1f}% of the kept;"
     ) in section
     assert "full removed" not in section  # removed nothing: not shown
+    assert "| x-random |" in section and "x-random removed" not in section  # no kind chosen
 
 
 def test_report_on_real_data_shows_removed_images_with_captions(tmp_path):

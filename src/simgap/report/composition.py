@@ -223,6 +223,7 @@ def composition_section(files: RunFiles) -> Section:
                     )
                 )
                 for n in names
+                if comp["splits"][n]["policy"] != "random"  # a random split removes no kind
             ),
         ]
         return section
