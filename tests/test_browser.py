@@ -222,8 +222,8 @@ def test_report_renders_in_chromium(page: Page, report: Path) -> None:
 
     images = page.evaluate(_IMAGES_JS)
     # gaps, one gallery per benchmark, accuracy bars, size curves, accuracy vs similarity,
-    # robustness, removed counts
-    assert len(images) == 6 + len(BENCHMARKS)
+    # robustness, removed counts, composition of the removed points
+    assert len(images) == 7 + len(BENCHMARKS)
     assert figure_problems(page) == []
 
     tables = page.evaluate(_TABLES_JS)

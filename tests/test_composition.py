@@ -63,7 +63,7 @@ def pruned(tmp_path_factory):
         "near-0.5": ("near", ("sketch",), split_rows(pool, root / "splits" / "near-0.5")),
         "full": ("full", (), np.ones(pool.rows, bool)),
     }
-    out = composition(pool, splits, scan_scores(root / "scans", ["sketch"]), truth)
+    out = composition(pool, splits, scan_scores(root / "scans"), truth)
     return out, truth, splits
 
 
@@ -118,7 +118,8 @@ def _report(run, comp):
 
 def test_report_shows_the_composition_with_computed_sentences(pruned, tmp_path):
     out, _, _ = pruned
-    md = _report(tmp_path / "run", out)
+    control = {**out["splits"]["near-0.5"], "policy": "random", "benchmarks": []}
+    md = _report(tmp_path / "run", {**out, "splits": {**out["splits"], "x-random": control}})
     section = md[md.index("What pruning removed") :]
     assert (tmp_path / "run" / "report" / "fig-composition.png").stat().st_size > 5000
     assert "fig-composition.png" in section
@@ -127,10 +128,11 @@ def test_report_shows_the_composition_with_computed_sentences(pruned, tmp_path):
     share = 100 * counts["sketch"][1] / removed
     kept_share = 100 * counts["sketch"][0] / sum(k for k, _ in counts.values())
     assert (
-        f"sketch removed {removed:,} of 200 pool points ({removed / 2:.1f}%); {share:.1f}% of "
-        f"them are sketch samples, more than among the points it kept ({kept_share:.1f}%)"
+        f"sketch removed {removed:,} of 200 pool points ({removed / 2:.1f}%): {share:.1f}% of "
+        f"the removed are sketch samples against {kept_share:.1f}% of the kept;"
     ) in section
     assert "full removed" not in section  # removed nothing: not shown
+    assert "| x-random |" in section and "x-random removed" not in section  # no kind chosen
 
 
 def test_report_on_real_data_shows_removed_images_with_captions(tmp_path):
@@ -179,3 +181,42 @@ def test_report_on_real_data_shows_removed_images_with_captions(tmp_path):
     assert "a photo number 1" in section and "0.100" in section
     assert "not found again" not in section
     assert not (tmp_path / "run" / "report" / "fig-removed-full.png").exists()
+
+
+def test_the_sentence_names_what_was_removed_what_was_kept_and_the_control():
+    from simgap.report.composition import removed_sentence
+
+    split = {
+        "removed": 60,
+        "counts": {
+            "kind": {"photo": [36, 14], "sketch": [0, 40], "distractor": [4, 6]},
+            "caption": {"clean": [38, 50], "no-class": [2, 10]},
+        },
+    }
+    control = {"counts": {"kind": {"photo": [20, 30], "sketch": [16, 24], "distractor": [4, 6]}}}
+    assert removed_sentence("combined", split, 100, ("combined-random", control)) == (
+        "combined removed 60 of 100 pool points (60.0%): 66.7% of the removed are sketch samples "
+        "against 0.0% of the kept; 90.0% of the kept are photo samples against 23.3% of the "
+        "removed; 16.7% of the removed have a no-class caption against 5.0% of the kept. "
+        "Its size-matched control combined-random keeps 50.0% photo samples."
+    )
+
+
+def test_without_ground_truth_only_counts_and_examples(pruned, tmp_path):
+    """Real data: no ground truth, so no per-kind counts; the removed examples still come."""
+    out, truth, splits = pruned
+    pool = write_store(
+        tmp_path / "pool",
+        np.eye(1, 16, dtype=np.float32).repeat(truth.num_rows, 0),
+        truth.column("key").to_pylist(),
+        MODEL,
+    )
+    real = composition(
+        pool, {"sketch": splits["sketch"]}, lambda kind, b: np.arange(pool.rows), None
+    )
+    entry = real["splits"]["sketch"]
+    assert not real["ground_truth"] and "groups" not in real and "counts" not in entry
+    assert entry["removed"] == out["splits"]["sketch"]["removed"]
+    removed_rows = np.flatnonzero(~splits["sketch"][2])
+    assert entry["examples"][0]["score"] == removed_rows.max()  # the highest score first
+    assert "kind" not in entry["examples"][0]

@@ -68,6 +68,15 @@ def test_every_stage_ran_and_wrote_its_outputs(demo_run):
     html = (run / "report" / "report.html").read_text()
     assert "combined-random" in html and "data:image/png;base64," in html
     assert "combined" in summary_table(run)
+    # What each split removed, counted against the world's ground truth, shown in the report.
+    comp = json.loads((run / "analysis" / "composition.json").read_text())
+    pool = open_store(run / "stores" / "pool").rows
+    assert comp["ground_truth"] and comp["pool"] == pool
+    for name in ("full", "full-reference", "combined", "coreset", "coreset-random"):
+        split = comp["splits"][name]
+        assert sum(k + r for k, r in split["counts"]["kind"].values()) == pool
+        assert split["kept"] == len(read_split(run / "splits" / name)[0])
+    assert "What pruning removed" in html and "combined removed" in html
 
 
 def test_gapmatch_splits_are_consistent_with_the_brute_force(demo_run):
@@ -133,5 +142,10 @@ def test_a_resized_split_reruns_alone(demo_run):
     assert record["result"]["size"] == len(kept)
     control, _ = read_split(run / "splits" / "coreset-random")
     assert len(control) == len(kept)
+    # The paper's families: the coreset is a subset of the pool alone; the gap-matched split
+    # trains with the reference set added.
     trained = json.loads((run / "train" / "coreset" / "simgap-train.json").read_text())
-    assert trained["num_samples"] == len(kept) + open_store(run / "stores" / "reference").rows
+    assert trained["num_samples"] == len(kept)
+    combined, _ = read_split(run / "splits" / "combined")
+    trained = json.loads((run / "train" / "combined" / "simgap-train.json").read_text())
+    assert trained["num_samples"] == len(combined) + open_store(run / "stores" / "reference").rows

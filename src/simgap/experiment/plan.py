@@ -214,15 +214,13 @@ def _split_stages(
     return stages
 
 
-def _composition_stage(
-    cfg: Config, run: Path, data: Data, specs: list[SplitSpec], benchmarks: list[str]
-) -> Stage:
+def _composition_stage(cfg: Config, run: Path, data: Data, specs: list[SplitSpec]) -> Stage:
     """What each split removed, against the world's ground truth (select.composition)."""
     names = [s.name for s in specs]
     return Stage(
         "analysis-composition",
         names,
-        lambda r: composition_step(run, data, cfg, specs, benchmarks),
+        lambda r: composition_step(run, data, cfg, specs),
         after=tuple(f"select-{n}" for n in names),
     )
 
@@ -486,7 +484,7 @@ def make_plan(
     stages = [
         *sources,
         *_split_stages(cfg, run, data, specs, benchmarks, log, executors),
-        _composition_stage(cfg, run, data, specs, benchmarks),
+        _composition_stage(cfg, run, data, specs),
         *_train_stages(
             cfg,
             run,

@@ -363,22 +363,21 @@ def evaluate_split(
 # ----------------------------------------------------------------------------- analysis
 
 
-def composition_step(
-    run: Path, data: Data, cfg: Config, specs: list[SplitSpec], benchmarks: list[str]
-) -> dict:
+def composition_step(run: Path, data: Data, cfg: Config, specs: list[SplitSpec]) -> dict:
     """``analysis/composition.json``: what each split removed (select.composition)."""
     from simgap.select.composition import composition, scan_scores
     from simgap.world import pool_ground_truth
 
     pool = run_store(run, "pool", data)
     splits = {
-        s.name: (s.policy, s.benchmarks, split_rows(pool, run / "splits" / s.name)) for s in specs
+        s.name: (s.policy, s.benchmarks, lambda s=s: split_rows(pool, run / "splits" / s.name))
+        for s in specs
     }
     truth = None
     if cfg.sources.kind == "world":
         path = run / "world" / "ground_truth" / "pool.parquet"
         truth = pq.read_table(path) if path.is_file() else pool_ground_truth(cfg.sources.world)
-    out = composition(pool, splits, scan_scores(run / "scans", benchmarks), truth)
+    out = composition(pool, splits, scan_scores(run / "scans"), truth)
     write_json(run / "analysis" / "composition.json", out)
     return {"splits": len(splits), "ground_truth": out["ground_truth"]}
 

@@ -58,25 +58,46 @@ def shares(counts: Mapping[str, Sequence[int]], column: int) -> dict[str, float]
     return {k: (c[column] / total if total else 0.0) for k, c in counts.items()}
 
 
-def over_represented(counts: Mapping[str, Sequence[int]]) -> tuple[str, float, float]:
-    """The category whose share of the removed points most exceeds its share of the kept ones
-    (ties to the first in name order): (category, removed share, kept share)."""
-    removed, kept = shares(counts, 1), shares(counts, 0)
-    best = max(sorted(counts), key=lambda k: removed[k] - kept[k])
-    return best, removed[best], kept[best]
+def over_represented(
+    counts: Mapping[str, Sequence[int]], among: int = 1
+) -> tuple[str, float, float]:
+    """The category whose share of the removed (``among`` 1) or kept (0) points most exceeds its
+    share of the other side (ties to the first in name order): (category, its share there, its
+    share on the other side)."""
+    here, there = shares(counts, among), shares(counts, 1 - among)
+    best = max(sorted(counts), key=lambda k: here[k] - there[k])
+    return best, here[best], there[best]
 
 
-def removed_sentence(name: str, split: Mapping[str, Any], pool: int) -> str:
-    """One computed sentence: how much the split removed and what is over-represented in it."""
-    kind, r, k = over_represented(split["counts"]["kind"])
-    noise, nr, nk = over_represented(split["counts"]["caption"])
-    direction = "more" if r > k else "no more"
-    return (
+def removed_sentence(
+    name: str, split: Mapping[str, Any], pool: int, control: tuple[str, Mapping] | None = None
+) -> str:
+    """Computed sentences: how much the split removed, the kind most over-represented among the
+    removed and among the kept points, the caption noise most over-represented among the
+    removed, and what share of that kept kind its size-matched ``control`` (name, entry) keeps."""
+    kinds = split["counts"]["kind"]
+    gone, r, k = over_represented(kinds, 1)
+    stays, ks, rs = over_represented(kinds, 0)
+    noise, nr, nk = over_represented(split["counts"]["caption"], 1)
+    text = (
         f"{name} removed {split['removed']:,} of {pool:,} pool points "
-        f"({100 * split['removed'] / pool:.1f}%); {100 * r:.1f}% of them are {kind} samples, "
-        f"{direction} than among the points it kept ({100 * k:.1f}%), and {100 * nr:.1f}% have "
-        f"a {noise} caption ({100 * nk:.1f}% of the kept)."
+        f"({100 * split['removed'] / pool:.1f}%): {100 * r:.1f}% of the removed are {gone} "
+        f"samples against {100 * k:.1f}% of the kept; {100 * ks:.1f}% of the kept are {stays} "
+        f"samples against {100 * rs:.1f}% of the removed; {100 * nr:.1f}% of the removed have a "
+        f"{noise} caption against {100 * nk:.1f}% of the kept."
     )
+    if control is not None:
+        other, entry = control
+        share = shares(entry["counts"]["kind"], 0).get(stays, 0.0)
+        text += f" Its size-matched control {other} keeps {100 * share:.1f}% {stays} samples."
+    return text
+
+
+def _control_of(files: RunFiles, comp: Mapping[str, Any], name: str) -> tuple[str, Mapping] | None:
+    for other, split in files.splits.items():
+        if split.get("control_of") == name and other in comp["splits"]:
+            return other, comp["splits"][other]
+    return None
 
 
 def composition_figure(comp: Mapping[str, Any], names: Sequence[str]) -> bytes:
@@ -195,7 +216,15 @@ def composition_section(files: RunFiles) -> Section:
                 "sample (left) and each kind of caption (right).",
             ),
             composition_table(comp, names),
-            *(Paragraph(removed_sentence(n, comp["splits"][n], comp["pool"])) for n in names),
+            *(
+                Paragraph(
+                    removed_sentence(
+                        n, comp["splits"][n], comp["pool"], _control_of(files, comp, n)
+                    )
+                )
+                for n in names
+                if comp["splits"][n]["policy"] != "random"  # a random split removes no kind
+            ),
         ]
         return section
     section.blocks.append(

@@ -15,7 +15,7 @@ Written as ``analysis/composition.json``::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,13 +119,15 @@ def truth_by_row(pool: Store, truth: pa.Table) -> dict[str, np.ndarray]:
 
 def composition(
     pool: Store,
-    splits: Mapping[str, tuple[str, tuple[str, ...], np.ndarray]],
-    scores: Mapping[str, Mapping[str, np.ndarray]],
+    splits: Mapping[str, tuple[str, tuple[str, ...], np.ndarray | Callable[[], np.ndarray]]],
+    scores: Callable[[str, str], np.ndarray],
     truth: pa.Table | None,
 ) -> dict[str, Any]:
     """Every split's composition. ``splits``: name -> (policy, benchmarks, kept mask over pool
-    rows); ``scores``: "margin" / "similarity" -> benchmark -> per-row values (the pool scans'
-    row margin and row max); ``truth``: the world's ``ground_truth/pool.parquet``, or None."""
+    rows, or a function that reads it: one split's mask in memory at a time); ``scores``: (score
+    kind "margin" / "similarity", benchmark) -> per-row values (the pool scans' row margin and
+    row max, :func:`scan_scores`); ``truth``: the world's ``ground_truth/pool.parquet``, or
+    None."""
     by_row = truth_by_row(pool, truth) if truth is not None else None
     out: dict[str, Any] = {"pool": pool.rows, "ground_truth": by_row is not None, "splits": {}}
     if by_row is not None:
@@ -134,18 +136,25 @@ def composition(
         kind = SCORES.get(policy) if benchmarks else None
         score = None
         if kind is not None:
-            score = np.maximum.reduce([np.asarray(scores[kind][b], np.float32) for b in benchmarks])
+            score = np.maximum.reduce([np.asarray(scores(kind, b), np.float32) for b in benchmarks])
         entry = {"policy": policy, "benchmarks": list(benchmarks), "score": kind}
-        out["splits"][name] = entry | split_composition(pool, kept, by_row, score)
+        mask = kept() if callable(kept) else kept
+        out["splits"][name] = entry | split_composition(pool, mask, by_row, score)
     return out
 
 
-def scan_scores(scans: Path, benchmarks: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
-    """The pool scans' per-row fields a composition scores removed points by."""
-    from simgap.scan import load_scan
+def scan_scores(scans: Path) -> Callable[[str, str], np.ndarray]:
+    """(score kind, benchmark) -> the pool scan's per-row field: ``margin`` (row margin) or
+    ``similarity`` (row max). Read on first use and kept, one field at a time: a LAION pool's
+    field is 800 MB per benchmark."""
+    cache: dict[tuple[str, str], np.ndarray] = {}
 
-    out: dict[str, dict[str, np.ndarray]] = {"margin": {}, "similarity": {}}
-    for b in benchmarks:
-        res = load_scan(Path(scans) / f"pool-{b}")
-        out["margin"][b], out["similarity"][b] = res.row_margin, res.row_max
-    return out
+    def score(kind: str, bench: str) -> np.ndarray:
+        from simgap.scan import load_scan
+
+        if (kind, bench) not in cache:
+            res = load_scan(Path(scans) / f"pool-{bench}")
+            cache[kind, bench] = res.row_margin if kind == "margin" else res.row_max
+        return cache[kind, bench]
+
+    return score
