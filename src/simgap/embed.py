@@ -31,6 +31,7 @@ from simgap.data.sources import Record, ShardTask, shard_tasks
 from simgap.data.tables import is_table
 from simgap.data.transforms import SplitTransform, split_transform
 from simgap.io import fingerprint
+from simgap.lock import locks_output
 from simgap.models import LoadedModel, ModelSpec, load_model, model_identity
 from simgap.parallel import Executor, LocalEngine, Progress
 from simgap.store import Store, StoreWriter, is_clip_retrieval, link_clip_retrieval, normalize_fp16
@@ -394,6 +395,7 @@ def _remove_stale_temporaries(out: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+@locks_output("out")
 def embed(
     source: str | Path,
     out: Path,

@@ -33,6 +33,7 @@ from simgap.config import Config, ConfigError, to_json
 from simgap.data.tars import expand_shards
 from simgap.evaluate import evaluate_benchmark
 from simgap.io import read_json, write_json, write_npy, write_parquet
+from simgap.lock import locks_output
 from simgap.models import ModelSpec, load_model
 from simgap.parallel import Executor, LocalEngine, ThreadEngine, make_engine
 from simgap.runner import Runner, Stage, execute
@@ -797,6 +798,7 @@ def format_plan(runner: Runner, cfg: Config, plan: Plan) -> str:
     return "\n".join(lines)
 
 
+@locks_output("run_dir", unless="dry_run")
 def run_config(
     cfg: Config, run_dir: Path, log: Log = print, dry_run: bool = False, report: bool = True
 ) -> dict[str, Any]:

@@ -66,6 +66,7 @@ from simgap.io import (
     write_parquet,
     write_record,
 )
+from simgap.lock import locks_output
 from simgap.parallel import Executor, LocalEngine, Progress
 
 Member = tuple[str, int, int]  # extension, data offset in the tar, size (or that list)
@@ -588,6 +589,7 @@ def _remove_stale(out: Path, names: set[str]) -> None:
             (out / ".done" / f"{tar.stem}.json").unlink(missing_ok=True)
 
 
+@locks_output("out")
 def materialize(
     split: Path,
     source: str,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from simgap.lock import locks_output
 from simgap.parallel import Executor
 from simgap.parallel import Progress as RateProgress
 from simgap.scan.kernel import KernelConfig
@@ -64,6 +65,7 @@ def log_progress(label: str, log: Callable[[str], None], every_s: float = 5.0) -
     return RateProgress(label, log, every_s=every_s).count
 
 
+@locks_output("out")
 def scan_benchmarks(
     base: Path | str,
     benchmarks: list[Path | str],
