@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from simgap.io import error_line
+
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -540,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError) as e:
         # Library errors name the file and the problem; a traceback would bury that line.
         # (OSError covers missing files and a full disk, whose message names the file.)
-        print(f"simgap: error: {e}", file=sys.stderr)
+        print(f"simgap: error: {error_line(e)}", file=sys.stderr)
         return 2
     return 0
 

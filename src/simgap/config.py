@@ -410,7 +410,11 @@ def _format(source: str) -> str:
 
 def load(name_or_path: str | Path) -> Config:
     path = resolve(name_or_path)
-    return parse(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    return parse(text, str(path))
 
 
 def check(cfg: Config) -> None:

@@ -31,6 +31,7 @@ from simgap.data.sources import Record, ShardTask, shard_tasks
 from simgap.data.tables import is_table
 from simgap.data.transforms import SplitTransform, split_transform
 from simgap.io import fingerprint
+from simgap.lock import locks_output
 from simgap.models import (
     DeviceError,
     LoadedModel,
@@ -480,6 +481,7 @@ def _remove_stale_temporaries(out: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+@locks_output("out")
 def embed(
     source: str | Path,
     out: Path,

@@ -134,7 +134,14 @@ class RayEngine:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                yield (pending.pop(ref), *ray.get(ref))
+                i = pending.pop(ref)
+                try:
+                    yield (i, *ray.get(ref))
+                except ray.exceptions.RayError as e:
+                    # Ray already retried a task whose worker died (its max_retries); what is
+                    # left is a failure of this task, retried and then named by the executor.
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    yield (i, False, (f"{type(e).__name__}: {first}", str(e)))
 
 
 def make_engine(

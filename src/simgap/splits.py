@@ -53,7 +53,21 @@ from simgap.data.tars import (
     split_name,
     write_tar,
 )
-from simgap.io import read_json, sha256_bytes, write_atomic, write_bytes, write_json, write_parquet
+from simgap.io import (
+    COUNT,
+    SHA256,
+    Check,
+    Optional,
+    read_json,
+    read_record,
+    sha256_bytes,
+    write_atomic,
+    write_bytes,
+    write_json,
+    write_parquet,
+    write_record,
+)
+from simgap.lock import locks_output
 from simgap.parallel import Executor, LocalEngine, Progress
 
 Member = tuple[str, int, int]  # extension, data offset in the tar, size (or that list)
@@ -73,10 +87,26 @@ def write_split(folder: Path, keys: list[str], meta: dict[str, Any]) -> dict[str
     return meta
 
 
+# What the readers rely on in split.json (extra keys are allowed).
+SPLIT_SCHEMA = {
+    "size": COUNT,
+    "keys_sha256": SHA256,
+    "guarantee": Optional(({"holds": Optional((bool, None))}, None)),
+}
+
+
 def read_split(folder: Path) -> tuple[set[str], dict[str, Any]]:
+    """A split's keys and split.json, which must describe the same keys (size and checksum)."""
     folder = Path(folder)
-    meta = read_json(folder / "split.json")
-    return set(read_key_list(folder, allow_empty=True)), meta
+    meta_path = folder / "split.json"
+    meta = read_json(meta_path, SPLIT_SCHEMA)
+    keys = sorted(read_key_list(folder, allow_empty=True))
+    if len(keys) != meta["size"] or sha256_bytes("\n".join(keys).encode()) != meta["keys_sha256"]:
+        raise ValueError(
+            f"{meta_path}: does not describe {folder / 'keys.parquet'} ({len(keys)} keys; "
+            f"split.json says {meta['size']}, or the checksum differs)"
+        )
+    return set(keys), meta
 
 
 _KEY_SET_LOCK = threading.Lock()
@@ -99,7 +129,7 @@ def _refuse_broken(split: Path) -> None:
     """A gap-matched split whose guarantee check failed must not become training data."""
     meta_path = split / "split.json"
     if split.is_dir() and meta_path.is_file():
-        guarantee = read_json(meta_path).get("guarantee") or {}
+        guarantee = read_json(meta_path, SPLIT_SCHEMA).get("guarantee") or {}
         if guarantee.get("holds") is False:
             raise ValueError(
                 f"{meta_path}: the gap-matching guarantee does not hold "
@@ -168,6 +198,33 @@ def index_tar(path: str, keep: frozenset[str] | set[str]) -> dict[str, Any]:
     return {"samples": kept, "corrupt": len(bad), "skipped": dict(sorted(skipped.items()))}
 
 
+# Done and index records (simgap.io.write_record): what a resumed run reuses without redoing.
+_MEMBERS = Check(
+    "[key, [[ext, offset, size], ...]]",
+    lambda v: (
+        isinstance(v, list)
+        and len(v) == 2
+        and isinstance(v[0], str)
+        and isinstance(v[1], list)
+        and all(
+            isinstance(m, list)
+            and len(m) == 3
+            and isinstance(m[0], str)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in m[1:])
+            for m in v[1]
+        )
+    ),
+)
+INDEX_SCHEMA = {
+    "name": str,
+    "source": str,
+    "fingerprint": str,
+    "rows": COUNT,
+    "samples": [_MEMBERS],
+}
+DONE_SCHEMA = {"name": str, "rows": COUNT, "bytes": Optional(COUNT), "fingerprint": str}
+
+
 @dataclass(frozen=True)
 class IndexShard:
     """Phase 1 worker: index one input shard (reused when its inputs are unchanged)."""
@@ -182,15 +239,14 @@ class IndexShard:
             f"{_file_fingerprint(tar)}\0{_file_fingerprint(str(keys_path))}".encode()
         )
         done = Path(self.out) / ".index" / f"{name}.json"
-        if done.exists():
-            record = read_json(done)
-            if record.get("fingerprint") == fingerprint:
-                return record
+        record = read_record(done, INDEX_SCHEMA)
+        if record is not None and (record["fingerprint"], record["source"]) == (fingerprint, tar):
+            return record
         keep = _key_set(str(keys_path), keys_path.stat().st_mtime_ns)
         record = {"name": name, "source": tar, "fingerprint": fingerprint, **index_tar(tar, keep)}
         record["rows"] = len(record["samples"])
         # Compact: an index record lists every kept member of the shard.
-        write_bytes(done, json.dumps(record, separators=(",", ":")).encode())
+        write_record(done, record, compact=True)
         return record
 
 
@@ -362,9 +418,8 @@ def _outputs(out: Path, name: str) -> tuple[Path, Path]:
 
 def _finished(tar: Path, done: Path, fingerprint: str) -> dict[str, Any] | None:
     """The done record of a shard already written from the same inputs, else None."""
-    if done.exists() and tar.exists():
-        record = read_json(done)
-        if record.get("fingerprint") == fingerprint:
+    if tar.exists() and (record := read_record(done, DONE_SCHEMA)) is not None:
+        if record["fingerprint"] == fingerprint:
             return record
     return None
 
@@ -390,7 +445,7 @@ class WriteShard:
             "fingerprint": fingerprint,
             **({"index": index[0]} if index else {}),
         }
-        write_json(done, record)
+        write_record(done, record)
         return record
 
 
@@ -417,9 +472,9 @@ class MirrorShard:
         plan = [(record["source"], k, ms) for k, ms in record["samples"]]
         written = None
         tar, done = _outputs(Path(self.out), name)
-        if done.exists() and tar.exists():
-            written = read_json(done)  # the same input: whether its drops still hold is
-            if written.get("index") != index:  # for the caller to check
+        if tar.exists() and (written := read_record(done, DONE_SCHEMA)) is not None:
+            # The same input: whether its drops still hold is for the caller to check.
+            if written.get("index") != index:
                 written = None
         if written is None and plan:
             fingerprint = _plan_fingerprint(index, plan)
@@ -525,7 +580,7 @@ class WriteReferenceShard:
             return record
         write_tar(tar, _ref_samples(items))  # fsync'd before its done record, like any shard
         record = {"name": name, "rows": len(items), "fingerprint": fingerprint}
-        write_json(done, record)
+        write_record(done, record)
         return record
 
 
@@ -543,6 +598,7 @@ def _remove_stale(out: Path, names: set[str]) -> None:
             (out / ".done" / f"{tar.stem}.json").unlink(missing_ok=True)
 
 
+@locks_output("out")
 def materialize(
     split: Path,
     source: str,

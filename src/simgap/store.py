@@ -24,7 +24,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from simgap.io import read_json, sha256_file, write_json, write_npy, write_parquet
+from simgap.io import (
+    COUNT,
+    NAME,
+    POSITIVE,
+    SHA256,
+    Check,
+    Optional,
+    check_schema,
+    read_json,
+    read_record,
+    sha256_file,
+    write_json,
+    write_npy,
+    write_parquet,
+    write_record,
+)
 
 FORMAT = "simgap-store/1"
 LINK_FORMAT = "simgap-clip-retrieval-link/1"
@@ -35,6 +50,46 @@ NORM_TOLERANCE = 1e-2  # fp16 storage of a unit vector has norm within ~1e-3 of 
 
 class StoreError(ValueError):
     """A store on disk is missing, incomplete or inconsistent."""
+
+
+# What the readers rely on in manifest.json and the done records (extra keys are allowed).
+SKIPPED = Check(
+    "counts by reason",
+    lambda v: (
+        isinstance(v, dict)
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v.values())
+    ),
+)
+SHARD_SCHEMA = {
+    "name": NAME,
+    "rows": COUNT,
+    "sha256": SHA256,
+    "skipped": Optional(SKIPPED),
+    "text_sha256": Optional(SHA256),
+}
+MANIFEST_SCHEMA = {
+    "format": str,
+    "model": dict,
+    "dim": POSITIVE,
+    "rows": Optional(COUNT),
+    "text": Optional(bool),
+    "shards": [SHARD_SCHEMA],
+}
+LINK_SCHEMA = {"format": str, "path": str, "model": dict}
+DONE_SCHEMA = {**SHARD_SCHEMA, "skipped": SKIPPED, "fingerprint": str}
+
+
+def _check_manifest(path: Path, manifest: Any) -> None:
+    """Shape and cross-field sums of a simgap manifest, before any reader trusts it."""
+    check_schema(manifest, MANIFEST_SCHEMA, str(path))
+    shards = manifest["shards"]
+    names = [s["name"] for s in shards]
+    if len(set(names)) != len(names):
+        raise StoreError(f"{path}: shards: a shard name is listed twice")
+    if "rows" in manifest and manifest["rows"] != sum(s["rows"] for s in shards):
+        raise StoreError(f"{path}: rows: {manifest['rows']} is not the sum of the shards' rows")
+    if manifest.get("text") and not all("text_sha256" in s for s in shards):
+        raise StoreError(f"{path}: text: true, but a shard has no text_sha256")
 
 
 @dataclass(frozen=True)
@@ -72,8 +127,8 @@ class Store:
 
     def _load_fp16(self, path: Path) -> np.ndarray:
         try:
-            emb = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as e:
+            emb = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError, SyntaxError) as e:  # SyntaxError: a bad header
             raise StoreError(f"{path}: cannot read embeddings ({e})") from None
         if emb.ndim != 2 or emb.shape[1] != self.dim or emb.dtype != np.float16:
             raise StoreError(
@@ -82,7 +137,18 @@ class Store:
         return emb
 
     def read_keys(self, shard: str) -> pa.Table:
-        return pq.read_table(self.path / "keys" / f"{shard}.parquet")
+        path = self.path / "keys" / f"{shard}.parquet"
+        try:
+            table = pq.read_table(path)
+            table.validate(full=True)  # arrow reads strings unchecked: bad UTF-8 fails here
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{path}: cannot read keys ({e})") from None
+        key = table.schema.field("key").type if "key" in table.column_names else None
+        if key not in (pa.string(), pa.large_string()):
+            raise StoreError(f"{path}: expected a string 'key' column, found {key}")
+        if table.column("key").null_count:
+            raise StoreError(f"{path}: the 'key' column holds nulls")
+        return table
 
     @property
     def has_text(self) -> bool:
@@ -145,11 +211,13 @@ def open_store(path: Path | str, model: dict[str, Any] | None = None) -> Store:
         if is_clip_retrieval(path):
             return ClipRetrievalStore(path, model)
         raise StoreError(f"{path}: not a finished embedding store (no manifest.json)")
-    manifest = read_json(manifest_path)
-    if manifest.get("format") == LINK_FORMAT:
+    manifest = read_json(manifest_path, {"format": str})
+    if manifest["format"] == LINK_FORMAT:
+        check_schema(manifest, LINK_SCHEMA, str(manifest_path))
         return ClipRetrievalStore(Path(manifest["path"]), model or manifest["model"])
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"{manifest_path}: unknown store format {manifest.get('format')!r}")
+    if manifest["format"] != FORMAT:
+        raise StoreError(f"{manifest_path}: unknown store format {manifest['format']!r}")
+    _check_manifest(manifest_path, manifest)
     return Store(path, manifest)
 
 
@@ -198,7 +266,10 @@ class ClipRetrievalStore(Store):
             meta = self._file(path, "meta", i)
             if not meta.exists():
                 raise StoreError(f"{meta}: missing (metadata of {f})")
-            meta_rows = pq.ParquetFile(meta).metadata.num_rows
+            try:
+                meta_rows = pq.ParquetFile(meta).metadata.num_rows
+            except (OSError, ValueError) as e:
+                raise StoreError(f"{meta}: not a readable parquet file ({e})") from None
             if meta_rows != len(emb):
                 raise StoreError(f"{f} has {len(emb)} rows but {meta} has {meta_rows}")
             dims.add(emb.shape[1])
@@ -239,8 +310,8 @@ class ClipRetrievalStore(Store):
     @staticmethod
     def _mmap(path: Path) -> np.ndarray:
         try:
-            emb = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as e:
+            emb = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError, SyntaxError) as e:  # SyntaxError: a bad header
             raise StoreError(f"{path}: cannot read embeddings ({e})") from None
         if emb.ndim != 2 or emb.dtype not in (np.float16, np.float32, np.float64):
             raise StoreError(f"{path}: expected a float (rows, dim) array, found {emb.dtype}")
@@ -260,14 +331,23 @@ class ClipRetrievalStore(Store):
         return self._read("text", shard)
 
     def read_keys(self, shard: str) -> pa.Table:
-        meta = pq.read_table(self._file(self.path, "meta", int(shard)))
-        if "key" in meta.column_names:
-            keys = meta.column("key").cast(pa.string())
-            meta = meta.drop_columns(["key"])
-        elif "image_path" in meta.column_names:
-            keys = meta.column("image_path").cast(pa.string())
-        else:
-            keys = pa.array([f"{shard}{r:09d}" for r in range(meta.num_rows)], pa.string())
+        path = self._file(self.path, "meta", int(shard))
+        try:
+            meta = pq.read_table(path)
+            if "key" in meta.column_names:
+                keys = meta.column("key").cast(pa.string())
+                meta = meta.drop_columns(["key"])
+            elif "image_path" in meta.column_names:
+                keys = meta.column("image_path").cast(pa.string())
+            else:
+                keys = pa.array([f"{shard}{r:09d}" for r in range(meta.num_rows)], pa.string())
+            keys.validate(full=True)  # arrow reads strings unchecked: bad UTF-8 fails here
+        except (OSError, ValueError, NotImplementedError) as e:  # unreadable, or keys not text
+            raise StoreError(f"{path}: cannot read keys ({e})") from None
+        if keys.null_count:
+            raise StoreError(f"{path}: {keys.null_count} row(s) without a key")
+        if meta.num_rows != self.shards[_shard_index(self.shards, shard)].rows:
+            raise StoreError(f"{path}: {meta.num_rows} rows, its embeddings have a different count")
         return meta.add_column(0, "key", keys)
 
     def _check_norms(self, shard: str, rows: int | None = None) -> None:
@@ -292,6 +372,10 @@ class ClipRetrievalStore(Store):
             self._check_norms(s.name)
             if self.has_text and len(self.read_text_emb(s.name)) != s.rows:
                 raise StoreError(f"{self._file(self.path, 'text', int(s.name))}: row count differs")
+
+
+def _shard_index(shards: list[ShardInfo], name: str) -> int:
+    return next(i for i, s in enumerate(shards) if s.name == name)
 
 
 def _clip_retrieval_index(path: Path) -> int:
@@ -380,12 +464,29 @@ class StoreWriter:
         return self.path / "done" / f"{name}.json"
 
     def done_record(self, name: str, fingerprint: str) -> dict[str, Any] | None:
-        """The shard's record if it was finished from the same input fingerprint."""
+        """The shard's record if it was finished from the same input fingerprint. A record that
+        does not parse, lacks a field or disagrees with the shard's file is not trusted: the
+        shard is made again (a done record is a cache; the shard's inputs are still there)."""
         path = self._done_path(name)
         if not path.exists():
             return None
-        record = read_json(path)
-        return record if record.get("fingerprint") == fingerprint else None
+        record = read_record(path, DONE_SCHEMA)
+        if record is None or record["fingerprint"] != fingerprint or record["name"] != name:
+            return None
+        emb, text = self.path / "emb" / f"{name}.npy", self.path / "text" / f"{name}.npy"
+        # One hash of the shard's file (far cheaper than embedding it again) keeps a damaged
+        # record from putting a wrong checksum or row count into the manifest.
+        if not emb.is_file() or sha256_file(emb) != record["sha256"]:
+            return None
+        if "text_sha256" in record and (
+            not text.is_file() or sha256_file(text) != record["text_sha256"]
+        ):
+            return None
+        try:
+            rows = np.load(emb, mmap_mode="r").shape[0]
+        except (OSError, ValueError, IndexError):
+            return None
+        return record if rows == record["rows"] else None
 
     def write_shard(
         self,
@@ -423,7 +524,7 @@ class StoreWriter:
         if numerics is not None:
             record["numerics"] = numerics
         # The done record is written last: it is what marks the shard finished.
-        write_json(self._done_path(name), record)
+        write_record(self._done_path(name), record)
         return record
 
     def _check_unique_keys(self, records: list[dict[str, Any]]) -> None:

@@ -19,10 +19,12 @@ def pytest_terminal_summary(terminalreporter):
         with open(path, "a") as f:
             for row in _STATS:
                 f.write(json.dumps(row) + "\n")
-    counts = Counter((r["kind"], r["stage"], r["outcome"]) for r in _STATS)
+    counts: Counter = Counter()
+    for r in _STATS:  # a fuzz row stands for ``count`` inputs with the same outcome
+        counts[(r["kind"], r["stage"], r["outcome"])] += r.get("count", 1)
     terminalreporter.section("simgap fault suite")
     for (kind, stage, outcome), n in sorted(counts.items()):
-        terminalreporter.write_line(f"{kind:10s} {stage:14s} {outcome:28s} {n}")
+        terminalreporter.write_line(f"{kind:10s} {stage:26s} {outcome:28s} {n}")
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from simgap.experiment.specs import (
     where,
 )
 from simgap.io import write_json
+from simgap.lock import locks_output
 from simgap.runner import Runner, execute
 
 Log = Callable[[str], None]
@@ -109,6 +110,7 @@ def format_plan(runner: Runner, cfg: Config, plan: Plan) -> str:
     return "\n".join(lines)
 
 
+@locks_output("run_dir", unless="dry_run")
 def run_config(
     cfg: Config, run_dir: Path, log: Log = print, dry_run: bool = False, report: bool = True
 ) -> dict[str, Any]:

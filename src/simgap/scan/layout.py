@@ -34,10 +34,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from simgap.io import read_json, write_json, write_npy, write_parquet
+from simgap.io import (
+    COUNT,
+    NAME,
+    Optional,
+    check_schema,
+    read_json,
+    write_json,
+    write_npy,
+    write_parquet,
+)
 from simgap.scan.scan import ScanResult
 
 FORMAT = "simgap-scan/2"
+# What the readers rely on in scan.json (extra keys are allowed).
+META_SCHEMA = {
+    "format": str,
+    "tests": COUNT,
+    "topk": COUNT,
+    "thresholds": bool,
+    "rows": COUNT,
+    "shards": [{"name": NAME, "offset": COUNT, "rows": COUNT}],
+    "bad_rows": Optional({"count": COUNT}),
+}
 
 
 def row_records(mx: np.ndarray, arg: np.ndarray, margin: np.ndarray | None) -> np.ndarray:
@@ -135,22 +154,41 @@ def read_meta(out: Path | str) -> dict[str, Any]:
     out = Path(out)
     if not (out / "scan.json").exists():
         raise FileNotFoundError(f"{out}: not a finished scan (no scan.json)")
-    doc = read_json(out / "scan.json")
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"{out}/scan.json: unknown scan format {doc.get('format')!r}")
+    doc = read_json(out / "scan.json", {"format": str})
+    if doc["format"] != FORMAT:
+        raise ValueError(f"{out}/scan.json: unknown scan format {doc['format']!r}")
+    check_schema(doc, META_SCHEMA, f"{out}/scan.json")
+    offset = 0
+    for s in doc["shards"]:
+        if s["offset"] != offset:
+            raise ValueError(
+                f"{out}/scan.json: shard {s['name']}: offset {s['offset']}, not {offset}"
+            )
+        offset += s["rows"]
+    if offset != doc["rows"]:
+        raise ValueError(f"{out}/scan.json: rows {doc['rows']} is not the shards' sum {offset}")
     return doc
+
+
+def _load(path: Path, dtype: str, shape: tuple[int, ...], mmap: bool = False) -> np.ndarray:
+    """A scan output array, checked against what scan.json says it holds."""
+    try:
+        a = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError, SyntaxError) as e:
+        raise ValueError(f"{path}: cannot read ({e})") from None
+    if a.dtype != np.dtype(dtype) or a.shape[: len(shape)] != shape or a.ndim != len(shape):
+        raise ValueError(f"{path}: expected {dtype} {shape}, found {a.dtype} {a.shape}")
+    return a
 
 
 def iter_scan_rows(out_dir: Path | str) -> Iterator[tuple[str, int, np.ndarray]]:
     """(shard name, global offset, structured per-row records, memory-mapped) per shard."""
     out = Path(out_dir)
     doc = read_meta(out)
+    margin = np.zeros(0) if doc["thresholds"] else None
+    dtype = row_records(np.zeros(0, np.float32), np.zeros(0, np.int32), margin).dtype
     for s in doc["shards"]:
-        rec = np.load(out / "rows" / f"{s['name']}.npy", mmap_mode="r")
-        if len(rec) != s["rows"]:
-            raise ValueError(
-                f"{out}/rows/{s['name']}.npy: {len(rec)} rows, scan.json says {s['rows']}"
-            )
+        rec = _load(out / "rows" / f"{s['name']}.npy", dtype, (s["rows"],), mmap=True)
         yield s["name"], s["offset"], rec
 
 
@@ -183,10 +221,16 @@ def load_scan(out_dir: Path | str, rows: bool = True) -> ScanResult:
             rec["argmax"].copy(),
             rec["margin"].copy() if margin else None,
         ]
+    m, k = doc["tests"], doc["topk"]
+    if doc["thresholds"] != count_path.exists():
+        raise ValueError(
+            f"{out}/scan.json: thresholds is {doc['thresholds']}, but {count_path} "
+            f"{'is missing' if doc['thresholds'] else 'exists'}"
+        )
     return ScanResult(
-        topk_sim=np.load(out / "tests" / "topk_sim.npy"),
-        topk_row=np.load(out / "tests" / "topk_row.npy"),
-        count_above=np.load(count_path) if count_path.exists() else None,
+        topk_sim=_load(out / "tests" / "topk_sim.npy", "<f4", (m, k)),
+        topk_row=_load(out / "tests" / "topk_row.npy", "<i8", (m, k)),
+        count_above=_load(count_path, "<i8", (m,)) if doc["thresholds"] else None,
         row_max=row_fields[0],
         row_argmax=row_fields[1],
         row_margin=row_fields[2],

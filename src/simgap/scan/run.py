@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from simgap.io import fingerprint, read_json, sha256_array, write_json, write_npy
+from simgap.lock import locks_output
 from simgap.parallel import Executor, LocalEngine, task_device
 from simgap.parallel import Progress as RateProgress
 from simgap.scan.kernel import KernelConfig, merge_topk
@@ -88,6 +89,7 @@ def benchmark_groups(info: pa.Table) -> list[tuple[str, int, int]]:
     return groups
 
 
+@locks_output("out")
 def scan_benchmarks(
     base: Store | Path | str,
     benchmarks: list[Store | Path | str],
