@@ -62,6 +62,7 @@ def test_reference_is_added_per_family_with_the_papers_defaults(tmp_path):
         "gaps",
         "analysis-composition",
         "analysis-robustness",
+        "analysis-statistics",
         "analysis-similarity",
     }
 
