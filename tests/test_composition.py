@@ -63,7 +63,7 @@ def pruned(tmp_path_factory):
         "near-0.5": ("near", ("sketch",), split_rows(pool, root / "splits" / "near-0.5")),
         "full": ("full", (), np.ones(pool.rows, bool)),
     }
-    out = composition(pool, splits, scan_scores(root / "scans"), truth)
+    out = composition(pool, splits, scan_scores(root / "scans" / "pool-sketch"), truth)
     return out, truth, splits
 
 

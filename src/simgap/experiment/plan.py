@@ -465,7 +465,7 @@ def make_plan(
     else:
         executors = Executors.every(executor)
     try:
-        kernel_config(cfg).resolved()
+        kernel_config(cfg).resolved(measure=False)
     except ValueError as err:
         raise ConfigError(f"{where(cfg)}: scan: {err}") from None
     data = data_of(cfg, run)

@@ -377,7 +377,7 @@ def composition_step(run: Path, data: Data, cfg: Config, specs: list[SplitSpec])
     if cfg.sources.kind == "world":
         path = run / "world" / "ground_truth" / "pool.parquet"
         truth = pq.read_table(path) if path.is_file() else pool_ground_truth(cfg.sources.world)
-    out = composition(pool, splits, scan_scores(run / "scans"), truth)
+    out = composition(pool, splits, scan_scores(run / POOL_SCAN), truth)
     write_json(run / "analysis" / "composition.json", out)
     return {"splits": len(splits), "ground_truth": out["ground_truth"]}
 

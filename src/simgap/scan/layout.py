@@ -188,8 +188,25 @@ def iter_scan_rows(out_dir: Path | str) -> Iterator[tuple[str, int, np.ndarray]]
     margin = np.zeros(0) if doc["thresholds"] else None
     dtype = row_records(np.zeros(0, np.float32), np.zeros(0, np.int32), margin).dtype
     for s in doc["shards"]:
-        rec = _load(out / "rows" / f"{s['name']}.npy", dtype, (s["rows"],), mmap=True)
+        path = out / "rows" / f"{s['name']}.npy"
+        rec = _load(path, _row_dtype(path, dtype), (s["rows"],), mmap=True)
         yield s["name"], s["offset"], rec
+
+
+def _row_dtype(path: Path, flat: np.dtype) -> np.dtype:
+    """The records' expected dtype: ``flat``'s fields, each with the file's per-benchmark
+    shape (a grid scan keeps one column per benchmark) when it has one."""
+    try:
+        found = np.load(path, mmap_mode="r", allow_pickle=False).dtype
+    except (OSError, ValueError, EOFError, SyntaxError):
+        return flat  # _load names the file and the problem
+    if found.names != flat.names:
+        return flat
+    shapes = {found[n].shape for n in found.names}
+    if len(shapes) != 1:
+        return flat
+    (shape,) = shapes
+    return np.dtype([(n, flat[n].base, shape) for n in flat.names]) if shape else flat
 
 
 def load_tests_table(out_dir: Path | str) -> pa.Table:

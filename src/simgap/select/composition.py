@@ -143,18 +143,21 @@ def composition(
     return out
 
 
-def scan_scores(scans: Path) -> Callable[[str, str], np.ndarray]:
+def scan_scores(scan: Path) -> Callable[[str, str], np.ndarray]:
     """(score kind, benchmark) -> the pool scan's per-row field: ``margin`` (row margin) or
-    ``similarity`` (row max). Read on first use and kept, one field at a time: a LAION pool's
-    field is 800 MB per benchmark."""
+    ``similarity`` (row max), that benchmark's column of the one scan of every benchmark
+    (``scans/pool``). Read on first use and kept, one column at a time: a LAION pool's column
+    is 800 MB per benchmark."""
+    from simgap.scan.layout import benchmark_rows
+    from simgap.select.build import _match, _scan_parts
+
     cache: dict[tuple[str, str], np.ndarray] = {}
 
     def score(kind: str, bench: str) -> np.ndarray:
-        from simgap.scan import load_scan
-
         if (kind, bench) not in cache:
-            res = load_scan(Path(scans) / f"pool-{bench}")
-            cache[kind, bench] = res.row_margin if kind == "margin" else res.row_max
+            (part,) = _match(_scan_parts((Path(scan),), "pool-"), [bench], str(scan))
+            field = "margin" if kind == "margin" else "max"
+            cache[kind, bench] = benchmark_rows(part.folder, field, part.index)
         return cache[kind, bench]
 
     return score
