@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from report_run import (
     BENCHMARKS,
     CONFIG_TEXT,
     SPLITS,
+    TOP1,
     make_run,
     robustness_doc,
     write_json,
@@ -87,14 +89,34 @@ def test_full_report_is_self_contained_with_figures_and_tables(built) -> None:
         assert image.width > 300 and image.height > 150
         assert np.asarray(image.convert("L"), dtype=float).std() > 0
 
-    # Accuracy: 0.4321 is shown as 43.2; the control row and the difference are present.
+    # Accuracy: the predictions' top-1 (0.4321 of 300 photo points: 130, 43.3%) with its
+    # interval; the control row and the paired difference are present.
+    stats = json.loads((full_run / "analysis" / "statistics.json").read_text())
     accuracy = _table(html, "Zero-shot top-1")
     assert list(accuracy) == EVALUATED
-    assert accuracy["sketch"] == ["gapmatch", "43.2", "30.1", "55.5", "42.9"]
+    assert accuracy["sketch"][0] == "gapmatch"
+    assert accuracy["sketch"][1].startswith("43.3 [")
+    for cell, b in zip(accuracy["sketch"][1:], [*BENCHMARKS, "mean-ood"], strict=True):
+        iv = stats["top1"]["sketch"][b]
+        assert iv["lo"] < iv["mean"] < iv["hi"]
+        assert cell == f"{100 * iv['mean']:.1f} [{100 * iv['lo']:.1f}, {100 * iv['hi']:.1f}]"
     controls = _table(html, "Each split against")
-    assert controls["control: sketch-random"] == ["41.0", "35.0", "50.0", "42.0"]
-    mean_diff = ((0.4321 + 0.3012 + 0.555) - (0.41 + 0.35 + 0.5)) / 3
-    assert controls["Δ sketch − control"] == ["+2.2", "-4.9", "+5.5", f"{100 * mean_diff:+.1f}"]
+    assert controls["control: sketch-random"][0].startswith("41.0 [")
+    delta = stats["differences"]["sketch - sketch-random"]
+    # Whole test points: top-1 x n rounded, as tests/report_run.py writes the predictions.
+    ns = {"photo": 300, "sketch": 350, "rendition": 400}
+    expected = {
+        b: (round(TOP1["sketch"][b] * n) - round(TOP1["sketch-random"][b] * n)) / n
+        for b, n in ns.items()
+    }
+    expected["mean-ood"] = (expected["sketch"] + expected["rendition"]) / 2
+    assert {b: d["mean"] for b, d in delta.items()} == pytest.approx(expected)
+    mark = "*" if delta["mean-ood"]["resolved"] else ""
+    assert controls["Δ sketch − control"][3].endswith("]" + mark)
+    verdicts = _table(html, "Paired differences of mean OOD")
+    assert verdicts["sketch − sketch-random"][1] == (
+        "resolved" if delta["mean-ood"]["resolved"] else "not resolved"
+    )
     assert "Not evaluated: combined." in html
 
     # Split sizes: kept, removed, fraction of pool, reference added, guarantee.
@@ -191,7 +213,7 @@ def test_markdown_references_existing_figures(built) -> None:
     assert sorted(refs) == FIGURES
     for ref in refs:
         assert Image.open(md_path.parent / ref).format == "PNG"
-    assert "| sketch | gapmatch | 43.2 | 30.1 | 55.5 | 42.9 |" in md
+    assert re.search(r"\| sketch \| gapmatch \| 43\.3 \[\d+\.\d, \d+\.\d\] \| 30\.0 \[", md)
     assert "```text\n" + CONFIG_TEXT in md
 
 

@@ -131,11 +131,11 @@ def far_fraction(est: Estimates, meta: Mapping[str, Mapping]) -> dict[str, Any]:
                 f"{ci(full_iv)}): {listed}.",
                 None,
             ),
-            "lo": float(np.percentile(reps, 2.5)),
-            "hi": float(np.percentile(reps, 97.5)),
+            "lo": (iv := stats.interval(1.0, reps, discrete=True)).lo,
+            "hi": iv.hi,
         }
     frac, split = reached[0]
-    iv = stats.interval(frac, reps)
+    iv = stats.interval(frac, reps, discrete=True)
     where = "within" if points[split][0] <= full_iv.hi else "above"
     smaller = [s for fr, s in far if fr < frac]
     below = f"; the smaller ones stay below it ({', '.join(smaller)})" if smaller else ""
