@@ -119,6 +119,24 @@ def test_full_report_is_self_contained_with_figures_and_tables(built) -> None:
     )
     assert "Not evaluated: combined." in html
 
+    # Similarity structure: medians and the per-test gap from the gap files, largest first in
+    # the computed sentence; the similarity model's k-NN class separation.
+    structure = _table(html, "NN similarity of each benchmark")
+    gaps = {b: pq.read_table(full_run / "gaps" / f"{b}.parquet").to_pydict() for b in BENCHMARKS}
+    for b in BENCHMARKS:
+        ref, pool = np.array(gaps[b]["reference"]), np.array(gaps[b]["pool"])
+        assert structure[b][1:4] == [
+            f"{np.median(ref):.3f}",
+            f"{np.median(pool):.3f}",
+            f"{np.median(pool - ref):+.3f}",
+        ]
+        assert structure[b][4] == f"{100 * np.mean(pool > ref):.1f}"
+    order = sorted(
+        BENCHMARKS, key=lambda b: -np.median(np.subtract(gaps[b]["pool"], gaps[b]["reference"]))
+    )
+    assert f"The pool is most ahead of the reference set on {order[0]}" in html
+    assert "k-NN top-1 is 62.0 [56.5, 67.3]% against 10.0% chance (6.2× chance)" in html
+
     # Split sizes: kept, removed, fraction of pool, reference added, guarantee.
     sizes = _table(html, "Split sizes")
     assert set(sizes) == set(SPLITS)
@@ -137,7 +155,17 @@ def test_full_report_is_self_contained_with_figures_and_tables(built) -> None:
     # Near / far / random: fraction and size per split, smallest first within a policy.
     curves = _table(html, "Near / far / random")
     assert list(curves) == EVALUATED[3:]
-    assert curves["far-0.25"] == ["far", "0.25", "2,500", "20.0", "15.0", "25.0", "20.0"]
+    assert curves["far-0.25"][:3] == ["far", "0.25", "2,500"]
+    assert [c.split(" [")[0] for c in curves["far-0.25"][3:]] == ["20.0", "14.9", "25.0", "19.9"]
+    # Each near / far split against random at its fraction, paired, with a computed verdict.
+    d = stats["differences"]["far-0.25 - random-0.25"]["mean-ood"]
+    side = "above" if d["mean"] >= 0 else "below"
+    verdict = "resolved" if d["resolved"] else "not resolved"
+    assert (
+        f"far-0.25 is {abs(100 * d['mean']):.1f} points {side} random-0.25 "
+        f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}], {verdict}" in html
+    )
+    assert "Near-pruning removes the pool points most similar" in html
 
     # Effective robustness: the points as given, in percentage points.
     robust = _table(html, "Effective robustness")
@@ -301,7 +329,7 @@ def test_run_json_only(tmp_path: Path) -> None:
         {"config": {}, "world": None, "analysis": {"audit": None, "analysis-robustness": why}},
     )
     html = build_report(run)["html"].read_text(encoding="utf-8")
-    assert html.count("not computed in this run") == 9  # the Findings too
+    assert html.count("not computed in this run") == 11  # Findings, structure, separation too
     assert (
         "Effective robustness: not computed in this run (no analysis/robustness.json; the run "
         "says: needs two trained splits and an OOD benchmark)." in html

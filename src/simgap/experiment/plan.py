@@ -39,6 +39,7 @@ from simgap.experiment.steps import (
     scan_benchmarks,
     seed_recipe,
     select_split,
+    separation_step,
     split_gaps,
     train_split,
     write_gaps,
@@ -412,6 +413,17 @@ def _analysis_stages(
                 log,
             ),
             after=(*evals, "gaps"),
+        )
+    )
+    id_bench = cfg.analysis.id_benchmark or evaluated[0]
+    add(
+        Stage(
+            "analysis-separation",
+            {"benchmark": id_bench, "k": cfg.scan.topk, "seed": cfg.seed},
+            lambda r: guarded(
+                "class separation", lambda: separation_step(run, data, cfg, id_bench), log
+            ),
+            after=("embed-reference", f"embed-bench-{id_bench}"),
         )
     )
     if cfg.analysis.audit != "off":

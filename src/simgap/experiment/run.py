@@ -153,6 +153,7 @@ def run_config(
                     "analysis-robustness",
                     "analysis-statistics",
                     "analysis-similarity",
+                    "analysis-separation",
                     "audit",
                 )
             },

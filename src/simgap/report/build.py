@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from simgap.io import write_bytes, write_json
-from simgap.report import analysis, audit, figures, findings, gallery
+from simgap.report import analysis, audit, figures, findings, gallery, structure
 from simgap.report.blocks import (
     FigureBlock,
     Note,
@@ -514,6 +514,7 @@ def build_sections(files: RunFiles) -> list[Section]:
     doc = findings.findings(files.run_dir) if files.run_dir else None
     body = [
         findings.findings_section(files, doc),
+        structure.structure_section(files),
         _gaps_section(files, colors),
         gallery.gallery_section(files),
         _accuracy_section(files, colors),

@@ -41,6 +41,7 @@ class RunFiles:
     audit: dict | None = None  # audit/audit.json
     audit_pairs: pa.Table | None = None  # audit/pairs.parquet
     statistics: dict | None = None  # analysis/statistics.json: intervals (simgap.stats)
+    separation: dict | None = None  # analysis/separation.json: k-NN class separation
 
 
 def load_run(run_dir: Path) -> RunFiles:
@@ -67,6 +68,7 @@ def load_run(run_dir: Path) -> RunFiles:
             run_dir / "audit" / "pairs.parquet", lambda p: _read_parquet(p, _PAIR_COLUMNS)
         ),
         statistics=_optional(run_dir / "analysis" / "statistics.json", _read_statistics),
+        separation=_optional(run_dir / "analysis" / "separation.json", read_json),
     )
 
 
