@@ -104,11 +104,12 @@ def _as_interval(est: tuple[float, np.ndarray]) -> stats.Interval:
 def read_reference_points(path: Path, id_bench: str, ood: list[str]) -> dict[str, dict]:
     """``analysis.reference_points``: published models' accuracies (docs/reference-points.md):
     a CSV with a ``model`` column, the ID benchmark's column and one per OOD benchmark, each an
-    accuracy in [0, 1] or in percent (above 1)."""
+    accuracy in [0, 1] or, when any value is above 1, in percent. Other columns are ignored."""
     import csv
 
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+        # Lines starting with # are comments (where the numbers come from).
+        rows = list(csv.DictReader(line for line in f if not line.lstrip().startswith("#")))
     if not rows:
         raise ValueError(f"{path}: no reference points")
     header = list(rows[0])
