@@ -573,6 +573,8 @@ def summary_table(run_dir: Path) -> str:
     if not files.evals:
         return "evaluation was not run (no eval/*.json); splits: " + ", ".join(splits)
     benches = [b for b in benchmark_order(files) if any(_evaluated(files, s, b) for s in splits)]
+    if files.statistics is not None:
+        return _summary_with_intervals(files, splits, benches)
     rows: list[list[str]] = []
     for split in (s for s in splits if s in files.evals):
         own = [top1(files, split, b) for b in benches]
@@ -588,6 +590,40 @@ def summary_table(run_dir: Path) -> str:
     text = _text_table(["top-1 (%)", *benches, "mean"], rows)
     unevaluated = [s for s in splits if s not in files.evals]
     return text + ("\nnot evaluated: " + ", ".join(unevaluated) if unevaluated else "")
+
+
+def _summary_with_intervals(files: RunFiles, splits: Sequence[str], benches: Sequence[str]) -> str:
+    """Means over seeds per benchmark, the mean OOD top-1 with its 95% interval; each control's
+    paired difference (* resolved); then the findings' sentences."""
+    stats = files.statistics or {}
+
+    def means(split: str) -> list[str]:
+        return [pct((top1_ci(files, split, b) or {}).get("mean")) for b in benches]
+
+    rows: list[list[str]] = []
+    for split in (s for s in splits if s in files.evals):
+        parent = files.splits.get(split, {}).get("control_of")
+        ood = pct_ci(top1_ci(files, split, MEAN_OOD))
+        if parent not in files.evals or parent == split:
+            rows.append([split, *means(split), ood])
+            continue
+        rows.append([f"  {split} (control)", *means(split), ood])
+        deltas = [difference_ci(files, parent, split, b) for b in benches]
+        cells = [
+            "—" if d is None else pp(d["mean"]) + ("*" if d.get("resolved") else "") for d in deltas
+        ]
+        ood_delta = pct_ci(difference_ci(files, parent, split, MEAN_OOD), signed=True)
+        rows.append([f"  Δ {parent} − control", *cells, ood_delta])
+    head = f"top-1 (%), mean of {stats.get('seeds', 1)} seed(s)"
+    text = _text_table([head, *benches, "mean OOD [95% CI]"], rows)
+    text += "\n(* paired difference resolved: its 95% interval excludes 0)"
+    unevaluated = [s for s in splits if s not in files.evals]
+    if unevaluated:
+        text += "\nnot evaluated: " + ", ".join(unevaluated)
+    claims = stats.get("claims") or []
+    if claims:
+        text += "\n\nFindings:\n" + "\n".join(f"{i}. {c['text']}" for i, c in enumerate(claims, 1))
+    return text
 
 
 def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
