@@ -121,3 +121,18 @@ def test_identical_trainings_run_once_and_a_resumed_run_reuses_them(tmp_path):
     (tmp_path / "train" / calls[0] / "final.pt").unlink()
     SharedTrainings(tmp_path).once(inputs, "far-0.5y", trainer("y"), print)
     assert calls[-1] == "y"
+
+
+def test_each_split_is_compared_with_the_full_pool_that_matches_its_reference_flag():
+    """The paper adds the reference set to the gap-matched splits but not to the far-pruned
+    ones: each claim's baseline is the full pool with the reference set added alike."""
+    meta = {k: {**v, "reference_added": k.startswith("combined")} for k, v in META.items()}
+    meta["full-reference"] = {"policy": "full", "reference_added": True}
+    assert claims.baseline(meta, "combined") == "full-reference"
+    assert claims.baseline(meta, "far-0.5") == "full"
+    est = Fixed({"full": 0.30, "full-reference": 0.50, "combined": 0.45, "combined-random": 0.44})
+    assert "from the full pool (full-reference: 50.0%)" in claims.ood_drop(est, meta)["text"]
+    est = Fixed(
+        {"full": 0.30, "full-reference": 0.60, "far-0.25": 0.31, "far-0.5": 0.1, "coreset": 0.1}
+    )
+    assert claims.far_fraction(est, meta)["value"] == 0.25  # within full's interval, not 0.6's

@@ -159,10 +159,13 @@ def test_findings_hold_the_issues_keys_with_intervals(demo_run):
     }
     assert doc["seeds"] == 2 and doc["reference_models"] == 2
     benchmarks = ["photo", "photo-v2", "sketch", "rendition", "hard", "pose"]
+    evaluated = json.loads((run / "eval" / "combined.json").read_text())["benchmarks"]
     for b in benchmarks:
         preds = pq.read_table(run / "eval" / "predictions" / f"combined-{b}.parquet")
         assert doc["test_points"][b] == preds.num_rows
-        assert doc["chance"][b] == pytest.approx(0.1)  # 10 classes
+        # The benchmark's own classes (a tiny world's shift may hold fewer than 10).
+        assert doc["chance"][b] == pytest.approx(1 / evaluated[b]["classes"])
+        assert 2 <= evaluated[b]["classes"] <= 10
     for split in ("combined", "coreset"):
         seeds = [json.loads((run / "eval" / f"{split}.json").read_text())]
         seeds.append(json.loads((run / "eval" / "seeds" / f"{split}@s1.json").read_text()))

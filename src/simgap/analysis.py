@@ -268,7 +268,8 @@ def robustness_analysis(
 
 
 def _pairs(run: Path, trained: list[str]) -> list[tuple[str, str]]:
-    """Each split against its size-matched control, and against the full pool."""
+    """Each split against its size-matched control, near-f and far-f against random-f, and
+    each split against the full pool with the reference set added as in the split (or not)."""
     meta = {s: read_json(run / "splits" / s / "split.json") for s in trained}
     out = []
     for s in trained:
@@ -285,9 +286,10 @@ def _pairs(run: Path, trained: list[str]) -> list[tuple[str, str]]:
         fraction = (meta[s].get("params") or {}).get("fraction")
         if meta[s].get("policy") in ("near", "far") and fraction in random_at:
             out.append((s, random_at[fraction]))
-    full = next((s for s in trained if meta[s].get("policy") == "full"), None)
-    if full:
-        out += [(s, full) for s in trained if s != full]
+    for s in trained:
+        full = claims.baseline(meta, s)
+        if full and full != s:
+            out.append((s, full))
     return list(dict.fromkeys(out))
 
 
