@@ -59,7 +59,8 @@ def test_reference_line_models_are_planned_before_the_robustness_analysis(tmp_pa
     assert names.index("materialize-reference-line") < min(names.index(n) for n in line)
     keys = Runner(tmp_path, plan.stages, lambda m: None).keys
     assert len({keys[n] for n in line}) == 6
-    none = make_plan(BASE, tmp_path, lambda m: None, Executor(LocalEngine(1)))
+    without = config.override(BASE, {"analysis.reference_epochs": []})
+    none = make_plan(without, tmp_path, lambda m: None, Executor(LocalEngine(1)))
     assert not [s for s in none.stages if "reference-" in s.name]
 
 
