@@ -68,6 +68,7 @@ class Plan:
     splits: list[SplitSpec]
     trained: list[str]
     evaluated: list[str]
+    reference_line: list[str] = dataclasses.field(default_factory=list)
 
 
 def trained_splits(cfg: Config, names: list[str]) -> list[str]:
@@ -469,7 +470,8 @@ def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:
         *_train_stages(cfg, run, data, trained, evaluated, log, executor),
         *_analysis_stages(cfg, run, data, trained, evaluated, benchmarks, embeds, log),
     ]
-    return Plan(stages, benchmarks, specs, trained, evaluated)
+    line = [name for name, _ in reference_line(cfg)]
+    return Plan(stages, benchmarks, specs, trained, evaluated, line)
 
 
 def portable(source: str, run: Path) -> str:
