@@ -394,3 +394,17 @@ def test_summary_table_names_every_split(built) -> None:
     assert "not evaluated: combined" in lines
     # The findings' computed sentences follow the table.
     assert lines[-1] == "2. " + stats["claims"][1]["text"]
+
+
+def test_similarity_structure_sentence_follows_the_sign_of_the_gap() -> None:
+    from simgap.report.structure import _ranking
+
+    rows = [
+        {"benchmark": "photo", "gap": 0.01, "closer_to_pool": 0.55},
+        {"benchmark": "sketch", "gap": 0.12, "closer_to_pool": 0.93},
+    ]
+    text = _ranking(rows)
+    assert "largest first: sketch (+0.120), photo (+0.010)." in text
+    assert "most ahead of the reference set on sketch, where 93% of test points" in text
+    behind = [{**r, "gap": -r["gap"]} for r in rows]
+    assert _ranking(behind).endswith("more similar than the reference set on no benchmark.")

@@ -96,10 +96,11 @@ def ood_drop(est: Estimates, meta: Mapping[str, Mapping]) -> dict[str, Any]:
     ctl_moves = "a drop" if drop_ctl.mean >= 0 else "a rise"
     side = "above" if vs.mean >= 0 else "below"
     text = (
-        f"Mean OOD top-1 {moves} by {pp(abs(drop.mean))} points ({ci(drop)} for full − "
-        f"{combined}) from the full pool ({full}: {pp(f[0])}%) to the combined gap-matched split "
-        f"{combined} ({pp(c[0])}%); its size-matched random control {control} "
-        f"({pp(r[0])}%) shows {ctl_moves} of {pp(abs(drop_ctl.mean))} points ({ci(drop_ctl)}). "
+        f"Mean OOD top-1 {moves} by {pp(abs(drop.mean))} points from the full pool ({full}: "
+        f"{pp(f[0])}%) to the combined gap-matched split {combined} ({pp(c[0])}%; drop "
+        f"{pp(drop.mean)}, {ci(drop)}); its size-matched random control {control} "
+        f"({pp(r[0])}%) shows {ctl_moves} of {pp(abs(drop_ctl.mean))} points (drop "
+        f"{pp(drop_ctl.mean)}, {ci(drop_ctl)}). "
         f"The gap-matched split is {pp(abs(vs.mean))} points {side} its control ({ci(vs)}): "
         f"{verdict(vs)}."
     )

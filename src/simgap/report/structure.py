@@ -41,13 +41,14 @@ def _ranking(rows: Sequence[dict]) -> str:
     ordered = sorted(rows, key=lambda r: -r["gap"])
     parts = [f"{r['benchmark']} ({r['gap']:+.3f})" for r in ordered]
     most, least = ordered[0], ordered[-1]
-    text = (
-        "Median gap (pool − reference NN similarity), largest first: " + ", ".join(parts) + ". "
-        f"The pool is most ahead of the reference set on {most['benchmark']}, where "
+    text = "Median gap (pool − reference NN similarity), largest first: " + ", ".join(parts) + "."
+    if most["gap"] <= 0:
+        return text + " The pool is more similar than the reference set on no benchmark."
+    return text + (
+        f" The pool is most ahead of the reference set on {most['benchmark']}, where "
         f"{100 * most['closer_to_pool']:.0f}% of test points have a more similar pool image, "
         f"and least on {least['benchmark']} ({100 * least['closer_to_pool']:.0f}%)."
     )
-    return text
 
 
 def structure_section(files: RunFiles) -> Section:
