@@ -122,6 +122,8 @@ def test_reference_points_file_errors_name_the_problem(tmp_path):
     bad.write_text("model,photo,sketch\nresnet50,76.1,abc\n")
     with pytest.raises(ValueError, match="line 2"):
         read_reference_points(bad, "photo", ["sketch"])
+    with pytest.raises(ValueError, match="no such file"):
+        read_reference_points(tmp_path / "absent.csv", "photo", ["sketch"])
     shipped = Path(__file__).resolve().parent.parent / "docs" / "reference-points.example.csv"
     points = read_reference_points(
         shipped,
@@ -165,3 +167,12 @@ def test_knn_prediction_equals_a_brute_force_vote(tmp_path):
         tied = set(np.flatnonzero(counts == counts.max()))
         assert got[i] == next(c for c in nearest if c in tied)
     assert (got == labels[np.argmax(sims, axis=1)]).mean() > 0.5  # the clusters separate
+
+
+def test_a_missing_points_file_stops_the_run_before_anything_runs(tmp_path):
+    from simgap.experiment import run_config
+
+    cfg = config.override(config.load("demo"), {"analysis.reference_points": "absent.csv"})
+    with pytest.raises(FileNotFoundError, match="analysis.reference_points: .*absent.csv"):
+        run_config(cfg, tmp_path / "run", lambda m: None)
+    assert not (tmp_path / "run").exists()

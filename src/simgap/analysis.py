@@ -101,12 +101,22 @@ def _as_interval(est: tuple[float, np.ndarray]) -> stats.Interval:
 # ----------------------------------------------------------------------------- robustness
 
 
+def reference_points_path(cfg: Config) -> Path:
+    """analysis.reference_points; a relative path is relative to the config file's folder."""
+    path = Path(cfg.analysis.reference_points)
+    if not path.is_absolute() and cfg.path and Path(cfg.path).is_file():
+        return Path(cfg.path).parent / path
+    return path
+
+
 def read_reference_points(path: Path, id_bench: str, ood: list[str]) -> dict[str, dict]:
     """``analysis.reference_points``: published models' accuracies (docs/reference-points.md):
     a CSV with a ``model`` column, the ID benchmark's column and one per OOD benchmark, each an
     accuracy in [0, 1] or, when any value is above 1, in percent. Other columns are ignored."""
     import csv
 
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file (analysis.reference_points)")
     with open(path, newline="", encoding="utf-8") as f:
         # Lines starting with # are comments (where the numbers come from).
         rows = list(csv.DictReader(line for line in f if not line.lstrip().startswith("#")))
@@ -179,7 +189,7 @@ def robustness_analysis(
     ref: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
     source = "reference-line"
     if cfg.analysis.reference_points:
-        source = cfg.analysis.reference_points
+        source = str(reference_points_path(cfg))
         for model, accs in read_reference_points(Path(source), id_bench, ood).items():
             # Published points carry no test-level outcomes: fixed in every replicate.
             ref[model] = {b: (v, np.full(boot.replicates, v)) for b, v in accs.items()}

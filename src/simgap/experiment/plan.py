@@ -11,6 +11,7 @@ from typing import Any
 
 from simgap.analysis import (
     guarded,
+    reference_points_path,
     robustness_analysis,
     similarity_analysis,
     statistics_analysis,
@@ -380,7 +381,9 @@ def _analysis_stages(
             {
                 **stats_inputs,
                 "reference_line": line,
-                "reference_points": _file_identity(points) if points else None,
+                "reference_points": (
+                    _file_identity(reference_points_path(cfg)) if points else None
+                ),
             },
             lambda r: guarded(
                 "robustness",
@@ -443,10 +446,9 @@ def _analysis_stages(
     return stages
 
 
-def _file_identity(path: str) -> list:
+def _file_identity(path: Path) -> list:
     """A given file's path and content hash: an edited points.csv redoes the analysis."""
-    p = Path(path)
-    return [path, sha256_bytes(p.read_bytes()) if p.is_file() else None]
+    return [str(path), sha256_bytes(path.read_bytes()) if path.is_file() else None]
 
 
 def make_plan(cfg: Config, run: Path, log: Log, executor: Executor) -> Plan:

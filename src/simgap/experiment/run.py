@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from simgap import __version__
+from simgap.analysis import reference_points_path
 from simgap.config import Config, to_json
 from simgap.experiment.plan import (
     Plan,
@@ -137,6 +138,9 @@ def run_config(
         runner = Runner(run, plan.stages, log)
         return {"plan": runner.plan(), "text": format_plan(runner, cfg, plan)}
     missing = missing_paths(cfg)
+    points = reference_points_path(cfg) if cfg.analysis.reference_points else None
+    if points is not None and not points.is_file():
+        missing.append(f"analysis.reference_points: {points}")  # found out now, not days later
     if missing:
         raise FileNotFoundError(f"{where(cfg)}: missing inputs: " + "; ".join(missing))
     _prepare_dir(run)
