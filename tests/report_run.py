@@ -44,6 +44,15 @@ TOP1 = {
     "random-0.25": {"photo": 0.35, "sketch": 0.28, "rendition": 0.41},
     "random-0.5": {"photo": 0.42, "sketch": 0.33, "rendition": 0.49},
 }
+SEPARATION = {
+    "benchmark": "photo",
+    "k": 10,
+    "tests": 300,
+    "reference": 600,
+    "classes": 10,
+    "chance": 0.1,
+    "accuracy": {"mean": 0.62, "lo": 0.565, "hi": 0.673},
+}
 CONFIG_TEXT = '# demo config\n[world]\nseed = 0\n\n[[splits]]\npolicy = "near"\n'
 AUDIT = {
     "threshold": 0.95,
@@ -201,6 +210,7 @@ def _analysis(run: Path, rng: np.random.Generator) -> None:
     from simgap.analysis import statistics_analysis
 
     write_json(run / "analysis" / "robustness.json", robustness_doc())
+    write_json(run / "analysis" / "separation.json", SEPARATION)
     _predictions(run)
     cfg = config.override(
         config.Config(), {"analysis.id_benchmark": "photo", "analysis.bootstrap": 200}

@@ -25,6 +25,10 @@ TINY = config.override(
         "train.recipe.epochs": 1,
         "train.recipe.batch_size": 32,
         "train.splits": ["combined", "coreset"],
+        # Two seeds and a two-model reference line: the smallest run with every interval.
+        "train.seeds": 2,
+        "analysis.reference_epochs": [1, 2],
+        "analysis.bootstrap": 300,
     },
 )
 
@@ -125,6 +129,7 @@ def test_a_resized_split_reruns_alone(demo_run):
     ran = {m.removeprefix("[run] ") for m in logs if m.startswith("[run] ")}
     per_split = {f"{s}-{n}" for s in ("select", "gaps") for n in ("coreset", "coreset-random")}
     per_split |= {f"{s}-coreset" for s in ("materialize", "train", "evaluate")}
+    per_split |= {"train-coreset@s1", "evaluate-coreset@s1"}
     assert ran == per_split | {
         "gaps",
         "analysis-composition",
@@ -149,3 +154,52 @@ def test_a_resized_split_reruns_alone(demo_run):
     combined, _ = read_split(run / "splits" / "combined")
     trained = json.loads((run / "train" / "combined" / "simgap-train.json").read_text())
     assert trained["num_samples"] == len(combined) + open_store(run / "stores" / "reference").rows
+
+
+def test_findings_hold_the_issues_keys_with_intervals(demo_run):
+    """report/findings.json: exactly the keys of issue 14, every accuracy a mean inside its
+    interval over both seeds, the reference line through the reference-only models."""
+    run, result, _ = demo_run
+    doc = json.loads((run / "report" / "findings.json").read_text())
+    assert set(doc) == {
+        "seeds",
+        "test_points",
+        "chance",
+        "top1",
+        "differences",
+        "effective_robustness",
+        "reference_models",
+        "claims",
+        "wall_seconds",
+    }
+    assert doc["seeds"] == 2 and doc["reference_models"] == 2
+    benchmarks = ["photo", "photo-v2", "sketch", "rendition", "hard", "pose"]
+    evaluated = json.loads((run / "eval" / "combined.json").read_text())["benchmarks"]
+    for b in benchmarks:
+        preds = pq.read_table(run / "eval" / "predictions" / f"combined-{b}.parquet")
+        assert doc["test_points"][b] == preds.num_rows
+        # The benchmark's own classes (a tiny world's shift may hold fewer than 10).
+        assert doc["chance"][b] == pytest.approx(1 / evaluated[b]["classes"])
+        assert 2 <= evaluated[b]["classes"] <= 10
+    for split in ("combined", "coreset"):
+        seeds = [json.loads((run / "eval" / f"{split}.json").read_text())]
+        seeds.append(json.loads((run / "eval" / "seeds" / f"{split}@s1.json").read_text()))
+        for b in [*benchmarks, "mean-ood"]:
+            iv = doc["top1"][split][b]
+            assert iv["lo"] <= iv["mean"] <= iv["hi"]
+        expected = np.mean([s["benchmarks"]["photo"]["top1"] for s in seeds])
+        assert doc["top1"][split]["photo"]["mean"] == pytest.approx(expected)
+    # Neither trained split is the other's control, and no full pool was trained.
+    assert doc["differences"] == {}
+    assert len(doc["claims"]) == 2
+    for claim in doc["claims"]:
+        assert set(claim) == {"text", "value", "lo", "hi"}
+        assert "not computed" in claim["text"] and claim["value"] is None
+    info = json.loads((run / "run.json").read_text())
+    assert doc["wall_seconds"] == info["wall_seconds"]
+    if info["analysis"]["analysis-robustness"]["computed"]:
+        robustness = json.loads((run / "analysis" / "robustness.json").read_text())
+        assert robustness["line"]["reference_models"] == ["reference-e1-s0", "reference-e2-s0"]
+        assert set(doc["effective_robustness"]) == {"combined", "coreset"}
+    else:  # the two reference models tie on 20 photo test points: no slope
+        assert "same ID accuracy" in info["analysis"]["analysis-robustness"]["why"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from report_run import (
     BENCHMARKS,
     CONFIG_TEXT,
     SPLITS,
+    TOP1,
     make_run,
     robustness_doc,
     write_json,
@@ -88,15 +90,53 @@ def test_full_report_is_self_contained_with_figures_and_tables(built) -> None:
         assert image.width > 300 and image.height > 150
         assert np.asarray(image.convert("L"), dtype=float).std() > 0
 
-    # Accuracy: 0.4321 is shown as 43.2; the control row and the difference are present.
+    # Accuracy: the predictions' top-1 (0.4321 of 300 photo points: 130, 43.3%) with its
+    # interval; the control row and the paired difference are present.
+    stats = json.loads((full_run / "analysis" / "statistics.json").read_text())
     accuracy = _table(html, "Zero-shot top-1")
     assert list(accuracy) == EVALUATED
-    assert accuracy["sketch"] == ["gapmatch", "43.2", "30.1", "55.5", "42.9"]
+    assert accuracy["sketch"][0] == "gapmatch"
+    assert accuracy["sketch"][1].startswith("43.3 [")
+    for cell, b in zip(accuracy["sketch"][1:], [*BENCHMARKS, "mean-ood"], strict=True):
+        iv = stats["top1"]["sketch"][b]
+        assert iv["lo"] < iv["mean"] < iv["hi"]
+        assert cell == f"{100 * iv['mean']:.1f} [{100 * iv['lo']:.1f}, {100 * iv['hi']:.1f}]"
     controls = _table(html, "Each split against")
-    assert controls["control: sketch-random"] == ["41.0", "35.0", "50.0", "42.0"]
-    mean_diff = ((0.4321 + 0.3012 + 0.555) - (0.41 + 0.35 + 0.5)) / 3
-    assert controls["Δ sketch − control"] == ["+2.2", "-4.9", "+5.5", f"{100 * mean_diff:+.1f}"]
+    assert controls["control: sketch-random"][0].startswith("41.0 [")
+    delta = stats["differences"]["sketch - sketch-random"]
+    # Whole test points: top-1 x n rounded, as tests/report_run.py writes the predictions.
+    ns = {"photo": 300, "sketch": 350, "rendition": 400}
+    expected = {
+        b: (round(TOP1["sketch"][b] * n) - round(TOP1["sketch-random"][b] * n)) / n
+        for b, n in ns.items()
+    }
+    expected["mean-ood"] = (expected["sketch"] + expected["rendition"]) / 2
+    assert {b: d["mean"] for b, d in delta.items()} == pytest.approx(expected)
+    mark = "*" if delta["mean-ood"]["resolved"] else ""
+    assert controls["Δ sketch − control"][3].endswith("]" + mark)
+    verdicts = _table(html, "Paired differences of mean OOD")
+    assert verdicts["sketch − sketch-random"][1] == (
+        "resolved" if delta["mean-ood"]["resolved"] else "not resolved"
+    )
     assert "Not evaluated: combined." in html
+
+    # Similarity structure: medians and the per-test gap from the gap files, largest first in
+    # the computed sentence; the similarity model's k-NN class separation.
+    structure = _table(html, "NN similarity of each benchmark")
+    gaps = {b: pq.read_table(full_run / "gaps" / f"{b}.parquet").to_pydict() for b in BENCHMARKS}
+    for b in BENCHMARKS:
+        ref, pool = np.array(gaps[b]["reference"]), np.array(gaps[b]["pool"])
+        assert structure[b][1:4] == [
+            f"{np.median(ref):.3f}",
+            f"{np.median(pool):.3f}",
+            f"{np.median(pool - ref):+.3f}",
+        ]
+        assert structure[b][4] == f"{100 * np.mean(pool > ref):.1f}"
+    order = sorted(
+        BENCHMARKS, key=lambda b: -np.median(np.subtract(gaps[b]["pool"], gaps[b]["reference"]))
+    )
+    assert f"The pool is most ahead of the reference set on {order[0]}" in html
+    assert "k-NN top-1 is 62.0 [56.5, 67.3]% against 10.0% chance (6.2× chance)" in html
 
     # Split sizes: kept, removed, fraction of pool, reference added, guarantee.
     sizes = _table(html, "Split sizes")
@@ -116,7 +156,17 @@ def test_full_report_is_self_contained_with_figures_and_tables(built) -> None:
     # Near / far / random: fraction and size per split, smallest first within a policy.
     curves = _table(html, "Near / far / random")
     assert list(curves) == EVALUATED[3:]
-    assert curves["far-0.25"] == ["far", "0.25", "2,500", "20.0", "15.0", "25.0", "20.0"]
+    assert curves["far-0.25"][:3] == ["far", "0.25", "2,500"]
+    assert [c.split(" [")[0] for c in curves["far-0.25"][3:]] == ["20.0", "14.9", "25.0", "19.9"]
+    # Each near / far split against random at its fraction, paired, with a computed verdict.
+    d = stats["differences"]["far-0.25 - random-0.25"]["mean-ood"]
+    side = "above" if d["mean"] >= 0 else "below"
+    verdict = "resolved" if d["resolved"] else "not resolved"
+    assert (
+        f"far-0.25 is {abs(100 * d['mean']):.1f} points {side} random-0.25 "
+        f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}], {verdict}" in html
+    )
+    assert "Near-pruning removes the pool points most similar" in html
 
     # Effective robustness: the points as given, in percentage points.
     robust = _table(html, "Effective robustness")
@@ -192,7 +242,7 @@ def test_markdown_references_existing_figures(built) -> None:
     assert sorted(refs) == FIGURES
     for ref in refs:
         assert Image.open(md_path.parent / ref).format == "PNG"
-    assert "| sketch | gapmatch | 43.2 | 30.1 | 55.5 | 42.9 |" in md
+    assert re.search(r"\| sketch \| gapmatch \| 43\.3 \[\d+\.\d, \d+\.\d\] \| 30\.0 \[", md)
     assert "```text\n" + CONFIG_TEXT in md
 
 
@@ -280,7 +330,9 @@ def test_run_json_only(tmp_path: Path) -> None:
         {"config": {}, "world": None, "analysis": {"audit": None, "analysis-robustness": why}},
     )
     html = build_report(run)["html"].read_text(encoding="utf-8")
-    assert html.count("not computed in this run") == 10  # composition and the Findings too
+    assert (
+        html.count("not computed in this run") == 12
+    )  # composition, Findings, structure, separation
     assert (
         "Effective robustness: not computed in this run (no analysis/robustness.json; the run "
         "says: needs two trained splits and an OOD benchmark)." in html
@@ -332,8 +384,30 @@ def test_summary_table_names_every_split(built) -> None:
     text = summary_table(built[0])
     for split in SPLITS:
         assert split in text
-    assert "43.2" in text
+    assert "43.3" in text  # 130 of 300 photo test points
     lines = text.splitlines()
     [delta] = [line for line in lines if "Δ" in line]
-    assert delta.split()[-4:] == ["+2.2", "-4.9", "+5.5", "+0.9"]
-    assert lines[-1] == "not evaluated: combined"
+    # Per benchmark the paired difference's mean, then the mean OOD with its interval.
+    stats = json.loads((built[0] / "analysis" / "statistics.json").read_text())
+    d = stats["differences"]["sketch - sketch-random"]
+    cells = [f"{100 * d[b]['mean']:+.1f}" + ("*" if d[b]["resolved"] else "") for b in BENCHMARKS]
+    ood = d["mean-ood"]
+    cells.append(f"{100 * ood['mean']:+.1f} [{100 * ood['lo']:+.1f}, {100 * ood['hi']:+.1f}]")
+    assert delta.split()[-6:-3] == cells[:-1] and delta.endswith("  " + cells[-1])
+    assert "not evaluated: combined" in lines
+    # The findings' computed sentences follow the table.
+    assert lines[-1] == "2. " + stats["claims"][1]["text"]
+
+
+def test_similarity_structure_sentence_follows_the_sign_of_the_gap() -> None:
+    from simgap.report.structure import _ranking
+
+    rows = [
+        {"benchmark": "photo", "gap": 0.01, "closer_to_pool": 0.55},
+        {"benchmark": "sketch", "gap": 0.12, "closer_to_pool": 0.93},
+    ]
+    text = _ranking(rows)
+    assert "largest first: sketch (+0.120), photo (+0.010)." in text
+    assert "most ahead of the reference set on sketch, where 93% of test points" in text
+    behind = [{**r, "gap": -r["gap"]} for r in rows]
+    assert _ranking(behind).endswith("more similar than the reference set on no benchmark.")

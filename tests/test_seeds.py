@@ -59,7 +59,8 @@ def test_reference_line_models_are_planned_before_the_robustness_analysis(tmp_pa
     assert names.index("materialize-reference-line") < min(names.index(n) for n in line)
     keys = Runner(tmp_path, plan.stages, lambda m: None).keys
     assert len({keys[n] for n in line}) == 6
-    none = make_plan(BASE, tmp_path, lambda m: None, Executor(LocalEngine(1)))
+    without = config.override(BASE, {"analysis.reference_epochs": []})
+    none = make_plan(without, tmp_path, lambda m: None, Executor(LocalEngine(1)))
     assert not [s for s in none.stages if "reference-" in s.name]
 
 
@@ -71,3 +72,23 @@ def test_a_split_smaller_than_one_batch_is_refused_not_hung(tmp_path):
     assert fit_batch(recipe, 30, 1).batch_size == 30
     assert fit_batch(recipe, 30, 4).batch_size == 28
     assert fit_batch(recipe, 640, 1) is recipe
+
+
+def test_a_reference_model_dropped_from_the_config_is_retired(tmp_path):
+    """Its evaluation would otherwise still count as one of the line's models."""
+    from simgap.experiment.run import _retire_reference_line
+
+    cfg = config.override(BASE, {"analysis.reference_epochs": [1, 2]})
+    plan = make_plan(cfg, tmp_path, lambda m: None, Executor(LocalEngine(1)))
+    folder = tmp_path / "eval" / "reference-line"
+    (folder / "predictions").mkdir(parents=True)
+    for name in ("reference-e1-s0", "reference-e2-s0", "reference-e16-s0"):
+        (folder / f"{name}.json").write_text("{}")
+        for b in plan.benchmarks:
+            (folder / "predictions" / f"{name}-{b}.parquet").write_text("")
+    logs: list[str] = []
+    _retire_reference_line(tmp_path, plan, logs.append)
+    assert sorted(p.stem for p in folder.glob("*.json")) == ["reference-e1-s0", "reference-e2-s0"]
+    left = {p.stem for p in (folder / "predictions").iterdir()}
+    assert left == {f"reference-e{e}-s0-{b}" for e in (1, 2) for b in plan.benchmarks}
+    assert logs == ["[retire] reference-line model reference-e16-s0: not in this config"]

@@ -101,14 +101,25 @@ def _as_interval(est: tuple[float, np.ndarray]) -> stats.Interval:
 # ----------------------------------------------------------------------------- robustness
 
 
+def reference_points_path(cfg: Config) -> Path:
+    """analysis.reference_points; a relative path is relative to the config file's folder."""
+    path = Path(cfg.analysis.reference_points)
+    if not path.is_absolute() and cfg.path and Path(cfg.path).is_file():
+        return Path(cfg.path).parent / path
+    return path
+
+
 def read_reference_points(path: Path, id_bench: str, ood: list[str]) -> dict[str, dict]:
     """``analysis.reference_points``: published models' accuracies (docs/reference-points.md):
     a CSV with a ``model`` column, the ID benchmark's column and one per OOD benchmark, each an
-    accuracy in [0, 1] or in percent (above 1)."""
+    accuracy in [0, 1] or, when any value is above 1, in percent. Other columns are ignored."""
     import csv
 
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file (analysis.reference_points)")
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+        # Lines starting with # are comments (where the numbers come from).
+        rows = list(csv.DictReader(line for line in f if not line.lstrip().startswith("#")))
     if not rows:
         raise ValueError(f"{path}: no reference points")
     header = list(rows[0])
@@ -178,7 +189,7 @@ def robustness_analysis(
     ref: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
     source = "reference-line"
     if cfg.analysis.reference_points:
-        source = cfg.analysis.reference_points
+        source = str(reference_points_path(cfg))
         for model, accs in read_reference_points(Path(source), id_bench, ood).items():
             # Published points carry no test-level outcomes: fixed in every replicate.
             ref[model] = {b: (v, np.full(boot.replicates, v)) for b, v in accs.items()}
@@ -211,11 +222,18 @@ def robustness_analysis(
             iv = _er(line, slopes, intercepts, out.estimate(s, id_bench), out.estimate(s, bench))
             er[s][bench] = iv.as_dict()
     mean_line = lines[MEAN_OOD]
+
+    def ci(est: tuple[float, np.ndarray]) -> list[float]:
+        iv = stats.interval(*est)
+        return [iv.lo, iv.hi]
+
     points = [
         {
             "split": s,
             "id_acc": out.estimate(s, id_bench)[0],
             "ood_acc": out.estimate(s, MEAN_OOD)[0],
+            "id_ci": ci(out.estimate(s, id_bench)),
+            "ood_ci": ci(out.estimate(s, MEAN_OOD)),
             "effective_robustness": er[s][MEAN_OOD]["mean"],
             "reference": False,
         }
@@ -225,6 +243,8 @@ def robustness_analysis(
             "split": m,
             "id_acc": ref[m][id_bench][0],
             "ood_acc": ref[m][MEAN_OOD][0],
+            "id_ci": ci(ref[m][id_bench]),
+            "ood_ci": ci(ref[m][MEAN_OOD]),
             "effective_robustness": float(
                 effective_robustness(
                     Line(mean_line["slope"], mean_line["intercept"]),
@@ -258,16 +278,28 @@ def robustness_analysis(
 
 
 def _pairs(run: Path, trained: list[str]) -> list[tuple[str, str]]:
-    """Each split against its size-matched control, and against the full pool."""
+    """Each split against its size-matched control, near-f and far-f against random-f, and
+    each split against the full pool with the reference set added as in the split (or not)."""
     meta = {s: read_json(run / "splits" / s / "split.json") for s in trained}
     out = []
     for s in trained:
         control_of = meta[s].get("control_of")
         if control_of in meta:
             out.append((control_of, s))
-    full = next((s for s in trained if meta[s].get("policy") == "full"), None)
-    if full:
-        out += [(s, full) for s in trained if s != full]
+    # near-f and far-f against random-f: the same kept fraction (the paper's curves).
+    random_at = {
+        meta[s]["params"]["fraction"]: s
+        for s in trained
+        if meta[s].get("policy") == "random" and "fraction" in (meta[s].get("params") or {})
+    }
+    for s in trained:
+        fraction = (meta[s].get("params") or {}).get("fraction")
+        if meta[s].get("policy") in ("near", "far") and fraction in random_at:
+            out.append((s, random_at[fraction]))
+    for s in trained:
+        full = claims.baseline(meta, s)
+        if full and full != s:
+            out.append((s, full))
     return list(dict.fromkeys(out))
 
 
@@ -343,6 +375,92 @@ def similarity_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: 
         return {"computed": False, "why": "no trained split"}
     write_parquet(run / "analysis" / "accuracy_by_similarity.parquet", pa.concat_tables(tables))
     return {"computed": True}
+
+
+# ----------------------------------------------------------------------------- separation
+
+
+def knn_predict(
+    reference: Store, labels: np.ndarray, tests: np.ndarray, k: int, chunk: int = 16384
+) -> np.ndarray:
+    """Each test embedding's class by a majority of its k nearest reference embeddings (cosine);
+    a tie goes to the class of the nearest tied neighbour. The reference set is read a shard at
+    a time, in chunks: ImageNet-train does not fit beside its similarity matrix."""
+    q = tests.astype(np.float32)
+    best_sim = np.full((len(q), 0), -np.inf, np.float32)
+    best_lab = np.zeros((len(q), 0), np.int64)
+    for offset, _, block in reference.iter_blocks():
+        for start in range(0, len(block), chunk):
+            emb = np.asarray(block[start : start + chunk], np.float32)
+            sim = q @ emb.T
+            lab = np.broadcast_to(labels[offset + start : offset + start + len(emb)], sim.shape)
+            sim = np.concatenate([best_sim, sim], axis=1)
+            lab = np.concatenate([best_lab, lab], axis=1)
+            keep = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+            best_sim = np.take_along_axis(sim, keep, axis=1)
+            best_lab = np.take_along_axis(lab, keep, axis=1)
+    out = np.empty(len(q), np.int64)
+    for i, row in enumerate(best_lab):  # sorted nearest first
+        classes, counts = np.unique(row, return_counts=True)
+        tied = set(classes[counts == counts.max()].tolist())
+        out[i] = next(c for c in row if c in tied)
+    return out
+
+
+def _reference_classes(sources: list[str], names: list[str]) -> np.ndarray:
+    """Reference rows' labels in the benchmark's class indices: by class folder name, or by
+    WordNet id for an ImageNet-train folder against a benchmark with ImageNet's 1000 classes."""
+    folders = [Path(s).parent.name for s in sources]
+    index = {n: i for i, n in enumerate(names)}
+    if all(f in index for f in folders):
+        return np.array([index[f] for f in folders])
+    from simgap.data.clip_benchmark import imagenet_wnids
+
+    wnids = {w: i for i, w in enumerate(imagenet_wnids())}
+    if len(names) == len(wnids) and all(f in wnids for f in folders):
+        return np.array([wnids[f] for f in folders])
+    unknown = sorted({f for f in folders if f not in index})
+    raise ValueError(
+        f"reference class folders are not the benchmark's class names ({len(unknown)} unknown, "
+        f"first: {unknown[0]!r})"
+    )
+
+
+def separation_analysis(
+    reference: Store,
+    tests: Store,
+    classnames: list[str],
+    bench: str,
+    out: Path,
+    k: int = 10,
+    max_tests: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """How well the similarity model separates classes, which every gap depends on: k-NN top-1
+    of the ID benchmark's test points against the reference set's labelled embeddings, with a
+    bootstrap interval over test points (at most max_tests, a seeded sample)."""
+    ref_table = reference.keys_table()
+    labels = _reference_classes(ref_table.column("source").to_pylist(), classnames)
+    test_table = tests.keys_table()
+    emb = tests.embeddings()
+    idx = np.arange(len(emb))
+    if len(idx) > max_tests:
+        idx = np.sort(np.random.default_rng(seed).choice(len(idx), max_tests, replace=False))
+    truth = np.array(test_table.column("label").to_pylist())[idx]
+    correct = (knn_predict(reference, labels, emb[idx], k) == truth).astype(np.float64)
+    boot = stats.Bootstrap({bench: len(idx)}, 2000, seed)
+    iv, _ = stats.accuracy(boot, correct, bench)
+    doc = {
+        "benchmark": bench,
+        "k": k,
+        "tests": int(len(idx)),
+        "reference": int(reference.rows),
+        "classes": len(classnames),
+        "chance": 1.0 / len(classnames),
+        "accuracy": iv.as_dict(),
+    }
+    write_json(out / "analysis" / "separation.json", doc)
+    return {"computed": True, "accuracy": iv.mean}
 
 
 def audit_analysis(

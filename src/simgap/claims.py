@@ -39,8 +39,17 @@ def _claim(text: str, iv: stats.Interval | None) -> dict[str, Any]:
     return {"text": text, "value": iv.mean, "lo": iv.lo, "hi": iv.hi}
 
 
-def _full(meta: Mapping[str, Mapping]) -> str | None:
-    return next((s for s, m in meta.items() if m.get("policy") == "full"), None)
+def baseline(meta: Mapping[str, Mapping], split: str | None = None) -> str | None:
+    """The full-pool model to compare a split with: of the full-pool splits (the full pool
+    alone, the full pool plus the reference set), the one that adds the reference set exactly
+    when the split does; the first one when none matches or no split is given."""
+    fulls = [s for s, m in meta.items() if m.get("policy") == "full"]
+    if split is not None and split in meta:
+        added = bool(meta[split].get("reference_added"))
+        same = [s for s in fulls if bool(meta[s].get("reference_added")) == added]
+        if same:
+            return same[0]
+    return fulls[0] if fulls else None
 
 
 def verdict(iv: stats.Interval) -> str:
@@ -52,7 +61,6 @@ def verdict(iv: stats.Interval) -> str:
 
 def ood_drop(est: Estimates, meta: Mapping[str, Mapping]) -> dict[str, Any]:
     """Claim 1: full → combined gap-matched split, against full → its random control."""
-    full = _full(meta)
     combined = next(
         (
             s
@@ -61,6 +69,7 @@ def ood_drop(est: Estimates, meta: Mapping[str, Mapping]) -> dict[str, Any]:
         ),
         None,
     )
+    full = baseline(meta, combined)
     control = next(
         (s for s, m in meta.items() if combined and m.get("control_of") == combined), None
     )
@@ -87,10 +96,11 @@ def ood_drop(est: Estimates, meta: Mapping[str, Mapping]) -> dict[str, Any]:
     ctl_moves = "a drop" if drop_ctl.mean >= 0 else "a rise"
     side = "above" if vs.mean >= 0 else "below"
     text = (
-        f"Mean OOD top-1 {moves} by {pp(abs(drop.mean))} points ({ci(drop)} for full − "
-        f"{combined}) from the full pool ({pp(f[0])}%) to the combined gap-matched split "
-        f"{combined} ({pp(c[0])}%); its size-matched random control {control} "
-        f"({pp(r[0])}%) shows {ctl_moves} of {pp(abs(drop_ctl.mean))} points ({ci(drop_ctl)}). "
+        f"Mean OOD top-1 {moves} by {pp(abs(drop.mean))} points from the full pool ({full}: "
+        f"{pp(f[0])}%) to the combined gap-matched split {combined} ({pp(c[0])}%; drop "
+        f"{pp(drop.mean)}, {ci(drop)}); its size-matched random control {control} "
+        f"({pp(r[0])}%) shows {ctl_moves} of {pp(abs(drop_ctl.mean))} points (drop "
+        f"{pp(drop_ctl.mean)}, {ci(drop_ctl)}). "
         f"The gap-matched split is {pp(abs(vs.mean))} points {side} its control ({ci(vs)}): "
         f"{verdict(vs)}."
     )
@@ -101,7 +111,6 @@ def far_fraction(est: Estimates, meta: Mapping[str, Mapping]) -> dict[str, Any]:
     """Claim 2: the smallest far-pruned fraction whose mean OOD top-1 reaches the full pool's
     interval (its lower end); the interval of that fraction over the bootstrap replicates (a
     replicate in which no fraction reaches it counts as 1, the full pool)."""
-    full = _full(meta)
     far = sorted(
         (
             (float(m["params"]["fraction"]), s)
@@ -109,6 +118,7 @@ def far_fraction(est: Estimates, meta: Mapping[str, Mapping]) -> dict[str, Any]:
             if m.get("policy") in ("far", "coreset") and "fraction" in (m.get("params") or {})
         ),
     )
+    full = baseline(meta, far[0][1] if far else None)
     if full is None or not far:
         what = "the full pool" if full is None else "a far-pruned (coreset) split"
         return _claim(
@@ -127,21 +137,22 @@ def far_fraction(est: Estimates, meta: Mapping[str, Mapping]) -> dict[str, Any]:
     if not reached:
         return {
             **_claim(
-                f"No far-pruned split reaches the full pool's mean OOD top-1 ({pp(f[0])}%, "
+                f"No far-pruned split reaches the full pool's mean OOD top-1 ({full}: "
+                f"{pp(f[0])}%, "
                 f"{ci(full_iv)}): {listed}.",
                 None,
             ),
-            "lo": float(np.percentile(reps, 2.5)),
-            "hi": float(np.percentile(reps, 97.5)),
+            "lo": (iv := stats.interval(1.0, reps, discrete=True)).lo,
+            "hi": iv.hi,
         }
     frac, split = reached[0]
-    iv = stats.interval(frac, reps)
+    iv = stats.interval(frac, reps, discrete=True)
     where = "within" if points[split][0] <= full_iv.hi else "above"
     smaller = [s for fr, s in far if fr < frac]
     below = f"; the smaller ones stay below it ({', '.join(smaller)})" if smaller else ""
     text = (
         f"The smallest far-pruned fraction whose mean OOD top-1 is within (or above) the full "
-        f"pool's 95% interval ({pp(full_iv.lo)}–{pp(full_iv.hi)}%) is {frac:g} ({split}: "
+        f"pool's 95% interval ({full}: {pp(full_iv.lo)}–{pp(full_iv.hi)}%) is {frac:g} ({split}: "
         f"{pp(points[split][0])}%, {where} it){below}; over bootstrap replicates that fraction "
         f"lies in [{iv.lo:g}, {iv.hi:g}]. All far-pruned splits: {listed}."
     )

@@ -42,14 +42,22 @@ class Interval:
         return {**out, "resolved": self.resolved} if resolved else out
 
 
-def interval(point: float, replicates: np.ndarray, level: float = LEVEL) -> Interval:
-    """The percentile interval of ``replicates`` around ``point`` (NaN replicates dropped)."""
+def interval(
+    point: float, replicates: np.ndarray, level: float = LEVEL, discrete: bool = False
+) -> Interval:
+    """The percentile interval of ``replicates`` around ``point`` (NaN replicates dropped).
+    ``discrete``: the ends are replicate values (for a statistic on a grid, such as a pruning
+    fraction), not interpolations between them."""
     reps = np.asarray(replicates, np.float64)
     reps = reps[np.isfinite(reps)]
     if reps.size == 0:
         return Interval(float(point), float("nan"), float("nan"))
     tail = 100 * (1 - level) / 2
-    lo, hi = np.percentile(reps, [tail, 100 - tail])
+    if discrete:
+        lo = np.percentile(reps, tail, method="lower")
+        hi = np.percentile(reps, 100 - tail, method="higher")
+    else:
+        lo, hi = np.percentile(reps, [tail, 100 - tail])
     return Interval(float(point), float(lo), float(hi))
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from simgap.analysis import (
     guarded,
+    reference_points_path,
     robustness_analysis,
     similarity_analysis,
     statistics_analysis,
@@ -43,6 +44,7 @@ from simgap.experiment.steps import (
     scan_grid,
     seed_recipe,
     select_split,
+    separation_step,
     train_split,
 )
 from simgap.io import sha256_bytes
@@ -69,6 +71,7 @@ class Plan:
     splits: list[SplitSpec]
     trained: list[str]
     evaluated: list[str]
+    reference_line: list[str] = dataclasses.field(default_factory=list)
 
 
 def trained_splits(cfg: Config, names: list[str]) -> list[str]:
@@ -394,7 +397,9 @@ def _analysis_stages(
             {
                 **stats_inputs,
                 "reference_line": line,
-                "reference_points": _file_identity(points) if points else None,
+                "reference_points": (
+                    _file_identity(reference_points_path(cfg)) if points else None
+                ),
             },
             lambda r: guarded(
                 "robustness",
@@ -430,6 +435,17 @@ def _analysis_stages(
             after=(*evals, "gaps"),
         )
     )
+    id_bench = cfg.analysis.id_benchmark or evaluated[0]
+    add(
+        Stage(
+            "analysis-separation",
+            {"benchmark": id_bench, "k": cfg.scan.topk, "seed": cfg.seed},
+            lambda r: guarded(
+                "class separation", lambda: separation_step(run, data, cfg, id_bench), log
+            ),
+            after=("embed-reference", f"embed-bench-{id_bench}"),
+        )
+    )
     if cfg.analysis.audit != "off":
         add(
             Stage(
@@ -446,10 +462,9 @@ def _analysis_stages(
     return stages
 
 
-def _file_identity(path: str) -> list:
+def _file_identity(path: Path) -> list:
     """A given file's path and content hash: an edited points.csv redoes the analysis."""
-    p = Path(path)
-    return [path, sha256_bytes(p.read_bytes()) if p.is_file() else None]
+    return [str(path), sha256_bytes(path.read_bytes()) if path.is_file() else None]
 
 
 def make_plan(
@@ -497,7 +512,8 @@ def make_plan(
         ),
         *_analysis_stages(cfg, run, data, trained, evaluated, benchmarks, embeds, log),
     ]
-    return Plan(stages, benchmarks, specs, trained, evaluated)
+    line = [name for name, _ in reference_line(cfg)]
+    return Plan(stages, benchmarks, specs, trained, evaluated, line)
 
 
 def portable(source: str, run: Path) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from simgap import __version__
+from simgap.analysis import reference_points_path
 from simgap.config import Config, to_json
 from simgap.experiment.engines import executors_of
 from simgap.experiment.estimate import scan_lines
@@ -70,6 +71,22 @@ def _retire_stale(run: Path, plan: Plan, log: Log) -> None:
                     p.unlink()
 
 
+def _retire_reference_line(run: Path, plan: Plan, log: Log) -> None:
+    """Reference-line models a previous config trained but this one does not: their
+    evaluations would otherwise be counted as the line's (their checkpoints stay)."""
+    folder = run / "eval" / "reference-line"
+    for path in sorted(folder.glob("*.json")):
+        if path.stem in plan.reference_line:
+            continue
+        log(f"[retire] reference-line model {path.stem}: not in this config")
+        path.unlink()
+        for p in (folder / "predictions").glob(f"{path.stem}-*.parquet"):
+            if _model_and_benchmark(p.stem, plan.benchmarks)[0] == path.stem:
+                p.unlink()
+        for stage in ("train", "evaluate"):
+            (run / "stages" / f"{stage}-{path.stem}.json").unlink(missing_ok=True)
+
+
 def _seed_of(model: str, split: str) -> int | None:
     """k for a model named <split>@s<k>, else None."""
     prefix = f"{split}@s"
@@ -123,10 +140,14 @@ def run_config(
         runner = Runner(run, plan.stages, log)
         return {"plan": runner.plan(), "text": format_plan(runner, cfg, plan)}
     missing = missing_paths(cfg)
+    points = reference_points_path(cfg) if cfg.analysis.reference_points else None
+    if points is not None and not points.is_file():
+        missing.append(f"analysis.reference_points: {points}")  # found out now, not days later
     if missing:
         raise FileNotFoundError(f"{where(cfg)}: missing inputs: " + "; ".join(missing))
     _prepare_dir(run)
     _retire_stale(run, plan, log)
+    _retire_reference_line(run, plan, log)
     runner = Runner(run, plan.stages, log)
     started = time.time()
     provenance = {
@@ -155,6 +176,7 @@ def run_config(
                     "analysis-robustness",
                     "analysis-statistics",
                     "analysis-similarity",
+                    "analysis-separation",
                     "audit",
                 )
             },

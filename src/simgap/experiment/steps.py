@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from simgap.analysis import audit_analysis
+from simgap.analysis import audit_analysis, separation_analysis
 from simgap.config import Config
 from simgap.data.clip_benchmark import open_benchmark
 from simgap.evaluate import evaluate_benchmark
@@ -400,3 +400,18 @@ def embed_source(
         source, run / "stores" / name, spec, executor, sim.device, sim.batch_size, progress=log
     )
     return store.manifest["rows"]
+
+
+def separation_step(run: Path, data: Data, cfg: Config, bench: str) -> dict:
+    """k-NN class separation of the similarity model on the ID benchmark (analysis/
+    separation.json)."""
+    classnames = list(open_benchmark(Path(data.benchmarks[bench])).classnames)
+    return separation_analysis(
+        run_store(run, "reference", data),
+        run_store(run, f"bench-{bench}", data),
+        classnames,
+        bench,
+        run,
+        k=cfg.scan.topk,
+        seed=cfg.seed,
+    )

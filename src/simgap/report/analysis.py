@@ -9,17 +9,30 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from simgap.report import figures
-from simgap.report.blocks import FigureBlock, Note, Paragraph, Section, Table, mean, pct, pp
+from simgap.report.blocks import (
+    FigureBlock,
+    Note,
+    Paragraph,
+    Section,
+    Table,
+    mean,
+    pct,
+    pct_ci,
+    pp,
+)
 from simgap.report.runfiles import (
     NOT_COMPUTED,
     RunFiles,
     benchmark_order,
+    difference_ci,
     split_order,
     top1,
+    top1_ci,
     why_not_computed,
 )
 
 CURVE_POLICIES = ("near", "far", "random")
+MEAN_OOD = "mean-ood"
 
 
 def curve_splits(files: RunFiles) -> dict[str, list[str]]:
@@ -55,22 +68,31 @@ def curves_section(files: RunFiles) -> Section:
     ]
     section.blocks += [
         Paragraph(
-            "Near keeps the pool points most similar to the benchmarks' test points, far the "
-            "least similar, random a uniform sample, each at the same kept fractions. If "
-            "accuracy mainly came from train–test similarity, near would beat random and far "
-            "would trail it at every size."
+            "Near-pruning removes the pool points most similar to the benchmarks' test points "
+            "first, so it keeps the least similar ones; far-pruning removes the least similar "
+            "first and keeps the most similar; random keeps a uniform sample of the same size. "
+            "If accuracy mainly came from train–test similarity, near-pruned splits would "
+            "trail random ones and far-pruned splits would beat them at every size."
         ),
         _curve_table(files, by_policy, benches),
     ]
+    verdicts = _curve_verdicts(files, by_policy)
+    if verdicts:
+        section.blocks.append(Paragraph(" ".join(verdicts)))
     if not benches:
         section.blocks.append(Note(f"Evaluation of these splits: {NOT_COMPUTED}."))
         return section
-    panels = [*benches, "mean"]
+    stats = files.statistics is not None
+    panels = [*benches, "mean OOD" if stats else "mean"]
     curves = [
         figures.SizeCurve(
             policy,
             [int(files.splits[n]["size"]) for n in splits],
-            _panel_values(files, splits, benches),
+            *(
+                _panel_intervals(files, splits, benches)
+                if stats
+                else (_panel_values(files, splits, benches), None)
+            ),
         )
         for policy, splits in by_policy.items()
     ]
@@ -80,7 +102,8 @@ def curves_section(files: RunFiles) -> Section:
             figures.size_curves(panels, curves, _full_point(files, benches)),
             "Line charts of top-1 accuracy against split size for near, far and random splits",
             "Top-1 (%) against split size (pool points kept), one line per policy; the star is "
-            "the model trained on the full pool.",
+            "the model trained on the full pool"
+            + ("; error bars: 95% intervals." if stats else "."),
         )
     )
     return section
@@ -94,40 +117,93 @@ def _panel_values(
     return values
 
 
+def _panel_intervals(
+    files: RunFiles, splits: Sequence[str], benches: Sequence[str]
+) -> tuple[dict[str, list[float | None]], dict[str, list[tuple[float, float] | None]]]:
+    """Per panel (benchmarks and the mean OOD top-1) the means and their 95% intervals."""
+    values: dict[str, list[float | None]] = {}
+    errors: dict[str, list[tuple[float, float] | None]] = {}
+    for panel, key in [*((b, b) for b in benches), ("mean OOD", MEAN_OOD)]:
+        ivs = [top1_ci(files, n, key) for n in splits]
+        values[panel] = [None if iv is None else iv["mean"] for iv in ivs]
+        errors[panel] = [None if iv is None else (iv["lo"], iv["hi"]) for iv in ivs]
+    return values, errors
+
+
 def _full_point(files: RunFiles, benches: Sequence[str]) -> dict[str, tuple[int, float]]:
     """The full pool's accuracy, the curves' common end point, where it was evaluated."""
-    full = next((n for n, s in files.splits.items() if s.get("policy") == "full"), None)
+    full = _full_split(files)
     if full is None or full not in files.evals:
         return {}
     size = int(files.splits[full]["size"])
+    if files.statistics is not None:
+        points = {}
+        for panel, key in [*((b, b) for b in benches), ("mean OOD", MEAN_OOD)]:
+            if (iv := top1_ci(files, full, key)) is not None:
+                points[panel] = (size, iv["mean"])
+        return points
     points = {b: (size, v) for b in benches if (v := top1(files, full, b)) is not None}
     if (m := mean(top1(files, full, b) for b in benches)) is not None:
         points["mean"] = (size, m)
     return points
 
 
+def _full_split(files: RunFiles) -> str | None:
+    return next((n for n, s in files.splits.items() if s.get("policy") == "full"), None)
+
+
+def _curve_verdicts(files: RunFiles, by_policy: Mapping[str, Sequence[str]]) -> list[str]:
+    """One computed sentence per near / far policy: at each size, its mean OOD top-1 against the
+    random split of the same fraction (paired difference and whether it is resolved)."""
+    if files.statistics is None or "random" not in by_policy:
+        return []
+    random_at = {files.splits[n]["params"]["fraction"]: n for n in by_policy["random"]}
+    out = []
+    for policy in ("near", "far"):
+        parts = []
+        for name in by_policy.get(policy, []):
+            other = random_at.get(files.splits[name]["params"]["fraction"])
+            d = difference_ci(files, name, other, MEAN_OOD) if other else None
+            if d is None:
+                continue
+            side = "above" if d["mean"] >= 0 else "below"
+            verdict = "resolved" if d.get("resolved") else "not resolved"
+            parts.append(
+                f"{name} is {abs(100 * d['mean']):.1f} points {side} {other} "
+                f"[{pp(d['lo'])}, {pp(d['hi'])}], {verdict}"
+            )
+        if parts:
+            out.append(f"Mean OOD top-1, {policy}-pruned against random: " + "; ".join(parts) + ".")
+    return out
+
+
 def _curve_table(
     files: RunFiles, by_policy: Mapping[str, Sequence[str]], benches: Sequence[str]
 ) -> Table:
     rows = []
+    stats = files.statistics is not None
     for policy, splits in by_policy.items():
         for name in splits:
             split = files.splits[name]
-            values = [top1(files, name, b) for b in benches]
+            if stats:
+                cells = [pct_ci(top1_ci(files, name, b)) for b in [*benches, MEAN_OOD]]
+            else:
+                values = [top1(files, name, b) for b in benches]
+                cells = [*map(pct, values), pct(mean(values))]
             rows.append(
                 [
                     name,
                     policy,
                     f"{float(split['params']['fraction']):g}",
                     f"{int(split['size']):,}",
-                    *map(pct, values),
-                    pct(mean(values)),
+                    *cells,
                 ]
             )
     return Table(
-        ["split", "policy", "fraction", "kept", *benches, "mean"],
+        ["split", "policy", "fraction", "kept", *benches, "mean OOD" if stats else "mean"],
         rows,
-        caption="Near / far / random splits: kept fraction, size and top-1 (%).",
+        caption="Near / far / random splits: kept fraction, size and top-1 (%)"
+        + (", with 95% intervals." if stats else "."),
         numeric=tuple(range(2, 5 + len(benches))),
     )
 
@@ -230,20 +306,35 @@ def robustness_section(files: RunFiles) -> Section:
     refs = set(line.get("reference_models") or [])
     points = [
         figures.RobustnessPoint(
-            p["split"], float(p["id_acc"]), float(p["ood_acc"]), p["split"] in refs
+            p["split"],
+            float(p["id_acc"]),
+            float(p["ood_acc"]),
+            p["split"] in refs,
+            _pair(p.get("id_ci")),
+            _pair(p.get("ood_ci")),
         )
         for p in data.get("points", [])
     ]
     id_name = str(line.get("id_benchmark", "ID benchmark"))
     ood = line.get("ood_benchmarks") or []
     ood_name = ", ".join(ood) if isinstance(ood, list) else str(ood)
+    source = line.get("source")
+    if source == "reference-line":
+        fitted = (
+            f"fitted to the {len(refs)} models trained on the reference set alone (the role of "
+            "the paper's ImageNet-trained models), varying budget and seed"
+        )
+    elif source:
+        fitted = f"fitted to the {len(refs)} published models of {source}"
+    else:
+        fitted = "fitted to the models named below"
     section.blocks += [
         Paragraph(
             f"Mean top-1 on the out-of-distribution benchmarks ({ood_name or 'OOD'}) against "
             f"top-1 on {id_name}, on logit axes. The line, logit(OOD) = "
             f"{float(line['slope']):.3f} · logit(ID) + {float(line['intercept']):.3f}, is "
-            "fitted to the models named below; effective robustness is a model's distance "
-            "above it in accuracy (Taori et al. 2020)."
+            f"{fitted}; effective robustness is a model's distance above it in accuracy "
+            "(Taori et al. 2020)."
         ),
         FigureBlock(
             "fig-robustness.png",
@@ -256,11 +347,20 @@ def robustness_section(files: RunFiles) -> Section:
             ),
             "Scatter plot of OOD against ID accuracy on logit axes with the fitted line",
             "OOD against ID top-1 on logit axes; circles are the models the line was fitted "
-            "to, diamonds the other splits.",
+            "to, diamonds the splits; error bars: 95% intervals where the run computed them.",
         ),
         _robustness_table(data, refs),
     ]
+    per_benchmark = data.get("effective_robustness")
+    if per_benchmark:
+        section.blocks.append(_robustness_by_benchmark(per_benchmark, ood))
     return section
+
+
+def _pair(value: object) -> tuple[float, float] | None:
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return float(value[0]), float(value[1])
+    return None
 
 
 def _robustness_table(data: Mapping, refs: set[str]) -> Table:
@@ -282,4 +382,26 @@ def _robustness_table(data: Mapping, refs: set[str]) -> Table:
         caption="Effective robustness per split: OOD top-1 above (+) or below (−) the line, in "
         "percentage points; 'fits the line': one of the models the line was fitted to.",
         numeric=(1, 2, 3),
+    )
+
+
+def _robustness_by_benchmark(per_split: Mapping, ood: Sequence[str]) -> Table:
+    """Effective robustness per OOD benchmark (a line per benchmark, as the paper quotes
+    ImageNet-Sketch alone) and for the mean OOD top-1, with 95% intervals."""
+    cols = [*ood, MEAN_OOD]
+    rows = []
+    for split, by_bench in per_split.items():
+        cells = []
+        for b in cols:
+            iv = by_bench.get(b)
+            cells.append(
+                pct_ci({**iv, "resolved": iv["lo"] > 0 or iv["hi"] < 0} if iv else None, True)
+            )
+        rows.append([split, *cells])
+    return Table(
+        ["split", *ood, "mean OOD"],
+        rows,
+        caption="Effective robustness (pp) per OOD benchmark, each against its own line, with "
+        "95% intervals (seeds and test points resampled, the line refitted in every "
+        "replicate); * marks an interval that excludes 0.",
     )

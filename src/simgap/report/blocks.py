@@ -4,7 +4,7 @@ formats every section shares. Sections are built once and rendered to HTML and M
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -78,3 +78,13 @@ def diff(a: Sequence[float | None], b: Sequence[float | None]) -> list[float | N
 def mean(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
+
+
+def pct_ci(iv: Mapping | None, signed: bool = False) -> str:
+    """A mean with its 95% interval, in %: "45.2 [43.1, 47.3]"; signed for differences (pp),
+    where a resolved interval (excluding 0) is marked with *."""
+    if not iv:
+        return "—"
+    fmt = pp if signed else pct
+    mark = "*" if signed and iv.get("resolved") else ""
+    return f"{fmt(iv['mean'])} [{fmt(iv['lo'])}, {fmt(iv['hi'])}]{mark}"

@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from simgap.io import write_bytes, write_json
-from simgap.report import analysis, audit, composition, figures, findings, gallery
+from simgap.report import (
+    analysis,
+    audit,
+    composition,
+    figures,
+    findings,
+    gallery,
+    structure,
+)
 from simgap.report.blocks import (
     FigureBlock,
     Note,
@@ -28,6 +36,7 @@ from simgap.report.blocks import (
     diff,
     mean,
     pct,
+    pct_ci,
     pp,
     sim,
 )
@@ -38,11 +47,13 @@ from simgap.report.runfiles import (
     RunFiles,
     benchmark_order,
     controls,
+    difference_ci,
     is_gap_matched,
     load_run,
     split_benchmarks,
     split_order,
     top1,
+    top1_ci,
 )
 
 # split.json keys that may hold the guarantee check's verdict, in order of preference.
@@ -186,18 +197,28 @@ def _accuracy_section(files: RunFiles, colors: Mapping[str, str]) -> Section:
         b for b in benchmark_order(files) if any(_evaluated(files, s, b) for s in files.evals)
     ]
     evaluated = [s for s in split_order(files) if s in files.evals]
-    section.blocks += [
-        Paragraph(
+    stats = files.statistics
+    if stats is not None:
+        tests = ", ".join(f"{b} {n:,}" for b, n in stats["test_points"].items())
+        text = (
+            f"Zero-shot top-1 accuracy (%) of the models trained on each split: the mean over "
+            f"{stats['seeds']} training seed(s) and each benchmark's test points ({tests}), "
+            "with its 95% interval in brackets (a bootstrap over both seeds and test points). "
+            f"Mean OOD: the mean over the benchmarks other than {stats['id_benchmark']}."
+        )
+    else:
+        text = (
             "Zero-shot top-1 accuracy (%) of the model trained on each split. The mean is "
             "over the benchmarks a split was evaluated on."
-        ),
-        _accuracy_table(files, evaluated, benches),
-    ]
+        )
+    section.blocks += [Paragraph(text), _accuracy_table(files, evaluated, benches)]
     pairs = _control_pairs(files)
     if pairs:
         section.blocks.append(_control_table(files, pairs, benches))
     else:
         section.blocks.append(Note("No evaluated split has an evaluated size-matched control."))
+    if stats is not None and stats["differences"]:
+        section.blocks.append(_differences_table(files))
     unevaluated = [s for s in split_order(files) if s not in files.evals]
     if unevaluated:
         section.blocks.append(Note("Not evaluated: " + ", ".join(unevaluated) + "."))
@@ -205,14 +226,22 @@ def _accuracy_section(files: RunFiles, colors: Mapping[str, str]) -> Section:
         FigureBlock(
             "fig-accuracy.png",
             figures.accuracy_bars(
-                [*benches, "mean"], _accuracy_bars(files, evaluated, benches, colors)
+                [*benches, _mean_label(files)], _accuracy_bars(files, evaluated, benches, colors)
             ),
             "Bar chart of top-1 accuracy per benchmark and split",
-            "Top-1 (%) per benchmark and the mean over benchmarks; hatched bars are random "
-            "controls, drawn in the colour of the split they control.",
+            f"Top-1 (%) per benchmark and the {_mean_label(files)} top-1; hatched bars are "
+            "random controls, drawn in the colour of the split they control"
+            + ("; error bars: 95% intervals." if stats is not None else "."),
         )
     )
     return section
+
+
+MEAN_OOD = "mean-ood"
+
+
+def _mean_label(files: RunFiles) -> str:
+    return "mean OOD" if files.statistics is not None else "mean"
 
 
 def _evaluated(files: RunFiles, split: str, bench: str) -> bool:
@@ -222,11 +251,17 @@ def _evaluated(files: RunFiles, split: str, bench: str) -> bool:
 def _accuracy_table(files: RunFiles, splits: Sequence[str], benches: Sequence[str]) -> Table:
     rows = []
     for split in splits:
-        values = [top1(files, split, b) for b in benches]
         policy = str(files.splits.get(split, {}).get("policy", "—"))
-        rows.append([split, policy, *map(pct, values), pct(mean(values))])
-    header = ["split", "policy", *benches, "mean"]
-    caption = "Zero-shot top-1 (%) per split and benchmark."
+        if files.statistics is not None:
+            cells = [pct_ci(top1_ci(files, split, b)) for b in [*benches, MEAN_OOD]]
+        else:
+            values = [top1(files, split, b) for b in benches]
+            cells = [*map(pct, values), pct(mean(values))]
+        rows.append([split, policy, *cells])
+    header = ["split", "policy", *benches, _mean_label(files)]
+    caption = "Zero-shot top-1 (%) per split and benchmark" + (
+        ", with 95% intervals." if files.statistics is not None else "."
+    )
     return Table(header, rows, caption, numeric=tuple(range(2, len(header))))
 
 
@@ -243,6 +278,8 @@ def _control_pairs(files: RunFiles) -> list[tuple[str, str]]:
 def _control_table(
     files: RunFiles, pairs: Sequence[tuple[str, str]], benches: Sequence[str]
 ) -> Table:
+    if files.statistics is not None:
+        return _control_table_ci(files, pairs, benches)
     rows = []
     for split, control in pairs:
         own = [top1(files, split, b) for b in benches]
@@ -261,14 +298,71 @@ def _control_table(
     )
 
 
+def _control_table_ci(
+    files: RunFiles, pairs: Sequence[tuple[str, str]], benches: Sequence[str]
+) -> Table:
+    cols = [*benches, MEAN_OOD]
+    rows = []
+    for split, control in pairs:
+        rows += [
+            [split, *(pct_ci(top1_ci(files, split, b)) for b in cols)],
+            [f"control: {control}", *(pct_ci(top1_ci(files, control, b)) for b in cols)],
+            [
+                f"Δ {split} − control",
+                *(pct_ci(difference_ci(files, split, control, b), signed=True) for b in cols),
+            ],
+        ]
+    return Table(
+        ["split", *benches, "mean OOD"],
+        rows,
+        caption="Each split against its size-matched random control: top-1 (%) and the paired "
+        "difference in percentage points (over the same test points and seeds), with 95% "
+        "intervals; * marks a difference whose interval excludes 0 (resolved).",
+    )
+
+
+def _differences_table(files: RunFiles) -> Table:
+    """Every paired difference the run computed (split − control, split − full), mean OOD and
+    per benchmark, with a plain resolved / not resolved column."""
+    stats = files.statistics or {}
+    rows = []
+    for pair, by_bench in stats["differences"].items():
+        ood = by_bench.get(MEAN_OOD) or next(iter(by_bench.values()))
+        rows.append(
+            [
+                pair.replace(" - ", " − "),
+                pct_ci(ood, signed=True),
+                "resolved" if ood.get("resolved") else "not resolved",
+                ", ".join(
+                    f"{b} {pp(v['mean'])}" + ("*" if v.get("resolved") else "")
+                    for b, v in by_bench.items()
+                    if b != MEAN_OOD
+                ),
+            ]
+        )
+    return Table(
+        ["difference", "mean OOD (pp)", "verdict", "per benchmark (pp; * resolved)"],
+        rows,
+        caption="Paired differences of mean OOD top-1 with 95% intervals: resolved when the "
+        "interval excludes 0.",
+        numeric=(1,),
+    )
+
+
 def _accuracy_bars(
     files: RunFiles, splits: Sequence[str], benches: Sequence[str], colors: Mapping[str, str]
 ) -> list[figures.AccuracyBar]:
     controlled = {c for cs in controls(files).values() for c in cs}
     bars = []
     for split in splits:
-        values = [top1(files, split, b) for b in benches]
         hatched = split in controlled
+        if files.statistics is not None:
+            ivs = [top1_ci(files, split, b) for b in [*benches, MEAN_OOD]]
+            values = [None if iv is None else iv["mean"] for iv in ivs]
+            errors = [None if iv is None else (iv["lo"], iv["hi"]) for iv in ivs]
+            bars.append(figures.AccuracyBar(split, values, colors[split], hatched, errors))
+            continue
+        values = [top1(files, split, b) for b in benches]
         bars.append(figures.AccuracyBar(split, [*values, mean(values)], colors[split], hatched))
     return bars
 
@@ -428,6 +522,7 @@ def build_sections(files: RunFiles) -> list[Section]:
     doc = findings.findings(files.run_dir) if files.run_dir else None
     body = [
         findings.findings_section(files, doc),
+        structure.structure_section(files),
         _gaps_section(files, colors),
         gallery.gallery_section(files),
         _accuracy_section(files, colors),
@@ -487,6 +582,8 @@ def summary_table(run_dir: Path) -> str:
     if not files.evals:
         return "evaluation was not run (no eval/*.json); splits: " + ", ".join(splits)
     benches = [b for b in benchmark_order(files) if any(_evaluated(files, s, b) for s in splits)]
+    if files.statistics is not None:
+        return _summary_with_intervals(files, splits, benches)
     rows: list[list[str]] = []
     for split in (s for s in splits if s in files.evals):
         own = [top1(files, split, b) for b in benches]
@@ -502,6 +599,40 @@ def summary_table(run_dir: Path) -> str:
     text = _text_table(["top-1 (%)", *benches, "mean"], rows)
     unevaluated = [s for s in splits if s not in files.evals]
     return text + ("\nnot evaluated: " + ", ".join(unevaluated) if unevaluated else "")
+
+
+def _summary_with_intervals(files: RunFiles, splits: Sequence[str], benches: Sequence[str]) -> str:
+    """Means over seeds per benchmark, the mean OOD top-1 with its 95% interval; each control's
+    paired difference (* resolved); then the findings' sentences."""
+    stats = files.statistics or {}
+
+    def means(split: str) -> list[str]:
+        return [pct((top1_ci(files, split, b) or {}).get("mean")) for b in benches]
+
+    rows: list[list[str]] = []
+    for split in (s for s in splits if s in files.evals):
+        parent = files.splits.get(split, {}).get("control_of")
+        ood = pct_ci(top1_ci(files, split, MEAN_OOD))
+        if parent not in files.evals or parent == split:
+            rows.append([split, *means(split), ood])
+            continue
+        rows.append([f"  {split} (control)", *means(split), ood])
+        deltas = [difference_ci(files, parent, split, b) for b in benches]
+        cells = [
+            "—" if d is None else pp(d["mean"]) + ("*" if d.get("resolved") else "") for d in deltas
+        ]
+        ood_delta = pct_ci(difference_ci(files, parent, split, MEAN_OOD), signed=True)
+        rows.append([f"  Δ {parent} − control", *cells, ood_delta])
+    head = f"top-1 (%), mean of {stats.get('seeds', 1)} seed(s)"
+    text = _text_table([head, *benches, "mean OOD [95% CI]"], rows)
+    text += "\n(* paired difference resolved: its 95% interval excludes 0)"
+    unevaluated = [s for s in splits if s not in files.evals]
+    if unevaluated:
+        text += "\nnot evaluated: " + ", ".join(unevaluated)
+    claims = stats.get("claims") or []
+    if claims:
+        text += "\n\nFindings:\n" + "\n".join(f"{i}. {c['text']}" for i, c in enumerate(claims, 1))
+    return text
 
 
 def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

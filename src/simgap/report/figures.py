@@ -85,6 +85,7 @@ class AccuracyBar:
     values: Sequence[float | None]
     color: str
     hatched: bool
+    errors: Sequence[tuple[float, float] | None] | None = None  # 95% interval (lo, hi)
 
 
 def split_colors(splits: Sequence[str]) -> dict[str, str]:
@@ -153,6 +154,8 @@ def accuracy_bars(benchmarks: Sequence[str], bars: Sequence[AccuracyBar]) -> byt
             ax.bar(
                 x - 0.4 + width * (i + 0.5),
                 heights,
+                yerr=_yerr(heights, bar.errors),
+                error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "#333333"},
                 width=width,
                 color=bar.color,
                 alpha=0.55 if bar.hatched else 1.0,
@@ -249,6 +252,19 @@ class SizeCurve:
     policy: str
     sizes: Sequence[int]
     values: Mapping[str, Sequence[float | None]]  # panel title -> one value per size
+    # panel title -> the 95% interval (lo, hi) per size; None: no error bars
+    errors: Mapping[str, Sequence[tuple[float, float] | None]] | None = None
+
+
+def _yerr(
+    heights: Sequence[float], errors: Sequence[tuple[float, float] | None] | None
+) -> np.ndarray | None:
+    """Asymmetric error bars (2 x n, in %) from intervals; None where there are none."""
+    if errors is None:
+        return None
+    lo = [np.nan if e is None else h - 100 * e[0] for h, e in zip(heights, errors, strict=True)]
+    hi = [np.nan if e is None else 100 * e[1] - h for h, e in zip(heights, errors, strict=True)]
+    return np.array([lo, hi])
 
 
 def size_curves(
@@ -264,9 +280,12 @@ def size_curves(
         for ax, panel in zip(axes.flat, panels, strict=False):
             for curve in curves:
                 y = [np.nan if v is None else 100 * v for v in curve.values[panel]]
-                ax.plot(
+                ax.errorbar(
                     curve.sizes,
                     y,
+                    yerr=_yerr(y, curve.errors[panel]) if curve.errors else None,
+                    capsize=2,
+                    elinewidth=0.8,
                     marker=_POLICY_MARKERS.get(curve.policy, "D"),
                     color=POLICY_COLORS.get(curve.policy, "#9467bd"),
                     label=curve.policy,
@@ -359,6 +378,8 @@ class RobustnessPoint:
     id_acc: float
     ood_acc: float
     reference: bool  # one of the models the line was fitted to
+    id_ci: tuple[float, float] | None = None  # 95% intervals: error bars
+    ood_ci: tuple[float, float] | None = None
 
 
 def robustness_plot(
@@ -378,12 +399,17 @@ def robustness_plot(
         ax.plot(x, slope * x + intercept, color="#1f77b4", label="fitted line")
         ax.plot(x, x, color="#999999", ls=":", linewidth=1, label="y = x")
         for p in points:
-            ax.plot(
-                logit(p.id_acc),
-                logit(p.ood_acc),
+            x0, y0 = logit(p.id_acc), logit(p.ood_acc)
+            ax.errorbar(
+                x0,
+                y0,
+                xerr=_logit_err(x0, p.id_ci),
+                yerr=_logit_err(y0, p.ood_ci),
                 marker="o" if p.reference else "D",
                 color="#1f77b4" if p.reference else "#d62728",
                 ls="",
+                elinewidth=0.7,
+                capsize=1.5,
             )
             ax.annotate(
                 p.split,
@@ -407,6 +433,12 @@ def robustness_plot(
         ]
         ax.legend(handles=handles, loc="upper left")
         return _png(fig)
+
+
+def _logit_err(center: float, ci: tuple[float, float] | None) -> np.ndarray | None:
+    if ci is None:
+        return None
+    return np.array([[max(0.0, center - logit(ci[0]))], [max(0.0, logit(ci[1]) - center)]])
 
 
 def _logit_ticks(lo: float, hi: float) -> list[float]:

@@ -46,11 +46,19 @@ def findings(run_dir: Path) -> dict[str, Any] | None:
         "top1": st["top1"],
         "differences": st["differences"],
         "effective_robustness": rob.get("effective_robustness", {}),
-        "reference_models": int(rob.get("reference_models", 0)),
+        "reference_models": _reference_models(run_dir, rob),
         "claims": st["claims"],
         "wall_seconds": run.get("wall_seconds"),
     }
     return {k: doc[k] for k in KEYS}
+
+
+def _reference_models(run_dir: Path, robustness: dict) -> int:
+    """The models of the effective-robustness line: those it was fitted to, or (where no line
+    could be fitted) the reference-line models the run evaluated."""
+    if "reference_models" in robustness:
+        return int(robustness["reference_models"])
+    return len(list((run_dir / "eval" / "reference-line").glob("*.json")))
 
 
 def findings_section(files: RunFiles, doc: dict[str, Any] | None) -> Section:

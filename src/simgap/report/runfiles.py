@@ -40,6 +40,8 @@ class RunFiles:
     accuracy_by_similarity: pa.Table | None = None  # analysis/accuracy_by_similarity.parquet
     audit: dict | None = None  # audit/audit.json
     audit_pairs: pa.Table | None = None  # audit/pairs.parquet
+    statistics: dict | None = None  # analysis/statistics.json: intervals (simgap.stats)
+    separation: dict | None = None  # analysis/separation.json: k-NN class separation
 
 
 def load_run(run_dir: Path) -> RunFiles:
@@ -65,6 +67,8 @@ def load_run(run_dir: Path) -> RunFiles:
         audit_pairs=_optional(
             run_dir / "audit" / "pairs.parquet", lambda p: _read_parquet(p, _PAIR_COLUMNS)
         ),
+        statistics=_optional(run_dir / "analysis" / "statistics.json", _read_statistics),
+        separation=_optional(run_dir / "analysis" / "separation.json", read_json),
     )
 
 
@@ -92,6 +96,14 @@ def _read_robustness(path: Path) -> dict:
         missing = [k for k in ("split", "id_acc", "ood_acc") if k not in point]
         if missing:
             raise ValueError(f"{path}: points[{i}] lacks {missing}")
+    return data
+
+
+def _read_statistics(path: Path) -> dict:
+    data = read_json(path)
+    for key in ("seeds", "top1", "differences"):
+        if key not in data:
+            raise ValueError(f"{path}: lacks {key!r}")
     return data
 
 
@@ -213,6 +225,21 @@ def top1(files: RunFiles, split: str, bench: str) -> float | None:
     """A split's zero-shot top-1 (fraction) on a benchmark; None where it was not evaluated."""
     entry = files.evals.get(split, {}).get("benchmarks", {}).get(bench)
     return None if entry is None else float(entry["top1"])
+
+
+def top1_ci(files: RunFiles, split: str, bench: str) -> dict | None:
+    """A split's top-1 on a benchmark (or "mean-ood") as {mean, lo, hi} over its seeds and test
+    points; None where the run has no statistics for it."""
+    if files.statistics is None:
+        return None
+    return files.statistics["top1"].get(split, {}).get(bench)
+
+
+def difference_ci(files: RunFiles, a: str, b: str, bench: str) -> dict | None:
+    """The paired difference a − b as {mean, lo, hi, resolved}; None where not computed."""
+    if files.statistics is None:
+        return None
+    return files.statistics["differences"].get(f"{a} - {b}", {}).get(bench)
 
 
 def why_not_computed(files: RunFiles, part: str) -> str:
