@@ -470,11 +470,6 @@ def reference_items(reference: Path, template: str) -> list[RefItem]:
     ]
 
 
-def reference_samples(reference: Path, template: str) -> Iterator[Sample]:
-    """The reference set as webdataset samples, one image read at a time."""
-    return _ref_samples(reference_items(reference, template))
-
-
 def _ref_samples(items: list[RefItem]) -> Iterator[Sample]:
     for key, path, caption, label in items:
         yield (
