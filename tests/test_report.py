@@ -16,18 +16,30 @@ from PIL import Image
 from report_run import (
     AUDIT,
     BENCHMARKS,
+    CONFIG,
     CONFIG_TEXT,
     SPLITS,
+    TOP1,
     make_run,
     robustness_doc,
     write_json,
 )
 
+from simgap.experiment import make_plan
+from simgap.parallel import Executor, LocalEngine
 from simgap.report import build_report, summary_table
 from simgap.report.blocks import FigureBlock, Note, Table
 from simgap.report.gallery import gallery_section, pick_tests
 from simgap.report.runfiles import load_run
 from simgap.store import open_store
+
+
+def test_the_test_runs_config_is_one_the_current_parser_plans(tmp_path) -> None:
+    """The synthetic run's config text is in today's schema and makes the run's splits and
+    trainings (report_run parses it with simgap.config at import; this plans it)."""
+    plan = make_plan(CONFIG, tmp_path, lambda _: None, Executor(LocalEngine(1)))
+    assert set(SPLITS) <= {s.name for s in plan.splits}
+    assert plan.trained == list(TOP1) and plan.benchmarks == list(BENCHMARKS)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +152,7 @@ def test_full_report_is_self_contained_with_figures_and_tables(built) -> None:
 
     # Provenance: timings total, the config file as given and the resolved config.
     assert _table(html, "Stage timings")["total"] == ["95.8", "100.0"]
-    assert "[[splits]]" in html and CONFIG_TEXT.splitlines()[0] in html
+    assert "[splits.near]" in html and CONFIG_TEXT.splitlines()[0] in html
     assert "&quot;scale&quot;: &quot;tiny&quot;" in html
 
 
