@@ -23,7 +23,8 @@ EVENT = re.compile(r"^\[(run|done|cached)\] (\S+)(?: in ([\d.]+)s)?$")
 # parallel.Progress lines ("embed-pool: 3/8 shards, ...") and open_clip_train's batch lines.
 COUNT = re.compile(r"^(?P<label>[^\[\]:]+): (?P<done>\d+)/(?P<total>\d+) (?P<unit>[a-z]+)")
 EPOCH = re.compile(r"Train Epoch: (?P<epoch>\d+) \[\s*(?P<done>\d+)/(?P<total>\d+)")
-PLAIN_PROGRESS_EVERY_S = 60.0  # without a terminal: at most one progress line a minute
+PLAIN_PROGRESS_EVERY_S = 120.0  # without a terminal: at most one progress line in 2 minutes
+ETA_AFTER = 3  # stages run before an ETA is shown: one stage says little about the rest
 TAIL_LINES = 20
 
 
@@ -69,7 +70,7 @@ class RunConsole:
         self.ran = 0  # stages run (not cached) and done
         self.started = time.monotonic()
         self.first_run: float | None = None  # when the first stage that runs began
-        self.last_plain_progress = self.started  # the first plain line after a quiet minute
+        self.last_plain_progress = self.started  # the first plain line after a quiet while
         self._lock = threading.RLock()
         self._thread = threading.local()
         self._files: dict[str, IO[str]] = {}
@@ -83,7 +84,13 @@ class RunConsole:
     def __enter__(self) -> RunConsole:
         if self.live:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
             console = Console(file=self.out, force_terminal=True)
             self._progress = Progress(
@@ -91,6 +98,7 @@ class RunConsole:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[note]}"),
+                TimeElapsedColumn(),
                 console=console,
                 transient=True,
             )
@@ -200,28 +208,27 @@ class RunConsole:
         found = COUNT.match(message)
         epoch = EPOCH.search(message)
         if found:
-            done, total = int(found["done"]), int(found["total"])
-            text = f"{done}/{total} {found['unit']}"
+            done, total, what = int(found["done"]), int(found["total"]), found["unit"]
         elif epoch:
             done, total = int(epoch["done"]), int(epoch["total"])
-            text = f"epoch {int(epoch['epoch']) + 1}: {done}/{total} samples"
+            what = f"samples of epoch {int(epoch['epoch']) + 1}"
         else:
             return
         if self._progress is not None:
             bar = self._bars.get(stage)
             if bar is not None:
-                self._progress.update(bar, completed=done, total=total, note=text)
+                self._progress.update(bar, completed=done, total=total, note=what)
             return
         now = time.monotonic()
         if now - self.last_plain_progress >= PLAIN_PROGRESS_EVERY_S:
             self.last_plain_progress = now
-            self._print(f"    {stage}: {text}")
+            self._print(f"    {stage}: {done}/{total} {what}")
 
     def _eta_text(self) -> str:
         """Stages left to run times the mean time of the stages run so far (cached ones are
         free). Rough: trainings take far longer than gap checks."""
         left = self.to_run - self.ran
-        if self.first_run is None or self.ran == 0 or left <= 0:
+        if self.first_run is None or self.ran < ETA_AFTER or left <= 0:
             return ""
         per_stage = (time.monotonic() - self.first_run) / self.ran
         return f", ETA ~{clock(per_stage * left)}"
@@ -229,7 +236,7 @@ class RunConsole:
     def _refresh_overall(self) -> None:
         if self._progress is None:
             return
-        note = f"elapsed {clock(time.monotonic() - self.started)}{self._eta_text()}"
+        note = self._eta_text().removeprefix(", ")
         self._progress.update(
             self._overall,
             completed=self.finished,
