@@ -170,7 +170,7 @@ class RunConsole:
             if getattr(self._thread, "stage", None) == stage:
                 self._thread.stage = None
         line = f"[{self.finished:>{len(str(self.total))}}/{self.total}] {stage:<{self.width}}"
-        line += f"  {status}"
+        line += f"  {status:>8}"
         if self._progress is None and kind == "done":
             line += f"  (elapsed {clock(time.monotonic() - self.started)}{self._eta_text()})"
         self._print(line)
