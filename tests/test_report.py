@@ -342,3 +342,15 @@ def test_summary_table_names_every_split(built) -> None:
     [delta] = [line for line in lines if "Δ" in line]
     assert delta.split()[-4:] == ["+2.2", "-4.9", "+5.5", "+0.9"]
     assert lines[-1] == "not evaluated: combined"
+
+
+def test_report_command_ends_with_its_summary(built, capsys) -> None:
+    from simgap.cli import main
+
+    run = built[0]
+    assert main(["report", str(run)]) == 0
+    figures = sorted((run / "report").glob("fig-*.png"))
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert figures and last == (
+        f"report: {len(figures)} figures -> {run / 'report' / 'report.html'} (and report.md)"
+    )
