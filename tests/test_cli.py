@@ -144,12 +144,14 @@ def test_embed_missing_source(tmp_path):
 # ----------------------------------------------------------------------------- summary lines
 
 
-def _summary(capsys, *args) -> str:
-    """Run a command in this process; its last stdout line is the summary."""
+def _summary(capsys, *args, stream="out") -> str:
+    """Run a command in this process; its last line on ``stream`` is the summary (stderr for the
+    commands whose stdout is data: evaluate's JSON, train's launch script)."""
     from simgap.cli import main
 
     assert main([str(a) for a in args]) == 0
-    return capsys.readouterr().out.splitlines()[-1]
+    captured = capsys.readouterr()
+    return getattr(captured, stream).splitlines()[-1]
 
 
 def _jpeg(value):
@@ -215,7 +217,7 @@ def test_every_command_ends_with_a_summary_that_counts(tmp_path, capsys, checkpo
 
     ev = tmp_path / "eval"
     args = ["--templates", w / "templates.txt", "-o", ev, *model]
-    line = _summary(capsys, "evaluate", w / "benchmarks" / "photo", *args)
+    line = _summary(capsys, "evaluate", w / "benchmarks" / "photo", *args, stream="err")
     preds = _parquet_rows(ev / "predictions" / "photo.parquet")
     top1 = np.mean([r["label"] == r["pred"] for r in preds])
     assert line == (
@@ -232,7 +234,7 @@ def test_every_command_ends_with_a_summary_that_counts(tmp_path, capsys, checkpo
     out = tmp_path / "train"
     line = _summary(capsys, "train", shards / "00000.tar", "-o", out, "--name", "x",
                     "--samples", n, "--epochs", 2, "--batch-size", 8, "--torchrun", 2,
-                    "--workers", 0)  # fmt: skip
+                    "--workers", 0, stream="err")  # fmt: skip
     assert line == (
         f"train: {n} samples x 2 epochs, script {out / 'x' / 'torchrun.sh'}, "
         "not launched (--launch runs it)"

@@ -314,7 +314,9 @@ def cmd_train(a: argparse.Namespace) -> None:
         if rc != 0:
             raise RuntimeError(f"{scheduler} {script} exited with status {rc}")
     done = f"ran it with {scheduler}" if a.launch else "not launched (--launch runs it)"
-    print(f"train: {samples} samples x {recipe.epochs} epochs, script {script}, {done}")
+    # stderr: stdout holds the script alone, for a pipe.
+    line = f"train: {samples} samples x {recipe.epochs} epochs, script {script}, {done}"
+    print(line, file=sys.stderr)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
@@ -346,9 +348,10 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     res = summary["benchmarks"]
     top1 = ", ".join(f"{n} {r['top1']:.1%}" for n, r in res.items())
     skipped = _summed([r.get("skipped", {}) for r in res.values()])
-    print(
+    print(  # stderr: stdout holds the results as JSON alone
         f"evaluate: {len(res)} benchmarks, {sum(r['n'] for r in res.values())} test images, "
-        f"{skipped_text(skipped)}; top-1 {top1}" + (f" -> {a.out}" if a.out else "")
+        f"{skipped_text(skipped)}; top-1 {top1}" + (f" -> {a.out}" if a.out else ""),
+        file=sys.stderr,
     )
 
 
