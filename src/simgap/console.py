@@ -126,8 +126,11 @@ class RunConsole:
                 path = self.logs / f"{stage}.log"
                 if stage in self._files:
                     self._files[stage].flush()
+                if isinstance(error, KeyboardInterrupt):
+                    self._print(f"stage {stage} interrupted; its log: {path}")
+                    continue
                 self._print(f"stage {stage} failed; its log: {path}")
-                if isinstance(error, KeyboardInterrupt) or "\n" in str(error):
+                if "\n" in str(error):
                     continue
                 for line in tail(path):
                     self._print(f"  | {line}")
