@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from simgap import config
 from simgap.scan.run import scan_benchmarks
 from simgap.store import StoreWriter
 
@@ -53,7 +54,43 @@ SEPARATION = {
     "chance": 0.1,
     "accuracy": {"mean": 0.62, "lo": 0.565, "hi": 0.673},
 }
-CONFIG_TEXT = '# demo config\n[world]\nseed = 0\n\n[[splits]]\npolicy = "near"\n'
+# The config that would make this run, in the current schema (simgap.config parses it: a schema
+# change that drops a key breaks these tests instead of leaving them on a stale format).
+CONFIG_TEXT = f"""# report test run
+name = "report-run"
+seed = 0
+
+[sources]
+kind = "real"
+
+[sources.real]
+reference = "/data/reference"
+pool = "/data/pool/{{00000..00009}}.tar"
+
+[sources.real.benchmarks]
+{chr(10).join(f'{b} = "/data/{b}"' for b in BENCHMARKS)}
+
+[splits.gapmatch]
+per_benchmark = true
+combined = true
+
+[splits.near]
+sizes = {list(FRACTIONS)}
+
+[splits.far]
+sizes = {list(FRACTIONS)}
+
+[splits.random]
+sizes = {list(FRACTIONS)}
+
+[train]
+splits = {json.dumps([s for s in TOP1])}
+
+[analysis]
+id_benchmark = "photo"
+audit = "embedding"
+"""
+CONFIG = config.parse(CONFIG_TEXT, "report-run.toml")
 AUDIT = {
     "threshold": 0.95,
     "benchmarks": {
@@ -94,7 +131,7 @@ def _run_json(run: Path) -> None:
     write_json(
         run / "run.json",
         {
-            "config": {"seed": 0, "benchmarks": list(BENCHMARKS)},
+            "config": {**config.to_json(CONFIG), "benchmarks": list(BENCHMARKS)},
             "config_text": CONFIG_TEXT,
             "versions": {"simgap": "0.1.0", "numpy": np.__version__},
             "timings": {"embed": 12.5, "scan": 3.25, "train": 80.0},

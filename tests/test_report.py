@@ -17,6 +17,7 @@ from PIL import Image
 from report_run import (
     AUDIT,
     BENCHMARKS,
+    CONFIG,
     CONFIG_TEXT,
     SPLITS,
     TOP1,
@@ -25,11 +26,21 @@ from report_run import (
     write_json,
 )
 
+from simgap.experiment import make_plan
+from simgap.parallel import Executor, LocalEngine
 from simgap.report import build_report, summary_table
 from simgap.report.blocks import FigureBlock, Note, Table
 from simgap.report.gallery import gallery_section, pick_tests
 from simgap.report.runfiles import load_run
 from simgap.store import open_store
+
+
+def test_the_test_runs_config_is_one_the_current_parser_plans(tmp_path) -> None:
+    """The synthetic run's config text is in today's schema and makes the run's splits and
+    trainings (report_run parses it with simgap.config at import; this plans it)."""
+    plan = make_plan(CONFIG, tmp_path, lambda _: None, Executor(LocalEngine(1)))
+    assert set(SPLITS) <= {s.name for s in plan.splits}
+    assert plan.trained == list(TOP1) and plan.benchmarks == list(BENCHMARKS)
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +203,7 @@ def test_full_report_is_self_contained_with_figures_and_tables(built) -> None:
 
     # Provenance: timings total, the config file as given and the resolved config.
     assert _table(html, "Stage timings")["total"] == ["95.8", "100.0"]
-    assert "[[splits]]" in html and CONFIG_TEXT.splitlines()[0] in html
+    assert "[splits.near]" in html and CONFIG_TEXT.splitlines()[0] in html
     assert "&quot;scale&quot;: &quot;tiny&quot;" in html
 
 
@@ -411,3 +422,15 @@ def test_similarity_structure_sentence_follows_the_sign_of_the_gap() -> None:
     assert "most ahead of the reference set on sketch, where 93% of test points" in text
     behind = [{**r, "gap": -r["gap"]} for r in rows]
     assert _ranking(behind).endswith("more similar than the reference set on no benchmark.")
+
+
+def test_report_command_ends_with_its_summary(built, capsys) -> None:
+    from simgap.cli import main
+
+    run = built[0]
+    assert main(["report", str(run)]) == 0
+    figures = sorted((run / "report").glob("fig-*.png"))
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert figures and last == (
+        f"report: {len(figures)} figures -> {run / 'report' / 'report.html'} (and report.md)"
+    )

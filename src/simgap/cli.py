@@ -14,29 +14,67 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def skipped_text(counts: dict[str, int]) -> str:
+    """``{"corrupt_image": 2, "empty_file": 1}`` → ``3 skipped (2 corrupt_image, 1 empty_file)``."""
+    total = sum(counts.values())
+    if not total:
+        return "0 skipped"
+    parts = sorted(((n, why) for why, n in counts.items() if n), key=lambda p: (-p[0], p[1]))
+    return f"{total} skipped (" + ", ".join(f"{n} {why}" for n, why in parts) + ")"
+
+
+def _summed(dicts: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for why, n in d.items():
+            total[why] = total.get(why, 0) + int(n)
+    return total
+
+
 def cmd_world(a: argparse.Namespace) -> None:
     from simgap.world import WorldConfig, generate_world
 
     cfg = WorldConfig(seed=a.seed, scale=a.scale, n_classes=a.classes)
     info = generate_world(cfg, Path(a.out), _log)
-    print(f"world written to {a.out}: {info['counts']}")
+    c = info["counts"]
+    print(
+        f"world: {len(info['classnames'])} classes, {c['pool']} pool samples in "
+        f"{c['pool_shards']} shards ({c['near_duplicates']} injected near-duplicates), "
+        f"{c['reference']} reference images, {sum(c['benchmarks'].values())} test images in "
+        f"{len(c['benchmarks'])} benchmarks -> {a.out}"
+    )
 
 
 def _run_config(a: argparse.Namespace, name: str, settings: dict) -> None:
     from simgap import config
+    from simgap.console import RunConsole
     from simgap.experiment import run_config
     from simgap.report import summary_table
 
     cfg = config.load(name)
     if settings:
         cfg = config.override(cfg, settings)
-    result = run_config(cfg, Path(a.run_dir), _log, dry_run=a.dry_run)
+    run_dir = Path(a.run_dir)
+    plan = run_config(cfg, run_dir, _log, dry_run=True)  # reads stage records, writes nothing
     if a.dry_run:
-        print(result["text"])
+        print(plan["text"])
         return
-    print(summary_table(Path(a.run_dir)))
+    stages = [p["stage"] for p in plan["plan"]]
+    cached = sum(p["cached"] for p in plan["plan"])
+    print(
+        f"{cfg.name}: {len(stages)} stages ({cached} cached) in {run_dir}; "
+        f"stage logs in {run_dir / 'logs'}" + ("" if a.verbose else " (-v streams them)"),
+        flush=True,
+    )
+    with RunConsole(run_dir, stages, cached=cached, verbose=a.verbose) as console:
+        result = run_config(cfg, run_dir, console)
+    print(summary_table(run_dir))
     print(f"report: {result['report']['html']}")
-    print(f"total {sum(result['timings'].values()):.0f}s over {len(result['timings'])} stages")
+    total = sum(result["timings"].values())
+    print(
+        f"run: {len(stages)} stages ({cached} cached), {len(result['splits'])} splits, "
+        f"{len(result['trained'])} trained, {total:.0f}s of stage time -> {run_dir}"
+    )
 
 
 def cmd_run(a: argparse.Namespace) -> None:
@@ -95,10 +133,15 @@ def cmd_embed(a: argparse.Namespace) -> None:
         text=a.text,
         precision=a.precision,
     )
-    print(f"{store.rows} rows in {len(store.shards)} shards → {a.out}")
+    skipped = _summed([sh.get("skipped", {}) for sh in store.manifest.get("shards", [])])
+    print(
+        f"embed: {store.rows} rows in {len(store.shards)} shards, {skipped_text(skipped)} "
+        f"-> {a.out}"
+    )
 
 
 def cmd_scan(a: argparse.Namespace) -> None:
+    from simgap.io import read_json
     from simgap.parallel import Executor, build_engine
     from simgap.scan import KernelConfig, iter_scan_rows
     from simgap.scan.run import scan_benchmarks
@@ -118,15 +161,15 @@ def cmd_scan(a: argparse.Namespace) -> None:
         bad_rows="skip" if a.skip_bad else "error",
         log=_log,
     )
-    msg = f"scanned {a.base} × {len(res.topk_sim)} tests → {a.out}"
-    if res.bad_rows:
-        msg += f"; {res.bad_rows} bad base rows skipped"
+    rows = read_json(Path(a.out) / "scan.json")["rows"]
+    msg = f"scan: {len(res.topk_sim)} tests from {len(a.benchmarks)} benchmarks x {rows} base rows"
     if res.count_above is not None:
         above = sum(
             int((rec["margin"].reshape(len(rec), -1) > 0).any(1).sum())
             for _, _, rec in iter_scan_rows(a.out)
         )
-        msg += f"; {above} rows above a threshold"
+        msg += f", {above} rows above a threshold"
+    msg += f", {res.bad_rows} bad base rows skipped -> {a.out}"
     print(msg)
 
 
@@ -160,10 +203,15 @@ def cmd_select(a: argparse.Namespace) -> None:
         rule=a.rule,
     )
     meta = select(cfg, _log)
-    msg = f"{meta['policy']}: kept {meta['size']} of {meta['pool_size']} → {a.out}"
+    msg = (
+        f"select {meta['policy']}: kept {meta['size']} of {meta['pool_size']} pool rows "
+        f"({meta['pool_size'] - meta['size']} removed)"
+    )
     if "guarantee" in meta:
-        msg += f"; guarantee holds on {meta['guarantee']['tests']} test points"
-    print(msg)
+        msg += f", guarantee holds on {meta['guarantee']['tests']} test points"
+    if a.control:
+        msg += f", control {a.out}-random"
+    print(msg + f" -> {a.out}")
 
 
 def cmd_audit(a: argparse.Namespace) -> None:
@@ -190,6 +238,12 @@ def cmd_audit(a: argparse.Namespace) -> None:
     if "ground_truth" in report:
         g = report["ground_truth"]
         print(f"ground truth: precision {g['precision']:.3f}, recall {g['recall']:.3f}")
+    benches = report["benchmarks"].values()
+    print(
+        f"audit: {sum(r['contaminated'] for r in benches)} of {sum(r['tests'] for r in benches)} "
+        f"test points contaminated in {len(report['benchmarks'])} benchmarks, "
+        f"{report['pairs']} pairs (--verify {a.verify}) -> {a.out}"
+    )
 
 
 def cmd_materialize(a: argparse.Namespace) -> None:
@@ -209,14 +263,20 @@ def cmd_materialize(a: argparse.Namespace) -> None:
         keys_only=a.keys_only,
         log=_log,
     )
+    if a.keys_only:
+        print(f"materialize: {summary['kept']} keys found, {summary['missing']} missing -> {a.out}")
+        return
     print(
-        f"kept {summary['kept']}, missing {summary['missing']}, corrupt {summary['corrupt']}, "
-        f"reference {summary['reference']} → {a.out}"
+        f"materialize: {summary['samples']} samples in {summary['output_shards']} shards "
+        f"({summary['kept']} kept, {summary['reference']} reference), {summary['missing']} "
+        f"missing, {summary['corrupt']} corrupt, {summary['duplicate']} duplicate, "
+        f"{skipped_text(summary.get('skipped', {}))} -> {a.out}"
     )
 
 
 def cmd_train(a: argparse.Namespace) -> None:
     from simgap import train as t
+    from simgap.io import read_json
 
     recipe = t.Recipe(
         model=a.model,
@@ -238,7 +298,11 @@ def cmd_train(a: argparse.Namespace) -> None:
             recipe, a.data, a.samples, out, a.name, _log,
             keys=a.keys, device=a.device, threads=a.threads,
         )  # fmt: skip
-        print(f"checkpoint: {ckpt}")
+        record = read_json(t.run_dir(out, a.name) / t.RECORD_FILE)
+        print(
+            f"train: {record['num_samples']} samples x {recipe.epochs} epochs, "
+            f"global batch {recipe.batch_size} -> {ckpt}"
+        )
         return
     samples, key_filter = t.prepare_run(recipe, a.data, a.samples, out, a.name, a.keys)
     if a.torchrun is not None:
@@ -261,6 +325,10 @@ def cmd_train(a: argparse.Namespace) -> None:
         rc = t.launch_script(script, scheduler)
         if rc != 0:
             raise RuntimeError(f"{scheduler} {script} exited with status {rc}")
+    done = f"ran it with {scheduler}" if a.launch else "not launched (--launch runs it)"
+    # stderr: stdout holds the script alone, for a pipe.
+    line = f"train: {samples} samples x {recipe.epochs} epochs, script {script}, {done}"
+    print(line, file=sys.stderr)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
@@ -289,6 +357,14 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         log=_log,
     )
     print(json.dumps(summary["benchmarks"], indent=2, sort_keys=True))
+    res = summary["benchmarks"]
+    top1 = ", ".join(f"{n} {r['top1']:.1%}" for n, r in res.items())
+    skipped = _summed([r.get("skipped", {}) for r in res.values()])
+    print(  # stderr: stdout holds the results as JSON alone
+        f"evaluate: {len(res)} benchmarks, {sum(r['n'] for r in res.values())} test images, "
+        f"{skipped_text(skipped)}; top-1 {top1}" + (f" -> {a.out}" if a.out else ""),
+        file=sys.stderr,
+    )
 
 
 def cmd_report(a: argparse.Namespace) -> None:
@@ -296,7 +372,8 @@ def cmd_report(a: argparse.Namespace) -> None:
 
     paths = build_report(Path(a.run_dir))
     print(summary_table(Path(a.run_dir)))
-    print(f"report: {paths['html']}")
+    figures = len(list(Path(paths["html"]).parent.glob("fig-*.png")))
+    print(f"report: {figures} figures -> {paths['html']} (and {Path(paths['markdown']).name})")
 
 
 def _world_args(p: argparse.ArgumentParser) -> None:
@@ -351,6 +428,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="config file (.toml/.yaml) or demo | paper-world | paper-laion")
     p.add_argument("--run-dir", help="run folder (default: runs/<config name>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="stream every stage's log (trainer output)"
+    )
     p.add_argument("--engine", choices=["local", "ray"], help="override engine.name")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
@@ -366,6 +446,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["local", "ray"])
     p.add_argument("--workers", type=int)
     p.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="stream every stage's log (trainer output)"
+    )
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("embed", help="embed a source into an embedding store")

@@ -136,17 +136,6 @@ def encode_batch(
         return loaded.model.encode_image(x)[: len(pixels)].float().cpu().numpy()
 
 
-def encode_images(
-    loaded: LoadedModel, images: list, device: str, batch_size: int, dim: int
-) -> np.ndarray:
-    """PIL images → L2-normalised float16 embeddings (the store's format)."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        pixels = torch.stack([loaded.preprocess(im) for im in images[start : start + batch_size]])
-        out.append(encode_batch(loaded, pixels, device, rows=batch_size))
-    return normalize_fp16(np.concatenate(out)) if out else np.zeros((0, dim), np.float16)
-
-
 def encode_texts(
     loaded: LoadedModel, texts: list[str], device: str, batch_size: int, precision: str = "auto"
 ) -> np.ndarray:

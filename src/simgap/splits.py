@@ -534,11 +534,6 @@ def reference_items(reference: Path, template: str, seed: int = 0) -> list[RefIt
     ]
 
 
-def reference_samples(reference: Path, template: str, seed: int = 0) -> Iterator[Sample]:
-    """The reference set as webdataset samples, one image read at a time."""
-    return _ref_samples(reference_items(reference, template, seed))
-
-
 def _ref_samples(items: list[RefItem]) -> Iterator[Sample]:
     for key, path, caption, label in items:
         yield (

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from simgap.data.tars import iter_samples, write_tar
+from simgap.data.tars import image_key, iter_samples, write_tar
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
@@ -377,7 +377,7 @@ def _items(
                 continue  # .DS_Store and the like
             if not path.is_file() or path.suffix.lower() not in FOLDER_IMAGE_SUFFIXES:
                 raise ValueError(f"{path}: not an image file ({', '.join(FOLDER_IMAGE_SUFFIXES)})")
-            items.append((path.stem, str(path), labels[folder.name]))
+            items.append((image_key(path), str(path), labels[folder.name]))
     items.sort(key=lambda item: item[0])
     keys = [k for k, _, _ in items]
     duplicate = next((a for a, b in zip(keys, keys[1:], strict=False) if a == b), None)

@@ -15,9 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from simgap.data import clip_benchmark
 from simgap.data.images import IMAGE_EXTENSIONS, pick_image
 from simgap.data.tables import TableSpec, is_table, table_rows, table_samples
-from simgap.data.tars import ShardError, expand_shards, is_url, iter_samples, shard_stat
+from simgap.data.tars import (
+    ShardError,
+    expand_shards,
+    image_key,
+    is_url,
+    iter_samples,
+    shard_stat,
+)
 
 Record = tuple[str, bytes | None, dict[str, Any]]  # key, image bytes, metadata columns
 
@@ -136,10 +144,11 @@ def image_folder_items(root: Path) -> list[tuple[str, str, int]]:
             raise FileNotFoundError(f"{folder}: class folder listed in {listing} is missing")
         for path in sorted(folder.iterdir()):
             if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
-                if path.stem in seen:
-                    raise ValueError(f"duplicate key {path.stem!r}: {seen[path.stem]} and {path}")
-                seen[path.stem] = path
-                items.append((path.stem, str(path), label))
+                key = image_key(path)
+                if key in seen:
+                    raise ValueError(f"duplicate key {key!r}: {seen[key]} and {path}")
+                seen[key] = path
+                items.append((key, str(path), label))
     if not items:
         raise ValueError(f"{root}: image folder holds no images")
     return items
@@ -154,10 +163,6 @@ def _chunks(items: list, shard_size: int) -> list[tuple[str, tuple]]:
 
 def _wds_benchmark_shards(path: Path) -> list[str] | None:
     """The tars of a CLIP_benchmark ``wds/<name>`` folder, or None if ``path`` is not one."""
-    try:
-        from simgap.data import clip_benchmark
-    except ImportError:  # written by another part of the project; absent in older checkouts
-        return None
     if not clip_benchmark.is_wds_benchmark(path):
         return None
     return [str(p) for p in clip_benchmark.wds_shards(path)]
@@ -200,6 +205,6 @@ def fetch_samples(source: str, keys: set[str]) -> dict[str, dict[str, bytes]]:
     if source.endswith(".tar") or is_url(source):
         return {k: m for k, m in iter_samples(source) if k in keys}
     path = Path(source)
-    if path.stem not in keys or not path.exists():
+    if image_key(path) not in keys or not path.exists():
         return {}
-    return {path.stem: {path.suffix.lower().lstrip("."): path.read_bytes()}}
+    return {image_key(path): {path.suffix.lower().lstrip("."): path.read_bytes()}}

@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from simgap.data.tars import sample_key
+
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
 KEY_WIDTH = 9
 
@@ -106,7 +108,8 @@ def table_rows(spec: TableSpec) -> list[Row]:
         else [None] * len(paths)
     )
     if spec.key_column:
-        keys = [str(k) for k in _column(table, spec.key_column, spec, "key column, --csv-key")]
+        column = _column(table, spec.key_column, spec, "key column, --csv-key")
+        keys = [sample_key(str(k)) for k in column]
     else:
         keys = [f"{i:0{KEY_WIDTH}d}" for i in range(len(paths))]
     root = Path(spec.path).parent

@@ -101,6 +101,19 @@ def safe_member_name(name: str) -> bool:
     return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name
 
 
+def sample_key(name: str) -> str:
+    """The key rule: keys never contain dots. A tar member's key is its basename up to the first
+    dot (webdataset's rule too), so a key ``a.b`` written as ``a.b.jpg`` would come back as key
+    ``a`` with extension ``b.jpg``. Keys taken from file names or table columns map each dot to
+    ``_``; a clash this makes (``a.b.jpg`` beside ``a_b.jpg``) is a duplicate key, an error."""
+    return name.replace(".", "_")
+
+
+def image_key(path: str | Path) -> str:
+    """An image file's sample key: its name without the extension, under :func:`sample_key`."""
+    return sample_key(Path(path).stem)
+
+
 def split_name(name: str) -> tuple[str, str]:
     """``dir/abc.jpg`` → (``dir/abc``, ``jpg``); keys never contain dots."""
     directory, _, base = name.rpartition("/")
@@ -396,6 +409,8 @@ def write_tar(path: Path, samples: Iterable[Sample]) -> None:
     def write(f: io.BufferedIOBase) -> None:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, members in samples:
+                if "." in key.rpartition("/")[2]:
+                    raise ValueError(f"{path}: sample key {key!r} contains a dot (see sample_key)")
                 for ext in sorted(members):
                     data = members[ext]
                     info = tarfile.TarInfo(f"{key}.{ext}" if ext else key)
