@@ -153,7 +153,7 @@ PY
 # --- exactness -----------------------------------------------------------------------------
 exact() {
   if [ -f benchmarks/gpu_check_scan.py ]; then
-    "$PYTHON" benchmarks/gpu_check_scan.py --device "$DEVICE"
+    "$PYTHON" benchmarks/gpu_check_scan.py --device "$DEVICE" --out "$RES/exact_scan.json"
   else
     SIMGAP_TEST_DEVICE="$DEVICE" "$PYTHON" -m pytest tests/test_scan.py -q -x -p no:cacheprovider
   fi

@@ -42,6 +42,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -278,26 +279,42 @@ def gpu_sets(
 
 class GpuSlots:
     """Lends :func:`gpu_sets`' sets to trainings run in threads: a set is held by one training
-    at a time; a training that finds none free waits for one."""
+    at a time; a training that finds none free waits for one (its chain's other stages go on).
 
-    def __init__(self, sets: Sequence[tuple[str, ...]]):
-        if not sets:
-            raise ValueError("no GPU sets to lend")
-        self.sets = list(sets)
-        self._free: queue.SimpleQueue[tuple[str, ...]] = queue.SimpleQueue()
-        for s in self.sets:
-            self._free.put(s)
+    ``sets`` may be a function that gives them, called at the first lease: a plan can hold its
+    slots without looking at GPUs (a dry run on a machine without them)."""
 
-    def __len__(self) -> int:
-        return len(self.sets)  # how many trainings may run at once
+    def __init__(self, sets: Sequence[tuple[str, ...]] | Callable[[], Sequence[tuple[str, ...]]]):
+        self._make = sets if callable(sets) else (lambda: sets)
+        self._free: queue.SimpleQueue[tuple[str, ...]] | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_trainings(cls, device: str, gpus: int, parallel: int) -> GpuSlots:
+        """The slots of a config's trainings (``train.device``, ``gpus``, ``parallel``) over
+        this process's visible GPUs, found at the first lease."""
+        return cls(lambda: gpu_sets(device, gpus, parallel, visible_gpus()))
+
+    def _queue(self) -> queue.SimpleQueue[tuple[str, ...]]:
+        with self._lock:
+            if self._free is None:
+                sets = list(self._make())
+                if not sets:
+                    raise ValueError("no GPU sets to lend")
+                free: queue.SimpleQueue[tuple[str, ...]] = queue.SimpleQueue()
+                for s in sets:
+                    free.put(s)
+                self._free = free
+            return self._free
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[tuple[str, ...]]:
-        held = self._free.get()
+        free = self._queue()
+        held = free.get()
         try:
             yield held
         finally:
-            self._free.put(held)
+            free.put(held)
 
 
 def prepare_run(
