@@ -318,7 +318,8 @@ class EmbedShard:
     def numerics(self) -> dict[str, Any]:
         """This process's forward numerics (``numerics_identity``), as the forward sets them."""
         with ieee_fp32():
-            return numerics_identity(self.device, autocast_dtype(self.device, self.precision))
+            device = task_device(self.device)
+            return numerics_identity(device, autocast_dtype(device, self.precision))
 
     def __call__(self, group: tuple[ShardTask, ...]) -> dict[str, Any]:
         """Embed a group of shard tasks (those not done already); one record per shard.

@@ -48,6 +48,7 @@ from simgap.experiment.steps import (
     train_split,
 )
 from simgap.io import sha256_bytes
+from simgap.models import device_key
 from simgap.parallel import Executor
 from simgap.runner import Stage
 from simgap.train import (
@@ -112,7 +113,11 @@ def _source_stages(
         add(
             Stage(
                 "similarity-model",
-                {"model": sim.model, "recipe": recipe_key(sim.recipe)},
+                {
+                    "model": sim.model,
+                    "recipe": recipe_key(sim.recipe),
+                    "device": device_key(cfg.train.device),
+                },
                 lambda r: {
                     "arch": sim.recipe.model,
                     "checkpoint": str(
@@ -123,6 +128,7 @@ def _source_stages(
                             run / "models",
                             "similarity",
                             log,
+                            device=cfg.train.device,
                             threads=cfg.train.threads or None,
                         )
                     ),
@@ -151,7 +157,7 @@ def _source_stages(
                 {
                     "source": portable(source, run),
                     "batch_size": sim.batch_size,
-                    "device": sim.device,
+                    "device": device_key(sim.device),
                 },
                 lambda r, name=name, source=source: embed_source(
                     run, name, source, r, sim, executors.embed, log
@@ -267,14 +273,14 @@ def _train_stages(
                     {
                         "recipe": recipe_key(recipe),
                         "gpus": cfg.train.gpus,
-                        "device": cfg.train.device,
+                        "device": device_key(cfg.train.device),
                     },
                     lambda r, split=split, name=name, recipe=recipe, m=materialized: shared.once(
                         {
                             "keys": r[f"select-{split}"]["keys_sha256"],
                             "materialize": m,
                             "recipe": recipe_key(recipe),
-                            "device": [cfg.train.gpus, cfg.train.device],
+                            "device": [cfg.train.gpus, device_key(cfg.train.device)],
                         },
                         name,
                         lambda: train_split(run, cfg, name, recipe, r[f"materialize-{split}"], log),
@@ -288,7 +294,11 @@ def _train_stages(
             add(
                 Stage(
                     f"evaluate-{name}",
-                    {"benchmarks": evaluated, "batch_size": cfg.evaluate.batch_size},
+                    {
+                        "benchmarks": evaluated,
+                        "batch_size": cfg.evaluate.batch_size,
+                        "device": device_key(cfg.evaluate.device),
+                    },
                     lambda r, name=name: evaluate_split(
                         run, data, cfg, name, r[f"train-{name}"], evaluated
                     ),
@@ -340,7 +350,11 @@ def _reference_models(
         stages += [
             Stage(
                 f"train-{name}",
-                {"recipe": recipe_key(recipe), "gpus": cfg.train.gpus, "device": cfg.train.device},
+                {
+                    "recipe": recipe_key(recipe),
+                    "gpus": cfg.train.gpus,
+                    "device": device_key(cfg.train.device),
+                },
                 lambda r, name=name, recipe=recipe: train_split(
                     run,
                     cfg,
@@ -355,7 +369,11 @@ def _reference_models(
             ),
             Stage(
                 f"evaluate-{name}",
-                {"benchmarks": evaluated, "batch_size": cfg.evaluate.batch_size},
+                {
+                    "benchmarks": evaluated,
+                    "batch_size": cfg.evaluate.batch_size,
+                    "device": device_key(cfg.evaluate.device),
+                },
                 lambda r, name=name: evaluate_split(
                     run, data, cfg, name, r[f"train-{name}"], evaluated, out
                 ),

@@ -4,8 +4,6 @@ evaluation) from the run folder and the results of the stages it reads from."""
 from __future__ import annotations
 
 import dataclasses
-import shlex
-import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -48,10 +46,9 @@ from simgap.select.build import (
 )
 from simgap.splits import materialize, read_key_list, write_split
 from simgap.train import (
+    GpuSlots,
     Recipe,
     TrainError,
-    final_checkpoint,
-    torchrun_command,
     train,
 )
 
@@ -290,32 +287,34 @@ def train_split(run: Path, cfg: Config, name: str, recipe: Recipe, shards: dict,
             f"{name}: {shards['samples']} training samples, fewer than one global batch "
             f"({recipe.batch_size}); lower train.recipe.batch_size"
         )
-    if cfg.train.gpus > 1:
-        return _torchrun(run, cfg, name, recipe, shards, log)
-    ckpt = train(
-        recipe,
-        shards["shards"],
-        shards["samples"],
-        run / "train",
-        name,
-        lambda m: log(f"[{name}] {m}"),
-        device=cfg.train.device,
-        threads=cfg.train.threads or None,
-    )
+    # Its own GPU set (gpus ranks through torchrun when more than one; the global batch is
+    # kept): trainings side by side never share a GPU.
+    with gpu_slots(cfg).lease() as gpus:
+        ckpt = train(
+            recipe,
+            shards["shards"],
+            shards["samples"],
+            run / "train",
+            name,
+            lambda m: log(f"[{name}] {m}"),
+            device=cfg.train.device,
+            threads=cfg.train.threads or None,
+            gpus=cfg.train.gpus,
+            cuda_devices=gpus,
+        )
     return str(ckpt)
 
 
-def _torchrun(run: Path, cfg: Config, name: str, recipe: Recipe, shards: dict, log: Log) -> str:
-    """One node, ``train.gpus`` ranks; the global batch is kept (simgap.train.torchrun_command)."""
-    cmd = torchrun_command(
-        recipe, shards["shards"], shards["samples"], run / "train", name, cfg.train.gpus
-    )
-    log(f"[{name}] $ {cmd}")
-    rc = subprocess.run(shlex.split(cmd), check=False).returncode
-    final = final_checkpoint(run / "train", name, recipe)
-    if rc != 0 or not final.is_file():
-        raise TrainError(f"torchrun for {name} exited with {rc}; see {run / 'train' / name}")
-    return str(final)
+_SLOTS: dict[tuple[str, int, int], GpuSlots] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def gpu_slots(cfg: Config) -> GpuSlots:
+    """The GPU sets of this process's trainings: one lender per training shape, so that
+    trainings started from any stage (splits, reference-line models) share it."""
+    key = (cfg.train.device, cfg.train.gpus, cfg.train.parallel)
+    with _SLOTS_LOCK:
+        return _SLOTS.setdefault(key, GpuSlots.for_trainings(*key))
 
 
 def evaluate_split(

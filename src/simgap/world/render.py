@@ -605,13 +605,15 @@ def render_pose(label: int, rng: np.random.Generator, size: int) -> Image.Image:
     radius = rng.uniform(0.3, 0.42) * size
     centre = tuple(rng.uniform(0.4 * size, 0.6 * size, 2))
     angle = rng.choice([-1.0, 1.0]) * rng.uniform(math.pi / 3, math.pi)
+    # Squash and shear calibrated with `hard` (issue 14): at 0.5-0.75 / 0.25-0.6 a model that
+    # reached 74-82% on photo stayed at 2x chance on pose.
     parts = _place(
         SHAPES[label],
         centre,
         radius,
         angle,
-        squash=rng.uniform(0.5, 0.75),
-        shear=rng.choice([-1.0, 1.0]) * rng.uniform(0.25, 0.6),
+        squash=rng.uniform(0.6, 0.85),
+        shear=rng.choice([-1.0, 1.0]) * rng.uniform(0.15, 0.45),
     )
     return _finish(_photo_object(rng, bg, parts, centre, radius), rng, noise=rng.uniform(3, 6))
 
