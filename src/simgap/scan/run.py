@@ -217,16 +217,18 @@ def _check_records(sim: np.ndarray, row: np.ndarray) -> np.ndarray:
 
 
 def split_masks(base: Store, keys: list[list[str]]) -> dict[str, np.ndarray]:
-    """Per shard, the (splits, rows) mask of each split's written keys (``keys``: each split's
-    key list); each shard's keys are read once for all splits."""
-    sets = [pa.array(sorted(k), pa.string()) for k in keys]
-    masks = {}
-    for s in base.shards:
-        col = base.read_keys(s.name).column("key")
-        masks[s.name] = np.stack(
-            [pc.is_in(col, value_set=v).to_numpy(zero_copy_only=False) for v in sets]
-        ).reshape(len(sets), s.rows)
-    return masks
+    """Per shard, which rows each split's written keys (``keys``: one list per split) keep, as
+    (splits, ceil(rows / 8)) ``np.packbits`` bits: 41 splits of a 2x10^8-row pool hold 1 GB.
+    The base's keys are read once; each split's key set is hashed once, for all shards."""
+    columns = [base.read_keys(s.name).column("key") for s in base.shards]
+    every = pa.chunked_array([c for col in columns for c in col.chunks], pa.string())
+    packed = {s.name: np.zeros((len(keys), (s.rows + 7) // 8), np.uint8) for s in base.shards}
+    for i, split in enumerate(keys):
+        mask = pc.is_in(every, value_set=pa.array(split, pa.string()))
+        mask = mask.to_numpy(zero_copy_only=False).astype(bool, copy=False)
+        for s in base.shards:
+            packed[s.name][i] = np.packbits(mask[s.offset : s.offset + s.rows])
+    return packed
 
 
 def scan_splits(
@@ -239,8 +241,9 @@ def scan_splits(
     log: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every split's guarantee check in one pass over ``base``: per split and test, the NN
-    similarity (and global row) among the split's kept rows (``masks``: per shard, (splits,
-    rows) bool). -inf / -1 where a split keeps no row. Resumable per shard like ``scan_store``."""
+    similarity (and global row) among the split's kept rows (``masks``: per shard, the
+    ``split_masks`` bits). -inf / -1 where a split keeps no row. Resumable per shard like
+    ``scan_store``."""
     out = Path(out)
     cfg = (config or KernelConfig()).resolved()
     tests = np.asarray(tests)
@@ -252,10 +255,7 @@ def scan_splits(
     write_npy(out / "inputs" / "tests.npy", tests)
     inputs = fingerprint([CHECK_FORMAT, sha256_array(tests), str(tests.dtype)])
     fn = SplitsScan(base, str(out), cfg, inputs)
-    tasks = [
-        SplitsTask(s.name, s.offset, s.rows, np.packbits(masks[s.name], axis=1))
-        for s in base.shards
-    ]
+    tasks = [SplitsTask(s.name, s.offset, s.rows, masks[s.name]) for s in base.shards]
     progress = RateProgress("splits check", log)
     (executor or Executor(LocalEngine(1))).map(fn, tasks, on_done=progress)
     sim = np.full((n_splits, len(tests)), -np.inf, np.float32)
