@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from simgap.io import fingerprint, read_json, sha256_array, write_json, write_npy
 from simgap.parallel import Executor, LocalEngine, task_device
 from simgap.parallel import Progress as RateProgress
-from simgap.scan.kernel import KernelConfig, merge_topk
+from simgap.scan.kernel import KernelConfig
 from simgap.scan.scan import Progress, ScanResult, check_tests, find_bad_rows, scan_arrays
 from simgap.scan.shards import FIRST_KEYS, scan_store, verify_shard
 from simgap.store import Store, StoreError, check_compatible, open_store
@@ -260,12 +260,14 @@ def scan_splits(
     (executor or Executor(LocalEngine(1))).map(fn, tasks, on_done=progress)
     sim = np.full((n_splits, len(tests)), -np.inf, np.float32)
     row = np.full((n_splits, len(tests)), -1, np.int64)
-    for t in tasks:  # in shard order: merge_topk's total order makes any order give these bytes
+    for t in tasks:
         part = np.load(out / "parts" / f"{t.name}.npy")
-        for s in range(n_splits):
-            a, b = merge_topk((sim[s, :, None], row[s, :, None]),
-                              (part["sim"][s, :, None], part["row"][s, :, None]))  # fmt: skip
-            sim[s], row[s] = a[:, 0], b[:, 0]
+        # The top-1 of merge_topk's total order (similarity descending, row ascending), for every
+        # split and test at once: any shard order gives these bytes.
+        p_sim, p_row = part["sim"], part["row"]
+        tie = (p_sim == sim) & (p_row >= 0) & ((row < 0) | (p_row < row))
+        better = (p_sim > sim) | tie
+        sim, row = np.where(better, p_sim, sim), np.where(better, p_row, row)
     write_npy(out / "nn_sim.npy", sim)
     write_npy(out / "nn_row.npy", row)
     write_json(out / "check.json", {"format": CHECK_FORMAT, "splits": n_splits,
