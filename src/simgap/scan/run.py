@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from simgap.io import fingerprint, read_json, sha256_array, write_json, write_npy
 from simgap.parallel import Executor, LocalEngine, task_device
 from simgap.parallel import Progress as RateProgress
-from simgap.scan.kernel import KernelConfig
-from simgap.scan.scan import Progress, ScanResult, check_tests, find_bad_rows, scan_arrays
+from simgap.scan.kernel import KernelConfig, TopKHandler, prepare_tests, scan_block
+from simgap.scan.scan import Progress, ScanResult, check_tests, find_bad_rows
 from simgap.scan.shards import FIRST_KEYS, scan_store, verify_shard
 from simgap.store import Store, StoreError, check_compatible, open_store
 
@@ -166,8 +167,9 @@ class SplitsTask:
 
 @dataclass(frozen=True)
 class SplitsScan:
-    """Per shard, each split's nearest kept row for every test: the shard is read once and its
-    kept rows scanned once per split (``scan_arrays``, top-1, no per-row outputs)."""
+    """Per shard, each split's nearest kept row for every test: the shard is read and moved to
+    the device once, the tests prepared once, and each split's kept rows go through the kernel
+    with a top-1 handler (the exact total order: similarity descending, row ascending)."""
 
     store: Store
     out: str
@@ -192,15 +194,8 @@ class SplitsScan:
         emb = self.store.read_emb(task.name)
         tests = np.load(out / "inputs" / "tests.npy")
         keep = np.unpackbits(task.keep, axis=1, count=task.rows).astype(bool)
-        config = replace(self.config, device=task_device(self.config.device))
-        sim = np.full((len(keep), len(tests)), -np.inf, np.float32)
-        row = np.full((len(keep), len(tests)), -1, np.int64)
-        for s, mask in enumerate(keep):
-            if mask.any():
-                res = scan_arrays(
-                    [(task.offset, emb, mask)], tests, None, 1, config, collect_rows=False
-                )
-                sim[s], row[s] = res.topk_sim[:, 0], res.topk_row[:, 0]
+        cfg = replace(self.config, device=task_device(self.config.device)).resolved()
+        sim, row = _splits_top1(np.array(emb), task.offset, keep, tests, cfg)
         write_npy(part, _check_records(sim, row))
         record = {"name": task.name, "rows": task.rows, "fingerprint": fp}
         write_json(done, record)  # last: marks the shard finished
@@ -208,6 +203,33 @@ class SplitsScan:
 
 
 CHECK_FORMAT = "simgap-splits-check/1"
+SPLIT_CHUNK = 1 << 16  # kept rows per kernel call: bounds the gathered copy
+
+
+def _splits_top1(
+    emb: np.ndarray, offset: int, keep: np.ndarray, tests: np.ndarray, cfg: KernelConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(splits, tests) NN similarity and global row over each split's kept rows of one shard;
+    -inf / -1 where a split keeps none of them. ``cfg`` resolved."""
+    dev = torch.device(cfg.device)
+    test_set = prepare_tests(
+        torch.from_numpy(tests).to(dev), None, cfg.precision, cfg.tile_tests, cfg.test_group
+    )
+    x_all = torch.from_numpy(emb).to(dev)  # the shard, read once: a copy, not the memmap
+    sim = np.full((len(keep), len(tests)), -np.inf, np.float32)
+    row = np.full((len(keep), len(tests)), -1, np.int64)
+    for s, mask in enumerate(keep):
+        kept = np.flatnonzero(mask)
+        if not len(kept):
+            continue
+        top = TopKHandler(len(tests), 1, dev)
+        for c0 in range(0, len(kept), SPLIT_CHUNK):
+            local = torch.from_numpy(kept[c0 : c0 + SPLIT_CHUNK]).to(dev)
+            x = x_all.index_select(0, local)
+            scan_block(x, local + offset, test_set, [top], cfg)
+        best, at = top.result()
+        sim[s], row[s] = best[:, 0].cpu().numpy(), at[:, 0].cpu().numpy()
+    return sim, row
 
 
 def _check_records(sim: np.ndarray, row: np.ndarray) -> np.ndarray:
