@@ -66,7 +66,7 @@ def test_every_stage_ran_and_wrote_its_outputs(demo_run):
         "embed-reference",
         "scan",
         "select-combined",
-        "gaps-coreset-random",
+        "select-coreset-random",
         "gaps",
         "select-full",
         "train-full",
@@ -173,7 +173,7 @@ def test_a_resized_split_reruns_alone(demo_run):
     logs: list[str] = []
     run_config(config.override(TINY, {"splits.coreset.fraction": 0.4}), run, logs.append)
     ran = {m.removeprefix("[run] ") for m in logs if m.startswith("[run] ")}
-    per_split = {f"{s}-{n}" for s in ("select", "gaps") for n in ("coreset", "coreset-random")}
+    per_split = {f"select-{n}" for n in ("coreset", "coreset-random")}
     per_split |= {f"{s}-coreset" for s in ("materialize", "train", "evaluate")}
     per_split |= {"train-coreset@s1", "evaluate-coreset@s1"}
     assert ran == per_split | {

@@ -161,3 +161,34 @@ def test_estimates_use_the_runs_stores(grid, capsys):
     sizes = sizes_of(cfg, run)
     assert sizes.source == "the run's stores"
     assert sizes.pool == open_store(run / "stores" / "pool").rows and sizes.dim == 64
+
+
+def test_scan_splits_equals_brute_force_per_split(tmp_path):
+    """Every split's NN similarity and row in one pass: shards of different sizes (one empty),
+    duplicate rows across shards (ties: the lower row), an empty split, on two engines."""
+    from test_scan_engines import make_store, unit_fp16
+
+    from simgap.parallel import Executor, LocalEngine
+    from simgap.scan.run import scan_splits, split_masks
+
+    rng = np.random.default_rng(3)
+    x = unit_fp16(rng.standard_normal((300, 16)))
+    x[200:210] = x[:10]  # the same rows in another shard
+    t = unit_fp16(rng.standard_normal((25, 16)))
+    store = make_store(tmp_path / "base", x, [120, 0, 100, 80])
+    keys = np.array(store.keys())
+    kept = [rng.random(300) < f for f in (0.5, 0.1, 1.0)] + [np.zeros(300, bool)]
+    kept[2][:10] = False  # the originals dropped: their duplicates are the neighbours
+    masks = split_masks(store, [sorted(keys[k]) for k in kept])
+    sim, row = scan_splits(store, t, masks, tmp_path / "one")
+    exact = (x.astype(np.float64) @ t.astype(np.float64).T).astype(np.float32)
+    for s, k in enumerate(kept):
+        if not k.any():
+            assert np.isneginf(sim[s]).all() and (row[s] == -1).all()
+            continue
+        masked = np.where(k[:, None], exact, -np.inf)
+        np.testing.assert_array_equal(sim[s], masked.max(0))
+        np.testing.assert_array_equal(row[s], masked.argmax(0))  # the lowest row among ties
+    pool_sim, pool_row = scan_splits(store, t, masks, tmp_path / "pool", executor=Executor(
+        LocalEngine(2)))  # fmt: skip
+    assert np.array_equal(pool_sim, sim) and np.array_equal(pool_row, row)

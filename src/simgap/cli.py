@@ -509,9 +509,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("pool", help="the pool's embedding store")
     p.add_argument("-o", "--out", required=True, help="split folder")
     p.add_argument("--benchmarks", nargs="+", help="benchmark stores (the union is used)")
-    p.add_argument("--scans", nargs="+", help="pool scans, one per benchmark, in order")
+    p.add_argument(
+        "--scans",
+        nargs="+",
+        help="pool scans (simgap scan's folders): benchmarks are picked by name; scans of one "
+        "benchmark each may also be given in --benchmarks order",
+    )
     p.add_argument("--reference", help="reference store (thresholds; image-based clusters)")
-    p.add_argument("--reference-scans", nargs="+", help="reference scans: thresholds")
+    p.add_argument(
+        "--reference-scans", nargs="+", help="reference scans (OUT/reference): thresholds"
+    )
     p.add_argument("--size", help="kept size: a count (1000) or a fraction (0.25)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

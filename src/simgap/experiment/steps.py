@@ -28,7 +28,7 @@ from simgap.io import fingerprint, read_json, write_json, write_npy, write_parqu
 from simgap.models import ModelSpec, load_model
 from simgap.parallel import Executor, LocalEngine, ThreadEngine
 from simgap.scan.kernel import KernelConfig
-from simgap.scan.layout import benchmark_rows, benchmark_scan
+from simgap.scan.layout import benchmark_scan, iter_scan_rows
 from simgap.scan.run import (
     benchmark_groups,
     load_tests,
@@ -114,8 +114,10 @@ def scan_grid(
     reference, pool = run_store(run, "reference", data), run_store(run, "pool", data)
     stores = [run_store(run, f"bench-{b}", data) for b in benchmarks]
     scan_benchmarks(pool, stores, run / POOL_SCAN, reference, topk, kernel, executor, "error", log)
-    margin = benchmark_rows(run / POOL_SCAN, "margin", None)
-    removed = {b: int((margin[:, i] > 0).sum()) for i, b in enumerate(benchmarks)}
+    above = np.zeros(len(benchmarks), np.int64)
+    for _, _, rec in iter_scan_rows(run / POOL_SCAN):  # a shard at a time: 10^8 rows stream
+        above += (rec["margin"] > 0).sum(axis=0)
+    removed = {b: int(n) for b, n in zip(benchmarks, above, strict=True)}
     for b in benchmarks:
         log(f"scan {b}: {removed[b]} pool rows above threshold")
     return {"removed": removed}

@@ -98,7 +98,7 @@ def gallery_rows(run_dir: Path, bench: str, stores: dict[str, KeyIndex]) -> list
     tests = _store(stores, run_dir, f"bench-{bench}")
     if ref_scan.topk_sim.shape[0] != pool_scan.topk_sim.shape[0]:
         raise ValueError(
-            f"{run_dir}/scans: reference-{bench} and pool-{bench} have different test counts"
+            f"{run_dir}/scans: pool and pool/reference have different test counts for {bench}"
         )
     if pool_scan.topk_sim.shape[0] == 0:
         return []

@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from simgap.io import fingerprint, read_json, sha256_array, write_json, write_npy
 from simgap.lock import locks_output
 from simgap.parallel import Executor, LocalEngine, task_device
 from simgap.parallel import Progress as RateProgress
-from simgap.scan.kernel import KernelConfig, merge_topk
-from simgap.scan.scan import Progress, ScanResult, check_tests, find_bad_rows, scan_arrays
+from simgap.scan.kernel import KernelConfig, TopKHandler, prepare_tests, scan_block
+from simgap.scan.scan import Progress, ScanResult, check_tests, find_bad_rows
 from simgap.scan.shards import FIRST_KEYS, scan_store, verify_shard
 from simgap.store import Store, StoreError, check_compatible, open_store
 
@@ -168,8 +169,9 @@ class SplitsTask:
 
 @dataclass(frozen=True)
 class SplitsScan:
-    """Per shard, each split's nearest kept row for every test: the shard is read once and its
-    kept rows scanned once per split (``scan_arrays``, top-1, no per-row outputs)."""
+    """Per shard, each split's nearest kept row for every test: the shard is read and moved to
+    the device once, the tests prepared once, and each split's kept rows go through the kernel
+    with a top-1 handler (the exact total order: similarity descending, row ascending)."""
 
     store: Store
     out: str
@@ -194,15 +196,8 @@ class SplitsScan:
         emb = self.store.read_emb(task.name)
         tests = np.load(out / "inputs" / "tests.npy")
         keep = np.unpackbits(task.keep, axis=1, count=task.rows).astype(bool)
-        config = replace(self.config, device=task_device(self.config.device))
-        sim = np.full((len(keep), len(tests)), -np.inf, np.float32)
-        row = np.full((len(keep), len(tests)), -1, np.int64)
-        for s, mask in enumerate(keep):
-            if mask.any():
-                res = scan_arrays(
-                    [(task.offset, emb, mask)], tests, None, 1, config, collect_rows=False
-                )
-                sim[s], row[s] = res.topk_sim[:, 0], res.topk_row[:, 0]
+        cfg = replace(self.config, device=task_device(self.config.device)).resolved()
+        sim, row = _splits_top1(np.array(emb), task.offset, keep, tests, cfg)
         write_npy(part, _check_records(sim, row))
         record = {"name": task.name, "rows": task.rows, "fingerprint": fp}
         write_json(done, record)  # last: marks the shard finished
@@ -210,6 +205,33 @@ class SplitsScan:
 
 
 CHECK_FORMAT = "simgap-splits-check/1"
+SPLIT_CHUNK = 1 << 16  # kept rows per kernel call: bounds the gathered copy
+
+
+def _splits_top1(
+    emb: np.ndarray, offset: int, keep: np.ndarray, tests: np.ndarray, cfg: KernelConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(splits, tests) NN similarity and global row over each split's kept rows of one shard;
+    -inf / -1 where a split keeps none of them. ``cfg`` resolved."""
+    dev = torch.device(cfg.device)
+    test_set = prepare_tests(
+        torch.from_numpy(tests).to(dev), None, cfg.precision, cfg.tile_tests, cfg.test_group
+    )
+    x_all = torch.from_numpy(emb).to(dev)  # the shard, read once: a copy, not the memmap
+    sim = np.full((len(keep), len(tests)), -np.inf, np.float32)
+    row = np.full((len(keep), len(tests)), -1, np.int64)
+    for s, mask in enumerate(keep):
+        kept = np.flatnonzero(mask)
+        if not len(kept):
+            continue
+        top = TopKHandler(len(tests), 1, dev)
+        for c0 in range(0, len(kept), SPLIT_CHUNK):
+            local = torch.from_numpy(kept[c0 : c0 + SPLIT_CHUNK]).to(dev)
+            x = x_all.index_select(0, local)
+            scan_block(x, local + offset, test_set, [top], cfg)
+        best, at = top.result()
+        sim[s], row[s] = best[:, 0].cpu().numpy(), at[:, 0].cpu().numpy()
+    return sim, row
 
 
 def _check_records(sim: np.ndarray, row: np.ndarray) -> np.ndarray:
@@ -219,16 +241,18 @@ def _check_records(sim: np.ndarray, row: np.ndarray) -> np.ndarray:
 
 
 def split_masks(base: Store, keys: list[list[str]]) -> dict[str, np.ndarray]:
-    """Per shard, the (splits, rows) mask of each split's written keys (``keys``: each split's
-    key list); each shard's keys are read once for all splits."""
-    sets = [pa.array(sorted(k), pa.string()) for k in keys]
-    masks = {}
-    for s in base.shards:
-        col = base.read_keys(s.name).column("key")
-        masks[s.name] = np.stack(
-            [pc.is_in(col, value_set=v).to_numpy(zero_copy_only=False) for v in sets]
-        ).reshape(len(sets), s.rows)
-    return masks
+    """Per shard, which rows each split's written keys (``keys``: one list per split) keep, as
+    (splits, ceil(rows / 8)) ``np.packbits`` bits: 41 splits of a 2x10^8-row pool hold 1 GB.
+    The base's keys are read once; each split's key set is hashed once, for all shards."""
+    columns = [base.read_keys(s.name).column("key") for s in base.shards]
+    every = pa.chunked_array([c for col in columns for c in col.chunks], pa.string())
+    packed = {s.name: np.zeros((len(keys), (s.rows + 7) // 8), np.uint8) for s in base.shards}
+    for i, split in enumerate(keys):
+        mask = pc.is_in(every, value_set=pa.array(split, pa.string()))
+        mask = mask.to_numpy(zero_copy_only=False).astype(bool, copy=False)
+        for s in base.shards:
+            packed[s.name][i] = np.packbits(mask[s.offset : s.offset + s.rows])
+    return packed
 
 
 def scan_splits(
@@ -241,8 +265,9 @@ def scan_splits(
     log: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every split's guarantee check in one pass over ``base``: per split and test, the NN
-    similarity (and global row) among the split's kept rows (``masks``: per shard, (splits,
-    rows) bool). -inf / -1 where a split keeps no row. Resumable per shard like ``scan_store``."""
+    similarity (and global row) among the split's kept rows (``masks``: per shard, the
+    ``split_masks`` bits). -inf / -1 where a split keeps no row. Resumable per shard like
+    ``scan_store``."""
     out = Path(out)
     cfg = (config or KernelConfig()).resolved()
     tests = np.asarray(tests)
@@ -254,20 +279,19 @@ def scan_splits(
     write_npy(out / "inputs" / "tests.npy", tests)
     inputs = fingerprint([CHECK_FORMAT, sha256_array(tests), str(tests.dtype)])
     fn = SplitsScan(base, str(out), cfg, inputs)
-    tasks = [
-        SplitsTask(s.name, s.offset, s.rows, np.packbits(masks[s.name], axis=1))
-        for s in base.shards
-    ]
+    tasks = [SplitsTask(s.name, s.offset, s.rows, masks[s.name]) for s in base.shards]
     progress = RateProgress("splits check", log)
     (executor or Executor(LocalEngine(1))).map(fn, tasks, on_done=progress)
     sim = np.full((n_splits, len(tests)), -np.inf, np.float32)
     row = np.full((n_splits, len(tests)), -1, np.int64)
-    for t in tasks:  # in shard order: merge_topk's total order makes any order give these bytes
+    for t in tasks:
         part = np.load(out / "parts" / f"{t.name}.npy")
-        for s in range(n_splits):
-            a, b = merge_topk((sim[s, :, None], row[s, :, None]),
-                              (part["sim"][s, :, None], part["row"][s, :, None]))  # fmt: skip
-            sim[s], row[s] = a[:, 0], b[:, 0]
+        # The top-1 of merge_topk's total order (similarity descending, row ascending), for every
+        # split and test at once: any shard order gives these bytes.
+        p_sim, p_row = part["sim"], part["row"]
+        tie = (p_sim == sim) & (p_row >= 0) & ((row < 0) | (p_row < row))
+        better = (p_sim > sim) | tie
+        sim, row = np.where(better, p_sim, sim), np.where(better, p_row, row)
     write_npy(out / "nn_sim.npy", sim)
     write_npy(out / "nn_row.npy", row)
     write_json(out / "check.json", {"format": CHECK_FORMAT, "splits": n_splits,

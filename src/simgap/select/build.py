@@ -99,13 +99,13 @@ def _check_scan(scan: Path, pool: Store, doc: dict[str, Any], bench: _Bench, spa
         raise ValueError(f"{scan}/scan.json: the scan was not made over the pool {pool.path}")
     scanned = Path(scan) / "inputs" / "tests.npy"
     if bench.tests is not None and scanned.exists():
-        if not np.array_equal(np.load(scanned)[span], bench.tests):
+        if not np.array_equal(np.load(scanned, mmap_mode="r")[span], bench.tests):
             raise ValueError(
                 f"{scan}/scan.json: the scan's test points are not those of {bench.store.path}"
             )
     recorded = Path(scan) / "inputs" / "thresholds.npy"
     if bench.thresholds is not None and doc.get("thresholds") and recorded.exists():
-        if not np.array_equal(np.load(recorded)[span], np.float32(bench.thresholds)):
+        if not np.array_equal(np.load(recorded, mmap_mode="r")[span], np.float32(bench.thresholds)):
             raise ValueError(
                 f"{scan}/scan.json: the scan's thresholds differ from the reference's NN "
                 "similarities"
