@@ -185,17 +185,32 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--store", help="scan this existing store instead of a random one")
     p.add_argument("--max-shards", type=int, help="scan only the store's first N shards")
+    p.add_argument(
+        "--tests-store",
+        nargs="+",
+        help="tests from these stores (e.g. a world's benchmarks) instead of random vectors; "
+        "thresholds: each test's 99th-percentile similarity to the first 10,000 base rows",
+    )
     p.add_argument("--skip-gemms", action="store_true", help="no raw GEMM reference runs")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
     rng = np.random.default_rng(a.seed + 1)
-    tests = random_unit_fp16(rng, a.tests, a.dim)
-    # Random unit vectors in d=512 have similarity ~N(0, 1/d); thresholds near 4.5 sigma remove
-    # a few percent of rows, like the paper's benchmarks.
-    sigma = 1 / np.sqrt(a.dim)
-    thr = None if a.no_thresholds else rng.uniform(4.1 * sigma, 5.4 * sigma, a.tests)
-    thr = None if thr is None else thr.astype(np.float32)
+    if a.tests_store:
+        tests = np.concatenate([open_store(Path(s)).embeddings() for s in a.tests_store])
+        a.tests = len(tests)
+        head = np.concatenate(
+            [np.asarray(e[:10_000]) for _, _, e in open_store(Path(a.store)).iter_blocks()]
+        )[:10_000]
+        sims = head.astype(np.float32) @ tests.astype(np.float32).T
+        thr = None if a.no_thresholds else np.quantile(sims, 0.99, axis=0).astype(np.float32)
+    else:
+        tests = random_unit_fp16(rng, a.tests, a.dim)
+        # Random unit vectors in d=512 have similarity ~N(0, 1/d); thresholds near 4.5 sigma
+        # remove a few percent of rows, like the paper's benchmarks.
+        sigma = 1 / np.sqrt(a.dim)
+        thr = None if a.no_thresholds else rng.uniform(4.1 * sigma, 5.4 * sigma, a.tests)
+        thr = None if thr is None else thr.astype(np.float32)
 
     cfg = KernelConfig(
         precision=a.precision,
