@@ -10,10 +10,27 @@ computed exactly: for float16 inputs every product is a multiple of 2**-48 of ma
 every partial sum of a unit-norm dot product fits float64's 53 bits and float64 accumulation is
 exact in any order; the cast to float32 then rounds once, to nearest. (float32 tests: the sum is
 float64-accurate, ~1e-16, so it can differ from another float64 order only at a float32 rounding
-tie.) The tile GEMM runs in a cheaper *screen* precision (bf16 or fp32) with a proven bound
-``|screen - sim| <= eps = c * |x| * |t|`` (``error_coefficient``). Handlers use the screen only to
-discard pairs that provably cannot matter and recompute the remaining candidates exactly, so every
-reported value and every decision equals the brute force.
+tie.) The tile GEMM runs in a cheaper *screen* precision (fp32, bf16 or int8) with a proven
+bound ``|screen - sim| <= eps`` for every pair of the tile: ``c * |x| * |t|`` for the float
+screens (``error_coefficient``), and for int8 one from the rows' quantization residual norms
+(``Int8Bound``). Handlers use the screen only to discard pairs that provably cannot matter and
+recompute the remaining candidates exactly, so every reported value and every decision equals
+the brute force. docs/scan-numerics.md collects the derivations.
+
+What is proven, on which hardware:
+- fp32 screen: IEEE fp32 GEMMs (OpenBLAS/oneDNN on CPUs, cuBLAS SGEMM); TF32 or bf16-input fp32
+  modes (torch's fp32_precision / matmul precision) are detected and bounded with bf16's unit
+  roundoff and, on CUDA, truncating accumulation.
+- bf16 screen: CPUs accumulate bf16 products in IEEE fp32. NVIDIA tensor cores truncate in their
+  multi-term adds: modelled with 4x fp32's unit roundoff (``UTC``), after Fasi, Higham,
+  Mikaitis and Pranesh (PeerJ CS 2021) and Khattak and Mikaitis (arXiv:2512.07004, with the
+  H100). The screen GEMM runs with bf16 reduced-precision split-K reductions off
+  (``screen_gemm_guard``), so no partial sum is rounded to bf16. The tensor-core model is taken
+  from those papers, not proven here; ``benchmarks/gpu_check_scan.py`` probes it.
+- int8 screen: any backend, because the bound needs only that the int32 GEMM is exact, and that
+  is checked on the running backend for every tile shape before use (``int8_gemm_exact``):
+  oneDNN without VNNI saturates int16 pair sums at full range, and the check then narrows the
+  range. Integer tensor cores and VNNI accumulate exactly in int32.
 
 Tile layout. Rows are padded to a multiple of ``row_group`` and tests to ``test_group * nb``;
 column ``i * nb + b`` holds the ``i``-th test of block ``b``, so the per-block maximum is a
@@ -898,9 +915,10 @@ class KernelConfig:
     """Where and how blocks are scanned; chosen by the caller, never global.
 
     The one home of the scan's tuning parameters. "auto" and None fields are resolved by
-    ``resolved()`` from measurements on the 2-core AVX2 development machine: fp32 screen (no
-    native bf16 there), numpy's OpenBLAS GEMM (~1.4x torch's GEMM on that AMD CPU),
-    single-threaded reductions, tiles of 2048 rows x 8192 tests; on CUDA bf16 and large tiles.
+    ``resolved()``: the screen by CPU flags (``screen_for_cpu``: int8 on AVX2/VNNI CPUs, bf16
+    with AVX512_BF16/AMX) or, on CUDA, by measuring bf16 against int8; numpy's OpenBLAS GEMM for
+    an fp32 screen on CPUs (~1.4x torch's GEMM on the AMD development CPU), single-threaded
+    reductions, tiles of 2048 rows x 8192 tests; on CUDA large tiles.
     Results never depend on these choices (the screen is exact), only speed does."""
 
     precision: str = "auto"  # screen: "fp32", "bf16", "int8" or "auto" (resolve_precision)
