@@ -59,6 +59,7 @@ UBF16 = 2.0**-8  # unit roundoff of bfloat16
 UTC = 2.0**-22
 SLACK = 2.0**-18  # absolute slack for float32 rounding in the bounds computed on screen values
 EXACT_CHUNK = 1024  # pairs per exact recomputation step (its gathers live in Scratch)
+EXACT_CHUNK_CUDA = 16384  # on a GPU each step is a handful of launches: fewer, larger steps
 BLOCK_CHUNK = 512  # 2D blocks gathered per step by the per-test handlers
 DENSE_SCREEN = 0.125  # fraction of candidate 2D blocks above which top-k screens densely
 
@@ -280,23 +281,24 @@ def exact_sims(
     ``fp32_products``: x and t hold fp16 values, whose products (22 significant bits) are exact
     in fp32; then only the sum needs float64. Otherwise products are formed in float64."""
     d = x.shape[1]
-    xb = scratch.get("exact_x", (EXACT_CHUNK, d), torch.float32)
-    tb = scratch.get("exact_t", (EXACT_CHUNK, d), torch.float32)
-    sb = scratch.get("exact_s", (EXACT_CHUNK,), torch.float64)
+    step = EXACT_CHUNK_CUDA if x.device.type == "cuda" else EXACT_CHUNK
+    xb = scratch.get("exact_x", (step, d), torch.float32)
+    tb = scratch.get("exact_t", (step, d), torch.float32)
+    sb = scratch.get("exact_s", (step,), torch.float64)
     out = torch.empty(len(rows), dtype=torch.float32, device=x.device)
     # Per-row handlers ask for one pair per row, in order: then x needs no gather.
     in_order = len(rows) == len(x) and bool(
         torch.equal(rows, torch.arange(len(x), device=x.device))
     )
-    for s in range(0, len(rows), EXACT_CHUNK):
-        r, c = rows[s : s + EXACT_CHUNK], cols[s : s + EXACT_CHUNK]
+    for s in range(0, len(rows), step):
+        r, c = rows[s : s + step], cols[s : s + step]
         n = len(r)
         xr = x[s : s + n] if in_order else torch.index_select(x, 0, r, out=xb[:n])
         torch.index_select(t, 0, c, out=tb[:n])
         if fp32_products:
             prod = tb[:n].mul_(xr)
         else:
-            prod = scratch.get("exact_p", (EXACT_CHUNK, d), torch.float64)[:n]
+            prod = scratch.get("exact_p", (step, d), torch.float64)[:n]
             prod.copy_(tb[:n]).mul_(xr)  # xr promotes to float64 exactly
         torch.sum(prod, 1, dtype=torch.float64, out=sb[:n])
         out[s : s + n] = sb[:n]
@@ -939,6 +941,8 @@ class KernelConfig:
         ``measure=False`` leaves an "auto" precision on CUDA unresolved, so a driver process
         never initialises CUDA: the worker that scans resolves it (by measurement) itself."""
         cuda = torch.device(self.device).type == "cuda"
+        if cuda and measure and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device}: this torch sees no CUDA device")
         if cuda and not measure and self.precision == "auto":
             precision = "auto"
         else:
