@@ -631,9 +631,39 @@ class SimTile:
         return self._float(v, rows[:, :, None], b[:, None, None])
 
     def exact(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Reference similarities of (tile row, tile column) pairs."""
-        self.stats.rechecked += len(rows)
-        return exact_sims(self.x, rows, self.tests.exact, cols, self.fp32_products, self.scratch)
+        """Reference similarities of (tile row, tile column) pairs, each pair computed once per
+        tile: the handlers' candidates overlap (row max and margin both look near a row's max,
+        pilots are candidates again), and a recomputation costs ~100x a screened pair."""
+        keys = rows * self.tests.cols + cols
+        known, values = self._memo
+        out = torch.empty(len(keys), dtype=torch.float32, device=keys.device)
+        miss = torch.ones(len(keys), dtype=torch.bool, device=keys.device)
+        if len(known) and len(keys):
+            at = torch.searchsorted(known, keys).clamp_(max=len(known) - 1)
+            hit = known[at] == keys
+            out[hit] = values[at[hit]]
+            miss = ~hit
+        todo = torch.nonzero(miss).flatten()
+        if len(todo) == len(keys):
+            todo_rows, todo_cols, todo_keys = rows, cols, keys
+        else:
+            todo_rows, todo_cols, todo_keys = rows[todo], cols[todo], keys[todo]
+        # Keys are unique within a request (handlers ask for distinct pairs).
+        new = exact_sims(
+            self.x, todo_rows, self.tests.exact, todo_cols, self.fp32_products, self.scratch
+        )
+        self.stats.rechecked += len(new)
+        out[todo] = new
+        if len(new):
+            keys_all = torch.cat([known, todo_keys])
+            order = torch.argsort(keys_all)
+            self._memo = (keys_all[order], torch.cat([values, new])[order])
+        return out
+
+    @cached_property
+    def _memo(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.x.device
+        return torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, device=dev)
 
 
 def _pairs_from_row_blocks(
