@@ -245,8 +245,9 @@ def main() -> None:
                 last[0] = now
 
         first = np.array(next(store.iter_blocks())[2][:gemm_rows])
+        tile_tests = tests[: cfg.tile_tests]  # the kernel's test tile
         # The machine may be shared: measure the reference GEMM just before and after the scan.
-        fp32_before = None if a.skip_gemms or cuda else fp32_gemm_gflops(first, tests)
+        fp32_before = None if a.skip_gemms or cuda else fp32_gemm_gflops(first, tile_tests)
         load_before = os.getloadavg()[0]
         rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t_scan = time.perf_counter()
@@ -276,14 +277,14 @@ def main() -> None:
         fp32 = bf16 = int8 = fp32_torch = None
         if not a.skip_gemms:
             if not cuda:
-                fp32_after = fp32_gemm_gflops(first, tests)
+                fp32_after = fp32_gemm_gflops(first, tile_tests)
                 fp32 = (fp32_before + fp32_after) / 2
             else:
-                fp32_torch = screen_gemm_gflops("fp32", first, tests, a.device)
-            bf16 = screen_gemm_gflops("bf16", first, tests, a.device)
-            int8 = screen_gemm_gflops("int8", first, tests, a.device)
+                fp32_torch = screen_gemm_gflops("fp32", first, tile_tests, a.device)
+            bf16 = screen_gemm_gflops("bf16", first, tile_tests, a.device)
+            int8 = screen_gemm_gflops("int8", first, tile_tests, a.device)
             print(
-                f"  raw GEMMs on {len(first)} x {a.tests} x {a.dim}: fp32 {fp32 or fp32_torch:.1f}"
+                f"  raw GEMMs on {len(first)} x {len(tile_tests)} x {a.dim}: fp32 {fp32 or fp32_torch:.1f}"
                 f", bf16 {bf16:.1f} GFLOP/s, int8 {int8:.1f} GOP/s",
                 flush=True,
             )
@@ -328,7 +329,7 @@ def main() -> None:
         "ratio_vs_bf16_matmul": ratio(scan_gflops, bf16),
         "ratio_vs_fp32_matmul": ratio(scan_gflops, fp32),
         "ratio_vs_screen_gemm": ratio(scan_gflops, screen_gemm[cfg.precision]),
-        "gemm_shape": [len(first), a.tests, a.dim],
+        "gemm_shape": [len(first), len(tile_tests), a.dim],
         "kernel_rows": k_rows,
         "kernel_seconds": round(k_s, 3),
         "kernel_gflops": round(kernel_gflops, 2),
