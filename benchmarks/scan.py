@@ -284,8 +284,8 @@ def main() -> None:
             bf16 = screen_gemm_gflops("bf16", first, tile_tests, a.device)
             int8 = screen_gemm_gflops("int8", first, tile_tests, a.device)
             print(
-                f"  raw GEMMs on {len(first)} x {len(tile_tests)} x {a.dim}: fp32 {fp32 or fp32_torch:.1f}"
-                f", bf16 {bf16:.1f} GFLOP/s, int8 {int8:.1f} GOP/s",
+                f"  raw GEMMs on {len(first)} x {len(tile_tests)} x {a.dim}: fp32 "
+                f"{fp32 or fp32_torch:.1f}, bf16 {bf16:.1f} GFLOP/s, int8 {int8:.1f} GOP/s",
                 flush=True,
             )
         k_rows, k_s, recheck = kernel_only(store, tests, thr, a.topk, cfg, a.kernel_rows)
