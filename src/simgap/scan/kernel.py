@@ -340,20 +340,27 @@ def quantize_rows(v: torch.Tensor, m: int, scale: torch.Tensor | None = None) ->
     (one per row, >= max|v_i| / m for the row, e.g. shared by a block of tests).
 
     Any positive scale is valid for the bound, whose residuals are measured, not assumed: the
-    scale max|v_i|/m only makes them small. The residual is exact in float64: v is a float32 or
-    float16 value and scale*q a 24-bit times 7-bit product; where q != 0, |v| >= scale/2, so
-    both are multiples of one power of two within ~40 bits of the larger."""
+    scale max|v_i|/m only makes them small. Everything is float32, with its rounding bounded
+    (u = 2**-24): ``deq = fl(q*s)`` is within u|deq|/(1-u) of q*s and ``r = fl(v - deq)`` within
+    u|r|/(1-u) of v - deq, so elementwise |v - q*s| <= (1+2u)|r| + 2u|deq| and the norms follow
+    by the triangle inequality; a float32 norm N of d terms, in any order, satisfies
+    |a| <= N (1 + (d+4)u)."""
     if scale is None:
         amax = v.abs().amax(1) if v.shape[1] else torch.zeros(len(v), device=v.device)
         scale = torch.where(amax > 0, amax / m, torch.ones_like(amax))
     q = torch.round(v / scale[:, None]).clamp_(-m, m).to(torch.int8)
-    v64, deq = v.double(), q.double() * scale.double()[:, None]
-    up = 1 + (v.shape[1] + 4) * 2.0**-52  # float64 sum of squares and square root
+    deq = q.float().mul_(scale[:, None])
+    resid = torch.sub(v, deq)
+    up = 1 + (v.shape[1] + 4) * U32
 
     def biggest(a: torch.Tensor) -> float:
         return float(torch.linalg.vector_norm(a, dim=1).max()) * up if len(a) else 0.0
 
-    return QuantRows(q, scale, QuantNorms(biggest(v64), biggest(v64 - deq), biggest(deq)))
+    n_deq = biggest(deq)
+    norms = QuantNorms(
+        biggest(v), (1 + 2 * U32) * biggest(resid) + 2 * U32 * n_deq, (1 + 2 * U32) * n_deq
+    )
+    return QuantRows(q, scale, norms)
 
 
 @dataclass(frozen=True)
