@@ -185,17 +185,32 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--store", help="scan this existing store instead of a random one")
     p.add_argument("--max-shards", type=int, help="scan only the store's first N shards")
+    p.add_argument(
+        "--tests-store",
+        nargs="+",
+        help="tests from these stores (e.g. a world's benchmarks) instead of random vectors; "
+        "thresholds: each test's 99th-percentile similarity to the first 10,000 base rows",
+    )
     p.add_argument("--skip-gemms", action="store_true", help="no raw GEMM reference runs")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
     rng = np.random.default_rng(a.seed + 1)
-    tests = random_unit_fp16(rng, a.tests, a.dim)
-    # Random unit vectors in d=512 have similarity ~N(0, 1/d); thresholds near 4.5 sigma remove
-    # a few percent of rows, like the paper's benchmarks.
-    sigma = 1 / np.sqrt(a.dim)
-    thr = None if a.no_thresholds else rng.uniform(4.1 * sigma, 5.4 * sigma, a.tests)
-    thr = None if thr is None else thr.astype(np.float32)
+    if a.tests_store:
+        tests = np.concatenate([open_store(Path(s)).embeddings() for s in a.tests_store])
+        a.tests = len(tests)
+        head = np.concatenate(
+            [np.asarray(e[:10_000]) for _, _, e in open_store(Path(a.store)).iter_blocks()]
+        )[:10_000]
+        sims = head.astype(np.float32) @ tests.astype(np.float32).T
+        thr = None if a.no_thresholds else np.quantile(sims, 0.99, axis=0).astype(np.float32)
+    else:
+        tests = random_unit_fp16(rng, a.tests, a.dim)
+        # Random unit vectors in d=512 have similarity ~N(0, 1/d); thresholds near 4.5 sigma
+        # remove a few percent of rows, like the paper's benchmarks.
+        sigma = 1 / np.sqrt(a.dim)
+        thr = None if a.no_thresholds else rng.uniform(4.1 * sigma, 5.4 * sigma, a.tests)
+        thr = None if thr is None else thr.astype(np.float32)
 
     cfg = KernelConfig(
         precision=a.precision,
@@ -230,8 +245,9 @@ def main() -> None:
                 last[0] = now
 
         first = np.array(next(store.iter_blocks())[2][:gemm_rows])
+        tile_tests = tests[: cfg.tile_tests]  # the kernel's test tile
         # The machine may be shared: measure the reference GEMM just before and after the scan.
-        fp32_before = None if a.skip_gemms or cuda else fp32_gemm_gflops(first, tests)
+        fp32_before = None if a.skip_gemms or cuda else fp32_gemm_gflops(first, tile_tests)
         load_before = os.getloadavg()[0]
         rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t_scan = time.perf_counter()
@@ -261,15 +277,15 @@ def main() -> None:
         fp32 = bf16 = int8 = fp32_torch = None
         if not a.skip_gemms:
             if not cuda:
-                fp32_after = fp32_gemm_gflops(first, tests)
+                fp32_after = fp32_gemm_gflops(first, tile_tests)
                 fp32 = (fp32_before + fp32_after) / 2
             else:
-                fp32_torch = screen_gemm_gflops("fp32", first, tests, a.device)
-            bf16 = screen_gemm_gflops("bf16", first, tests, a.device)
-            int8 = screen_gemm_gflops("int8", first, tests, a.device)
+                fp32_torch = screen_gemm_gflops("fp32", first, tile_tests, a.device)
+            bf16 = screen_gemm_gflops("bf16", first, tile_tests, a.device)
+            int8 = screen_gemm_gflops("int8", first, tile_tests, a.device)
             print(
-                f"  raw GEMMs on {len(first)} x {a.tests} x {a.dim}: fp32 {fp32 or fp32_torch:.1f}"
-                f", bf16 {bf16:.1f} GFLOP/s, int8 {int8:.1f} GOP/s",
+                f"  raw GEMMs on {len(first)} x {len(tile_tests)} x {a.dim}: fp32 "
+                f"{fp32 or fp32_torch:.1f}, bf16 {bf16:.1f} GFLOP/s, int8 {int8:.1f} GOP/s",
                 flush=True,
             )
         k_rows, k_s, recheck = kernel_only(store, tests, thr, a.topk, cfg, a.kernel_rows)
@@ -313,7 +329,7 @@ def main() -> None:
         "ratio_vs_bf16_matmul": ratio(scan_gflops, bf16),
         "ratio_vs_fp32_matmul": ratio(scan_gflops, fp32),
         "ratio_vs_screen_gemm": ratio(scan_gflops, screen_gemm[cfg.precision]),
-        "gemm_shape": [len(first), a.tests, a.dim],
+        "gemm_shape": [len(first), len(tile_tests), a.dim],
         "kernel_rows": k_rows,
         "kernel_seconds": round(k_s, 3),
         "kernel_gflops": round(kernel_gflops, 2),

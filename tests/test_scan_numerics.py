@@ -34,6 +34,7 @@ def test_auto_screen_by_cpu_flags(flags, screen):
 def test_auto_screen_on_cuda_is_measured_in_the_worker(monkeypatch):
     rates = {"bf16": 2.0, "int8": 3.0}
     monkeypatch.setattr(K, "cuda_screen_rates", lambda *a: rates)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert K.resolve_precision("auto", "cuda") == "int8"
     rates["bf16"] = 4.0
     assert KernelConfig(device="cuda").resolved().precision == "bf16"
@@ -99,6 +100,13 @@ def test_screen_gemm_runs_with_reduced_precision_reduction_off(monkeypatch):
     K._screen(xs, tt, None, cfg, K.Scratch(torch.device("cpu")), (127, 127))
     assert seen == [False]
     assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction  # restored
+
+
+def test_cuda_without_a_gpu_is_a_clean_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        KernelConfig("bf16", device="cuda").resolved()
 
 
 def test_scan_device_names_the_current_gpu():

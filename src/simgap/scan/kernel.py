@@ -10,10 +10,27 @@ computed exactly: for float16 inputs every product is a multiple of 2**-48 of ma
 every partial sum of a unit-norm dot product fits float64's 53 bits and float64 accumulation is
 exact in any order; the cast to float32 then rounds once, to nearest. (float32 tests: the sum is
 float64-accurate, ~1e-16, so it can differ from another float64 order only at a float32 rounding
-tie.) The tile GEMM runs in a cheaper *screen* precision (bf16 or fp32) with a proven bound
-``|screen - sim| <= eps = c * |x| * |t|`` (``error_coefficient``). Handlers use the screen only to
-discard pairs that provably cannot matter and recompute the remaining candidates exactly, so every
-reported value and every decision equals the brute force.
+tie.) The tile GEMM runs in a cheaper *screen* precision (fp32, bf16 or int8) with a proven
+bound ``|screen - sim| <= eps`` for every pair of the tile: ``c * |x| * |t|`` for the float
+screens (``error_coefficient``), and for int8 one from the rows' quantization residual norms
+(``Int8Bound``). Handlers use the screen only to discard pairs that provably cannot matter and
+recompute the remaining candidates exactly, so every reported value and every decision equals
+the brute force. docs/scan-numerics.md collects the derivations.
+
+What is proven, on which hardware:
+- fp32 screen: IEEE fp32 GEMMs (OpenBLAS/oneDNN on CPUs, cuBLAS SGEMM); TF32 or bf16-input fp32
+  modes (torch's fp32_precision / matmul precision) are detected and bounded with bf16's unit
+  roundoff and, on CUDA, truncating accumulation.
+- bf16 screen: CPUs accumulate bf16 products in IEEE fp32. NVIDIA tensor cores truncate in their
+  multi-term adds: modelled with 4x fp32's unit roundoff (``UTC``), after Fasi, Higham,
+  Mikaitis and Pranesh (PeerJ CS 2021) and Khattak and Mikaitis (arXiv:2512.07004, with the
+  H100). The screen GEMM runs with bf16 reduced-precision split-K reductions off
+  (``screen_gemm_guard``), so no partial sum is rounded to bf16. The tensor-core model is taken
+  from those papers, not proven here; ``benchmarks/gpu_check_scan.py`` probes it.
+- int8 screen: any backend, because the bound needs only that the int32 GEMM is exact, and that
+  is checked on the running backend for every tile shape before use (``int8_gemm_exact``):
+  oneDNN without VNNI saturates int16 pair sums at full range, and the check then narrows the
+  range. Integer tensor cores and VNNI accumulate exactly in int32.
 
 Tile layout. Rows are padded to a multiple of ``row_group`` and tests to ``test_group * nb``;
 column ``i * nb + b`` holds the ``i``-th test of block ``b``, so the per-block maximum is a
@@ -42,6 +59,7 @@ UBF16 = 2.0**-8  # unit roundoff of bfloat16
 UTC = 2.0**-22
 SLACK = 2.0**-18  # absolute slack for float32 rounding in the bounds computed on screen values
 EXACT_CHUNK = 1024  # pairs per exact recomputation step (its gathers live in Scratch)
+EXACT_CHUNK_CUDA = 16384  # on a GPU each step is a handful of launches: fewer, larger steps
 BLOCK_CHUNK = 512  # 2D blocks gathered per step by the per-test handlers
 DENSE_SCREEN = 0.125  # fraction of candidate 2D blocks above which top-k screens densely
 
@@ -263,23 +281,24 @@ def exact_sims(
     ``fp32_products``: x and t hold fp16 values, whose products (22 significant bits) are exact
     in fp32; then only the sum needs float64. Otherwise products are formed in float64."""
     d = x.shape[1]
-    xb = scratch.get("exact_x", (EXACT_CHUNK, d), torch.float32)
-    tb = scratch.get("exact_t", (EXACT_CHUNK, d), torch.float32)
-    sb = scratch.get("exact_s", (EXACT_CHUNK,), torch.float64)
+    step = EXACT_CHUNK_CUDA if x.device.type == "cuda" else EXACT_CHUNK
+    xb = scratch.get("exact_x", (step, d), torch.float32)
+    tb = scratch.get("exact_t", (step, d), torch.float32)
+    sb = scratch.get("exact_s", (step,), torch.float64)
     out = torch.empty(len(rows), dtype=torch.float32, device=x.device)
     # Per-row handlers ask for one pair per row, in order: then x needs no gather.
     in_order = len(rows) == len(x) and bool(
         torch.equal(rows, torch.arange(len(x), device=x.device))
     )
-    for s in range(0, len(rows), EXACT_CHUNK):
-        r, c = rows[s : s + EXACT_CHUNK], cols[s : s + EXACT_CHUNK]
+    for s in range(0, len(rows), step):
+        r, c = rows[s : s + step], cols[s : s + step]
         n = len(r)
         xr = x[s : s + n] if in_order else torch.index_select(x, 0, r, out=xb[:n])
         torch.index_select(t, 0, c, out=tb[:n])
         if fp32_products:
             prod = tb[:n].mul_(xr)
         else:
-            prod = scratch.get("exact_p", (EXACT_CHUNK, d), torch.float64)[:n]
+            prod = scratch.get("exact_p", (step, d), torch.float64)[:n]
             prod.copy_(tb[:n]).mul_(xr)  # xr promotes to float64 exactly
         torch.sum(prod, 1, dtype=torch.float64, out=sb[:n])
         out[s : s + n] = sb[:n]
@@ -321,20 +340,27 @@ def quantize_rows(v: torch.Tensor, m: int, scale: torch.Tensor | None = None) ->
     (one per row, >= max|v_i| / m for the row, e.g. shared by a block of tests).
 
     Any positive scale is valid for the bound, whose residuals are measured, not assumed: the
-    scale max|v_i|/m only makes them small. The residual is exact in float64: v is a float32 or
-    float16 value and scale*q a 24-bit times 7-bit product; where q != 0, |v| >= scale/2, so
-    both are multiples of one power of two within ~40 bits of the larger."""
+    scale max|v_i|/m only makes them small. Everything is float32, with its rounding bounded
+    (u = 2**-24): ``deq = fl(q*s)`` is within u|deq|/(1-u) of q*s and ``r = fl(v - deq)`` within
+    u|r|/(1-u) of v - deq, so elementwise |v - q*s| <= (1+2u)|r| + 2u|deq| and the norms follow
+    by the triangle inequality; a float32 norm N of d terms, in any order, satisfies
+    |a| <= N (1 + (d+4)u)."""
     if scale is None:
         amax = v.abs().amax(1) if v.shape[1] else torch.zeros(len(v), device=v.device)
         scale = torch.where(amax > 0, amax / m, torch.ones_like(amax))
     q = torch.round(v / scale[:, None]).clamp_(-m, m).to(torch.int8)
-    v64, deq = v.double(), q.double() * scale.double()[:, None]
-    up = 1 + (v.shape[1] + 4) * 2.0**-52  # float64 sum of squares and square root
+    deq = q.float().mul_(scale[:, None])
+    resid = torch.sub(v, deq)
+    up = 1 + (v.shape[1] + 4) * U32
 
     def biggest(a: torch.Tensor) -> float:
         return float(torch.linalg.vector_norm(a, dim=1).max()) * up if len(a) else 0.0
 
-    return QuantRows(q, scale, QuantNorms(biggest(v64), biggest(v64 - deq), biggest(deq)))
+    n_deq = biggest(deq)
+    norms = QuantNorms(
+        biggest(v), (1 + 2 * U32) * biggest(resid) + 2 * U32 * n_deq, (1 + 2 * U32) * n_deq
+    )
+    return QuantRows(q, scale, norms)
 
 
 @dataclass(frozen=True)
@@ -384,11 +410,16 @@ def int8_gemm_exact(rows: int, cols: int, dim: int, ranges: tuple[int, int], dev
         sign[3] = -sign[2]
         a = (sign * mx)[torch.arange(rows, device=dev) % 4].to(torch.int8)
         b = (sign * mt)[torch.arange(cols, device=dev) % 4].to(torch.int8)
-        want = (sign.double() @ sign.double().T) * (mx * mt)
+        want = ((sign.double() @ sign.double().T) * (mx * mt)).tolist()
         out = torch.empty((rows, cols), dtype=torch.int32, device=dev)
         got = tile_gemm(a, b, out, "torch")
-        ri, ci = torch.arange(rows, device=dev) % 4, torch.arange(cols, device=dev) % 4
-        _INT8_EXACT[key] = bool(torch.equal(got.double(), want[ri][:, ci]))
+        if rows % 4 == 0 and cols % 4 == 0:  # one pass (the usual case: padded tiles)
+            w = torch.tensor(want, dtype=torch.int32, device=dev).view(1, 4, 1, 4)
+            _INT8_EXACT[key] = bool((got.view(rows // 4, 4, cols // 4, 4) == w).all())
+        else:
+            _INT8_EXACT[key] = all(
+                bool((got[i::4, j::4] == int(want[i][j])).all()) for i in range(4) for j in range(4)
+            )
     return _INT8_EXACT[key]
 
 
@@ -611,9 +642,39 @@ class SimTile:
         return self._float(v, rows[:, :, None], b[:, None, None])
 
     def exact(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Reference similarities of (tile row, tile column) pairs."""
-        self.stats.rechecked += len(rows)
-        return exact_sims(self.x, rows, self.tests.exact, cols, self.fp32_products, self.scratch)
+        """Reference similarities of (tile row, tile column) pairs, each pair computed once per
+        tile: the handlers' candidates overlap (row max and margin both look near a row's max,
+        pilots are candidates again), and a recomputation costs ~100x a screened pair."""
+        keys = rows * self.tests.cols + cols
+        known, values = self._memo
+        out = torch.empty(len(keys), dtype=torch.float32, device=keys.device)
+        miss = torch.ones(len(keys), dtype=torch.bool, device=keys.device)
+        if len(known) and len(keys):
+            at = torch.searchsorted(known, keys).clamp_(max=len(known) - 1)
+            hit = known[at] == keys
+            out[hit] = values[at[hit]]
+            miss = ~hit
+        todo = torch.nonzero(miss).flatten()
+        if len(todo) == len(keys):
+            todo_rows, todo_cols, todo_keys = rows, cols, keys
+        else:
+            todo_rows, todo_cols, todo_keys = rows[todo], cols[todo], keys[todo]
+        # Keys are unique within a request (handlers ask for distinct pairs).
+        new = exact_sims(
+            self.x, todo_rows, self.tests.exact, todo_cols, self.fp32_products, self.scratch
+        )
+        self.stats.rechecked += len(new)
+        out[todo] = new
+        if len(new):
+            keys_all = torch.cat([known, todo_keys])
+            order = torch.argsort(keys_all)
+            self._memo = (keys_all[order], torch.cat([values, new])[order])
+        return out
+
+    @cached_property
+    def _memo(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.x.device
+        return torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, device=dev)
 
 
 def _pairs_from_row_blocks(
@@ -898,9 +959,10 @@ class KernelConfig:
     """Where and how blocks are scanned; chosen by the caller, never global.
 
     The one home of the scan's tuning parameters. "auto" and None fields are resolved by
-    ``resolved()`` from measurements on the 2-core AVX2 development machine: fp32 screen (no
-    native bf16 there), numpy's OpenBLAS GEMM (~1.4x torch's GEMM on that AMD CPU),
-    single-threaded reductions, tiles of 2048 rows x 8192 tests; on CUDA bf16 and large tiles.
+    ``resolved()``: the screen by CPU flags (``screen_for_cpu``: int8 on AVX2/VNNI CPUs, bf16
+    with AVX512_BF16/AMX) or, on CUDA, by measuring bf16 against int8; numpy's OpenBLAS GEMM for
+    an fp32 screen on CPUs (~1.4x torch's GEMM on the AMD development CPU), single-threaded
+    reductions, tiles of 2048 rows x 8192 tests; on CUDA large tiles.
     Results never depend on these choices (the screen is exact), only speed does."""
 
     precision: str = "auto"  # screen: "fp32", "bf16", "int8" or "auto" (resolve_precision)
@@ -921,6 +983,8 @@ class KernelConfig:
         ``measure=False`` leaves an "auto" precision on CUDA unresolved, so a driver process
         never initialises CUDA: the worker that scans resolves it (by measurement) itself."""
         cuda = torch.device(self.device).type == "cuda"
+        if cuda and measure and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device}: this torch sees no CUDA device")
         if cuda and not measure and self.precision == "auto":
             precision = "auto"
         else:
