@@ -440,6 +440,36 @@ def test_fuzz_materialize_records(tmp_path, examples):
     assert outcomes["redo"] > examples // 2
 
 
+@pytest.mark.parametrize("examples", COUNTS)
+def test_fuzz_stage_record(tmp_path, examples):
+    """The runner's stage records (stages/<stage>.json): a damaged one reruns the stage."""
+    from simgap.runner import Runner, Stage
+
+    stage = Stage("scan", {"k": 1}, lambda r: {"rows": 3, "path": "scans/x"})
+    runner = Runner(tmp_path, [stage], lambda _: None)
+    runner.run(stage)
+    target = tmp_path / "stages" / "scan.json"
+    original = target.read_bytes()
+    good = json.loads(original)
+
+    def attempt(data: bytes) -> str:
+        target.write_bytes(data)
+        try:
+            got = Runner(tmp_path, [stage], lambda _: None).cached("scan")
+        except Exception as e:  # noqa: BLE001
+            return user_error(e, target)
+        finally:
+            target.write_bytes(original)
+        if got is None:
+            return "redo"
+        # Not checksummed (a record's result is what the stage returned): well-formed, same key.
+        assert got["key"] == good["key"] and isinstance(got["seconds"], int | float)
+        return "same" if got == good else "as-written"
+
+    outcomes = fuzz(examples, json_edits(good, original), attempt)
+    report("stages/*.json", outcomes, examples)
+
+
 # ------------------------------------------------------------------------------ configs
 
 
@@ -849,3 +879,17 @@ def test_hashing_helper_is_the_store_checksum(store):
     path = store[0]
     doc = json.loads((path / "manifest.json").read_text())
     assert doc["shards"][0]["sha256"] == sha256_file(path / "emb" / "00000.npy")
+
+
+def test_a_damaged_stage_record_reruns_the_stage(tmp_path):
+    """A stage record that is valid JSON but not an object raised AttributeError."""
+    from simgap.runner import Runner, Stage
+
+    stage = Stage("scan", {"k": 1}, lambda r: 7)
+    Runner(tmp_path, [stage], lambda _: None).run(stage)
+    path = tmp_path / "stages" / "scan.json"
+    for damaged in ("[]", '{"key": 5}', '{"result": 7, "seconds": 1}'):
+        path.write_text(damaged)
+        logs: list[str] = []
+        assert Runner(tmp_path, [stage], logs.append).cached("scan") is None
+        assert logs and logs[0].startswith("[damaged] ") and str(path) in logs[0]
