@@ -38,6 +38,10 @@ class Stage:
     chain: str | None = None  # a split's materialize → train → evaluate; chains run side by side
 
 
+# A stage record: its key, its result (any JSON) and its wall time.
+STAGE_RECORD = {"key": str, "result": object, "seconds": float}
+
+
 class Runner:
     """Computes every stage's key, runs the stages whose cached key differs, records timings."""
 
@@ -60,8 +64,12 @@ class Runner:
     def cached(self, name: str) -> dict | None:
         path = self._record(name)
         if path.is_file():
-            record = read_json(path)
-            if record.get("key") == self.keys[name]:
+            try:
+                record = read_json(path, STAGE_RECORD)
+            except ValueError as e:  # damaged: the stage runs again, its inputs are still there
+                self.log(f"[damaged] {e}")
+                return None
+            if record["key"] == self.keys[name]:
                 return record
         return None
 
@@ -95,7 +103,9 @@ class Runner:
         """A stage resumes its own partial output, but never builds on output made for another key
         (a resized split must not reuse the old split's shards or checkpoints)."""
         marker = self.dir / "stages" / f"{s.name}.started"
-        started = marker.read_text().strip() if marker.is_file() else None
+        started = (
+            marker.read_bytes().decode("utf-8", "replace").strip() if marker.is_file() else None
+        )
         if started != self.keys[s.name]:
             for folder in s.owns:
                 if (self.dir / folder).exists():

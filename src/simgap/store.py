@@ -66,12 +66,13 @@ SHARD_SCHEMA = {
     "sha256": SHA256,
     "skipped": Optional(SKIPPED),
     "text_sha256": Optional(SHA256),
+    "keys_sha256": Optional(SHA256),  # absent in stores written before it was recorded
 }
 MANIFEST_SCHEMA = {
     "format": str,
     "model": dict,
     "dim": POSITIVE,
-    "rows": Optional(COUNT),
+    "rows": COUNT,  # the shards must add up to it: a shard dropped from the list is caught
     "text": Optional(bool),
     "shards": [SHARD_SCHEMA],
 }
@@ -86,7 +87,7 @@ def _check_manifest(path: Path, manifest: Any) -> None:
     names = [s["name"] for s in shards]
     if len(set(names)) != len(names):
         raise StoreError(f"{path}: shards: a shard name is listed twice")
-    if "rows" in manifest and manifest["rows"] != sum(s["rows"] for s in shards):
+    if manifest["rows"] != sum(s["rows"] for s in shards):
         raise StoreError(f"{path}: rows: {manifest['rows']} is not the sum of the shards' rows")
     if manifest.get("text") and not all("text_sha256" in s for s in shards):
         raise StoreError(f"{path}: text: true, but a shard has no text_sha256")
@@ -138,6 +139,10 @@ class Store:
 
     def read_keys(self, shard: str) -> pa.Table:
         path = self.path / "keys" / f"{shard}.parquet"
+        # parquet pages carry no checksum: a damaged byte could change a key and still parse.
+        expected = self._keys_sums().get(shard)
+        if expected and path.is_file() and sha256_file(path) != expected:
+            raise StoreError(f"{path}: checksum does not match {self.path}/manifest.json")
         try:
             table = pq.read_table(path)
             table.validate(full=True)  # arrow reads strings unchecked: bad UTF-8 fails here
@@ -149,6 +154,9 @@ class Store:
         if table.column("key").null_count:
             raise StoreError(f"{path}: the 'key' column holds nulls")
         return table
+
+    def _keys_sums(self) -> dict[str, str]:
+        return {s["name"]: s["keys_sha256"] for s in self.manifest["shards"] if "keys_sha256" in s}
 
     @property
     def has_text(self) -> bool:
@@ -482,6 +490,11 @@ class StoreWriter:
             not text.is_file() or sha256_file(text) != record["text_sha256"]
         ):
             return None
+        keys = self.path / "keys" / f"{name}.parquet"
+        if "keys_sha256" in record and (
+            not keys.is_file() or sha256_file(keys) != record["keys_sha256"]
+        ):
+            return None
         try:
             rows = np.load(emb, mmap_mode="r").shape[0]
         except (OSError, ValueError, IndexError):
@@ -509,11 +522,13 @@ class StoreWriter:
                 )
         emb_path = self.path / "emb" / f"{name}.npy"
         write_npy(emb_path, emb)
-        write_parquet(self.path / "keys" / f"{name}.parquet", keys)
+        keys_path = self.path / "keys" / f"{name}.parquet"
+        write_parquet(keys_path, keys)
         record = {
             "name": name,
             "rows": int(emb.shape[0]),
             "sha256": sha256_file(emb_path),
+            "keys_sha256": sha256_file(keys_path),
             "skipped": dict(sorted((skipped or {}).items())),
             "fingerprint": fingerprint,
         }
@@ -570,7 +585,11 @@ class StoreWriter:
             "rows": sum(r["rows"] for r in records),
             "source": self.source,
             "shards": [
-                {k: r[k] for k in ("name", "rows", "sha256", "skipped", "text_sha256") if k in r}
+                {
+                    k: r[k]
+                    for k in ("name", "rows", "sha256", "keys_sha256", "skipped", "text_sha256")
+                    if k in r
+                }
                 for r in records
             ],
         }

@@ -1,7 +1,8 @@
 """Kill anywhere: SIGKILL each stage's CLI process group at seeded random points, rerun, and
 demand the same bytes as an uninterrupted run, every output whole, no key lost or duplicated.
 
-The default suite takes a few kill points per stage; ``-m extended`` takes 20 or more.
+The default suite takes a few kill points per stage; ``-m extended`` takes 20 (5 to 10 for the
+stages whose kill point costs a minute or more: ``SLOW_POINTS``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from .faultlib import (
 
 DEFAULT_POINTS = 2
 EXTENDED_POINTS = 20
+# Stages whose every kill point costs a minute or more on 2 cores (a CLI start with torch and a
+# model, a training, a whole run) take fewer points, so that `-m extended` fits in an hour.
+SLOW_POINTS = {"embed": 10, "train": 5, "audit": 10, "run": 5}
 
 
 def _survive(stage: str, args: list, out: Path, reference: Path, points, ignore=(), check=None):
@@ -111,7 +115,7 @@ def test_embed_survives_many_kills(workdir, pool, checkpoint):
     # No decode workers: shard tasks one by one, killed after any of them.
     no_workers = ["--decode-workers", "0"]
     args, out, reference, check = _embed_case(workdir, pool, checkpoint, "embed-kill-x", no_workers)
-    points = _embed_points(EXTENDED_POINTS, 6, seed=101)
+    points = _embed_points(SLOW_POINTS["embed"], 6, seed=101)
     _survive("embed", args, out, reference, points, check=check)
 
 
@@ -284,7 +288,8 @@ def test_train_survives_a_kill(workdir):
 @pytest.mark.extended
 def test_train_survives_many_kills(workdir):
     args, out, reference = _train_case(workdir, "train-kill-x")
-    _survive("train", args, out, reference, _train_points(EXTENDED_POINTS, 104), ignore=TRAIN_LOGS)
+    points = _train_points(SLOW_POINTS["train"], 104)
+    _survive("train", args, out, reference, points, ignore=TRAIN_LOGS)
 
 
 # ------------------------------------------------------------------------ select and audit
@@ -341,7 +346,7 @@ def test_audit_survives_kills(scan_inputs):
 @pytest.mark.extended
 def test_audit_survives_many_kills(scan_inputs):
     args, out, reference = _audit_case(scan_inputs, "audit-kill-x")
-    points = _watching(_file_points(EXTENDED_POINTS, 106, 2, startup=6, step=0.2), out)
+    points = _watching(_file_points(SLOW_POINTS["audit"], 106, 2, startup=6, step=0.2), out)
     _survive("audit", args, out, reference, points)
 
 
@@ -390,5 +395,5 @@ def test_run_survives_many_kills(workdir):
     out = workdir / "run-kill-x"
     args = ["run", config, "--run-dir", out]
     reference = _reference_run(args, out)
-    points = _run_points(int(os.environ.get("SIMGAP_RUN_KILLS", EXTENDED_POINTS)), 107)
+    points = _run_points(int(os.environ.get("SIMGAP_RUN_KILLS", SLOW_POINTS["run"])), 107)
     _survive("run", args, out, reference, points, ignore=RUN_VOLATILE)
