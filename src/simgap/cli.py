@@ -489,7 +489,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (Ray: one GPU per task)")
     p.add_argument(
-        "--precision", default="auto", help="screen precision: auto, fp32, bf16 (see KernelConfig)"
+        "--precision",
+        default="auto",
+        help="screen precision: auto, fp32, bf16, int8 (see KernelConfig)",
     )
     p.add_argument("--tile-rows", type=int, help="base rows per tile (default: per device)")
     p.add_argument("--tile-tests", type=int, help="tests per tile (default: per device)")
