@@ -291,21 +291,7 @@ def _train_stages(
                     chain=split,
                 )
             )
-            add(
-                Stage(
-                    f"evaluate-{name}",
-                    {
-                        "benchmarks": evaluated,
-                        "batch_size": cfg.evaluate.batch_size,
-                        "device": device_key(cfg.evaluate.device),
-                    },
-                    lambda r, name=name: evaluate_split(
-                        run, data, cfg, name, r[f"train-{name}"], evaluated
-                    ),
-                    after=(f"train-{name}",),
-                    chain=split,
-                )
-            )
+            add(_evaluate_stage(cfg, run, data, name, evaluated, chain=split))
     if reference_line(cfg):
         stages = [*_reference_materialize(cfg, run, data, executor), *stages]
         stages += _reference_models(cfg, run, data, evaluated, log)
@@ -367,21 +353,33 @@ def _reference_models(
                 owns=(f"train/{name}",),
                 chain=name,
             ),
-            Stage(
-                f"evaluate-{name}",
-                {
-                    "benchmarks": evaluated,
-                    "batch_size": cfg.evaluate.batch_size,
-                    "device": device_key(cfg.evaluate.device),
-                },
-                lambda r, name=name: evaluate_split(
-                    run, data, cfg, name, r[f"train-{name}"], evaluated, out
-                ),
-                after=(f"train-{name}",),
-                chain=name,
-            ),
+            _evaluate_stage(cfg, run, data, name, evaluated, chain=name, out=out),
         ]
     return stages
+
+
+def _evaluate_stage(
+    cfg: Config,
+    run: Path,
+    data: Data,
+    name: str,
+    evaluated: list[str],
+    chain: str,
+    out: Path | None = None,
+) -> Stage:
+    """Zero-shot evaluation of one trained model (a split's seed or a reference-line model)."""
+    extra = () if out is None else (out,)
+    return Stage(
+        f"evaluate-{name}",
+        {
+            "benchmarks": evaluated,
+            "batch_size": cfg.evaluate.batch_size,
+            "device": device_key(cfg.evaluate.device),
+        },
+        lambda r: evaluate_split(run, data, cfg, name, r[f"train-{name}"], evaluated, *extra),
+        after=(f"train-{name}",),
+        chain=chain,
+    )
 
 
 def _analysis_stages(
