@@ -194,7 +194,11 @@ def test_torchrun_command_keeps_hostile_values_as_single_arguments(workdir):
     m = shlex.quote(str(marker))
     data, out = NASTY_DATA.format(m=m), NASTY_OUT.format(m=m)
     recipe = Recipe(batch_size=64)
-    cmd = torchrun_command(recipe, data, 100, Path(out), "run-1", nproc_per_node=2)
+    # An explicit launcher name, so that bash calls the recording function: the default launcher
+    # is this interpreter's path (`python -m torch.distributed.run`), which would really train.
+    cmd = torchrun_command(
+        recipe, data, 100, Path(out), "run-1", nproc_per_node=2, torchrun="torchrun"
+    )
     argv = _bash_argv(cmd, workdir, "torchrun")
     assert not marker.exists(), "shell in a value ran"
     assert argv == shlex.split(cmd)[1:]
