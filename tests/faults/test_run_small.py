@@ -62,8 +62,11 @@ def reference(small, workdir):
 
 def test_killed_run_resumes_to_the_same_bytes(small, workdir, reference):
     run = workdir / "small-run"
+    # The stage's record is written when it is done (the console's lines go to stdout).
     assert run_and_kill(
-        ["run", small, "--run-dir", run], pattern=r"\[done\] embed-pool", after_lines=1, delay=0.5
+        ["run", small, "--run-dir", run],
+        after_file=run / "stages" / "embed-pool.json",
+        delay=0.5,
     )
     assert (run / "stages").is_dir() and not (run / "stages" / "gaps.json").exists()
     logs: list[str] = []
@@ -97,7 +100,7 @@ def test_a_dropped_split_is_deleted(small, workdir):
     run_config(cfg, run, log=logs.append, report=False)
     ran = {m.removeprefix("[run] ") for m in logs if m.startswith("[run] ")}
     # Only the new split's stages and what reads every split (no training: robustness is cached).
-    assert ran == {"select-near-0.4", "gaps-near-0.4", "gaps", "analysis-similarity"}, ran
+    assert ran == {"select-near-0.4", "gaps", "analysis-similarity", "analysis-composition"}, ran
     assert not (run / "splits" / "near-0.5").exists()
     assert not (run / "gaps" / "by-split" / "near-0.5").exists()
     assert not (run / "stages" / "select-near-0.5.json").exists()
