@@ -244,7 +244,7 @@ def test_report_renders_in_chromium(page: Page, report: Path) -> None:
     links = page.evaluate(
         "Array.from(document.querySelectorAll('nav a')).map(a => a.getAttribute('href'))"
     )
-    assert len(links) == 11
+    assert len(links) == 12  # Findings and Similarity structure included
     assert page.evaluate(
         f"{json.dumps(links)}.every(h => document.getElementById(h.slice(1)) !== null)"
     )
