@@ -80,7 +80,9 @@ def test_the_grid_reads_the_pool_twice(grid):
     # Every pool shard: once by the scan (every benchmark), once by the check (every split).
     assert set(pool.values()) == {2}, pool
     reference = {n for (store, _), n in reads.items() if store == "reference"}
-    assert reference == {2}  # the thresholds, and the reference NN of the 'equal' check
+    # The thresholds, the reference NN of the 'equal' check, and the similarity model's class
+    # separation (k-NN of the reference embeddings: an analysis, not a scan pass).
+    assert reference == {3}
     doc = json.loads((run / "scans" / "pool" / "scan.json").read_text())
     assert [b["name"] for b in doc["benchmarks"]] == [
         f"bench-{b}" for b in ("photo", "photo-v2", "sketch", "rendition", "hard", "pose")
@@ -144,13 +146,13 @@ def test_dry_run_prints_passes_and_estimates_per_scanning_stage(tmp_path, capsys
         "scan: 1 pass over the reference set + 1 over the pool (every benchmark at once), "
         "43.0 PFLOP" in out
     )
-    assert "gaps: 1 pass over the pool checking 41 splits at once" in out
+    assert "gaps: 1 pass over the pool checking 74 splits at once" in out
     assert "embed-pool: 1 pass over the pool's images" in out
     # A run whose stores exist: their sizes, and this CPU's measured rate.
     assert cli_main(["run", "paper-world", "--dry-run", "--run-dir", str(tmp_path / "w")]) == 0
     out = capsys.readouterr().out
     assert "scanning on cpu (cpu rates: measured" in out
-    assert "sizes from the world's config: pool 1,200 rows, reference 180" in out
+    assert "sizes from the world's config: pool 12,000 rows, reference 1,800" in out
 
 
 def test_estimates_use_the_runs_stores(grid, capsys):
