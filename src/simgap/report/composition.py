@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import matplotlib
 import numpy as np
 
 from simgap.io import read_json
@@ -25,18 +26,8 @@ from simgap.report.gallery import Sample, fetch_thumbnails
 from simgap.report.runfiles import NOT_COMPUTED, RunFiles, split_order
 
 GROUP_TITLES = {"kind": "kind of pool sample", "caption": "caption"}
-_CATEGORY_COLORS = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-)
+# matplotlib's tab10: one colour per category, the order matplotlib itself cycles through.
+_CATEGORY_COLORS = tuple(matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab10"].colors)
 _CAPTION_CHARS = 18  # per line under a gallery thumbnail
 
 

@@ -123,7 +123,7 @@ class _ScanPart:
     span: slice
 
 
-def _scan_parts(folders: tuple[Path, ...], prefix: str) -> list[_ScanPart]:
+def scan_parts(folders: tuple[Path, ...], prefix: str) -> list[_ScanPart]:
     from simgap.scan.layout import benchmarks_of, read_meta
 
     parts = []
@@ -139,7 +139,7 @@ def _scan_parts(folders: tuple[Path, ...], prefix: str) -> list[_ScanPart]:
     return parts
 
 
-def _match(parts: list[_ScanPart], names: list[str], what: str) -> list[_ScanPart]:
+def match_parts(parts: list[_ScanPart], names: list[str], what: str) -> list[_ScanPart]:
     """The scan part of each benchmark: by name, or (scans of one benchmark each, as many as
     the benchmarks) in the order given."""
     if len(parts) == len(names) and all(p.index is None for p in parts):
@@ -162,13 +162,13 @@ def _load_benches(cfg: SelectConfig, pool: Store, fp: dict[str, Any], log: Log) 
         if not (Path(f) / "scan.json").exists():
             raise FileNotFoundError(f"{f}: not a finished scan (no scan.json)")
     stores = [open_store(b) for b in cfg.benchmarks]
-    scans = _scan_parts(cfg.scans, "pool-")
+    scans = scan_parts(cfg.scans, "pool-")
     names = [_bench_name(s.path, "bench-") for s in stores] or [p.name for p in scans]
     if scans:
-        scans = _match(scans, names, "--scans")
-    refs = _scan_parts(cfg.reference_scans, "reference-")
+        scans = match_parts(scans, names, "--scans")
+    refs = scan_parts(cfg.reference_scans, "reference-")
     if refs:
-        refs = _match(refs, names, "--reference-scans")
+        refs = match_parts(refs, names, "--reference-scans")
     reference = open_store(cfg.reference) if cfg.reference else None
     if reference is not None:
         check_compatible(pool, reference)

@@ -149,13 +149,13 @@ def scan_scores(scan: Path) -> Callable[[str, str], np.ndarray]:
     (``scans/pool``). Read on first use and kept, one column at a time: a LAION pool's column
     is 800 MB per benchmark."""
     from simgap.scan.layout import benchmark_rows
-    from simgap.select.build import _match, _scan_parts
+    from simgap.select.build import match_parts, scan_parts
 
     cache: dict[tuple[str, str], np.ndarray] = {}
 
     def score(kind: str, bench: str) -> np.ndarray:
         if (kind, bench) not in cache:
-            (part,) = _match(_scan_parts((Path(scan),), "pool-"), [bench], str(scan))
+            (part,) = match_parts(scan_parts((Path(scan),), "pool-"), [bench], str(scan))
             field = "margin" if kind == "margin" else "max"
             cache[kind, bench] = benchmark_rows(part.folder, field, part.index)
         return cache[kind, bench]
