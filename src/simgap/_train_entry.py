@@ -15,6 +15,9 @@ It is open_clip_train's ``main`` with these additions, all made before ``main`` 
    that :func:`simgap.train.prepare_run` writes; it is memory-mapped, so every dataloader
    worker on a node shares one copy in the page cache.
 4. A checkpoint is resumed only if it loads with ``torch.load(weights_only=True)``.
+5. AdamW runs fused (one kernel over all parameters): the same update rule, but on a CPU the
+   tiny models spend ~28% of each step in the unfused per-tensor update (31 ms vs 3.7 ms a
+   step for simgap-tiny at batch 64, 1 thread), mostly on the 49,408-row token embedding.
 
 torchrun and srun launch this module on every rank, so the additions apply to every rank.
 """
@@ -99,6 +102,22 @@ def _weights_only_load(file_path, map_location=None):
         return torch.load(f, map_location=map_location, weights_only=True)
 
 
+class _FusedAdamW:
+    """Stands in for the ``torch.optim`` module that open_clip_train.main names ``optim``:
+    ``AdamW`` is made fused, everything else is torch.optim's own."""
+
+    def __getattr__(self, name: str):
+        import torch.optim
+
+        return getattr(torch.optim, name)
+
+    @staticmethod
+    def AdamW(params, **kwargs):  # noqa: N802 (torch's name)
+        import torch.optim
+
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+
+
 def split_own_options(argv: list[str]) -> tuple[str | None, list[str]]:
     """(key filter file or None, open_clip_train's argv)."""
     from simgap.train import KEYS_OPTION
@@ -133,6 +152,7 @@ def main(argv: list[str]) -> int:
         reader = open_clip_train.data.tarfile_to_samples_nothrow
         open_clip_train.data.tarfile_to_samples_nothrow = FilteredReader(reader, KeyFilter(keys))
     open_clip_train.main.pt_load = _weights_only_load
+    open_clip_train.main.optim = _FusedAdamW()
     result = open_clip_train.main.main(argv)
     # open_clip_train raised every logger to INFO, so torch's compiler prints its (empty)
     # metrics at exit: quiet torch's loggers once training is over.
