@@ -214,6 +214,7 @@ def test_tiny_run_layout_and_checkpoint_loads(trained):
     assert not (out / "tiny" / "checkpoints" / "epoch_1.pt").exists()  # save_frequency=0
     assert (out / "tiny" / "out.log").is_file() and (out / "tiny" / DONE_FILE).is_file()
     assert any("Device cpu" in line for line in lines)  # never tried CUDA
+    assert any("fused: True" in line for line in lines)  # simgap._train_entry's AdamW
     assert (out / "tiny" / "simgap-train.log").read_text().count("Start epoch") == 2
     ckpt = torch.load(final, map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 2
@@ -507,3 +508,21 @@ def test_key_filter_membership_and_pickling(tmp_path):
     np.save(tmp_path / "bad.npy", np.arange(3, dtype=np.int64))
     with pytest.raises(SystemExit, match="not a key filter"):
         KeyFilter(str(tmp_path / "bad.npy"))
+
+
+def test_cached_tokenizer_returns_the_tokenizers_tokens():
+    import open_clip
+
+    from simgap._train_entry import CachedTokenizer
+
+    plain = open_clip.get_tokenizer("RN50")
+    cached = CachedTokenizer(plain, max_entries=2)
+    captions = ["a photo of a cat", "a sketch of a dog", "a photo of a cat", "a third one"]
+    for caption in captions * 2:
+        assert torch.equal(cached(caption), plain(caption))
+    assert len(cached._memo) == 2  # bounded: the third caption is tokenized each time
+    first = cached("a photo of a cat")
+    first.zero_()  # a caller's in-place change never reaches the memo
+    assert torch.equal(cached("a photo of a cat"), plain("a photo of a cat"))
+    assert torch.equal(cached(["x", "y"]), plain(["x", "y"]))  # batches pass through
+    assert cached.context_length == plain.context_length
