@@ -8,7 +8,8 @@ from collections import Counter
 
 import pytest
 
-from simgap.data.tars import TarWalk, _checksum_ok, iter_samples, write_tar
+from simgap.data.tars import TarWalk, _checksum_ok, iter_samples
+from simgap.data.tarwrite import write_tar
 
 
 def _info(name, size=0, kind=tarfile.REGTYPE, link=""):

@@ -247,8 +247,8 @@ def cmd_audit(a: argparse.Namespace) -> None:
 
 
 def cmd_materialize(a: argparse.Namespace) -> None:
+    from simgap.materialize import materialize
     from simgap.parallel import Executor, ThreadEngine, make_engine
-    from simgap.splits import materialize
 
     # IO-heavy: local workers are threads (no process start-up; one shard's fsync overlaps the
     # next one's copy).

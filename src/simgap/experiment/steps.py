@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from simgap.analysis import audit_analysis, separation_analysis
 from simgap.config import Config
 from simgap.data.clip_benchmark import open_benchmark
+from simgap.data.keylist import read_key_list
 from simgap.evaluate import evaluate_benchmark
 from simgap.experiment.specs import (
     Data,
@@ -25,6 +26,7 @@ from simgap.experiment.specs import (
     templates_of,
 )
 from simgap.io import fingerprint, read_json, write_json, write_npy, write_parquet
+from simgap.materialize import materialize
 from simgap.models import ModelSpec, load_model
 from simgap.parallel import Executor, LocalEngine, ThreadEngine
 from simgap.scan.kernel import KernelConfig
@@ -44,7 +46,7 @@ from simgap.select.build import (
     select,
     split_rows,
 )
-from simgap.splits import materialize, read_key_list, write_split
+from simgap.select.splitfile import write_split
 from simgap.train import (
     GpuSlots,
     Recipe,

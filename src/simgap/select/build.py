@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from simgap.data.keylist import read_key_list
 from simgap.io import read_json, sha256_bytes, write_json, write_parquet
 from simgap.select.policies import (
     coreset,
@@ -32,7 +33,7 @@ from simgap.select.policies import (
     split_seed,
     union_score,
 )
-from simgap.splits import read_key_list, write_split
+from simgap.select.splitfile import write_split
 from simgap.store import Store, check_compatible, open_store
 
 POLICIES = ("full", "gapmatch", "near", "far", "random", "coreset", "semdedup", "image-based")

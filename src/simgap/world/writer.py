@@ -18,7 +18,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import tarfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from simgap.data.tarwrite import tar_bytes
 from simgap.world.render import (
     CLASSNAMES,
     DOMAINS,
@@ -423,18 +423,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _tar_bytes(members: Sequence[tuple[str, bytes]]) -> bytes:
-    """A reproducible tar: sorted members, no timestamps, owners or permissions from the host."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in sorted(members):
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -526,7 +514,7 @@ def _write_pool_shard(cfg: WorldConfig, plan: _Plan, shard: int, out: Path) -> i
             "status": pa.array(rows["status"], pa.string()),
         }
     )
-    _write_atomic(out / "pool" / f"{shard:05d}.tar", _tar_bytes(members))
+    _write_atomic(out / "pool" / f"{shard:05d}.tar", tar_bytes(sorted(members)))
     _write_atomic(out / "pool" / f"{shard:05d}.parquet", _parquet_bytes(table))
     return stop - start
 
