@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from simgap import claims, stats
 from simgap.config import Config
 from simgap.io import read_json, write_json, write_parquet
+from simgap.layout import RunLayout
 from simgap.robustness import (
     Line,
     accuracy_by_similarity,
@@ -68,7 +69,7 @@ class Outcomes:
         self.id_bench, self.ood = _id_and_ood(cfg, benchmarks)
         self.benchmarks = benchmarks
         self.correct = {
-            (s, b): correct_matrix(run / "eval", model_names(s, self.seeds), b)[1]
+            (s, b): correct_matrix(RunLayout(run).eval, model_names(s, self.seeds), b)[1]
             for s in trained
             for b in benchmarks
         }
@@ -194,7 +195,7 @@ def robustness_analysis(
             # Published points carry no test-level outcomes: fixed in every replicate.
             ref[model] = {b: (v, np.full(boot.replicates, v)) for b, v in accs.items()}
     else:
-        folder = run / "eval" / "reference-line"
+        folder = RunLayout(run).reference_line_eval
         for model in line_models:
             ref[model] = {}
             for b in benchmarks:
@@ -270,7 +271,7 @@ def robustness_analysis(
         "effective_robustness": er,
         "reference_models": len(ref),
     }
-    write_json(run / "analysis" / "robustness.json", doc)
+    write_json(RunLayout(run).robustness, doc)
     return {"computed": True, "reference_models": len(ref)}
 
 
@@ -280,7 +281,7 @@ def robustness_analysis(
 def _pairs(run: Path, trained: list[str]) -> list[tuple[str, str]]:
     """Each split against its size-matched control, near-f and far-f against random-f, and
     each split against the full pool with the reference set added as in the split (or not)."""
-    meta = {s: read_json(run / "splits" / s / "split.json") for s in trained}
+    meta = {s: read_json(RunLayout(run).split(s) / "split.json") for s in trained}
     out = []
     for s in trained:
         control_of = meta[s].get("control_of")
@@ -323,12 +324,12 @@ def statistics_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: 
             )
             for bench in cols
         }
-    first_eval = read_json(run / "eval" / f"{trained[0]}.json")["benchmarks"]
+    first_eval = read_json(RunLayout(run).eval_result(trained[0]))["benchmarks"]
     chance = {
         b: 1.0 / first_eval[b]["classes"] if first_eval[b].get("classes") else None
         for b in benchmarks
     }
-    meta = {s: read_json(run / "splits" / s / "split.json") for s in trained}
+    meta = {s: read_json(RunLayout(run).split(s) / "split.json") for s in trained}
     doc = {
         "seeds": out.seeds,
         "test_points": dict(out.boot.tests),
@@ -340,7 +341,7 @@ def statistics_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: 
         "differences": differences,
         "claims": claims.compute(out, meta),
     }
-    write_json(run / "analysis" / "statistics.json", doc)
+    write_json(RunLayout(run).statistics, doc)
     return {"computed": True}
 
 
@@ -349,13 +350,11 @@ def similarity_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: 
     (with the reference set added, the max of the reference and split columns)."""
     tables = []
     for bench in benchmarks:
-        gaps = pq.read_table(run / "gaps" / f"{bench}.parquet").to_pydict()
+        gaps = pq.read_table(RunLayout(run).gap_table(bench)).to_pydict()
         order = {k: i for i, k in enumerate(gaps["test_key"])}
         reference = np.array(gaps["reference"], np.float32)
         for split in trained:
-            preds = pq.read_table(
-                run / "eval" / "predictions" / f"{split}-{bench}.parquet"
-            ).to_pydict()
+            preds = pq.read_table(RunLayout(run).prediction(split, bench)).to_pydict()
             unknown = [k for k in preds["key"] if k not in order]
             if unknown:
                 raise ValueError(
@@ -364,7 +363,7 @@ def similarity_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: 
                 )
             rows = np.array([order[k] for k in preds["key"]])
             nn = np.array(gaps[split], np.float32)[rows]
-            if read_json(run / "splits" / split / "split.json").get("reference_added"):
+            if read_json(RunLayout(run).split(split) / "split.json").get("reference_added"):
                 nn = np.maximum(nn, reference[rows])
             correct = np.array(preds["pred"]) == np.array(preds["label"])
             t = accuracy_by_similarity(correct, nn, bins=cfg.analysis.bins)
@@ -373,7 +372,7 @@ def similarity_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: 
             tables.append(t.add_column(0, "split", pa.array([split] * n, pa.string())))
     if not tables:
         return {"computed": False, "why": "no trained split"}
-    write_parquet(run / "analysis" / "accuracy_by_similarity.parquet", pa.concat_tables(tables))
+    write_parquet(RunLayout(run).accuracy_by_similarity, pa.concat_tables(tables))
     return {"computed": True}
 
 
@@ -459,7 +458,7 @@ def separation_analysis(
         "chance": 1.0 / len(classnames),
         "accuracy": iv.as_dict(),
     }
-    write_json(out / "analysis" / "separation.json", doc)
+    write_json(RunLayout(out).separation, doc)
     return {"computed": True, "accuracy": iv.mean}
 
 

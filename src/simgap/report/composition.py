@@ -19,6 +19,7 @@ import matplotlib
 import numpy as np
 
 from simgap.io import read_json
+from simgap.layout import RunLayout
 from simgap.report import figures
 from simgap.report.blocks import FigureBlock, Note, Paragraph, Section, Table
 from simgap.report.figures import _figure, _png, _style
@@ -32,7 +33,7 @@ _CAPTION_CHARS = 18  # per line under a gallery thumbnail
 
 
 def load_composition(files: RunFiles) -> dict[str, Any] | None:
-    path = None if files.run_dir is None else files.run_dir / "analysis" / "composition.json"
+    path = None if files.run_dir is None else RunLayout(files.run_dir).composition
     return read_json(path) if path is not None and path.is_file() else None
 
 

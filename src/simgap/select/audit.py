@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from simgap.io import sha256_bytes, write_json, write_parquet
+from simgap.layout import benchmark_name
 from simgap.select import verify as pixels
 from simgap.store import Store, check_compatible
 
@@ -40,8 +41,7 @@ DEFAULT_VERIFY = "pixels"
 
 def store_name(store: Store) -> str:
     """A benchmark's name from its store folder (``stores/bench-sketch`` → ``sketch``)."""
-    name = store.path.name
-    return name[len("bench-") :] if name.startswith("bench-") else name
+    return benchmark_name(store.path.name)
 
 
 def audit(

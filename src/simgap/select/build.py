@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from simgap.data.keylist import read_key_list
 from simgap.io import read_json, sha256_bytes, write_json, write_parquet
+from simgap.layout import benchmark_name
 from simgap.select.policies import (
     coreset,
     far_pruned,
@@ -135,7 +136,7 @@ def scan_parts(folders: tuple[Path, ...], prefix: str) -> list[_ScanPart]:
             name = _bench_name(folder, prefix)
             parts.append(_ScanPart(Path(folder), name, None, slice(0, doc["tests"])))
         for i, e in enumerate(entries):
-            name = _bench_name(Path(e["name"]), "bench-")
+            name = benchmark_name(Path(e["name"]).name)
             parts.append(_ScanPart(Path(folder), name, i, slice(e["start"], e["stop"])))
     return parts
 
@@ -164,7 +165,7 @@ def _load_benches(cfg: SelectConfig, pool: Store, fp: dict[str, Any], log: Log) 
             raise FileNotFoundError(f"{f}: not a finished scan (no scan.json)")
     stores = [open_store(b) for b in cfg.benchmarks]
     scans = scan_parts(cfg.scans, "pool-")
-    names = [_bench_name(s.path, "bench-") for s in stores] or [p.name for p in scans]
+    names = [benchmark_name(s.path.name) for s in stores] or [p.name for p in scans]
     if scans:
         scans = match_parts(scans, names, "--scans")
     refs = scan_parts(cfg.reference_scans, "reference-")
