@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simgap import claims, stats
+from simgap.audit import audit
 from simgap.config import Config
 from simgap.io import read_json, write_json, write_parquet
 from simgap.layout import RunLayout
@@ -22,7 +23,6 @@ from simgap.robustness import (
     fit_line,
     logit,
 )
-from simgap.select import audit
 from simgap.store import Store
 
 Log = Callable[[str], None]
@@ -465,7 +465,7 @@ def separation_analysis(
 def audit_analysis(
     tests: dict[str, Store], pool: Store, cfg: Config, truth: pa.Table | None, out: Path, log: Log
 ) -> dict:
-    """The contamination audit: test points with a near-duplicate in the pool (select.audit),
+    """The contamination audit: test points with a near-duplicate in the pool (simgap.audit),
     scored against the world's injected near-duplicates when there are some."""
     verify = "none" if cfg.analysis.audit == "embedding" else "pixels"
     result = audit(

@@ -217,7 +217,7 @@ def cmd_select(a: argparse.Namespace) -> None:
 def cmd_audit(a: argparse.Namespace) -> None:
     import pyarrow.parquet as pq
 
-    from simgap.select.audit import audit, store_name
+    from simgap.audit import audit, store_name
     from simgap.store import open_store
 
     tests = {store_name(s): s for s in (open_store(b) for b in a.benchmarks)}
