@@ -1,6 +1,7 @@
 """The run's analyses, from its files: effective robustness, accuracy against NN similarity, the
 contamination audit. Each returns {"computed": bool, ...}; `guarded` turns an analysis the data
-cannot support into a recorded "not computed, because ..." instead of a failed run."""
+cannot support (:class:`simgap.stats.NotComputable`) into a recorded "not computed, because ..."
+instead of a failed run; unreadable or inconsistent files still fail it."""
 
 from __future__ import annotations
 
@@ -358,7 +359,7 @@ def similarity_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: 
             unknown = [k for k in preds["key"] if k not in order]
             if unknown:
                 raise ValueError(
-                    f"{run / 'eval' / 'predictions'}/{split}-{bench}.parquet: "
+                    f"{RunLayout(run).prediction(split, bench)}: "
                     f"{len(unknown)} keys not in gaps/{bench}.parquet (first: {unknown[0]})"
                 )
             rows = np.array([order[k] for k in preds["key"]])
@@ -419,7 +420,7 @@ def _reference_classes(sources: list[str], names: list[str]) -> np.ndarray:
     if len(names) == len(wnids) and all(f in wnids for f in folders):
         return np.array([wnids[f] for f in folders])
     unknown = sorted({f for f in folders if f not in index})
-    raise ValueError(
+    raise stats.NotComputable(
         f"reference class folders are not the benchmark's class names ({len(unknown)} unknown, "
         f"first: {unknown[0]!r})"
     )
@@ -477,9 +478,11 @@ def audit_analysis(
 
 def guarded(name: str, fn: Callable[[], dict], log: Log) -> dict:
     """An analysis that the data cannot support (e.g. a robustness line through models of equal
-    ID accuracy) is recorded as not computed, with why, and the report says so."""
+    ID accuracy) is recorded as not computed, with why, and the report says so. Only
+    NotComputable: a ValueError from corrupt or inconsistent files must fail the stage, not
+    become a quiet "not computed"."""
     try:
         return fn()
-    except ValueError as err:
+    except stats.NotComputable as err:
         log(f"{name}: not computed: {err}")
         return {"computed": False, "why": str(err)}
