@@ -84,10 +84,10 @@ def sizes_of(cfg: Config, run: Path) -> Sizes | None:
         return Sizes(rows[0], rows[1], sum(rows[2:]), int(docs[0]["dim"]), "the run's stores")
     dim = _dim(cfg.similarity.model)
     if cfg.sources.kind == "world":
-        from simgap.world.writer import _plan  # the world's counts, from its config alone
+        from simgap.world.writer import world_plan  # the world's counts, from its config alone
 
         w = cfg.sources.world
-        plan = _plan(w)
+        plan = world_plan(w)
         tests = sum(len(c) * plan.benchmark_per_class for c in plan.benchmark_labels.values())
         reference = plan.reference_per_class * len(plan.classnames)
         return Sizes(len(plan.pool_kinds), reference, tests, dim, "the world's config")

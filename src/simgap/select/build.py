@@ -115,7 +115,7 @@ def _check_scan(scan: Path, pool: Store, doc: dict[str, Any], bench: _Bench, spa
 
 
 @dataclass(frozen=True)
-class _ScanPart:
+class ScanPart:
     """One benchmark's part of a scan folder: the whole folder (a scan of one set of tests) or
     its ``index``-th benchmark (``layout.py``), whose tests are ``span`` of the scan's."""
 
@@ -125,7 +125,7 @@ class _ScanPart:
     span: slice
 
 
-def scan_parts(folders: tuple[Path, ...], prefix: str) -> list[_ScanPart]:
+def scan_parts(folders: tuple[Path, ...], prefix: str) -> list[ScanPart]:
     from simgap.scan.layout import benchmarks_of, read_meta
 
     parts = []
@@ -134,14 +134,14 @@ def scan_parts(folders: tuple[Path, ...], prefix: str) -> list[_ScanPart]:
         entries = benchmarks_of(doc)
         if not entries:
             name = _bench_name(folder, prefix)
-            parts.append(_ScanPart(Path(folder), name, None, slice(0, doc["tests"])))
+            parts.append(ScanPart(Path(folder), name, None, slice(0, doc["tests"])))
         for i, e in enumerate(entries):
             name = benchmark_name(Path(e["name"]).name)
-            parts.append(_ScanPart(Path(folder), name, i, slice(e["start"], e["stop"])))
+            parts.append(ScanPart(Path(folder), name, i, slice(e["start"], e["stop"])))
     return parts
 
 
-def match_parts(parts: list[_ScanPart], names: list[str], what: str) -> list[_ScanPart]:
+def match_parts(parts: list[ScanPart], names: list[str], what: str) -> list[ScanPart]:
     """The scan part of each benchmark: by name, or (scans of one benchmark each, as many as
     the benchmarks) in the order given."""
     if len(parts) == len(names) and all(p.index is None for p in parts):
