@@ -211,7 +211,7 @@ class IndexShard:
 
 def write_plan_tar(path: Path, plan: list[tuple[str, str, list[Member]]]) -> None:
     """Copy (source tar, key, members) into ``path`` as a reproducible tar (the same bytes as
-    ``write_tar`` would give): headers written here, member bytes copied by offset."""
+    ``write_tar`` would give for those samples), member bytes copied by offset."""
 
     def write(f: io.BufferedIOBase) -> None:
         f.flush()
