@@ -35,7 +35,7 @@ from PIL import Image
 
 from simgap.data.images import decode_rgb
 from simgap.data.sources import shard_tasks
-from simgap.data.tars import write_tar
+from simgap.data.tarwrite import write_tar
 from simgap.data.transforms import split_transform
 from simgap.embed import GROUP_SHARDS, _cached_model, embed, encode_batch, prepared_batches
 from simgap.models import ModelSpec, load_model

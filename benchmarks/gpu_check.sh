@@ -174,7 +174,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from simgap.data.tars import write_tar
+from simgap.data.tarwrite import write_tar
 from simgap.embed import embed
 from simgap.models import ModelSpec, load_model
 from simgap.parallel import Executor, LocalEngine

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from simgap.data.tars import write_tar
+from simgap.data.tarwrite import write_tar
+from simgap.materialize import materialize
 from simgap.parallel import Executor, make_engine
-from simgap.splits import materialize, write_split
+from simgap.select.splitfile import write_split
 
 
 def make_pool(root: Path, shards: int, samples: int, kb: int, seed: int = 0) -> list[str]:

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from simgap.audit import audit
+from simgap.audit import pixels as vp
+from simgap.audit.contamination import score_pairs
 from simgap.cli import main as cli_main
-from simgap.select import audit
-from simgap.select import verify as vp
-from simgap.select.audit import score_pairs
 from simgap.store import StoreWriter, normalize_fp16, write_store
 from simgap.world.render import near_duplicate
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from simgap.data.tars import write_tar
+from simgap.data.tarwrite import write_tar
 
 
 def run_cli(*args, cwd=None):
@@ -68,7 +68,7 @@ def test_scan_unfinished_store(bad_inputs):
 
 
 def test_materialize_folder_without_shards(bad_inputs):
-    from simgap.splits import write_split
+    from simgap.select.splitfile import write_split
 
     write_split(bad_inputs / "split", ["a"], {"name": "x"})
     _assert_one_line_error(
@@ -87,7 +87,7 @@ def test_materialize_missing_split(bad_inputs):
 
 
 def test_materialize_corrupt_shard(bad_inputs):
-    from simgap.splits import write_split
+    from simgap.select.splitfile import write_split
 
     write_split(bad_inputs / "split", ["a"], {"name": "x"})
     _assert_one_line_error(
@@ -168,7 +168,7 @@ def test_every_command_ends_with_a_summary_that_counts(tmp_path, capsys, checkpo
     import numpy as np
 
     from simgap.scan import iter_scan_rows
-    from simgap.splits import read_split
+    from simgap.select.splitfile import read_split
 
     w, s = tmp_path / "world", tmp_path / "stores"
     line = _summary(capsys, "world", w, "--scale", "0.05")

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from simgap.data.tars import write_tar
+from simgap.data.tarwrite import write_tar
 from simgap.io import write_json
 from simgap.report import build_report
 from simgap.scan import scan_store

@@ -9,7 +9,8 @@ from PIL import Image
 
 from simgap.data.images import decode_rgb
 from simgap.data.sources import image_folder_items, shard_tasks
-from simgap.data.tars import ShardError, expand_shards, iter_samples, write_tar
+from simgap.data.tars import ShardError, expand_shards, iter_samples
+from simgap.data.tarwrite import write_tar
 
 
 def _jpeg(color=(200, 10, 10), size=(8, 8), mode="RGB", fmt="JPEG"):

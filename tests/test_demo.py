@@ -12,7 +12,7 @@ import pytest
 from simgap import config
 from simgap.experiment import run_config
 from simgap.report import summary_table
-from simgap.splits import read_split
+from simgap.select.splitfile import read_split
 from simgap.store import open_store
 
 pytestmark = pytest.mark.slow

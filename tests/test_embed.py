@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from simgap.data.tars import write_tar
+from simgap.data.tarwrite import write_tar
 from simgap.embed import autocast_dtype, embed
 from simgap.models import ModelSpec, load_model
 from simgap.parallel import Executor, LocalEngine, RayEngine

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from simgap.data.tars import write_tar
+from simgap.data.tarwrite import write_tar
 from simgap.embed import embed, forward_threads
 from simgap.models import load_model
 

@@ -8,8 +8,9 @@ from PIL import Image
 
 from simgap.data.sources import fetch_samples, image_folder_items
 from simgap.data.tables import TableSpec, table_rows
-from simgap.data.tars import write_tar
-from simgap.splits import materialize, write_split
+from simgap.data.tarwrite import write_tar
+from simgap.materialize import materialize
+from simgap.select.splitfile import write_split
 
 
 def _jpeg(value: int) -> bytes:

@@ -10,9 +10,12 @@ import tarfile
 import pytest
 
 from simgap.cli import main as cli_main
-from simgap.data.tars import iter_samples, write_tar
+from simgap.data.keylist import read_key_list
+from simgap.data.tars import iter_samples
+from simgap.data.tarwrite import write_tar
+from simgap.materialize import materialize
 from simgap.parallel import Executor, ExecutorError, LocalEngine, ThreadEngine, make_engine
-from simgap.splits import materialize, read_key_list, write_split
+from simgap.select.splitfile import write_split
 
 
 def _sample(k, i):
@@ -174,7 +177,7 @@ def test_a_tar_cut_inside_a_header_drops_the_sample_in_progress(tmp_path):
 
 _KILL = """
 import os, sys
-import simgap.splits as sp
+import simgap.materialize as sp
 calls = []
 real = sp.write_plan_tar
 def dying(path, plan):
@@ -302,7 +305,7 @@ def test_threads_give_the_same_bytes_and_every_done_shard_is_whole(tmp_path):
 
 _KILL_THREADS = """
 import os, sys, threading
-import simgap.splits as sp
+import simgap.materialize as sp
 from simgap.parallel import Executor, ThreadEngine
 lock, calls = threading.Lock(), []
 real = sp.write_plan_tar

@@ -9,11 +9,11 @@ import pytest
 
 from simgap import config
 from simgap.config import ConfigError
-from simgap.data.tars import write_tar
+from simgap.data.tarwrite import write_tar
 from simgap.experiment import make_plan
 from simgap.parallel import Executor, LocalEngine
 from simgap.runner import Runner
-from simgap.splits import write_split
+from simgap.select.splitfile import write_split
 
 GRID = """
 [splits.near]

@@ -100,3 +100,22 @@ def test_accuracy_by_similarity_small_and_bad_inputs():
         accuracy_by_similarity(np.array([True]), np.array([np.nan]))
     with pytest.raises(ValueError, match="equal in length"):
         accuracy_by_similarity(np.array([True]), np.array([0.1, 0.2]))
+
+
+def test_guarded_records_what_the_data_cannot_support_and_raises_the_rest():
+    from simgap.analysis import guarded
+
+    logged = []
+
+    def no_slope():
+        fit_line([0.5, 0.5], [0.4, 0.3])
+
+    doc = guarded("robustness", no_slope, logged.append)
+    assert doc["computed"] is False and "same ID accuracy" in doc["why"]
+    assert logged and "not computed" in logged[0]
+
+    def corrupt():
+        raise ValueError("eval/x-photo.parquet: test keys differ")
+
+    with pytest.raises(ValueError, match="test keys differ"):
+        guarded("robustness", corrupt, logged.append)

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from simgap.cli import main as cli_main
-from simgap.data.tars import iter_samples, write_tar
+from simgap.data.tars import iter_samples
+from simgap.data.tarwrite import write_tar
+from simgap.materialize import materialize
 from simgap.parallel import Executor, ExecutorError, LocalEngine
 from simgap.scan import scan_store
 from simgap.select import (
@@ -24,7 +26,7 @@ from simgap.select import (
 )
 from simgap.select.build import SelectConfig, check_guarantee, select
 from simgap.select.policies import parse_size, split_seed
-from simgap.splits import materialize, read_split, write_split
+from simgap.select.splitfile import read_split, write_split
 from simgap.store import write_store
 
 

@@ -12,7 +12,8 @@ from PIL import Image
 from simgap.data.clip_benchmark import write_wds
 from simgap.data.sources import fetch_samples, image_folder_items, shard_tasks
 from simgap.data.tables import TableSpec
-from simgap.data.tars import ShardError, expand_shards, iter_samples, write_tar
+from simgap.data.tars import ShardError, expand_shards, iter_samples
+from simgap.data.tarwrite import write_tar
 from simgap.embed import embed
 
 

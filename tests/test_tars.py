@@ -8,7 +8,8 @@ from collections import Counter
 
 import pytest
 
-from simgap.data.tars import TarWalk, _checksum_ok, iter_samples, write_tar
+from simgap.data.tars import TarWalk, _checksum_ok, iter_samples
+from simgap.data.tarwrite import write_tar
 
 
 def _info(name, size=0, kind=tarfile.REGTYPE, link=""):
@@ -190,3 +191,40 @@ def test_iter_samples_reads_what_tarfile_reads(tmp_path):
             key, ext = m.name.split(".", 1)
             want.setdefault(key, {})[ext] = tar.extractfile(m).read()
     assert list(iter_samples(str(tmp_path / "a.tar"))) == list(want.items())
+
+
+def _tarfile_reference(members):
+    """What tarfile writes for these members with the writer's fixed mode, owner and mtime."""
+    entries = []
+    for name, data in members:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        entries.append((info, data))
+    return _tar_bytes(entries)
+
+
+def test_the_tar_writer_writes_tarfiles_bytes(tmp_path):
+    """data.tarwrite builds headers from a template; the bytes must stay tarfile's (reruns and
+    materialize's copies by offset are compared byte for byte)."""
+    from simgap.data.tarwrite import tar_bytes
+
+    rng = random.Random(0)
+    samples = [
+        (f"k{i:03d}", {"jpg": rng.randbytes(rng.randint(0, 2000)), "txt": f"c{i}".encode()})
+        for i in range(20)
+    ]
+    samples += [
+        ("d" * 60 + "/" + "x" * 60, {"jpg": b"a name in the ustar prefix field"}),
+        ("ünï", {"": b"no extension", "txt": b"non-ASCII key"}),
+        ("empty", {"jpg": b""}),
+        ("big", {"bin": bytes((4 << 20) + 3)}),  # larger than the writer's buffer
+    ]
+    members = [(f"{k}.{e}" if e else k, m[e]) for k, m in samples for e in sorted(m)]
+    want = _tarfile_reference(members)
+    write_tar(tmp_path / "a.tar", samples)
+    assert (tmp_path / "a.tar").read_bytes() == want
+    assert tar_bytes(members) == want
+    write_tar(tmp_path / "e.tar", [])
+    assert (tmp_path / "e.tar").read_bytes() == _tarfile_reference([])

@@ -1,6 +1,7 @@
 """The run's analyses, from its files: effective robustness, accuracy against NN similarity, the
 contamination audit. Each returns {"computed": bool, ...}; `guarded` turns an analysis the data
-cannot support into a recorded "not computed, because ..." instead of a failed run."""
+cannot support (:class:`simgap.stats.NotComputable`) into a recorded "not computed, because ..."
+instead of a failed run; unreadable or inconsistent files still fail it."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simgap import claims, stats
+from simgap.audit import audit
 from simgap.config import Config
 from simgap.io import read_json, write_json, write_parquet
+from simgap.layout import RunLayout
 from simgap.robustness import (
     Line,
     accuracy_by_similarity,
@@ -21,7 +24,6 @@ from simgap.robustness import (
     fit_line,
     logit,
 )
-from simgap.select import audit
 from simgap.store import Store
 
 Log = Callable[[str], None]
@@ -68,7 +70,7 @@ class Outcomes:
         self.id_bench, self.ood = _id_and_ood(cfg, benchmarks)
         self.benchmarks = benchmarks
         self.correct = {
-            (s, b): correct_matrix(run / "eval", model_names(s, self.seeds), b)[1]
+            (s, b): correct_matrix(RunLayout(run).eval, model_names(s, self.seeds), b)[1]
             for s in trained
             for b in benchmarks
         }
@@ -194,7 +196,7 @@ def robustness_analysis(
             # Published points carry no test-level outcomes: fixed in every replicate.
             ref[model] = {b: (v, np.full(boot.replicates, v)) for b, v in accs.items()}
     else:
-        folder = run / "eval" / "reference-line"
+        folder = RunLayout(run).reference_line_eval
         for model in line_models:
             ref[model] = {}
             for b in benchmarks:
@@ -270,7 +272,7 @@ def robustness_analysis(
         "effective_robustness": er,
         "reference_models": len(ref),
     }
-    write_json(run / "analysis" / "robustness.json", doc)
+    write_json(RunLayout(run).robustness, doc)
     return {"computed": True, "reference_models": len(ref)}
 
 
@@ -280,7 +282,7 @@ def robustness_analysis(
 def _pairs(run: Path, trained: list[str]) -> list[tuple[str, str]]:
     """Each split against its size-matched control, near-f and far-f against random-f, and
     each split against the full pool with the reference set added as in the split (or not)."""
-    meta = {s: read_json(run / "splits" / s / "split.json") for s in trained}
+    meta = {s: read_json(RunLayout(run).split(s) / "split.json") for s in trained}
     out = []
     for s in trained:
         control_of = meta[s].get("control_of")
@@ -323,12 +325,12 @@ def statistics_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: 
             )
             for bench in cols
         }
-    first_eval = read_json(run / "eval" / f"{trained[0]}.json")["benchmarks"]
+    first_eval = read_json(RunLayout(run).eval_result(trained[0]))["benchmarks"]
     chance = {
         b: 1.0 / first_eval[b]["classes"] if first_eval[b].get("classes") else None
         for b in benchmarks
     }
-    meta = {s: read_json(run / "splits" / s / "split.json") for s in trained}
+    meta = {s: read_json(RunLayout(run).split(s) / "split.json") for s in trained}
     doc = {
         "seeds": out.seeds,
         "test_points": dict(out.boot.tests),
@@ -340,7 +342,7 @@ def statistics_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: 
         "differences": differences,
         "claims": claims.compute(out, meta),
     }
-    write_json(run / "analysis" / "statistics.json", doc)
+    write_json(RunLayout(run).statistics, doc)
     return {"computed": True}
 
 
@@ -349,22 +351,20 @@ def similarity_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: 
     (with the reference set added, the max of the reference and split columns)."""
     tables = []
     for bench in benchmarks:
-        gaps = pq.read_table(run / "gaps" / f"{bench}.parquet").to_pydict()
+        gaps = pq.read_table(RunLayout(run).gap_table(bench)).to_pydict()
         order = {k: i for i, k in enumerate(gaps["test_key"])}
         reference = np.array(gaps["reference"], np.float32)
         for split in trained:
-            preds = pq.read_table(
-                run / "eval" / "predictions" / f"{split}-{bench}.parquet"
-            ).to_pydict()
+            preds = pq.read_table(RunLayout(run).prediction(split, bench)).to_pydict()
             unknown = [k for k in preds["key"] if k not in order]
             if unknown:
                 raise ValueError(
-                    f"{run / 'eval' / 'predictions'}/{split}-{bench}.parquet: "
+                    f"{RunLayout(run).prediction(split, bench)}: "
                     f"{len(unknown)} keys not in gaps/{bench}.parquet (first: {unknown[0]})"
                 )
             rows = np.array([order[k] for k in preds["key"]])
             nn = np.array(gaps[split], np.float32)[rows]
-            if read_json(run / "splits" / split / "split.json").get("reference_added"):
+            if read_json(RunLayout(run).split(split) / "split.json").get("reference_added"):
                 nn = np.maximum(nn, reference[rows])
             correct = np.array(preds["pred"]) == np.array(preds["label"])
             t = accuracy_by_similarity(correct, nn, bins=cfg.analysis.bins)
@@ -373,7 +373,7 @@ def similarity_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: 
             tables.append(t.add_column(0, "split", pa.array([split] * n, pa.string())))
     if not tables:
         return {"computed": False, "why": "no trained split"}
-    write_parquet(run / "analysis" / "accuracy_by_similarity.parquet", pa.concat_tables(tables))
+    write_parquet(RunLayout(run).accuracy_by_similarity, pa.concat_tables(tables))
     return {"computed": True}
 
 
@@ -420,7 +420,7 @@ def _reference_classes(sources: list[str], names: list[str]) -> np.ndarray:
     if len(names) == len(wnids) and all(f in wnids for f in folders):
         return np.array([wnids[f] for f in folders])
     unknown = sorted({f for f in folders if f not in index})
-    raise ValueError(
+    raise stats.NotComputable(
         f"reference class folders are not the benchmark's class names ({len(unknown)} unknown, "
         f"first: {unknown[0]!r})"
     )
@@ -459,14 +459,14 @@ def separation_analysis(
         "chance": 1.0 / len(classnames),
         "accuracy": iv.as_dict(),
     }
-    write_json(out / "analysis" / "separation.json", doc)
+    write_json(RunLayout(out).separation, doc)
     return {"computed": True, "accuracy": iv.mean}
 
 
 def audit_analysis(
     tests: dict[str, Store], pool: Store, cfg: Config, truth: pa.Table | None, out: Path, log: Log
 ) -> dict:
-    """The contamination audit: test points with a near-duplicate in the pool (select.audit),
+    """The contamination audit: test points with a near-duplicate in the pool (simgap.audit),
     scored against the world's injected near-duplicates when there are some."""
     verify = "none" if cfg.analysis.audit == "embedding" else "pixels"
     result = audit(
@@ -478,9 +478,11 @@ def audit_analysis(
 
 def guarded(name: str, fn: Callable[[], dict], log: Log) -> dict:
     """An analysis that the data cannot support (e.g. a robustness line through models of equal
-    ID accuracy) is recorded as not computed, with why, and the report says so."""
+    ID accuracy) is recorded as not computed, with why, and the report says so. Only
+    NotComputable: a ValueError from corrupt or inconsistent files must fail the stage, not
+    become a quiet "not computed"."""
     try:
         return fn()
-    except ValueError as err:
+    except stats.NotComputable as err:
         log(f"{name}: not computed: {err}")
         return {"computed": False, "why": str(err)}

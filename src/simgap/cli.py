@@ -217,7 +217,7 @@ def cmd_select(a: argparse.Namespace) -> None:
 def cmd_audit(a: argparse.Namespace) -> None:
     import pyarrow.parquet as pq
 
-    from simgap.select.audit import audit, store_name
+    from simgap.audit import audit, store_name
     from simgap.store import open_store
 
     tests = {store_name(s): s for s in (open_store(b) for b in a.benchmarks)}
@@ -247,8 +247,8 @@ def cmd_audit(a: argparse.Namespace) -> None:
 
 
 def cmd_materialize(a: argparse.Namespace) -> None:
+    from simgap.materialize import materialize
     from simgap.parallel import Executor, ThreadEngine, make_engine
-    from simgap.splits import materialize
 
     # IO-heavy: local workers are threads (no process start-up; one shard's fsync overlaps the
     # next one's copy).

@@ -5,7 +5,8 @@ tail is shown when the stage fails; ``verbose`` also streams it.
 The runner and the stages log plain strings through a ``Log`` callable, and this module is that
 callable: it reads the runner's stage events (``[run] X``, ``[done] X in 1.2s``, ``[cached] X``)
 and files every other message under the stage running in the calling thread (a run's chains run
-one per thread), so stage code needs no console of its own. It imports nothing of the project.
+one per thread), so stage code needs no console of its own. It imports nothing of the project
+but the run folder's names (:mod:`simgap.layout`, a leaf).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
+
+from simgap.layout import RunLayout
 
 EVENT = re.compile(r"^\[(run|done|cached)\] (\S+)(?: in ([\d.]+)s)?$")
 # parallel.Progress lines ("embed-pool: 3/8 shards, ...") and open_clip_train's batch lines.
@@ -59,7 +62,7 @@ class RunConsole:
         live: bool | None = None,
     ):
         self.run_dir = Path(run_dir)
-        self.logs = self.run_dir / "logs"
+        self.logs = RunLayout(self.run_dir).logs
         self.total = len(stages)
         self.to_run = self.total - cached
         self.width = max((len(s) for s in stages), default=0)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from simgap.stats import NotComputable
+
 # Accuracies of exactly 0 or 1 have no logit: they are clipped to [EPS, 1 - EPS] before the
 # transform, so a perfect model sits far out on the axis instead of at infinity.
 EPS = 1e-4
@@ -45,9 +47,11 @@ def fit_line(id_acc: np.ndarray, ood_acc: np.ndarray) -> Line:
     if x.shape != y.shape:
         raise ValueError(f"id_acc and ood_acc differ in length: {x.size} vs {y.size}")
     if x.size < 2:
-        raise ValueError(f"a line needs at least 2 reference models, got {x.size}")
+        raise NotComputable(f"a line needs at least 2 reference models, got {x.size}")
     if np.ptp(x) == 0:
-        raise ValueError("all reference models have the same ID accuracy: the slope is undefined")
+        raise NotComputable(
+            "all reference models have the same ID accuracy: the slope is undefined"
+        )
     slope, intercept = np.polyfit(x, y, deg=1)
     return Line(float(slope), float(intercept))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from simgap.io import fingerprint, read_json, write_bytes, write_json
+from simgap.layout import RunLayout
 
 Log = Callable[[str], None]
 Results = dict[str, Any]
@@ -59,7 +60,7 @@ class Runner:
             self.keys[s.name] = stage_key(s.inputs, [self.keys[a] for a in s.after])
 
     def _record(self, name: str) -> Path:
-        return self.dir / "stages" / f"{name}.json"
+        return RunLayout(self.dir).stage_record(name)
 
     def cached(self, name: str) -> dict | None:
         path = self._record(name)
@@ -102,7 +103,7 @@ class Runner:
     def _claim(self, s: Stage) -> None:
         """A stage resumes its own partial output, but never builds on output made for another key
         (a resized split must not reuse the old split's shards or checkpoints)."""
-        marker = self.dir / "stages" / f"{s.name}.started"
+        marker = RunLayout(self.dir).stage_marker(s.name)
         started = (
             marker.read_bytes().decode("utf-8", "replace").strip() if marker.is_file() else None
         )

@@ -21,6 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+
+class NotComputable(ValueError):
+    """The data cannot support the estimate (too few models, no test points, a line with no
+    slope): an analysis records it as not computed, with why. Anything else an analysis raises
+    (unreadable or inconsistent files) is an error of the run."""
+
+
 LEVEL = 0.95
 
 
@@ -78,7 +85,7 @@ class Bootstrap:
         for bench in sorted(self.tests):
             n = self.tests[bench]
             if n < 1:
-                raise ValueError(f"benchmark {bench} has no test points")
+                raise NotComputable(f"benchmark {bench} has no test points")
             self._test_weights[bench] = _counts(rng, n, replicates)
         self._seed_weights: dict[int, np.ndarray] = {}
 

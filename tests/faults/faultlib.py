@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from simgap.data.tars import write_tar
+from simgap.data.tarwrite import write_tar
 
 SIMGAP = [sys.executable, "-m", "simgap.cli"]
 # A folder name no stage may mangle: spaces, a quote-free shell metacharacter, non-ASCII.

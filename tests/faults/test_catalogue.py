@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from simgap.data.tars import write_tar
+from simgap.data.tarwrite import write_tar
 
 from .faultlib import (
     jpeg,

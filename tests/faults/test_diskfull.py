@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simgap.data.tars import write_tar
+from simgap.data.tarwrite import write_tar
 from simgap.store import StoreError, open_store
 
 from .faultlib import (

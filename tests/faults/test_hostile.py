@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from simgap.splits import write_split
+from simgap.select.splitfile import write_split
 from simgap.train import Recipe, slurm_script, torchrun_command
 
 from .faultlib import (

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from simgap.data.tars import write_tar
-from simgap.splits import write_split
+from simgap.data.tarwrite import write_tar
+from simgap.select.splitfile import write_split
 
 from .faultlib import (
     assert_ok,

@@ -154,7 +154,7 @@ def test_embed_survives_killed_ray_workers(ray_cluster, tmp_path, checkpoint):
 
 
 def _big_pool(folder: Path, shards: int, per_shard: int) -> list[str]:
-    from simgap.data.tars import write_tar
+    from simgap.data.tarwrite import write_tar
 
     rng = np.random.default_rng(5)
     keys = []
@@ -170,7 +170,8 @@ def _big_pool(folder: Path, shards: int, per_shard: int) -> list[str]:
 
 @pytest.mark.extended
 def test_materialize_survives_killed_ray_workers(ray_cluster, tmp_path):
-    from simgap.splits import materialize, write_split
+    from simgap.materialize import materialize
+    from simgap.select.splitfile import write_split
 
     keys = _big_pool(tmp_path / "pool", shards=4, per_shard=40)
     write_split(tmp_path / "split", keys[::2], {"name": "half"})
@@ -184,7 +185,8 @@ def test_materialize_survives_killed_ray_workers(ray_cluster, tmp_path):
 def test_a_task_whose_worker_always_dies_is_named_not_hung(ray_cluster, tmp_path):
     """Every try of the one shard's task is killed: Ray's retries, then the executor's, run out
     and the stage ends with an error naming the shard."""
-    from simgap.splits import materialize, write_split
+    from simgap.materialize import materialize
+    from simgap.select.splitfile import write_split
 
     keys = _big_pool(tmp_path / "pool", shards=1, per_shard=3)
     write_split(tmp_path / "split", keys, {"name": "all"})

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from simgap.data.tars import image_key, iter_samples, write_tar
+from simgap.data.tars import image_key, iter_samples
+from simgap.data.tarwrite import write_tar
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"

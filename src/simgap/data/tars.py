@@ -1,4 +1,4 @@
-"""Webdataset tar shards (img2dataset layout), read and written safely and reproducibly.
+"""Webdataset tar shards (img2dataset layout), read safely; written by :mod:`simgap.data.tarwrite`.
 
 Reading streams members in order and groups them by key (the part of the basename before the
 first dot, as webdataset does). Only regular files with a plain relative name are read: absolute
@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import io
 import os
 import struct
 import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, NamedTuple
 
 from braceexpand import braceexpand
-
-from simgap.io import write_atomic
 
 Sample = tuple[str, dict[str, bytes]]  # key -> {extension: bytes}
 
@@ -400,25 +397,3 @@ def _open_shard(path: str) -> Iterator[tuple[IO[bytes], int]]:
     fs, inner = _url_fs(path)
     with fs.open(inner, "rb") as fh:
         yield fh, fs.size(inner)
-
-
-def write_tar(path: Path, samples: Iterable[Sample]) -> None:
-    """Write samples as a reproducible tar: sorted members, fixed mtime and owner. ``samples`` may
-    be a generator: one sample is held at a time."""
-
-    def write(f: io.BufferedIOBase) -> None:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, members in samples:
-                if "." in key.rpartition("/")[2]:
-                    raise ValueError(f"{path}: sample key {key!r} contains a dot (see sample_key)")
-                for ext in sorted(members):
-                    data = members[ext]
-                    info = tarfile.TarInfo(f"{key}.{ext}" if ext else key)
-                    info.size = len(data)
-                    info.mtime = 0
-                    info.mode = 0o644
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    tar.addfile(info, io.BytesIO(data))
-
-    write_atomic(path, write)

@@ -16,6 +16,7 @@ from pathlib import Path
 from simgap.config import Config
 from simgap.experiment.specs import SplitSpec, benchmarks_of
 from simgap.io import read_json
+from simgap.layout import RunLayout, bench_store_name
 
 # Published test-set sizes of the paper's benchmarks, and ImageNet-train (the reference set).
 PAPER_TESTS = {
@@ -74,19 +75,19 @@ class Sizes:
 
 def sizes_of(cfg: Config, run: Path) -> Sizes | None:
     """Rows of the pool, the reference set and all benchmarks' tests, and the embedding dim."""
-    stores = run / "stores"
-    names = ["pool", "reference", *(f"bench-{b}" for b in benchmarks_of(cfg))]
-    manifests = [stores / n / "manifest.json" for n in names]
+    layout = RunLayout(run)
+    names = ["pool", "reference", *(bench_store_name(b) for b in benchmarks_of(cfg))]
+    manifests = [layout.store(n) / "manifest.json" for n in names]
     if all(m.is_file() for m in manifests):
         docs = [read_json(m) for m in manifests]
         rows = [int(d["rows"]) for d in docs]
         return Sizes(rows[0], rows[1], sum(rows[2:]), int(docs[0]["dim"]), "the run's stores")
     dim = _dim(cfg.similarity.model)
     if cfg.sources.kind == "world":
-        from simgap.world.writer import _plan  # the world's counts, from its config alone
+        from simgap.world.writer import world_plan  # the world's counts, from its config alone
 
         w = cfg.sources.world
-        plan = _plan(w)
+        plan = world_plan(w)
         tests = sum(len(c) * plan.benchmark_per_class for c in plan.benchmark_labels.values())
         reference = plan.reference_per_class * len(plan.classnames)
         return Sizes(len(plan.pool_kinds), reference, tests, dim, "the world's config")

@@ -30,7 +30,6 @@ from simgap.experiment.specs import (
     where,
 )
 from simgap.experiment.steps import (
-    CHECK_SCAN,
     SharedTrainings,
     audit_step,
     check_splits,
@@ -48,6 +47,7 @@ from simgap.experiment.steps import (
     train_split,
 )
 from simgap.io import sha256_bytes
+from simgap.layout import RunLayout, bench_store_name
 from simgap.models import device_key
 from simgap.parallel import Executor
 from simgap.runner import Stage
@@ -59,6 +59,7 @@ from simgap.train import (
 from simgap.world import generate_world
 
 Log = Callable[[str], None]
+REL = RunLayout(Path())  # run-relative paths: the folders a stage owns
 Results = dict[str, Any]
 
 
@@ -104,7 +105,7 @@ def _source_stages(
             Stage(
                 "world",
                 cfg.section("sources")["world"],
-                lambda r: generate_world(cfg.sources.world, run / "world", log),
+                lambda r: generate_world(cfg.sources.world, RunLayout(run).world, log),
             )
         )
     upstream = ("world",) if cfg.sources.kind == "world" else ()
@@ -125,7 +126,7 @@ def _source_stages(
                             sim.recipe,
                             pool_shards(data),
                             pool_samples(data, r),
-                            run / "models",
+                            RunLayout(run).models,
                             "similarity",
                             log,
                             device=cfg.train.device,
@@ -135,7 +136,7 @@ def _source_stages(
                     "pretrained": None,
                 },
                 after=upstream,
-                owns=("models/similarity",),
+                owns=(str(REL.similarity_model),),
             )
         )
     else:
@@ -149,7 +150,7 @@ def _source_stages(
     sources = {"reference": data.reference}
     if not data.pool_store:
         sources["pool"] = data.pool
-    sources |= {f"bench-{b}": data.benchmarks[b] for b in benchmarks}
+    sources |= {bench_store_name(b): data.benchmarks[b] for b in benchmarks}
     for name, source in sources.items():
         add(
             Stage(
@@ -163,7 +164,7 @@ def _source_stages(
                     run, name, source, r, sim, executors.embed, log
                 ),
                 after=("similarity-model",),
-                owns=(f"stores/{name}",),
+                owns=(str(REL.store(name)),),
             )
         )
     embeds = tuple(f"embed-{n}" for n in sources)
@@ -176,7 +177,7 @@ def _source_stages(
             {"topk": cfg.scan.topk, "benchmarks": benchmarks, **pool_input},
             lambda r: scan_grid(run, data, benchmarks, cfg.scan.topk, kernel, executors.scan, log),
             after=embeds,
-            owns=("scans",),
+            owns=(str(REL.scans),),
         )
     )
     return stages
@@ -205,7 +206,7 @@ def _split_stages(
                 inputs,
                 lambda r, spec=spec: select_split(run, data, spec, spec.reference, r, log),
                 after=after,
-                owns=(f"splits/{spec.name}",),
+                owns=(str(REL.split(spec.name)),),
             )
         )
     names = [s.name for s in specs]
@@ -216,7 +217,7 @@ def _split_stages(
             {"splits": names, "reference": [s.name for s in specs if s.reference]},
             lambda r: check_splits(run, data, specs, benchmarks, kernel, executors.scan, log),
             after=("scan", *(f"select-{n}" for n in names)),
-            owns=(str(CHECK_SCAN), "gaps/by-split"),
+            owns=(str(REL.check_scan), str(REL.gaps_by_split)),
         )
     )
 
@@ -260,7 +261,7 @@ def _train_stages(
                     run, data, cfg, split, executor, ref
                 ),
                 after=(f"select-{split}",),
-                owns=(f"shards/{split}",),
+                owns=(str(REL.shards(split)),),
                 chain=split,
             )
         )
@@ -287,7 +288,7 @@ def _train_stages(
                         log,
                     ),
                     after=(f"materialize-{split}",),
-                    owns=(f"train/{name}",),
+                    owns=(str(REL.train / name),),
                     chain=split,
                 )
             )
@@ -321,7 +322,7 @@ def _reference_materialize(cfg: Config, run: Path, data: Data, executor: Executo
             {"caption": cfg.reference.caption, "reference": portable(data.reference, run)},
             lambda r: materialize_reference(run, data, cfg, executor),
             after=upstream,
-            owns=("shards/reference-line", "reference-line"),
+            owns=(str(REL.reference_line_shards), str(REL.reference_line)),
         )
     ]
 
@@ -331,7 +332,7 @@ def _reference_models(
 ) -> list[Stage]:
     """Each reference-line model is its own chain (train, evaluate), beside the splits'."""
     stages: list[Stage] = []
-    out = run / "eval" / "reference-line"
+    out = RunLayout(run).reference_line_eval
     for name, recipe in reference_line(cfg):
         stages += [
             Stage(
@@ -350,7 +351,7 @@ def _reference_models(
                     log,
                 ),
                 after=("materialize-reference-line",),
-                owns=(f"train/{name}",),
+                owns=(str(REL.train / name),),
                 chain=name,
             ),
             _evaluate_stage(cfg, run, data, name, evaluated, chain=name, out=out),
@@ -459,7 +460,7 @@ def _analysis_stages(
             lambda r: guarded(
                 "class separation", lambda: separation_step(run, data, cfg, id_bench), log
             ),
-            after=("embed-reference", f"embed-bench-{id_bench}"),
+            after=("embed-reference", f"embed-{bench_store_name(id_bench)}"),
         )
     )
     if cfg.analysis.audit != "off":
@@ -472,7 +473,7 @@ def _analysis_stages(
                 },
                 lambda r: audit_step(run, data, cfg, benchmarks, log),
                 after=embeds,
-                owns=("audit",),
+                owns=(str(REL.audit),),
             )
         )
     return stages

@@ -27,6 +27,7 @@ from simgap.experiment.specs import (
     where,
 )
 from simgap.io import write_json
+from simgap.layout import RunLayout
 from simgap.lock import locks_output
 from simgap.runner import Runner, execute
 
@@ -38,35 +39,37 @@ Results = dict[str, Any]
 
 
 def _prepare_dir(run: Path) -> None:
-    if run.is_dir() and any(run.iterdir()) and not (run / "stages").is_dir():
+    stages = RunLayout(run).stages
+    if run.is_dir() and any(run.iterdir()) and not stages.is_dir():
         # Resuming writes into the folder: never mix a run into someone else's files.
         raise ValueError(f"{run}: folder is not empty and is not a simgap run; choose another")
     run.mkdir(parents=True, exist_ok=True)
-    (run / "stages").mkdir(exist_ok=True)
+    stages.mkdir(exist_ok=True)
 
 
 def _retire_stale(run: Path, plan: Plan, log: Log) -> None:
     """Splits a previous config made but this one does not: remove their outputs so the report
     shows only this config's splits (their checkpoints stay, as train/<split>)."""
+    layout = RunLayout(run)
     planned = {s.name for s in plan.splits}
-    for folder in sorted((run / "splits").glob("*/")):
+    for folder in sorted(layout.splits.glob("*/")):
         name = folder.name
         if name in planned:
             continue
         log(f"[retire] split {name}: not in this config")
         shutil.rmtree(folder)
-        shutil.rmtree(run / "gaps" / "by-split" / name, ignore_errors=True)
-        (run / "eval" / f"{name}.json").unlink(missing_ok=True)
-        for p in (run / "eval" / "seeds").glob(f"{name}@s*.json"):
+        shutil.rmtree(layout.gaps_by_split / name, ignore_errors=True)
+        layout.eval_result(name).unlink(missing_ok=True)
+        for p in layout.eval_seeds.glob(f"{name}@s*.json"):
             if _seed_of(p.stem, name) is not None:
                 p.unlink()
-        for p in (run / "eval" / "predictions").glob(f"{name}*-*.parquet"):
+        for p in layout.predictions.glob(f"{name}*-*.parquet"):
             model, bench = _model_and_benchmark(p.stem, plan.benchmarks)
             if model == name or _seed_of(model, name) is not None:
                 p.unlink()
         for stage in ("select", "gaps", "materialize", "train", "evaluate"):
-            (run / "stages" / f"{stage}-{name}.json").unlink(missing_ok=True)
-            for p in (run / "stages").glob(f"{stage}-{name}@s*.json"):
+            layout.stage_record(f"{stage}-{name}").unlink(missing_ok=True)
+            for p in layout.stages.glob(f"{stage}-{name}@s*.json"):
                 if _seed_of(p.stem[len(stage) + 1 :], name) is not None:
                     p.unlink()
 
@@ -74,7 +77,7 @@ def _retire_stale(run: Path, plan: Plan, log: Log) -> None:
 def _retire_reference_line(run: Path, plan: Plan, log: Log) -> None:
     """Reference-line models a previous config trained but this one does not: their
     evaluations would otherwise be counted as the line's (their checkpoints stay)."""
-    folder = run / "eval" / "reference-line"
+    folder = RunLayout(run).reference_line_eval
     for path in sorted(folder.glob("*.json")):
         if path.stem in plan.reference_line:
             continue
@@ -84,7 +87,7 @@ def _retire_reference_line(run: Path, plan: Plan, log: Log) -> None:
             if _model_and_benchmark(p.stem, plan.benchmarks)[0] == path.stem:
                 p.unlink()
         for stage in ("train", "evaluate"):
-            (run / "stages" / f"{stage}-{path.stem}.json").unlink(missing_ok=True)
+            RunLayout(run).stage_record(f"{stage}-{path.stem}").unlink(missing_ok=True)
 
 
 def _seed_of(model: str, split: str) -> int | None:
@@ -157,10 +160,10 @@ def run_config(
         "versions": _versions(),
         "started": _utc(started),
     }
-    write_json(run / "run.json", provenance)  # a killed run still says what it was
+    write_json(RunLayout(run).run_json, provenance)  # a killed run still says what it was
     execute(runner, cfg.train.parallel)
     write_json(
-        run / "run.json",
+        RunLayout(run).run_json,
         {
             **provenance,
             "world": runner.results.get("world"),

@@ -12,6 +12,7 @@ from typing import Any
 from simgap.config import Config, ConfigError
 from simgap.data.tars import expand_shards
 from simgap.io import read_json
+from simgap.layout import RunLayout
 from simgap.select.policies import split_seed
 from simgap.store import Store, open_store
 from simgap.world import BENCHMARKS
@@ -36,7 +37,7 @@ class Data:
 
 def data_of(cfg: Config, run: Path) -> Data:
     if cfg.sources.kind == "world":
-        world = run / "world"
+        world = RunLayout(run).world
         return Data(
             reference=str(world / "reference"),
             pool=str(world / "pool"),
@@ -106,8 +107,10 @@ def run_store(run: Path, name: str, data: Data) -> Store:
     if name == "pool" and data.pool_store:
         # The config says the similarity model made these embeddings; a bare clip-retrieval
         # folder does not record a model, so it takes the one the reference store records.
-        return open_store(data.pool_store, model=open_store(run / "stores" / "reference").model)
-    return open_store(run / "stores" / name)
+        return open_store(
+            data.pool_store, model=open_store(RunLayout(run).store("reference")).model
+        )
+    return open_store(RunLayout(run).store(name))
 
 
 # ----------------------------------------------------------------------------- splits

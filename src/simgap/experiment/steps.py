@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from simgap.analysis import audit_analysis, separation_analysis
 from simgap.config import Config
 from simgap.data.clip_benchmark import open_benchmark
+from simgap.data.keylist import read_key_list
 from simgap.evaluate import evaluate_benchmark
 from simgap.experiment.specs import (
     Data,
@@ -25,6 +26,8 @@ from simgap.experiment.specs import (
     templates_of,
 )
 from simgap.io import fingerprint, read_json, write_json, write_npy, write_parquet
+from simgap.layout import RunLayout, bench_store_name, benchmark_name
+from simgap.materialize import materialize
 from simgap.models import ModelSpec, load_model
 from simgap.parallel import Executor, LocalEngine, ThreadEngine
 from simgap.scan.kernel import KernelConfig
@@ -44,7 +47,7 @@ from simgap.select.build import (
     select,
     split_rows,
 )
-from simgap.splits import materialize, read_key_list, write_split
+from simgap.select.splitfile import write_split
 from simgap.train import (
     GpuSlots,
     Recipe,
@@ -64,16 +67,17 @@ def select_config(
     gapmatch = spec.policy == "gapmatch"
     size = results[f"select-{spec.control_of}"]["size"] if spec.control_of else None
     p = spec.params
+    layout = RunLayout(run)
     return SelectConfig(
         policy=spec.policy,
-        pool=Path(data.pool_store) if data.pool_store else run / "stores" / "pool",
-        out=run / "splits" / spec.name,
-        benchmarks=tuple(run / "stores" / f"bench-{b}" for b in benches),
-        scans=(run / POOL_SCAN,) if benches else (),
+        pool=Path(data.pool_store) if data.pool_store else layout.store("pool"),
+        out=layout.split(spec.name),
+        benchmarks=tuple(layout.bench_store(b) for b in benches),
+        scans=(layout.pool_scan,) if benches else (),
         reference=(
-            run / "stores" / "reference" if spec.policy in ("gapmatch", "image-based") else None
+            layout.store("reference") if spec.policy in ("gapmatch", "image-based") else None
         ),
-        reference_scans=(run / REFERENCE_SCAN,) if gapmatch else (),
+        reference_scans=(layout.reference_scan,) if gapmatch else (),
         size=p.get("fraction", size),
         seed=spec.seed or 0,
         add_reference=reference_added,
@@ -94,10 +98,6 @@ def select_split(
 
 # ----------------------------------------------------------------------------- scan and gaps
 
-POOL_SCAN = Path("scans") / "pool"  # the pool against every benchmark (simgap scan's layout)
-REFERENCE_SCAN = POOL_SCAN / "reference"  # the thresholds: the reference set's NN similarities
-CHECK_SCAN = Path("gaps") / "check"  # every split's NN similarities, from the written keys
-
 
 def scan_grid(
     run: Path,
@@ -112,10 +112,11 @@ def scan_grid(
     thresholds), then one over the pool giving every row's max, argmax and margin per benchmark
     (every split is selected from it)."""
     reference, pool = run_store(run, "reference", data), run_store(run, "pool", data)
-    stores = [run_store(run, f"bench-{b}", data) for b in benchmarks]
-    scan_benchmarks(pool, stores, run / POOL_SCAN, reference, topk, kernel, executor, "error", log)
+    stores = [run_store(run, bench_store_name(b), data) for b in benchmarks]
+    scan = RunLayout(run).pool_scan
+    scan_benchmarks(pool, stores, scan, reference, topk, kernel, executor, "error", log)
     above = np.zeros(len(benchmarks), np.int64)
-    for _, _, rec in iter_scan_rows(run / POOL_SCAN):  # a shard at a time: 10^8 rows stream
+    for _, _, rec in iter_scan_rows(scan):  # a shard at a time: 10^8 rows stream
         above += (rec["margin"] > 0).sum(axis=0)
     removed = {b: int(n) for b, n in zip(benchmarks, above, strict=True)}
     for b in benchmarks:
@@ -123,8 +124,8 @@ def scan_grid(
     return {"removed": removed}
 
 
-def _bench_nn(run: Path, folder: Path, bench: str) -> np.ndarray:
-    return benchmark_scan(run / folder, f"bench-{bench}").topk_sim[:, 0]
+def _bench_nn(scan: Path, bench: str) -> np.ndarray:
+    return benchmark_scan(scan, bench_store_name(bench)).topk_sim[:, 0]
 
 
 def check_splits(
@@ -140,13 +141,14 @@ def check_splits(
     and test point its NN similarity (``gaps/by-split/<split>/<benchmark>.npy``, the gap
     figure), and for a gap-matched split the guarantee, checked rather than assumed (with
     ``simgap select``'s verdict). Then ``gaps/<benchmark>.parquet``."""
+    layout = RunLayout(run)
     pool = run_store(run, "pool", data)
-    stores = [run_store(run, f"bench-{b}", data) for b in benchmarks]
+    stores = [run_store(run, bench_store_name(b), data) for b in benchmarks]
     tests, info = load_tests(stores)
-    groups = {name[len("bench-") :]: slice(a, b) for name, a, b in benchmark_groups(info)}
-    keys = [read_key_list(run / "splits" / s.name, allow_empty=True) for s in specs]
+    groups = {benchmark_name(name): slice(a, b) for name, a, b in benchmark_groups(info)}
+    keys = [read_key_list(layout.split(s.name), allow_empty=True) for s in specs]
     masks = split_masks(pool, keys)
-    nn, _ = scan_splits(pool, tests, masks, run / CHECK_SCAN, kernel, executor, log)
+    nn, _ = scan_splits(pool, tests, masks, layout.check_scan, kernel, executor, log)
     reference_nn = None
     if any(s.policy == "gapmatch" and s.reference for s in specs):
         # The reference set's own NN similarities, recomputed from the store that is added: the
@@ -155,17 +157,17 @@ def check_splits(
     verdicts = {}
     for i, spec in enumerate(specs):
         for b in benchmarks:
-            write_npy(run / "gaps" / "by-split" / spec.name / f"{b}.npy", nn[i, groups[b]])
+            write_npy(layout.split_gap(spec.name, b), nn[i, groups[b]])
     for i, spec in enumerate(specs):
         if spec.policy != "gapmatch":
             continue
         checked = spec.benchmarks
         check = guarantee(
             [nn[i, groups[b]] for b in checked],
-            [_bench_nn(run, REFERENCE_SCAN, b) for b in checked],
+            [_bench_nn(layout.reference_scan, b) for b in checked],
             None if not spec.reference else [reference_nn[groups[b]] for b in checked],
         )
-        verdicts[spec.name] = record_guarantee(run / "splits" / spec.name, check)["guarantee"]
+        verdicts[spec.name] = record_guarantee(layout.split(spec.name), check)["guarantee"]
     write_gaps(run, data, benchmarks, [s.name for s in specs])
     return verdicts
 
@@ -174,19 +176,18 @@ def write_gaps(run: Path, data: Data, benchmarks: list[str], splits: list[str]) 
     """``gaps/<benchmark>.parquet``: per test point its NN similarity to the reference set, the
     pool and every split (the pool part; with the reference added, the split's NN similarity is
     the max of this and the reference column)."""
+    layout = RunLayout(run)
     for bench in benchmarks:
-        table = run_store(run, f"bench-{bench}", data).keys_table()
+        table = run_store(run, bench_store_name(bench), data).keys_table()
         columns = {
             "test_key": table.column("key"),
             "label": table.column("label"),
-            "reference": pa.array(_bench_nn(run, REFERENCE_SCAN, bench), pa.float32()),
-            "pool": pa.array(_bench_nn(run, POOL_SCAN, bench), pa.float32()),
+            "reference": pa.array(_bench_nn(layout.reference_scan, bench), pa.float32()),
+            "pool": pa.array(_bench_nn(layout.pool_scan, bench), pa.float32()),
         }
         for name in splits:
-            columns[name] = pa.array(
-                np.load(run / "gaps" / "by-split" / name / f"{bench}.npy"), pa.float32()
-            )
-        write_parquet(run / "gaps" / f"{bench}.parquet", pa.table(columns))
+            columns[name] = pa.array(np.load(layout.split_gap(name, bench)), pa.float32())
+        write_parquet(layout.gap_table(bench), pa.table(columns))
     return {"benchmarks": benchmarks, "splits": splits}
 
 
@@ -202,9 +203,9 @@ def materialize_split(
     if isinstance(executor.engine, LocalEngine):
         executor = Executor(ThreadEngine(max(4, executor.engine.workers)), executor.retries)
     return materialize(
-        run / "splits" / split,
+        RunLayout(run).split(split),
         pool_shards(data),
-        run / "shards" / split,
+        RunLayout(run).shards(split),
         reference=Path(data.reference) if reference else None,
         caption_template=cfg.reference.caption,
         reference_seed=cfg.seed,
@@ -216,7 +217,7 @@ def materialize_reference(run: Path, data: Data, cfg: Config, executor: Executor
     """The reference set alone, as training shards: the data of the reference-line models (the
     paper's ImageNet-trained models). An empty split plus the reference set, so the shards are
     the ones every split gets."""
-    empty = run / "reference-line" / "split"
+    empty = RunLayout(run).reference_line / "split"
     if not (empty / "split.json").is_file():
         write_split(empty, [], {"name": "reference-only", "policy": "reference-only"})
     if isinstance(executor.engine, LocalEngine):
@@ -224,7 +225,7 @@ def materialize_reference(run: Path, data: Data, cfg: Config, executor: Executor
     return materialize(
         empty,
         pool_shards(data),
-        run / "shards" / "reference-line",
+        RunLayout(run).reference_line_shards,
         reference=Path(data.reference),
         caption_template=cfg.reference.caption,
         reference_seed=cfg.seed,
@@ -258,7 +259,7 @@ class SharedTrainings:
     a second chain wait for the first one's training instead of starting its own."""
 
     def __init__(self, run: Path):
-        self.dir = run / "train" / "by-inputs"
+        self.dir = RunLayout(run).train_by_inputs
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -296,7 +297,7 @@ def train_split(run: Path, cfg: Config, name: str, recipe: Recipe, shards: dict,
             recipe,
             shards["shards"],
             shards["samples"],
-            run / "train",
+            RunLayout(run).train,
             name,
             lambda m: log(f"[{name}] {m}"),
             device=cfg.train.device,
@@ -330,7 +331,7 @@ def evaluate_split(
 ) -> dict:
     """Zero-shot top-1 of one model: ``<out>/<name>.json`` and its per-test predictions in
     ``<out>/predictions/<name>-<benchmark>.parquet`` (out: run/eval)."""
-    out_dir = out or run / "eval"
+    out_dir = out or RunLayout(run).eval
     loaded = load_model(
         ModelSpec(arch=cfg.train.recipe.model, checkpoint=ckpt), device=cfg.evaluate.device
     )
@@ -369,25 +370,27 @@ def composition_step(run: Path, data: Data, cfg: Config, specs: list[SplitSpec])
     from simgap.select.composition import composition, scan_scores
     from simgap.world import pool_ground_truth
 
+    layout = RunLayout(run)
     pool = run_store(run, "pool", data)
     splits = {
-        s.name: (s.policy, s.benchmarks, lambda s=s: split_rows(pool, run / "splits" / s.name))
+        s.name: (s.policy, s.benchmarks, lambda s=s: split_rows(pool, layout.split(s.name)))
         for s in specs
     }
     truth = None
     if cfg.sources.kind == "world":
-        path = run / "world" / "ground_truth" / "pool.parquet"
+        path = layout.world_truth("pool.parquet")
         truth = pq.read_table(path) if path.is_file() else pool_ground_truth(cfg.sources.world)
-    out = composition(pool, splits, scan_scores(run / POOL_SCAN), truth)
-    write_json(run / "analysis" / "composition.json", out)
+    out = composition(pool, splits, scan_scores(layout.pool_scan), truth)
+    write_json(layout.composition, out)
     return {"splits": len(splits), "ground_truth": out["ground_truth"]}
 
 
 def audit_step(run: Path, data: Data, cfg: Config, benchmarks: list[str], log: Log) -> dict:
-    tests = {b: run_store(run, f"bench-{b}", data) for b in benchmarks}
-    truth_path = run / "world" / "ground_truth" / "near_duplicates.parquet"
+    layout = RunLayout(run)
+    tests = {b: run_store(run, bench_store_name(b), data) for b in benchmarks}
+    truth_path = layout.world_truth("near_duplicates.parquet")
     truth = pq.read_table(truth_path) if cfg.sources.kind == "world" else None
-    return audit_analysis(tests, run_store(run, "pool", data), cfg, truth, run / "audit", log)
+    return audit_analysis(tests, run_store(run, "pool", data), cfg, truth, layout.audit, log)
 
 
 def embed_source(
@@ -398,7 +401,7 @@ def embed_source(
     m = r["similarity-model"]
     spec = ModelSpec(arch=m["arch"], checkpoint=m["checkpoint"], pretrained=m["pretrained"])
     store = embed(
-        source, run / "stores" / name, spec, executor, sim.device, sim.batch_size, progress=log
+        source, RunLayout(run).store(name), spec, executor, sim.device, sim.batch_size, progress=log
     )
     return store.manifest["rows"]
 
@@ -409,7 +412,7 @@ def separation_step(run: Path, data: Data, cfg: Config, bench: str) -> dict:
     classnames = list(open_benchmark(Path(data.benchmarks[bench])).classnames)
     return separation_analysis(
         run_store(run, "reference", data),
-        run_store(run, f"bench-{bench}", data),
+        run_store(run, bench_store_name(bench), data),
         classnames,
         bench,
         run,

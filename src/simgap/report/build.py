@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from simgap.io import write_bytes, write_json
+from simgap.layout import RunLayout
 from simgap.report import (
     analysis,
     audit,
@@ -546,7 +547,7 @@ def build_report(run_dir: Path) -> dict[str, Path]:
     """Write run/report/report.html (self-contained) and report.md (+ PNGs); return their paths."""
     run_dir = Path(run_dir)
     sections = build_sections(load_run(run_dir))
-    out = run_dir / "report"
+    out = RunLayout(run_dir).report
     out.mkdir(parents=True, exist_ok=True)
     written = set()
     for block in (b for s in sections for b in s.blocks):

@@ -19,9 +19,10 @@ import matplotlib
 import numpy as np
 
 from simgap.io import read_json
+from simgap.layout import RunLayout
 from simgap.report import figures
 from simgap.report.blocks import FigureBlock, Note, Paragraph, Section, Table
-from simgap.report.figures import _figure, _png, _style
+from simgap.report.figures import figure_style, new_figure, png_bytes
 from simgap.report.gallery import Sample, fetch_thumbnails
 from simgap.report.runfiles import NOT_COMPUTED, RunFiles, split_order
 
@@ -32,7 +33,7 @@ _CAPTION_CHARS = 18  # per line under a gallery thumbnail
 
 
 def load_composition(files: RunFiles) -> dict[str, Any] | None:
-    path = None if files.run_dir is None else files.run_dir / "analysis" / "composition.json"
+    path = None if files.run_dir is None else RunLayout(files.run_dir).composition
     return read_json(path) if path is not None and path.is_file() else None
 
 
@@ -95,8 +96,8 @@ def composition_figure(comp: Mapping[str, Any], names: Sequence[str]) -> bytes:
     """Stacked horizontal bars, one panel per ground-truth group: for each split a bar of its
     kept points and one of its removed points, each split into the shares of every category."""
     groups = list(GROUP_TITLES)
-    with _style():
-        fig = _figure(11.0, 1.6 + 0.42 * len(names))
+    with figure_style():
+        fig = new_figure(11.0, 1.6 + 0.42 * len(names))
         axes = fig.subplots(1, len(groups), sharey=True)
         labels = [f"{n} {side}" for n in names for side in ("kept", "removed")]
         y = np.arange(len(labels))
@@ -120,7 +121,7 @@ def composition_figure(comp: Mapping[str, Any], names: Sequence[str]) -> bytes:
             ax.grid(axis="y", visible=False)
             ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=3, frameon=False)
         axes[0].invert_yaxis()  # once: the panels share the axis
-        return _png(fig)
+        return png_bytes(fig)
 
 
 def composition_table(comp: Mapping[str, Any], names: Sequence[str]) -> Table:

@@ -101,8 +101,8 @@ def gap_histograms(panels: Sequence[GapPanel], colors: Mapping[str, str]) -> byt
     """
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    with _style():
-        fig = _figure(4.0 * ncols, 3.0 * nrows + 0.7)
+    with figure_style():
+        fig = new_figure(4.0 * ncols, 3.0 * nrows + 0.7)
         axes = fig.subplots(nrows, ncols, squeeze=False)
         labels = list(dict.fromkeys(name for p in panels for name in p.series))
         styles = {name: _gap_style(name, i, colors) for i, name in enumerate(labels)}
@@ -114,13 +114,13 @@ def gap_histograms(panels: Sequence[GapPanel], colors: Mapping[str, str]) -> byt
         # Splits are often named after the benchmark they were pruned for: say which is which.
         names = [n if n in ("reference", "pool") else f"split {n}" for n in labels]
         fig.legend(handles, names, loc="outside lower center", ncol=min(len(labels), 5))
-        return _png(fig)
+        return png_bytes(fig)
 
 
 def removed_counts(bars: Sequence[RemovedBar]) -> bytes:
     """Horizontal bars: pool points each gap-matched split removed, annotated with % of pool."""
-    with _style():
-        fig = _figure(7.0, 0.9 + 0.45 * len(bars))
+    with figure_style():
+        fig = new_figure(7.0, 0.9 + 0.45 * len(bars))
         ax = fig.subplots()
         y = np.arange(len(bars))
         ax.barh(y, [b.removed for b in bars], color=[b.color for b in bars], height=0.6)
@@ -139,14 +139,14 @@ def removed_counts(bars: Sequence[RemovedBar]) -> bytes:
                 textcoords="offset points",
                 va="center",
             )
-        return _png(fig)
+        return png_bytes(fig)
 
 
 def accuracy_bars(benchmarks: Sequence[str], bars: Sequence[AccuracyBar]) -> bytes:
     """Grouped bars of top-1 (%) per benchmark; controls hatched in their split's colour."""
     width = 0.8 / max(len(bars), 1)
-    with _style():
-        fig = _figure(min(11.0, max(6.0, 1.0 + 0.14 * len(bars) * len(benchmarks))), 3.8)
+    with figure_style():
+        fig = new_figure(min(11.0, max(6.0, 1.0 + 0.14 * len(bars) * len(benchmarks))), 3.8)
         ax = fig.subplots()
         x = np.arange(len(benchmarks))
         for i, bar in enumerate(bars):
@@ -169,7 +169,7 @@ def accuracy_bars(benchmarks: Sequence[str], bars: Sequence[AccuracyBar]) -> byt
         ax.set_ylim(0, 100)
         ax.grid(axis="x", visible=False)
         fig.legend(loc="outside lower center", ncol=min(len(bars), 4))
-        return _png(fig)
+        return png_bytes(fig)
 
 
 def _gap_style(name: str, index: int, colors: Mapping[str, str]) -> dict:
@@ -218,7 +218,7 @@ def _gap_handle(name: str, style: Mapping) -> Patch:
 
 
 @contextmanager
-def _style() -> Iterator[None]:
+def figure_style() -> Iterator[None]:
     """matplotlib defaults plus _RC for one figure, so a user's matplotlibrc changes nothing."""
     with matplotlib.rc_context():
         matplotlib.rcdefaults()
@@ -226,13 +226,13 @@ def _style() -> Iterator[None]:
         yield
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _png(fig: Figure) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
     buf = io.BytesIO()
     # "Software" would embed the matplotlib version; Agg PNGs carry no date otherwise.
     fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None}, facecolor="white")
@@ -274,8 +274,8 @@ def size_curves(
     the full pool, where evaluated, is a star every line runs towards."""
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    with _style():
-        fig = _figure(3.3 * ncols, 2.7 * nrows + 0.5)
+    with figure_style():
+        fig = new_figure(3.3 * ncols, 2.7 * nrows + 0.5)
         axes = fig.subplots(nrows, ncols, squeeze=False)
         for ax, panel in zip(axes.flat, panels, strict=False):
             for curve in curves:
@@ -312,7 +312,7 @@ def size_curves(
         if full:
             handles.append(Line2D([], [], color="black", marker="*", ls="", label="full pool"))
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
-        return _png(fig)
+        return png_bytes(fig)
 
 
 # ----------------------------------------------------------------- accuracy vs similarity
@@ -336,8 +336,8 @@ def accuracy_by_similarity(
     names = list(panels)
     ncols = min(3, len(names))
     nrows = math.ceil(len(names) / ncols)
-    with _style():
-        fig = _figure(4.0 * ncols, 3.0 * nrows + 0.6)
+    with figure_style():
+        fig = new_figure(4.0 * ncols, 3.0 * nrows + 0.6)
         axes = fig.subplots(nrows, ncols, squeeze=False)
         splits: dict[str, str] = {}
         for ax, bench in zip(axes.flat, names, strict=False):
@@ -366,7 +366,7 @@ def accuracy_by_similarity(
             ax.set_visible(False)
         handles = [Line2D([], [], color=c, marker="o", label=s) for s, c in splits.items()]
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5))
-        return _png(fig)
+        return png_bytes(fig)
 
 
 # ----------------------------------------------------------------------------- effective robustness
@@ -388,8 +388,8 @@ def robustness_plot(
     """OOD against ID accuracy on logit-scaled axes (Taori et al.): the fitted line
     logit(ood) = slope * logit(id) + intercept is straight there; a point above it has positive
     effective robustness. Ticks are labelled in accuracy (%)."""
-    with _style():
-        fig = _figure(6.0, 4.6)
+    with figure_style():
+        fig = new_figure(6.0, 4.6)
         ax = fig.subplots()
         ids = np.array([logit(p.id_acc) for p in points] or [0.0])
         oods = np.array([logit(p.ood_acc) for p in points] or [0.0])
@@ -432,7 +432,7 @@ def robustness_plot(
             Line2D([], [], color="#d62728", marker="D", ls="", label="other splits"),
         ]
         ax.legend(handles=handles, loc="upper left")
-        return _png(fig)
+        return png_bytes(fig)
 
 
 def _logit_err(center: float, ci: tuple[float, float] | None) -> np.ndarray | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from simgap.io import read_json
+from simgap.layout import RunLayout
 from simgap.report.blocks import Note, Paragraph, Section
 from simgap.report.runfiles import NOT_COMPUTED, RunFiles, why_not_computed
 
@@ -34,11 +35,11 @@ def _optional(path: Path) -> dict | None:
 def findings(run_dir: Path) -> dict[str, Any] | None:
     """The findings document, or None when the run computed no statistics."""
     run_dir = Path(run_dir)
-    st = _optional(run_dir / "analysis" / "statistics.json")
+    st = _optional(RunLayout(run_dir).statistics)
     if st is None:
         return None
-    rob = _optional(run_dir / "analysis" / "robustness.json") or {}
-    run = _optional(run_dir / "run.json") or {}
+    rob = _optional(RunLayout(run_dir).robustness) or {}
+    run = _optional(RunLayout(run_dir).run_json) or {}
     doc = {
         "seeds": st["seeds"],
         "test_points": st["test_points"],
@@ -58,7 +59,7 @@ def _reference_models(run_dir: Path, robustness: dict) -> int:
     could be fitted) the reference-line models the run evaluated."""
     if "reference_models" in robustness:
         return int(robustness["reference_models"])
-    return len(list((run_dir / "eval" / "reference-line").glob("*.json")))
+    return len(list(RunLayout(run_dir).reference_line_eval.glob("*.json")))
 
 
 def findings_section(files: RunFiles, doc: dict[str, Any] | None) -> Section:

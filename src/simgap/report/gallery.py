@@ -21,6 +21,7 @@ import numpy as np
 
 from simgap.data.images import decode_rgb, pick_image
 from simgap.data.sources import fetch_samples
+from simgap.layout import RunLayout, bench_store_name
 from simgap.report import figures
 from simgap.report.blocks import FigureBlock, Note, Paragraph, Section, Table, sim
 from simgap.report.runfiles import NOT_COMPUTED, RunFiles, benchmark_order
@@ -93,9 +94,10 @@ def gallery_rows(run_dir: Path, bench: str, stores: dict[str, KeyIndex]) -> list
     from simgap.scan.layout import benchmark_scan
 
     # One scan of every benchmark (scans/pool/) with its reference pass (scans/pool/reference/).
-    ref_scan = benchmark_scan(run_dir / "scans" / "pool" / "reference", f"bench-{bench}")
-    pool_scan = benchmark_scan(run_dir / "scans" / "pool", f"bench-{bench}")
-    tests = _store(stores, run_dir, f"bench-{bench}")
+    layout = RunLayout(run_dir)
+    ref_scan = benchmark_scan(layout.reference_scan, bench_store_name(bench))
+    pool_scan = benchmark_scan(layout.pool_scan, bench_store_name(bench))
+    tests = _store(stores, run_dir, bench_store_name(bench))
     if ref_scan.topk_sim.shape[0] != pool_scan.topk_sim.shape[0]:
         raise ValueError(
             f"{run_dir}/scans: pool and pool/reference have different test counts for {bench}"
@@ -116,7 +118,7 @@ def gallery_rows(run_dir: Path, bench: str, stores: dict[str, KeyIndex]) -> list
 
 def _store(stores: dict[str, KeyIndex], run_dir: Path, name: str) -> KeyIndex:
     if name not in stores:
-        stores[name] = KeyIndex(open_store(run_dir / "stores" / name))
+        stores[name] = KeyIndex(open_store(RunLayout(run_dir).store(name)))
     return stores[name]
 
 

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simgap.io import read_json
+from simgap.layout import RunLayout
 
 # What a report section says when the run lacks the files it is built from.
 NOT_COMPUTED = "not computed in this run"
@@ -47,28 +48,27 @@ class RunFiles:
 def load_run(run_dir: Path) -> RunFiles:
     """Parse a run directory; run.json is required, every other part may be missing."""
     run_dir = Path(run_dir)
-    run_json = run_dir / "run.json"
+    layout = RunLayout(run_dir)
+    run_json = layout.run_json
     if not run_json.is_file():
         raise FileNotFoundError(f"{run_json} not found: not a simgap run directory")
     return RunFiles(
         run=read_json(run_json),
-        gaps={p.stem: _read_gaps(p) for p in sorted((run_dir / "gaps").glob("*.parquet"))},
-        splits={
-            p.parent.name: read_json(p) for p in sorted((run_dir / "splits").glob("*/split.json"))
-        },
-        evals=dict(_read_eval(p) for p in sorted((run_dir / "eval").glob("*.json"))),
+        gaps={p.stem: _read_gaps(p) for p in sorted(layout.gaps.glob("*.parquet"))},
+        splits={p.parent.name: read_json(p) for p in sorted(layout.splits.glob("*/split.json"))},
+        evals=dict(_read_eval(p) for p in sorted(layout.eval.glob("*.json"))),
         run_dir=run_dir,
-        robustness=_optional(run_dir / "analysis" / "robustness.json", _read_robustness),
+        robustness=_optional(layout.robustness, _read_robustness),
         accuracy_by_similarity=_optional(
-            run_dir / "analysis" / "accuracy_by_similarity.parquet",
+            layout.accuracy_by_similarity,
             lambda p: _read_parquet(p, _ACC_BY_SIM_COLUMNS),
         ),
-        audit=_optional(run_dir / "audit" / "audit.json", _read_audit),
+        audit=_optional(layout.audit / "audit.json", _read_audit),
         audit_pairs=_optional(
-            run_dir / "audit" / "pairs.parquet", lambda p: _read_parquet(p, _PAIR_COLUMNS)
+            layout.audit / "pairs.parquet", lambda p: _read_parquet(p, _PAIR_COLUMNS)
         ),
-        statistics=_optional(run_dir / "analysis" / "statistics.json", _read_statistics),
-        separation=_optional(run_dir / "analysis" / "separation.json", read_json),
+        statistics=_optional(layout.statistics, _read_statistics),
+        separation=_optional(layout.separation, read_json),
     )
 
 

@@ -1,6 +1,5 @@
-"""Split policies: gap-matched, near/far/random, coreset, semdedup, image-based; the audit."""
+"""Split policies: gap-matched, near/far/random, coreset, semdedup, image-based."""
 
-from simgap.select.audit import audit
 from simgap.select.image_based import image_based
 from simgap.select.policies import (
     coreset,
@@ -14,7 +13,6 @@ from simgap.select.policies import (
 from simgap.select.semdedup import semdedup
 
 __all__ = [
-    "audit",
     "coreset",
     "far_pruned",
     "gapmatch",

@@ -21,7 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from simgap.data.keylist import read_key_list
 from simgap.io import read_json, sha256_bytes, write_json, write_parquet
+from simgap.layout import benchmark_name
 from simgap.select.policies import (
     coreset,
     far_pruned,
@@ -32,7 +34,7 @@ from simgap.select.policies import (
     split_seed,
     union_score,
 )
-from simgap.splits import read_key_list, write_split
+from simgap.select.splitfile import write_split
 from simgap.store import Store, check_compatible, open_store
 
 POLICIES = ("full", "gapmatch", "near", "far", "random", "coreset", "semdedup", "image-based")
@@ -113,7 +115,7 @@ def _check_scan(scan: Path, pool: Store, doc: dict[str, Any], bench: _Bench, spa
 
 
 @dataclass(frozen=True)
-class _ScanPart:
+class ScanPart:
     """One benchmark's part of a scan folder: the whole folder (a scan of one set of tests) or
     its ``index``-th benchmark (``layout.py``), whose tests are ``span`` of the scan's."""
 
@@ -123,7 +125,7 @@ class _ScanPart:
     span: slice
 
 
-def scan_parts(folders: tuple[Path, ...], prefix: str) -> list[_ScanPart]:
+def scan_parts(folders: tuple[Path, ...], prefix: str) -> list[ScanPart]:
     from simgap.scan.layout import benchmarks_of, read_meta
 
     parts = []
@@ -132,14 +134,14 @@ def scan_parts(folders: tuple[Path, ...], prefix: str) -> list[_ScanPart]:
         entries = benchmarks_of(doc)
         if not entries:
             name = _bench_name(folder, prefix)
-            parts.append(_ScanPart(Path(folder), name, None, slice(0, doc["tests"])))
+            parts.append(ScanPart(Path(folder), name, None, slice(0, doc["tests"])))
         for i, e in enumerate(entries):
-            name = _bench_name(Path(e["name"]), "bench-")
-            parts.append(_ScanPart(Path(folder), name, i, slice(e["start"], e["stop"])))
+            name = benchmark_name(Path(e["name"]).name)
+            parts.append(ScanPart(Path(folder), name, i, slice(e["start"], e["stop"])))
     return parts
 
 
-def match_parts(parts: list[_ScanPart], names: list[str], what: str) -> list[_ScanPart]:
+def match_parts(parts: list[ScanPart], names: list[str], what: str) -> list[ScanPart]:
     """The scan part of each benchmark: by name, or (scans of one benchmark each, as many as
     the benchmarks) in the order given."""
     if len(parts) == len(names) and all(p.index is None for p in parts):
@@ -163,7 +165,7 @@ def _load_benches(cfg: SelectConfig, pool: Store, fp: dict[str, Any], log: Log) 
             raise FileNotFoundError(f"{f}: not a finished scan (no scan.json)")
     stores = [open_store(b) for b in cfg.benchmarks]
     scans = scan_parts(cfg.scans, "pool-")
-    names = [_bench_name(s.path, "bench-") for s in stores] or [p.name for p in scans]
+    names = [benchmark_name(s.path.name) for s in stores] or [p.name for p in scans]
     if scans:
         scans = match_parts(scans, names, "--scans")
     refs = scan_parts(cfg.reference_scans, "reference-")

@@ -18,7 +18,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import tarfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from simgap.data.tarwrite import tar_bytes
 from simgap.world.render import (
     CLASSNAMES,
     DOMAINS,
@@ -159,7 +159,7 @@ class WorldConfig:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class WorldPlan:
     """What goes where: derived from the config alone, before any image is drawn."""
 
     classnames: tuple[str, ...]
@@ -208,7 +208,8 @@ def _class_subsets(cfg: WorldConfig) -> dict[str, tuple[int, ...]]:
 
 
 @functools.lru_cache(maxsize=4)
-def _plan(cfg: WorldConfig) -> _Plan:
+def world_plan(cfg: WorldConfig) -> WorldPlan:
+    """The world's classes, counts and assignments, from its config alone (no image drawn)."""
     subsets = _class_subsets(cfg)
     per_bench = _scaled(cfg.benchmark_per_class, cfg.scale)
     n_pool = _scaled(cfg.pool_size, cfg.scale)
@@ -235,7 +236,7 @@ def _plan(cfg: WorldConfig) -> _Plan:
         picks += [(name, int(i)) for i in sorted(chosen)]
     near_rng.shuffle(picks)
     near_slots = [i for i, k in enumerate(pool_kinds) if k == _NEAR]
-    return _Plan(
+    return WorldPlan(
         classnames=CLASSNAMES[: cfg.n_classes],
         reference_per_class=_scaled(cfg.reference_per_class, cfg.scale),
         benchmark_labels=subsets,
@@ -268,7 +269,7 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
 
 
 def _benchmark_image(
-    cfg: WorldConfig, plan: _Plan, name: str, index: int
+    cfg: WorldConfig, plan: WorldPlan, name: str, index: int
 ) -> tuple[int, Image.Image]:
     """Test image `index` of benchmark `name` (class-major order) and its global label."""
     label = plan.benchmark_labels[name][index // plan.benchmark_per_class]
@@ -423,18 +424,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _tar_bytes(members: Sequence[tuple[str, bytes]]) -> bytes:
-    """A reproducible tar: sorted members, no timestamps, owners or permissions from the host."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in sorted(members):
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -445,7 +434,7 @@ def _lines(items: Sequence[str]) -> bytes:
     return ("\n".join(items) + "\n").encode("utf-8")
 
 
-def _write_reference_class(cfg: WorldConfig, plan: _Plan, label: int, out: Path) -> int:
+def _write_reference_class(cfg: WorldConfig, plan: WorldPlan, label: int, out: Path) -> int:
     folder = out / "reference" / plan.classnames[label]
     folder.mkdir(parents=True, exist_ok=True)
     start = label * plan.reference_per_class
@@ -455,7 +444,7 @@ def _write_reference_class(cfg: WorldConfig, plan: _Plan, label: int, out: Path)
     return plan.reference_per_class
 
 
-def _write_benchmark(cfg: WorldConfig, plan: _Plan, name: str, out: Path) -> int:
+def _write_benchmark(cfg: WorldConfig, plan: WorldPlan, name: str, out: Path) -> int:
     root = out / "benchmarks" / name
     labels = plan.benchmark_labels[name]
     for label in labels:
@@ -469,7 +458,7 @@ def _write_benchmark(cfg: WorldConfig, plan: _Plan, name: str, out: Path) -> int
     return n
 
 
-def _pool_sample(cfg: WorldConfig, plan: _Plan, index: int) -> tuple[bytes, str, str, int]:
+def _pool_sample(cfg: WorldConfig, plan: WorldPlan, index: int) -> tuple[bytes, str, str, int]:
     """Pool sample `index` -> (jpeg bytes, caption, domain, label)."""
     kind = plan.pool_kinds[index]
     caption_rng = _rng(cfg, _PART_POOL, index, 1)
@@ -493,7 +482,7 @@ def _pool_sample(cfg: WorldConfig, plan: _Plan, index: int) -> tuple[bytes, str,
     return _jpeg(img, cfg.jpeg_quality), caption, kind, label
 
 
-def _write_pool_shard(cfg: WorldConfig, plan: _Plan, shard: int, out: Path) -> int:
+def _write_pool_shard(cfg: WorldConfig, plan: WorldPlan, shard: int, out: Path) -> int:
     start = shard * cfg.shard_size
     stop = min(start + cfg.shard_size, len(plan.pool_kinds))
     members: list[tuple[str, bytes]] = []
@@ -526,12 +515,12 @@ def _write_pool_shard(cfg: WorldConfig, plan: _Plan, shard: int, out: Path) -> i
             "status": pa.array(rows["status"], pa.string()),
         }
     )
-    _write_atomic(out / "pool" / f"{shard:05d}.tar", _tar_bytes(members))
+    _write_atomic(out / "pool" / f"{shard:05d}.tar", tar_bytes(sorted(members)))
     _write_atomic(out / "pool" / f"{shard:05d}.parquet", _parquet_bytes(table))
     return stop - start
 
 
-def _write_near_duplicates(plan: _Plan, out: Path) -> None:
+def _write_near_duplicates(plan: WorldPlan, out: Path) -> None:
     slots = sorted(plan.near_picks)
     table = pa.table(
         {
@@ -553,7 +542,7 @@ def pool_ground_truth(cfg: WorldConfig) -> pa.Table:
     ``domain`` (a near-duplicate's: the benchmark it copies), ``label`` (-1: no class),
     ``caption`` (``clean``, ``no-class``, ``wrong-class``, ``distractor``; a near-duplicate's
     caption is clean) and, for a near-duplicate, the benchmark test image it copies."""
-    plan = _plan(cfg)
+    plan = world_plan(cfg)
     cols: dict[str, list] = {k: [] for k in ("key", "kind", "domain", "label", "caption", "copy")}
     for index, kind in enumerate(plan.pool_kinds):
         if kind == _NEAR:
@@ -582,7 +571,7 @@ def _config_json(cfg: WorldConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def _world_info(cfg: WorldConfig, plan: _Plan) -> dict:
+def _world_info(cfg: WorldConfig, plan: WorldPlan) -> dict:
     n_pool = len(plan.pool_kinds)
     kinds = sorted(set(plan.pool_kinds))
     return {
@@ -664,7 +653,7 @@ class _Task:
     arg: int | str
 
     def __call__(self) -> str:
-        plan, out = _plan(self.cfg), Path(self.out)
+        plan, out = world_plan(self.cfg), Path(self.out)
         if self.part == "reference":
             n = _write_reference_class(self.cfg, plan, int(self.arg), out)
             return f"reference {plan.classnames[int(self.arg)]}: {n} images"
@@ -700,7 +689,7 @@ def generate_world(
             progress(f"world already complete in {out}")
         return existing
     report = progress or (lambda _msg: None)
-    plan = _plan(cfg)
+    plan = world_plan(cfg)
     n_pool = len(plan.pool_kinds)
     if (
         n_pool > 10**7

@@ -1,10 +1,6 @@
-"""Split files, key lists, and materializing a split into training shards.
+"""Materialize: a split (:mod:`simgap.select.splitfile`) or key list -> new training shards.
 
-A split folder holds ``keys.parquet`` (column ``key``, sorted), ``keys.txt`` (the same keys, one
-per line, UTF-8) and ``split.json`` (how it was made). A key list (folder, ``.txt`` or
-``.parquet``) is all a loader needs to apply a split on the fly to the source shards.
-
-Materialize runs in two parallel phases through the executor:
+It runs in two parallel phases through the executor:
 
 1. index, one task per input shard: walk the tar's headers (one sequential read,
    :class:`simgap.data.tars.TarWalk`), note where each member of a kept sample lies (offset,
@@ -39,74 +35,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from simgap.data.keylist import read_key_list
 from simgap.data.sources import folder_class_names, image_folder_items
 from simgap.data.tars import (
-    BLOCK,
     Sample,
     ShardError,
     TarWalk,
     expand_shards,
     safe_member_name,
     split_name,
-    write_tar,
 )
+from simgap.data.tarwrite import TarWriter, write_tar
 from simgap.io import (
     COUNT,
-    SHA256,
     Check,
     Optional,
     read_json,
     read_record,
     sha256_bytes,
     write_atomic,
-    write_bytes,
     write_json,
-    write_parquet,
     write_record,
 )
 from simgap.lock import locks_output
 from simgap.parallel import Executor, LocalEngine, Progress
+from simgap.select.splitfile import SPLIT_SCHEMA, write_split
 
 Member = tuple[str, int, int]  # extension, data offset in the tar, size (or that list)
-
-
-# ----------------------------------------------------------------------------- split files
-
-
-def write_split(folder: Path, keys: list[str], meta: dict[str, Any]) -> dict[str, Any]:
-    """Write keys.parquet, keys.txt and split.json (last: a split is complete iff it exists)."""
-    keys = sorted(keys)
-    folder = Path(folder)
-    write_parquet(folder / "keys.parquet", pa.table({"key": pa.array(keys, pa.string())}))
-    write_bytes(folder / "keys.txt", "".join(f"{k}\n" for k in keys).encode())
-    meta = {**meta, "size": len(keys), "keys_sha256": sha256_bytes("\n".join(keys).encode())}
-    write_json(folder / "split.json", meta)
-    return meta
-
-
-# What the readers rely on in split.json (extra keys are allowed).
-SPLIT_SCHEMA = {
-    "size": COUNT,
-    "keys_sha256": SHA256,
-    "guarantee": Optional(({"holds": Optional((bool, None))}, None)),
-}
-
-
-def read_split(folder: Path) -> tuple[set[str], dict[str, Any]]:
-    """A split's keys and split.json, which must describe the same keys (size and checksum)."""
-    folder = Path(folder)
-    meta_path = folder / "split.json"
-    meta = read_json(meta_path, SPLIT_SCHEMA)
-    keys = sorted(read_key_list(folder, allow_empty=True))
-    if len(keys) != meta["size"] or sha256_bytes("\n".join(keys).encode()) != meta["keys_sha256"]:
-        raise ValueError(
-            f"{meta_path}: does not describe {folder / 'keys.parquet'} ({len(keys)} keys; "
-            f"split.json says {meta['size']}, or the checksum differs)"
-        )
-    return set(keys), meta
 
 
 _KEY_SET_LOCK = threading.Lock()
@@ -253,69 +209,21 @@ class IndexShard:
 # ----------------------------------------------------------------------------- phase 2: write
 
 
-def _header_template() -> tuple[bytes, int]:
-    h = bytearray(BLOCK)
-    h[100:124] = b"0000644\x000000000\x000000000\x00"
-    h[136:148] = b"00000000000\x00"  # mtime 0
-    h[148:156] = b"        "  # the checksum counts its own field as spaces
-    h[156:157] = b"0"
-    h[257:265] = b"ustar\x0000"
-    return bytes(h), sum(h)
-
-
-_TEMPLATE, _TEMPLATE_SUM = _header_template()
-_MODE_IDS, _MTIME, _TYPE_ON = _TEMPLATE[100:124], _TEMPLATE[136:148], _TEMPLATE[156:]
-
-
-def _tar_header(name: str, size: int) -> bytes:
-    """The ustar header ``write_tar`` writes (mode 644, owner 0, mtime 0), built from a template:
-    the tarfile path costs more per member than copying a 40 KB image."""
-    raw = name.encode("utf-8", "surrogateescape")
-    if len(raw) > 100 or size >= 8**11:
-        return _tarfile_header(name, size)
-    field = b"%011o\x00" % size
-    checksum = b"%06o\x00 " % (_TEMPLATE_SUM + sum(raw) + sum(field))
-    return b"".join((raw.ljust(100, b"\0"), _MODE_IDS, field, _MTIME, checksum, _TYPE_ON))
-
-
-def _tarfile_header(name: str, size: int) -> bytes:
-    info = tarfile.TarInfo(name)
-
-    info.size, info.mtime, info.mode = size, 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
-
-
-def _copy_range(src: int, dst: int, offset: int, size: int, source: str) -> None:
-    """Copy ``size`` bytes at ``offset`` of ``src`` to ``dst``'s position, in the kernel where
-    it can (copy_file_range), else through a buffer."""
-    while size:
-        try:
-            n = os.copy_file_range(src, dst, size, offset)
-        except OSError:  # other filesystem on an old kernel, or not supported: copy by hand
-            data = os.pread(src, size, offset)
-            n = len(data) and os.write(dst, data)
-        if n == 0:
-            raise ShardError(f"{source}: member at {offset} cut ({size} bytes missing)")
-        offset, size = offset + n, size - n
-
-
 def write_plan_tar(path: Path, plan: list[tuple[str, str, list[Member]]]) -> None:
     """Copy (source tar, key, members) into ``path`` as a reproducible tar (the same bytes as
-    ``write_tar`` would give): headers written here, member bytes copied by offset."""
+    ``write_tar`` would give for those samples), member bytes copied by offset."""
 
     def write(f: io.BufferedIOBase) -> None:
         f.flush()
         fds: dict[str, int] = {}
-        writer = _ShardWriter(f.fileno())
+        writer = TarWriter(f.fileno())
         try:
             for source, key, members in plan:
                 if source not in fds:
                     fds[source] = os.open(source, os.O_RDONLY)
                 for ext, offset, size in members:
                     name = f"{key}.{ext}" if ext else key
-                    writer.member(name, fds[source], offset, size, source)
+                    writer.copy(name, fds[source], offset, size, source)
             writer.finish()
         finally:
             writer.close()
@@ -323,92 +231,6 @@ def write_plan_tar(path: Path, plan: list[tuple[str, str, list[Member]]]) -> Non
                 os.close(fd)
 
     write_atomic(path, write)
-
-
-_CHUNK = 4 << 20  # output written this much at a time (one write call per ~100 images)
-_WRITEBACK = 8 << 20  # bytes between writeback starts: large enough for sequential disk writes
-
-
-class _ShardWriter:
-    """An output tar built in one reused buffer: headers from the template, member bytes read by
-    offset straight into it, written a chunk at a time, with disk writeback started behind the
-    writes. (One pread per member into the buffer costs ~30% less than a header write plus a
-    copy_file_range per member, and a fresh buffer per chunk would cost a page fault per 4 KiB.)"""
-
-    def __init__(self, out: int):
-        self.out, self.buf = out, bytearray(_CHUNK)
-        self.view = memoryview(self.buf)
-        self.fill = self.written = self.flushed = 0
-
-    def member(self, name: str, src: int, offset: int, size: int, source: str) -> None:
-        pad = -size % BLOCK
-        if self.fill + BLOCK + size + pad > len(self.buf):
-            self.flush()
-        header = _tar_header(name, size)
-        if BLOCK + size + pad > len(self.buf):  # larger than the buffer: copied in the kernel
-            _write_all(self.out, header)
-            _copy_range(src, self.out, offset, size, source)
-            _write_all(self.out, bytes(pad))
-            self.written += BLOCK + size + pad
-            return
-        view, at = self.view, self.fill
-        view[at : at + BLOCK] = header
-        at += BLOCK
-        data = view[at : at + size]
-        if not _PREADV or os.preadv(src, [data], offset) != size:
-            _read_into(src, data, offset, source)  # a short read: again, to the end or the error
-        at += size
-        view[at : at + pad] = _ZERO_PAD[:pad]  # the buffer is reused: padding must be written
-        self.fill = at + pad
-
-    def flush(self) -> None:
-        _write_all(self.out, self.view[: self.fill])
-        self.written += self.fill
-        self.fill = 0
-        if self.written - self.flushed >= _WRITEBACK:
-            _start_writeback(self.out, self.flushed, self.written - self.flushed)
-            self.flushed = self.written
-
-    def finish(self) -> None:
-        """End of archive: two zero blocks, padded to a full record like tarfile does."""
-        self.flush()
-        _write_all(self.out, bytes(2 * BLOCK + -(self.written + 2 * BLOCK) % tarfile.RECORDSIZE))
-
-    def close(self) -> None:
-        self.view.release()
-
-
-_PREADV = hasattr(os, "preadv")
-_ZERO_PAD = memoryview(bytes(BLOCK))
-
-
-def _read_into(fd: int, view: memoryview, offset: int, source: str) -> None:
-    while view:
-        if _PREADV:
-            n = os.preadv(fd, [view], offset)
-        else:
-            data = os.pread(fd, len(view), offset)
-            n = len(data)
-            view[:n] = data
-        if n == 0:
-            raise ShardError(f"{source}: member at {offset} cut ({len(view)} bytes missing)")
-        view, offset = view[n:], offset + n
-
-
-def _start_writeback(fd: int, offset: int, size: int) -> None:
-    """Start writing a finished range to disk now, without waiting: the final fsync (a done
-    record must never point at data a power cut could lose) then waits only for the tail,
-    instead of for the whole shard after the copy. On Linux, POSIX_FADV_DONTNEED starts
-    writeback of dirty pages (and drops them from the cache once clean: nothing rereads them)."""
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
-
-
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    """os.write may write less than asked (signals, some file systems); a short tar is corrupt."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _outputs(out: Path, name: str) -> tuple[Path, Path]:

@@ -7,7 +7,7 @@ Two methods (``verify``):
   against a constant threshold); only the rows it flags are re-read to list their pairs.
 - ``"pixels"`` (default): two stages. Candidates are each test point's top-k base rows by
   embedding similarity (the scan) and by an 8x8 thumbnail descriptor (one streamed pass over the
-  base images); each candidate is then verified on pixels (``verify.match_score``: best
+  base images); each candidate is then verified on pixels (``pixels.match_score``: best
   normalised cross-correlation over small crops and shifts) and kept when the score is at least
   ``pixel_threshold``. Embedding similarity alone cannot tell a copy of an image from another
   image of its class with a small model; the pixels can.
@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from simgap.audit import pixels
 from simgap.io import sha256_bytes, write_json, write_parquet
-from simgap.select import verify as pixels
+from simgap.layout import benchmark_name
 from simgap.store import Store, check_compatible
 
 # Chosen on the world (see the README's audit section for the measurement behind it).
@@ -40,8 +41,7 @@ DEFAULT_VERIFY = "pixels"
 
 def store_name(store: Store) -> str:
     """A benchmark's name from its store folder (``stores/bench-sketch`` → ``sketch``)."""
-    name = store.path.name
-    return name[len("bench-") :] if name.startswith("bench-") else name
+    return benchmark_name(store.path.name)
 
 
 def audit(

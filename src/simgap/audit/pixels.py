@@ -9,7 +9,7 @@ the best normalised cross-correlation (mean-centred, so a brightness gain cancel
 blur that removes most JPEG block noise. Modelling the crop forward (crop the test, resize up)
 rather than backward keeps thin strokes aligned to a fraction of a pixel. A cheaper backward
 screen at half resolution drops the many candidates that are nowhere near. Candidates come from a
-cheap thumbnail descriptor (and the embedding top-k, see ``select.audit``).
+cheap thumbnail descriptor (and the embedding top-k, see :mod:`simgap.audit.contamination`).
 """
 
 from __future__ import annotations
