@@ -25,9 +25,7 @@ from simgap.robustness import (
     logit,
 )
 from simgap.store import Store
-
-Log = Callable[[str], None]
-
+from simgap.types import Log
 
 MEAN_OOD = "mean-ood"  # the pseudo-benchmark of every table: mean top-1 over the OOD benchmarks
 

@@ -44,6 +44,7 @@ from simgap.models import (
 )
 from simgap.parallel import Executor, LocalEngine, Progress, RayEngine, ThreadEngine, task_device
 from simgap.store import Store, StoreWriter, is_clip_retrieval, link_clip_retrieval, normalize_fp16
+from simgap.types import Log
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -480,7 +481,7 @@ def embed(
     device: str = "cpu",
     batch_size: int = 256,
     shard_size: int = 1000,
-    progress: Callable[[str], None] | None = None,
+    progress: Log | None = None,
     *,
     decode_workers: int | None = None,
     text: bool = False,

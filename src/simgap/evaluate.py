@@ -11,7 +11,7 @@ CLIP_benchmark and open_clip do. Benchmark layouts are read by
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from simgap.data.transforms import split_transform
 from simgap.io import write_json, write_parquet
 from simgap.models import LoadedModel, ieee_fp32, numerics_identity
 from simgap.parallel import Progress
+from simgap.types import Log
 
 PREDICTION_SCHEMA = pa.schema(
     [("key", pa.string()), ("label", pa.int32()), ("pred", pa.int32()), ("correct", pa.bool_())]
@@ -82,7 +83,7 @@ def evaluate_benchmark(
     batch_size: int = 256,
     *,
     layout: str = "auto",
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
 ) -> dict:
     """Zero-shot accuracy on one benchmark, over that benchmark's classes only.
 
@@ -188,7 +189,7 @@ def evaluate_benchmarks(
     *,
     layout: str = "auto",
     batch_size: int = 256,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
 ) -> dict:
     """Evaluate several benchmarks (name -> folder); with ``out``, write ``out/eval.json``
     (model identity + metrics per benchmark) and ``out/predictions/<name>.parquet``."""

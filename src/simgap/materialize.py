@@ -29,7 +29,7 @@ import re
 import tarfile
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from simgap.io import (
 from simgap.lock import locks_output
 from simgap.parallel import Executor, LocalEngine, Progress
 from simgap.select.splitfile import SPLIT_SCHEMA, write_split
+from simgap.types import Log
 
 Member = tuple[str, int, int]  # extension, data offset in the tar, size (or that list)
 
@@ -426,7 +427,7 @@ def materialize(
     reference_seed: int = 0,
     executor: Executor | None = None,
     keys_only: bool = False,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
 ) -> dict[str, Any]:
     """Write the split's samples (every member) as shards, plus the reference set; returns the
     counts and the '::'-joined shard list that open_clip_train reads.

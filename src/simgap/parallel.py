@@ -18,6 +18,8 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_compl
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from simgap.types import Log
+
 Outcome = tuple[int, bool, Any]  # task index, succeeded, record or (message, traceback)
 
 
@@ -289,7 +291,7 @@ class Progress:
     def __init__(
         self,
         label: str,
-        log: Callable[[str], None] | None,
+        log: Log | None,
         unit: str = "rows",
         every_s: float = 5.0,
     ):

@@ -15,8 +15,8 @@ from typing import Any
 
 from simgap.io import fingerprint, read_json, write_bytes, write_json
 from simgap.layout import RunLayout
+from simgap.types import Log
 
-Log = Callable[[str], None]
 Results = dict[str, Any]
 
 

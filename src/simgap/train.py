@@ -52,6 +52,7 @@ import numpy as np
 
 from simgap.data.keylist import read_key_list
 from simgap.io import sha256_file, write_json, write_npy
+from simgap.types import Log
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def train(
     num_samples: int | None,
     out_dir: Path,
     name: str,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
     *,
     keys: Path | str | None = None,
     device: str = "cpu",
@@ -573,7 +574,7 @@ def _by_folder(urls: list[str]) -> dict[Path, list[str]]:
 
 
 def _run_streaming(
-    cmd: list[str], log_path: Path, emit: Callable[[str], None], extra_env: dict[str, str]
+    cmd: list[str], log_path: Path, emit: Log, extra_env: dict[str, str]
 ) -> tuple[int, str]:
     """Run cmd, copying its merged output to log_path and emit line by line."""
     env = {**os.environ, **extra_env}

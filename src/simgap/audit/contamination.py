@@ -32,6 +32,7 @@ from simgap.audit import pixels
 from simgap.io import sha256_bytes, write_json, write_parquet
 from simgap.layout import benchmark_name
 from simgap.store import Store, check_compatible
+from simgap.types import Log
 
 # Chosen on the world (see the README's audit section for the measurement behind it).
 DEFAULT_THRESHOLD = 0.95
@@ -54,7 +55,7 @@ def audit(
     verify: str = DEFAULT_VERIFY,
     pixel_threshold: float = pixels.PIXEL_THRESHOLD,
     topk: int = pixels.THUMB_TOPK,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
 ) -> dict[str, Any]:
     """Audit every benchmark in ``tests`` (name → store, or one store named by its folder)
     against ``base``; ``ground_truth`` has columns pool_key, benchmark, test_key. ``verify``
@@ -178,7 +179,7 @@ def _verified_pairs(
     emb_top: np.ndarray,
     k: int,
     pixel_threshold: float,
-    log: Callable[[str], None] | None,
+    log: Log | None,
 ) -> tuple[list[tuple[int, str, float]], dict[str, list], dict[str, Any]]:
     """The pixel method: thumbnail top-k ∪ embedding top-k candidates, each verified on pixels.
 

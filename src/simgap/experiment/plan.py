@@ -4,7 +4,6 @@ stages it reads from, so every key is known before anything runs."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,9 +55,9 @@ from simgap.train import (
     open_clip_argv,
     train,
 )
+from simgap.types import Log
 from simgap.world import generate_world
 
-Log = Callable[[str], None]
 REL = RunLayout(Path())  # run-relative paths: the folders a stage owns
 Results = dict[str, Any]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import platform
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,8 @@ from simgap.io import write_json
 from simgap.layout import RunLayout
 from simgap.lock import locks_output
 from simgap.runner import Runner, execute
+from simgap.types import Log
 
-Log = Callable[[str], None]
 Results = dict[str, Any]
 
 

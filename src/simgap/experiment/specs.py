@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from simgap.select.policies import split_seed
 from simgap.store import Store, open_store
 from simgap.world import BENCHMARKS
 
-Log = Callable[[str], None]
 Results = dict[str, Any]
 
 

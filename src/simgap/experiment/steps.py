@@ -54,8 +54,8 @@ from simgap.train import (
     TrainError,
     train,
 )
+from simgap.types import Log
 
-Log = Callable[[str], None]
 Results = dict[str, Any]
 
 

@@ -13,7 +13,6 @@ benchmark rows free of NaN/Inf and of non-unit vectors (named by key in the erro
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from simgap.scan.kernel import KernelConfig, TopKHandler, prepare_tests, scan_bl
 from simgap.scan.scan import Progress, ScanResult, check_tests, find_bad_rows
 from simgap.scan.shards import FIRST_KEYS, scan_store, verify_shard
 from simgap.store import Store, StoreError, check_compatible, open_store
+from simgap.types import Log
 
 
 def check_normalized(*stores: Store) -> None:
@@ -68,7 +68,7 @@ def load_tests(stores: list[Store]) -> tuple[np.ndarray, pa.Table]:
     return tests, info
 
 
-def log_progress(label: str, log: Callable[[str], None], every_s: float = 5.0) -> Progress:
+def log_progress(label: str, log: Log, every_s: float = 5.0) -> Progress:
     """A ``progress(rows_done, rows_total)`` callback logging rows/s and ETA, at most every
     ``every_s`` seconds (and at the end)."""
     return RateProgress(label, log, every_s=every_s).count
@@ -100,7 +100,7 @@ def scan_benchmarks(
     config: KernelConfig | None = None,
     executor: Executor | None = None,
     bad_rows: str = "error",
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
 ) -> ScanResult:
     """Scan ``base`` against every benchmark at once (one pass, per-benchmark row outputs), with
     thresholds from ``reference`` (one pass over it)."""
@@ -262,7 +262,7 @@ def scan_splits(
     out: Path | str,
     config: KernelConfig | None = None,
     executor: Executor | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every split's guarantee check in one pass over ``base``: per split and test, the NN
     similarity (and global row) among the split's kept rows (``masks``: per shard, the

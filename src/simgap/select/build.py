@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,10 @@ from simgap.select.policies import (
 )
 from simgap.select.splitfile import write_split
 from simgap.store import Store, check_compatible, open_store
+from simgap.types import Log
 
 POLICIES = ("full", "gapmatch", "near", "far", "random", "coreset", "semdedup", "image-based")
 SEEDED = ("random", "semdedup", "image-based")  # the policies a seed changes
-Log = Callable[[str], None]
 
 
 def store_fingerprint(store: Store) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ import pyarrow as pa
 
 from simgap.select.clusters import iter_batches, nearest_centroid, train_centroids
 from simgap.store import Store
+from simgap.types import Log
 
 RULES = ("kept", "any")
 _REC = np.dtype([("row", "<i8"), ("cluster", "<i4"), ("csim", "<f4")])
@@ -93,7 +93,7 @@ def semdedup(
     rule: str = "kept",
     sample: int | None = None,
     work_dir: Path | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
     block: int = 1024,
 ) -> tuple[np.ndarray, pa.Table]:
     """(keep mask over the store's rows, per-cluster statistics: cluster, size, kept, removed,
@@ -170,7 +170,7 @@ def _spill(
     n_buckets: int,
     batch_rows: int,
     tmp: Path,
-    log: Callable[[str], None] | None,
+    log: Log | None,
 ) -> None:
     files = [(open(tmp / f"{b}.rec", "wb"), open(tmp / f"{b}.emb", "wb")) for b in range(n_buckets)]
     try:

@@ -18,7 +18,7 @@ import json
 import multiprocessing
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from simgap.data.tarwrite import tar_bytes
+from simgap.types import Log
 from simgap.world.render import (
     CLASSNAMES,
     DOMAINS,
@@ -671,7 +672,7 @@ def _run_task(task: _Task) -> str:
 def generate_world(
     cfg: WorldConfig,
     out_dir: Path,
-    progress: Callable[[str], None] | None = None,
+    progress: Log | None = None,
     workers: int = 1,
 ) -> dict:
     """Write the world of `cfg` into `out_dir` and return the content of its world.json.
