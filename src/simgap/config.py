@@ -231,7 +231,7 @@ class Analysis:
 
 
 @dataclass(frozen=True)
-class Engine:
+class EngineConfig:
     name: str = field(default="local", metadata=_one_of("local", "ray"))
     workers: int = field(default=1, metadata=COUNT)
     address: str = ""  # Ray cluster address ("" = start a local cluster)
@@ -253,7 +253,7 @@ class Config:
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
     analysis: Analysis = Analysis()
-    engine: Engine = Engine()
+    engine: EngineConfig = EngineConfig()
     # Not config keys: where the config came from, recorded in run.json.
     path: str = field(default="", metadata={"internal": True})
     text: str = field(default="", metadata={"internal": True})

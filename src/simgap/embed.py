@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 
 from simgap.data.images import decode_rgb
-from simgap.data.sources import Record, ShardTask, shard_tasks
+from simgap.data.sources import Record, SourceShard, shard_tasks
 from simgap.data.tables import is_table
 from simgap.data.transforms import SplitTransform, split_transform
 from simgap.io import fingerprint
@@ -219,7 +219,7 @@ class GroupBatches(torch.utils.data.IterableDataset):
 
     def __init__(
         self,
-        tasks: tuple[ShardTask, ...],
+        tasks: tuple[SourceShard, ...],
         transform: SplitTransform,
         batch_size: int,
         skip: int = 0,
@@ -250,7 +250,7 @@ def _as_is(item: Any) -> Any:
 
 
 def prepared_batches(
-    tasks: tuple[ShardTask, ...], transform: SplitTransform, batch_size: int, workers: int = 0
+    tasks: tuple[SourceShard, ...], transform: SplitTransform, batch_size: int, workers: int = 0
 ) -> Iterable[Batch]:
     """Decode + transform in this process (``workers`` 0) or in a DataLoader's worker
     processes, which run ahead of the model (decode is Python-heavy: threads would share the
@@ -322,7 +322,7 @@ class EmbedShard:
             device = task_device(self.device)
             return numerics_identity(device, autocast_dtype(device, self.precision))
 
-    def __call__(self, group: tuple[ShardTask, ...]) -> dict[str, Any]:
+    def __call__(self, group: tuple[SourceShard, ...]) -> dict[str, Any]:
         """Embed a group of shard tasks (those not done already); one record per shard.
 
         A CUDA error leaves this process's GPU context unusable: it is raised naming the shard,
@@ -345,10 +345,10 @@ class EmbedShard:
                 _lost_gpu.append(where)
             raise DeviceError(f"{self.store}: CUDA error in {where}") from e
 
-    def _embed(self, group: tuple[ShardTask, ...], current: list[str]) -> dict[str, Any]:
+    def _embed(self, group: tuple[SourceShard, ...], current: list[str]) -> dict[str, Any]:
         writer = StoreWriter(Path(self.store), {}, self.dim, {})
         records: dict[str, dict[str, Any]] = {}
-        todo: list[tuple[ShardTask, str]] = []
+        todo: list[tuple[SourceShard, str]] = []
         for task in group:
             fingerprint = self.fingerprint(task.fingerprint())
             if (done := writer.done_record(task.name, fingerprint)) is not None:
@@ -551,8 +551,8 @@ GROUP_SHARDS = 8
 
 
 def _groups(
-    tasks: list[ShardTask], executor: Executor, decode_workers: int
-) -> list[tuple[ShardTask, ...]]:
+    tasks: list[SourceShard], executor: Executor, decode_workers: int
+) -> list[tuple[SourceShard, ...]]:
     size = GROUP_SHARDS if _in_process(executor) and decode_workers > 0 else 1
     return [tuple(tasks[i : i + size]) for i in range(0, len(tasks), size)]
 

@@ -1,6 +1,6 @@
 """Sources: where images come from, cut into shard tasks that any engine can run.
 
-Every source becomes a list of ``ShardTask``s; a task names its inputs (paths, not data) and
+Every source becomes a list of ``SourceShard``s; a task names its inputs (paths, not data) and
 knows how to stream its samples as (key, image bytes, metadata). Tasks are picklable so the
 local process pool and Ray can ship them.
 """
@@ -31,7 +31,7 @@ Record = tuple[str, bytes | None, dict[str, Any]]  # key, image bytes, metadata 
 
 
 @dataclass(frozen=True)
-class ShardTask:
+class SourceShard:
     name: str  # output shard name, fixed width: "00000"
     tar: str | None = None  # a webdataset shard (local path or fsspec URL) ...
     files: tuple[tuple[str, str, Any], ...] = field(default=())  # ... or (key, path, value) items
@@ -168,7 +168,7 @@ def _wds_benchmark_shards(path: Path) -> list[str] | None:
     return [str(p) for p in clip_benchmark.wds_shards(path)]
 
 
-def shard_tasks(spec: str | Path, shard_size: int = 1000) -> list[ShardTask]:
+def shard_tasks(spec: str | Path, shard_size: int = 1000) -> list[SourceShard]:
     """Tasks for a source: a table (csv/tsv/parquet, optionally ``#options``), a CLIP_benchmark
     wds folder, an image folder, or tar shards (list, pattern, folder, fsspec URL)."""
     if shard_size < 1:
@@ -176,23 +176,23 @@ def shard_tasks(spec: str | Path, shard_size: int = 1000) -> list[ShardTask]:
     if is_table(spec):
         table = TableSpec.from_locator(str(spec))
         return [
-            ShardTask(name, files=chunk, column="caption", table=table.locator())
+            SourceShard(name, files=chunk, column="caption", table=table.locator())
             for name, chunk in _chunks(table_rows(table), shard_size)
         ]
     path = Path(str(spec))
     if not is_url(str(spec)) and path.is_dir():
         if (wds := _wds_benchmark_shards(path)) is not None:
-            return [ShardTask(f"{i:05d}", tar=t, labelled=True) for i, t in enumerate(wds)]
+            return [SourceShard(f"{i:05d}", tar=t, labelled=True) for i, t in enumerate(wds)]
         is_tar_source = any(path.glob("*.tar"))
         if not is_tar_source:
             return [
-                ShardTask(name, files=chunk)
+                SourceShard(name, files=chunk)
                 for name, chunk in _chunks(image_folder_items(path), shard_size)
             ]
     tars = expand_shards(spec)
     if not tars:
         raise ShardError(f"{spec}: no shards")
-    return [ShardTask(f"{i:05d}", tar=t) for i, t in enumerate(tars)]
+    return [SourceShard(f"{i:05d}", tar=t) for i, t in enumerate(tars)]
 
 
 def fetch_samples(source: str, keys: set[str]) -> dict[str, dict[str, bytes]]:

@@ -254,7 +254,7 @@ def similarity_section(files: RunFiles, colors: Mapping[str, str]) -> Section:
         ),
         FigureBlock(
             "fig-accuracy-similarity.png",
-            figures.accuracy_by_similarity(panels, colors),
+            figures.accuracy_by_similarity_figure(panels, colors),
             "Line charts of top-1 accuracy per NN-similarity bin, one panel per benchmark",
             "Top-1 (%) per bin of NN similarity (horizontal bars: the bin's range), a line "
             "per split.",

@@ -23,7 +23,7 @@ from simgap.layout import RunLayout
 from simgap.report import figures
 from simgap.report.blocks import FigureBlock, Note, Paragraph, Section, Table
 from simgap.report.figures import figure_style, new_figure, png_bytes
-from simgap.report.gallery import Sample, fetch_thumbnails
+from simgap.report.gallery import GallerySample, fetch_thumbnails
 from simgap.report.runfiles import NOT_COMPUTED, RunFiles, split_order
 
 GROUP_TITLES = {"kind": "kind of pool sample", "caption": "caption"}
@@ -146,20 +146,24 @@ def _caption_lines(text: str | None) -> list[str]:
     return lines or ["(no caption)"]
 
 
-def removed_gallery(split: Mapping[str, Any], images: Mapping[Sample, np.ndarray]) -> bytes:
+def removed_gallery(split: Mapping[str, Any], images: Mapping[GallerySample, np.ndarray]) -> bytes:
     """One row: the split's removed examples, each titled with its score and caption."""
     score = split["score"] or "row"
     cells = []
     for e in split["examples"]:
         value = "" if e["score"] is None else f" {e['score']:.3f}"
         title = [f"q{e['quantile']:.2f} {score}{value}", e["key"], *_caption_lines(e["caption"])]
-        cells.append(figures.Thumb(images.get(Sample(e["key"], e["source"])), "\n".join(title)))
+        cells.append(
+            figures.Thumb(images.get(GallerySample(e["key"], e["source"])), "\n".join(title))
+        )
     return figures.nn_gallery([cells])
 
 
 def _galleries(comp: Mapping[str, Any], names: Sequence[str]) -> list[FigureBlock | Note]:
     shown = [n for n in names if comp["splits"][n]["examples"]]
-    samples = [Sample(e["key"], e["source"]) for n in shown for e in comp["splits"][n]["examples"]]
+    samples = [
+        GallerySample(e["key"], e["source"]) for n in shown for e in comp["splits"][n]["examples"]
+    ]
     missing: Counter[str] = Counter()
     images = fetch_thumbnails(samples, missing)
     blocks: list[FigureBlock | Note] = [

@@ -328,7 +328,7 @@ class BinnedAccuracy:
     accuracy: np.ndarray  # fraction per bin
 
 
-def accuracy_by_similarity(
+def accuracy_by_similarity_figure(
     panels: Mapping[str, Sequence[BinnedAccuracy]], colors: Mapping[str, str]
 ) -> bytes:
     """One subplot per benchmark: accuracy per bin of the test points' NN similarity, a line per

@@ -32,7 +32,7 @@ THUMB_PIXELS = 256
 
 
 @dataclass(frozen=True)
-class Sample:
+class GallerySample:
     """A row of a store, found by its key and where its image lives."""
 
     key: str
@@ -41,27 +41,27 @@ class Sample:
 
 @dataclass(frozen=True)
 class Neighbour:
-    sample: Sample
+    sample: GallerySample
     similarity: float
 
 
 @dataclass(frozen=True)
 class GalleryRow:
     label: str  # why this test image was picked
-    test: Sample
+    test: GallerySample
     reference: list[Neighbour]
     pool: list[Neighbour]
 
 
 class KeyIndex:
-    """Global row -> Sample for one store, reading each shard's keys table once, on demand."""
+    """Global row -> sample for one store, reading each shard's keys table once, on demand."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
         self._offsets = np.array([s.offset for s in store.shards], dtype=np.int64)
         self._tables: dict[str, tuple[list[str], list[str | None]]] = {}
 
-    def __getitem__(self, row: int) -> Sample:
+    def __getitem__(self, row: int) -> GallerySample:
         if not 0 <= row < self._store.rows:
             raise IndexError(f"{self._store.path}: row {row} out of range")
         shard = self._store.shards[int(np.searchsorted(self._offsets, row, side="right")) - 1]
@@ -72,7 +72,7 @@ class KeyIndex:
             sources = table.column("source").to_pylist() if has_source else [None] * len(keys)
             self._tables[shard.name] = (keys, sources)
         keys, sources = self._tables[shard.name]
-        return Sample(keys[row - shard.offset], sources[row - shard.offset])
+        return GallerySample(keys[row - shard.offset], sources[row - shard.offset])
 
 
 def pick_tests(pool_nn: np.ndarray) -> list[tuple[str, int]]:
@@ -131,7 +131,9 @@ def _neighbours(index: KeyIndex, sims: np.ndarray, rows: np.ndarray) -> list[Nei
     ]
 
 
-def fetch_thumbnails(samples: Iterable[Sample], missing: Counter[str]) -> dict[Sample, np.ndarray]:
+def fetch_thumbnails(
+    samples: Iterable[GallerySample], missing: Counter[str]
+) -> dict[GallerySample, np.ndarray]:
     """Sample -> RGB thumbnail for every sample found again; reasons for the others in `missing`.
     Each source (a tar shard holds many samples) is read once."""
     by_source: dict[str, set[str]] = {}
@@ -140,7 +142,7 @@ def fetch_thumbnails(samples: Iterable[Sample], missing: Counter[str]) -> dict[S
             missing["no_source_column"] += 1
         else:
             by_source.setdefault(sample.source, set()).add(sample.key)
-    out: dict[Sample, np.ndarray] = {}
+    out: dict[GallerySample, np.ndarray] = {}
     for source, keys in sorted(by_source.items()):
         try:
             found = fetch_samples(source, keys)
@@ -153,11 +155,11 @@ def fetch_thumbnails(samples: Iterable[Sample], missing: Counter[str]) -> dict[S
             image = decode_rgb(pick_image(members), missing)
             if image is not None:
                 image.thumbnail((THUMB_PIXELS, THUMB_PIXELS))  # bounds memory for huge images
-                out[Sample(key, source)] = np.asarray(image)
+                out[GallerySample(key, source)] = np.asarray(image)
     return out
 
 
-def _thumbs(row: GalleryRow, images: dict[Sample, np.ndarray]) -> list[figures.Thumb]:
+def _thumbs(row: GalleryRow, images: dict[GallerySample, np.ndarray]) -> list[figures.Thumb]:
     pool_nn = row.pool[0].similarity if row.pool else float("nan")
     cells = [
         figures.Thumb(

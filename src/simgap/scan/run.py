@@ -27,7 +27,7 @@ from simgap.lock import locks_output
 from simgap.parallel import Executor, LocalEngine, task_device
 from simgap.parallel import Progress as RateProgress
 from simgap.scan.kernel import KernelConfig, TopKHandler, prepare_tests, scan_block
-from simgap.scan.scan import Progress, ScanResult, check_tests, find_bad_rows
+from simgap.scan.scan import RowProgress, ScanResult, check_tests, find_bad_rows
 from simgap.scan.shards import FIRST_KEYS, scan_store, verify_shard
 from simgap.store import Store, StoreError, check_compatible, open_store
 from simgap.types import Log
@@ -68,7 +68,7 @@ def load_tests(stores: list[Store]) -> tuple[np.ndarray, pa.Table]:
     return tests, info
 
 
-def log_progress(label: str, log: Log, every_s: float = 5.0) -> Progress:
+def log_progress(label: str, log: Log, every_s: float = 5.0) -> RowProgress:
     """A ``progress(rows_done, rows_total)`` callback logging rows/s and ETA, at most every
     ``every_s`` seconds (and at the end)."""
     return RateProgress(label, log, every_s=every_s).count

@@ -39,8 +39,8 @@ CHUNK_ROWS = 1 << 16  # rows per kernel call: bounds transfer size and progress 
 NORM_TOLERANCE = 1e-2  # a unit vector stored in fp16 has norm within ~1e-3 of 1
 
 RowSink = Callable[[int, int, np.ndarray, np.ndarray, np.ndarray | None], None]
-Progress = Callable[[int, int], None]
-Block = tuple[int, np.ndarray, np.ndarray | None]  # global row offset, rows, keep mask or None
+RowProgress = Callable[[int, int], None]
+RowBlock = tuple[int, np.ndarray, np.ndarray | None]  # global row offset, rows, keep mask or None
 
 
 @dataclass
@@ -87,7 +87,7 @@ class _Chunk:
     last: bool  # the block's last chunk
 
 
-def _chunks(blocks: Iterable[Block], chunk_rows: int, device: torch.device) -> Iterator[_Chunk]:
+def _chunks(blocks: Iterable[RowBlock], chunk_rows: int, device: torch.device) -> Iterator[_Chunk]:
     """Cut blocks into chunks and move each to the device; runs on the prefetch thread.
 
     On CUDA the rows go through pinned memory and a side stream, so the host-to-device copy of
@@ -102,7 +102,7 @@ def _chunks(blocks: Iterable[Block], chunk_rows: int, device: torch.device) -> I
 
 
 def _chunks_on(
-    blocks: Iterable[Block], chunk_rows: int, device: torch.device, stream: Any
+    blocks: Iterable[RowBlock], chunk_rows: int, device: torch.device, stream: Any
 ) -> Iterator[_Chunk]:
     cuda = stream is not None
     for i, (offset, emb, keep) in enumerate(blocks):
@@ -192,14 +192,14 @@ def check_tests(tests: np.ndarray, thresholds: np.ndarray | None, topk: int) -> 
 
 
 def scan_arrays(
-    blocks: Iterable[tuple[int, np.ndarray]] | Iterable[Block],
+    blocks: Iterable[tuple[int, np.ndarray]] | Iterable[RowBlock],
     tests: np.ndarray,
     thresholds: np.ndarray | None = None,
     topk: int = 10,
     config: KernelConfig | None = None,
     row_sink: RowSink | None = None,
     collect_rows: bool = True,
-    progress: Progress | None = None,
+    progress: RowProgress | None = None,
     rows_total: int | None = None,
     chunk_rows: int = CHUNK_ROWS,
     groups: Sequence[tuple[int, int]] | None = None,

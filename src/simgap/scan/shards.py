@@ -29,7 +29,7 @@ from simgap.scan.layout import (
     test_table,
     write_tests_and_meta,
 )
-from simgap.scan.scan import Progress, ScanResult, check_tests, find_bad_rows, scan_arrays
+from simgap.scan.scan import RowProgress, ScanResult, check_tests, find_bad_rows, scan_arrays
 from simgap.store import ShardInfo, Store, StoreError
 
 BAD_ROW_POLICIES = ("error", "skip")
@@ -37,7 +37,7 @@ FIRST_KEYS = 5  # keys named in a bad-row error or record
 
 
 @dataclass(frozen=True, repr=False)
-class ShardTask:
+class ScanShard:
     name: str
     offset: int
     rows: int
@@ -90,7 +90,7 @@ class ShardScan:
         parts = [FORMAT, self.inputs, shard, sha256_array(keep), self.bad_rows]
         return fingerprint(parts)
 
-    def __call__(self, task: ShardTask) -> dict[str, Any]:
+    def __call__(self, task: ScanShard) -> dict[str, Any]:
         out = Path(self.out)
         store = self.store
         info = next((s for s in store.shards if s.name == task.name), None)
@@ -204,7 +204,7 @@ def scan_store(
     topk: int = 10,
     keep: Callable[[str], np.ndarray] | None = None,
     out_dir: Path | str | None = None,
-    progress: Progress | None = None,
+    progress: RowProgress | None = None,
     config: KernelConfig | None = None,
     executor: Executor | None = None,
     return_rows: bool = True,
@@ -284,7 +284,7 @@ def _scan_shards(
     topk: int,
     masks: dict[str, np.ndarray] | None,
     out: Path,
-    progress: Progress | None,
+    progress: RowProgress | None,
     cfg: KernelConfig,
     executor: Executor,
     return_rows: bool,
@@ -312,7 +312,7 @@ def _scan_shards(
     inputs_fp = fingerprint(inputs)
     fn = ShardScan(base, str(out), topk, cfg, bad_rows, inputs_fp, spans)
     tasks = [
-        ShardTask(s.name, s.offset, s.rows, None if masks is None else masks[s.name])
+        ScanShard(s.name, s.offset, s.rows, None if masks is None else masks[s.name])
         for s in base.shards
     ]
     rows_done = [0]
