@@ -215,3 +215,15 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+
+# Per-shard records that mark work finished (resume compares their fingerprints). Three folder
+# names, kept because existing stores, scans and shard folders resume from them (docs/formats.md):
+DONE = "done"  # stores (embed) and scans: <store or scan>/done/<shard>.json
+SHARDS_DONE = ".done"  # materialized shards: <shards>/.done/<shard>.json, hidden beside the tars
+KEY_INDEX = ".index"  # materialize's per-source key index: <shards>/.index/<source shard>.json
+
+
+def done_record(folder: Path, shard: str, records: str = DONE) -> Path:
+    """The one place that names a shard's done record: ``<folder>/<records>/<shard>.json``."""
+    return folder / records / f"{shard}.json"

@@ -58,6 +58,7 @@ from simgap.io import (
     write_json,
     write_record,
 )
+from simgap.layout import KEY_INDEX, SHARDS_DONE, done_record
 from simgap.lock import locks_output
 from simgap.parallel import Executor, LocalEngine, Progress
 from simgap.select.splitfile import SPLIT_SCHEMA, write_split
@@ -195,7 +196,7 @@ class IndexShard:
         fingerprint = sha256_bytes(
             f"{_file_fingerprint(tar)}\0{_file_fingerprint(str(keys_path))}".encode()
         )
-        done = Path(self.out) / ".index" / f"{name}.json"
+        done = done_record(Path(self.out), name, KEY_INDEX)
         record = read_record(done, INDEX_SCHEMA)
         if record is not None and (record["fingerprint"], record["source"]) == (fingerprint, tar):
             return record
@@ -236,7 +237,7 @@ def write_plan_tar(path: Path, plan: list[tuple[str, str, list[Member]]]) -> Non
 
 def _outputs(out: Path, name: str) -> tuple[Path, Path]:
     """An output shard's tar and its done record."""
-    return out / f"{name}.tar", out / ".done" / f"{name}.json"
+    return out / f"{name}.tar", done_record(out, name, SHARDS_DONE)
 
 
 def _finished(tar: Path, done: Path, fingerprint: str) -> dict[str, Any] | None:
@@ -413,7 +414,7 @@ def _remove_stale(out: Path, names: set[str]) -> None:
     for tar in out.glob("*.tar"):
         if tar.name not in names and _SHARD_NAME.fullmatch(tar.name):
             tar.unlink()
-            (out / ".done" / f"{tar.stem}.json").unlink(missing_ok=True)
+            done_record(out, tar.stem, SHARDS_DONE).unlink(missing_ok=True)
 
 
 @locks_output("out")

@@ -40,6 +40,7 @@ from simgap.io import (
     write_parquet,
     write_record,
 )
+from simgap.layout import done_record
 
 FORMAT = "simgap-store/1"
 LINK_FORMAT = "simgap-clip-retrieval-link/1"
@@ -469,7 +470,7 @@ class StoreWriter:
         (self.path / "keys").mkdir(parents=True, exist_ok=True)
 
     def _done_path(self, name: str) -> Path:
-        return self.path / "done" / f"{name}.json"
+        return done_record(self.path, name)
 
     def done_record(self, name: str, fingerprint: str) -> dict[str, Any] | None:
         """The shard's record if it was finished from the same input fingerprint. A record that

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import torch
 
 from simgap.io import fingerprint, read_json, sha256_array, write_json, write_npy
+from simgap.layout import done_record
 from simgap.lock import locks_output
 from simgap.parallel import Executor, LocalEngine, task_device
 from simgap.parallel import Progress as RateProgress
@@ -188,7 +189,7 @@ class SplitsScan:
         if info is None:
             raise StoreError(f"{self.store.path}: no shard {task.name}")
         fp = self.fingerprint(task, info.sha256)
-        done = out / "done" / f"{task.name}.json"
+        done = done_record(out, task.name)
         part = out / "parts" / f"{task.name}.npy"
         if done.exists() and part.exists() and read_json(done).get("fingerprint") == fp:
             return read_json(done)

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from simgap.io import fingerprint, read_json, sha256_array, sha256_file, write_json, write_npy
+from simgap.layout import done_record
 from simgap.parallel import Executor, LocalEngine, task_device
 from simgap.scan.kernel import KernelConfig, merge_topk
 from simgap.scan.layout import (
@@ -130,12 +131,12 @@ class ShardScan:
             "fingerprint": fp,
         }
         # Written last: the done record is what marks the shard finished.
-        write_json(out / "done" / f"{task.name}.json", record)
+        write_json(done_record(out, task.name), record)
         return record
 
 
 def _done_record(out: Path, name: str, fingerprint: str) -> dict[str, Any] | None:
-    path = out / "done" / f"{name}.json"
+    path = done_record(out, name)
     if not path.exists():
         return None
     record = read_json(path)
