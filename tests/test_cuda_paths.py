@@ -43,6 +43,7 @@ from simgap.train import (
     LOG_FILE,
     GpuSlots,
     Recipe,
+    SlurmJob,
     gpu_sets,
     open_clip_argv,
     slurm_script,
@@ -115,7 +116,7 @@ def test_torchrun_command_runs_this_interpreter():
 
 def test_slurm_tasks_see_every_gpu_of_their_node():
     """Review #8: open_clip_train uses cuda:<local rank>, so no task may get a GPU subset."""
-    script = slurm_script(TINY, "/d/{0..1}.tar", 8, Path("/r"), "x", gpus_per_node=8)
+    script = slurm_script(TINY, "/d/{0..1}.tar", 8, Path("/r"), "x", SlurmJob(gpus_per_node=8))
     srun = shlex.split(script.splitlines()[-1])
     assert "--gpu-bind=none" in srun
     assert not any(w.startswith("--accel-bind") and "g" in w.split("=", 1)[1] for w in srun)

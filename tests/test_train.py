@@ -30,6 +30,7 @@ from simgap.train import (
     KEY_HASHES_FILE,
     RECORD_FILE,
     Recipe,
+    SlurmJob,
     TrainError,
     check_resumable,
     count_samples,
@@ -162,10 +163,7 @@ def test_slurm_script_content(tmp_path):
         10_000,
         out,
         "near;x",
-        nodes=2,
-        gpus_per_node=4,
-        partition="gpu",
-        time="1:00:00",
+        SlurmJob(nodes=2, gpus_per_node=4, partition="gpu", time="1:00:00"),
     )
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash"
@@ -194,9 +192,9 @@ def test_slurm_script_content(tmp_path):
     assert args.batch_size == 32  # 256 global over 2 x 4 GPUs
     assert "export MASTER_PORT=29500" in lines
     with pytest.raises(ValueError, match="unsafe"):
-        slurm_script(recipe, NASTY, 10, out, "x", job_name="x\n#SBATCH --mem=0")
+        slurm_script(recipe, NASTY, 10, out, "x", SlurmJob(job_name="x\n#SBATCH --mem=0"))
     with pytest.raises(ValueError, match="unsafe"):
-        slurm_script(recipe, NASTY, 10, out, "x", partition="gpu; rm -rf ~")
+        slurm_script(recipe, NASTY, 10, out, "x", SlurmJob(partition="gpu; rm -rf ~"))
 
 
 def test_missing_shards_fail_before_launch(tmp_path):
@@ -415,7 +413,9 @@ def test_hostile_values_stay_literal_in_launch_commands(tmp_path):
     assert words[7:10] == ["--", "--simgap-keys", str(keys.absolute())]
     args = parse_args(words[10:])
     assert (args.train_data, args.name, args.logs) == (HOSTILE, HOSTILE, str(out.absolute()))
-    script = slurm_script(recipe, HOSTILE, 10, out, HOSTILE, python=f"/opt/py {HOSTILE}/python")
+    script = slurm_script(
+        recipe, HOSTILE, 10, out, HOSTILE, SlurmJob(python=f"/opt/py {HOSTILE}/python")
+    )
     srun = shlex.split(script.splitlines()[-1])
     assert srun[3] == f"/opt/py {HOSTILE}/python"
     assert parse_args(srun[7:]).train_data == HOSTILE

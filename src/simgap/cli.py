@@ -313,8 +313,10 @@ def cmd_train(a: argparse.Namespace) -> None:
     else:
         text = t.slurm_script(
             recipe, a.data, samples, out, a.name,
-            nodes=a.slurm_nodes, gpus_per_node=a.gpus_per_node, cpus_per_task=a.cpus_per_task,
-            time=a.time, partition=a.partition, account=a.account, python=a.python,
+            t.SlurmJob(
+                nodes=a.slurm_nodes, gpus_per_node=a.gpus_per_node, cpus_per_task=a.cpus_per_task,
+                time=a.time, partition=a.partition, account=a.account, python=a.python,
+            ),
             key_filter=key_filter,
         )  # fmt: skip
         script, scheduler = t.run_dir(out, a.name) / "train.sbatch", "sbatch"

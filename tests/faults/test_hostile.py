@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from simgap.select.splitfile import write_split
-from simgap.train import Recipe, slurm_script, torchrun_command
+from simgap.train import Recipe, SlurmJob, slurm_script, torchrun_command
 
 from .faultlib import (
     assert_ok,
@@ -211,16 +211,18 @@ def test_slurm_script_keeps_hostile_values_quoted_and_refuses_bad_directives(wor
     m = shlex.quote(str(marker))
     data, out = NASTY_DATA.format(m=m), NASTY_OUT.format(m=m)
     python = f"/opt/my env/bin/python $(touch {m})"
-    script = slurm_script(Recipe(batch_size=64), data, 100, Path(out), "run-1", nodes=2,
-                          gpus_per_node=4, python=python)  # fmt: skip
+    script = slurm_script(Recipe(batch_size=64), data, 100, Path(out), "run-1",
+                          SlurmJob(nodes=2, gpus_per_node=4, python=python))  # fmt: skip
     argv = _bash_argv(script, workdir, "srun")
     assert not marker.exists(), "shell in a value ran"
     assert python in argv and data in argv and str(Path(out).absolute()) in argv
     for bad in ["gpu;touch x", "a b", "$(id)", "x\n#SBATCH --wrap=id"]:
         with pytest.raises(ValueError):
-            slurm_script(Recipe(batch_size=64), data, 100, Path(out), "r", partition=bad)
+            slurm_script(Recipe(batch_size=64), data, 100, Path(out), "r", SlurmJob(partition=bad))
     with pytest.raises(ValueError):
-        slurm_script(Recipe(batch_size=64), data, 100, Path(out), "r", job_name="j\nrm -rf /")
+        slurm_script(
+            Recipe(batch_size=64), data, 100, Path(out), "r", SlurmJob(job_name="j\nrm -rf /")
+        )
     record("hostile", "train", "quoted", input="shell in slurm values")
     record("hostile", "train", "refused", input="shell in #SBATCH directives")
 
