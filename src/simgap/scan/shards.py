@@ -254,21 +254,22 @@ def scan_store(
         )
         res.bad_rows = sum(n for n, _ in bad)
         return res
-    return _scan_shards(
-        base,
-        tests,
-        thresholds,
-        topk,
-        masks,
-        Path(out_dir),
-        progress,
-        cfg,
-        executor or Executor(LocalEngine(1)),
-        return_rows,
-        test_info,
-        bad_rows,
-        groups,
+    job = ScanJob(
+        base=base,
+        tests=tests,
+        thresholds=thresholds,
+        topk=topk,
+        masks=masks,
+        out=Path(out_dir),
+        progress=progress,
+        cfg=cfg,
+        executor=executor or Executor(LocalEngine(1)),
+        return_rows=return_rows,
+        test_info=test_info,
+        bad_rows=bad_rows,
+        groups=groups,
     )
+    return _scan_shards(job)
 
 
 def _mask(keep: Callable[[str], np.ndarray], name: str, rows: int) -> np.ndarray:
@@ -278,21 +279,34 @@ def _mask(keep: Callable[[str], np.ndarray], name: str, rows: int) -> np.ndarray
     return mask
 
 
-def _scan_shards(
-    base: Store,
-    tests: np.ndarray,
-    thresholds: np.ndarray | None,
-    topk: int,
-    masks: dict[str, np.ndarray] | None,
-    out: Path,
-    progress: RowProgress | None,
-    cfg: KernelConfig,
-    executor: Executor,
-    return_rows: bool,
-    test_info: pa.Table | None,
-    bad_rows: str,
-    groups: Sequence[tuple[str, int, int]] | None = None,
-) -> ScanResult:
+@dataclass(frozen=True)
+class ScanJob:
+    """One sharded scan, validated by ``scan_store``: what ``_scan_shards`` runs."""
+
+    base: Store
+    tests: np.ndarray
+    thresholds: np.ndarray | None
+    topk: int
+    masks: dict[str, np.ndarray] | None  # shard name -> rows to scan; None: every row
+    out: Path
+    progress: RowProgress | None
+    cfg: KernelConfig
+    executor: Executor
+    return_rows: bool
+    test_info: pa.Table | None
+    bad_rows: str
+    groups: Sequence[tuple[str, int, int]] | None = None
+
+
+def _scan_shards(job: ScanJob) -> ScanResult:
+    base, tests, thresholds, topk, masks = job.base, job.tests, job.thresholds, job.topk, job.masks
+    out, progress, cfg, executor = job.out, job.progress, job.cfg, job.executor
+    return_rows, test_info, bad_rows, groups = (
+        job.return_rows,
+        job.test_info,
+        job.bad_rows,
+        job.groups,
+    )
     # A scan.json left by an earlier run would mark this folder finished while it is rewritten.
     (out / "scan.json").unlink(missing_ok=True)
     write_npy(out / "inputs" / "tests.npy", tests)
