@@ -47,6 +47,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -756,6 +757,18 @@ def _col_values(v: torch.Tensor, tile: SimTile, b: torch.Tensor) -> torch.Tensor
 # and hand their totals over with result().
 
 
+class ResultHandler(Protocol):
+    """What the tile loop calls on every reduction; ``result()`` is the one way to read it."""
+
+    def begin(self, n_rows: int, device: torch.device) -> None: ...
+
+    def add_results(self, tile: SimTile) -> None: ...
+
+    def end(self) -> None: ...
+
+    def result(self) -> Any: ...
+
+
 class RowMaxHandler:
     """Per base row: max similarity over all tests and its test index (ties: lowest index)."""
 
@@ -787,7 +800,10 @@ class RowMaxHandler:
         self.value[span] = torch.where(take, best, old_v)
         self.index[span] = torch.where(take, idx, old_i)
 
-    def end(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def end(self) -> None:
+        pass
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.value, self.index
 
 
@@ -818,7 +834,10 @@ class MarginHandler:
         best.scatter_reduce_(0, rows, margins, "amax")
         self.value[span] = best
 
-    def end(self) -> torch.Tensor:
+    def end(self) -> None:
+        pass
+
+    def result(self) -> torch.Tensor:
         return self.value
 
 
@@ -1050,7 +1069,7 @@ def scan_block(
     x: torch.Tensor,
     row_ids: torch.Tensor,
     tests: TestSet,
-    handlers: list,
+    handlers: list[ResultHandler],
     cfg: KernelConfig,
     stats: ScanStats | None = None,
 ) -> None:

@@ -370,12 +370,14 @@ def _scan_chunk(
     x = chunk.x
     ids = torch.from_numpy(chunk.offset + chunk.start + chunk.local).to(x.device)
     scan_block(x, ids, test_set, handlers, cfg, stats)
-    best, arg = row_max.end()
+    row_max.end()
+    best, arg = row_max.result()
     out_max = np.full(chunk.n, np.nan, np.float32)
     out_arg = np.full(chunk.n, -1, np.int32)
     out_margin = np.full(chunk.n, np.nan, np.float32)
     out_max[chunk.local] = best.cpu().numpy()
     out_arg[chunk.local] = arg.cpu().numpy()
     if row_margin is not None:
-        out_margin[chunk.local] = row_margin.end().cpu().numpy()
+        row_margin.end()
+        out_margin[chunk.local] = row_margin.result().cpu().numpy()
     return out_max, out_arg, out_margin
