@@ -46,11 +46,15 @@ def _survive(stage: str, args: list, out: Path, reference: Path, points, ignore=
     for i, point in enumerate(points):
         shutil.rmtree(out, ignore_errors=True)
         kills = 0
+        labels = []  # where each kill aimed (``label``: e.g. the stage a run was killed after)
         for kill in point:
+            kill = dict(kill)
+            labels.append(kill.pop("label", None))
             if run_and_kill(args, **kill):
                 kills += 1
         assert_ok(run_cli(*args))
-        record("kill", stage, "survived" if kills else "finished-before-kill", point=i, kills=kills)
+        outcome = "survived" if kills else "finished-before-kill"
+        record("kill", stage, outcome, point=i, kills=kills, after=labels)
         assert_whole_files(out)
         assert_same_tree(reference, out, ignore)
         if check:
@@ -379,13 +383,26 @@ RUN_VOLATILE = (
 )  # fmt: skip
 
 
-def _run_points(n: int, seed: int):
+def _run_stages(config: Path, out: Path) -> list[str]:
+    """The plan's stage names in order (a dry run reads stage records, writes nothing)."""
+    from simgap import config as config_mod
+    from simgap.experiment import run_config
+
+    plan = run_config(config_mod.load(config), out, log=lambda _: None, dry_run=True)
+    return [row["stage"] for row in plan["plan"]]
+
+
+def _run_points(n: int, seed: int, stages: list[str], out: Path):
+    """Kill a random time after a random stage's record ``stages/<stage>.json`` appears (the
+    runner writes it when the stage is done; the console's lines go to stdout, one per stage,
+    and the stages' own messages to ``<run>/logs``), or anywhere in start-up (``None``)."""
     rng = random.Random(seed)
-    # Stage boundaries are logged as "[done] <stage>": kill a random time after the k-th.
-    return [
-        [{"after_lines": rng.randrange(12), "pattern": r"\[done\]", "delay": rng.uniform(0, 20)}]
-        for _ in range(n)
-    ]
+    points = []
+    for _ in range(n):
+        stage = rng.choice([None, *stages[:-1]])
+        after = None if stage is None else out / "stages" / f"{stage}.json"
+        points.append([{"after_file": after, "delay": rng.uniform(0, 20), "label": stage}])
+    return points
 
 
 @pytest.mark.extended
@@ -394,6 +411,9 @@ def test_run_survives_many_kills(workdir):
     config.write_text(TINY_RUN)
     out = workdir / "run-kill-x"
     args = ["run", config, "--run-dir", out]
+    stages = _run_stages(config, out)
+    assert {"scan", "gaps", "train-full", "train-combined"} <= set(stages), stages
     reference = _reference_run(args, out)
-    points = _run_points(int(os.environ.get("SIMGAP_RUN_KILLS", SLOW_POINTS["run"])), 107)
-    _survive("run", args, out, reference, points, ignore=RUN_VOLATILE)
+    assert sorted(p.stem for p in (reference / "stages").glob("*.json")) == sorted(stages)
+    n = int(os.environ.get("SIMGAP_RUN_KILLS", SLOW_POINTS["run"]))
+    _survive("run", args, out, reference, _run_points(n, 107, stages, out), ignore=RUN_VOLATILE)
