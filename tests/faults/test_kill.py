@@ -393,15 +393,26 @@ def _run_stages(config: Path, out: Path) -> list[str]:
 
 
 def _run_points(n: int, seed: int, stages: list[str], out: Path):
-    """Kill a random time after a random stage's record ``stages/<stage>.json`` appears (the
-    runner writes it when the stage is done; the console's lines go to stdout, one per stage,
-    and the stages' own messages to ``<run>/logs``), or anywhere in start-up (``None``)."""
+    """Kill a random time after a stage starts (the runner writes ``stages/<stage>.started``
+    before it runs a stage) or ends (its record ``stages/<stage>.json``), or anywhere in
+    start-up: the console's lines go to stdout, one per stage, and the stages' own messages to
+    ``<run>/logs``, so stage files are the landmarks. Points go to distinct kinds of stage
+    (world, similarity-model, embed, scan, select, gaps, materialize, train, evaluate,
+    analysis, start-up) before any kind gets a second: 39 stages, 15 of them selects, would
+    otherwise draw mostly selects."""
     rng = random.Random(seed)
+    kinds: dict[str | None, list[str]] = {None: [""]}
+    for stage in stages[:-1]:
+        kinds.setdefault(stage.split("-")[0], []).append(stage)
+    order: list[str | None] = []
+    while len(order) < n:
+        order += rng.sample(sorted(kinds, key=str), len(kinds))
     points = []
-    for _ in range(n):
-        stage = rng.choice([None, *stages[:-1]])
-        after = None if stage is None else out / "stages" / f"{stage}.json"
-        points.append([{"after_file": after, "delay": rng.uniform(0, 20), "label": stage}])
+    for kind in order[:n]:
+        stage, when = rng.choice(kinds[kind]), rng.choice(["started", "json"])
+        after = out / "stages" / f"{stage}.{when}" if kind else None
+        label = f"{stage} {'started' if when == 'started' else 'done'}" if kind else "start-up"
+        points.append([{"after_file": after, "delay": rng.uniform(0, 10), "label": label}])
     return points
 
 
