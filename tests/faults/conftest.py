@@ -32,6 +32,13 @@ def pytest_terminal_summary(terminalreporter):
         "skipped": len(stats.get("skipped", [])),
     }
     summary = summarize(_STATS, CLI_RUNS, tests)
+    # CPU seconds of this process and of the children it waited for (the CLI runs): on a busy
+    # machine a closer measure of the suite's own work than the wall clock.
+    t = os.times()
+    summary["cpu_seconds"] = {
+        "self": round(t.user + t.system, 1),
+        "children": round(t.children_user + t.children_system, 1),
+    }
     for line in summary_lines(summary):
         terminalreporter.write_line(line)
     if path := os.environ.get("SIMGAP_FAULT_SUMMARY"):
@@ -66,6 +73,8 @@ def summary_lines(summary: dict) -> list[str]:
         f"tracebacks: {t['cli_tracebacks']} in {t['cli_runs']} finished CLI runs; "
         f"failed tests: {len(t['failed_tests'])}; clean: {summary['clean']}"
     )
+    if cpu := summary.get("cpu_seconds"):
+        lines.append(f"cpu: {cpu['self']} s in pytest, {cpu['children']} s in waited children")
     return lines
 
 
