@@ -41,8 +41,11 @@ EXTENDED_POINTS = 20
 SLOW_POINTS = {"embed": 10, "train": 5, "audit": 10, "run": 5}
 
 
-def _survive(stage: str, args: list, out: Path, reference: Path, points, ignore=(), check=None):
-    """For each kill point: start from nothing, kill (maybe twice), rerun to the end, compare."""
+def _survive(
+    stage: str, args: list, out: Path, reference: Path, points, ignore=(), check=None, timeout=600
+):
+    """For each kill point: start from nothing, kill (maybe twice), rerun to the end, compare.
+    ``timeout``: a hang guard per CLI run (a whole ``simgap run`` needs more than one stage)."""
     for i, point in enumerate(points):
         shutil.rmtree(out, ignore_errors=True)
         kills = 0
@@ -50,9 +53,9 @@ def _survive(stage: str, args: list, out: Path, reference: Path, points, ignore=
         for kill in point:
             kill = dict(kill)
             labels.append(kill.pop("label", None))
-            if run_and_kill(args, **kill):
+            if run_and_kill(args, timeout=timeout, **kill):
                 kills += 1
-        assert_ok(run_cli(*args))
+        assert_ok(run_cli(*args, timeout=timeout))
         outcome = "survived" if kills else "finished-before-kill"
         record("kill", stage, outcome, point=i, kills=kills, after=labels)
         assert_whole_files(out)
@@ -61,9 +64,9 @@ def _survive(stage: str, args: list, out: Path, reference: Path, points, ignore=
             check(out)
 
 
-def _reference_run(args: list, out: Path) -> Path:
+def _reference_run(args: list, out: Path, timeout: float = 600) -> Path:
     shutil.rmtree(out, ignore_errors=True)
-    assert_ok(run_cli(*args))
+    assert_ok(run_cli(*args, timeout=timeout))
     assert_whole_files(out)
     return move_aside(out)
 
@@ -383,6 +386,11 @@ RUN_VOLATILE = (
 )  # fmt: skip
 
 
+# A hang guard for one whole run (39 stages, three trainings): a few minutes on 2 idle cores, and
+# its similarity training alone took 4 minutes beside other work (600 s cut the run short).
+RUN_TIMEOUT = 1800
+
+
 def _run_stages(config: Path, out: Path) -> list[str]:
     """The plan's stage names in order (a dry run reads stage records, writes nothing)."""
     from simgap import config as config_mod
@@ -424,7 +432,8 @@ def test_run_survives_many_kills(workdir):
     args = ["run", config, "--run-dir", out]
     stages = _run_stages(config, out)
     assert {"scan", "gaps", "train-full", "train-combined"} <= set(stages), stages
-    reference = _reference_run(args, out)
+    reference = _reference_run(args, out, timeout=RUN_TIMEOUT)
     assert sorted(p.stem for p in (reference / "stages").glob("*.json")) == sorted(stages)
     n = int(os.environ.get("SIMGAP_RUN_KILLS", SLOW_POINTS["run"]))
-    _survive("run", args, out, reference, _run_points(n, 107, stages, out), ignore=RUN_VOLATILE)
+    points = _run_points(n, 107, stages, out)
+    _survive("run", args, out, reference, points, ignore=RUN_VOLATILE, timeout=RUN_TIMEOUT)
