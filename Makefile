@@ -44,8 +44,9 @@ test: setup
 	$(BIN)/python -m pytest tests --durations=15
 
 # The full fault, kill and load suite (minutes to hours); `make test` runs its default subset.
+# fault-summary.json: the fault section's numbers (kills survived, inputs tried, load, tracebacks).
 test-extended: setup
-	$(BIN)/python -m pytest tests -m extended --durations=15
+	SIMGAP_FAULT_SUMMARY=fault-summary.json $(BIN)/python -m pytest tests -m extended --durations=15
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

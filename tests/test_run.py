@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -315,8 +316,11 @@ def reference_run(tiny) -> Path:
     return run
 
 
-def _kill_when(args: list[str], marker: str, delay: float = 0.0) -> str:
-    """Start `simgap run`, SIGKILL its whole process group once `marker` is logged."""
+def _kill_when(args: list[str], marker: Path, delay: float = 0.0) -> None:
+    """Start `simgap run`, SIGKILL its whole process group ``delay`` s after ``marker`` exists (a
+    stage record ``stages/<stage>.json``, written when the stage is done, or the runner's
+    ``stages/<stage>.started``, written as it starts: the console prints one line per stage on
+    stdout and files the stages' messages under ``<run>/logs``)."""
     env = {**os.environ, "PYTHONPATH": SRC}
     proc = subprocess.Popen(
         [sys.executable, "-m", "simgap.cli", *args],
@@ -326,19 +330,27 @@ def _kill_when(args: list[str], marker: str, delay: float = 0.0) -> str:
         env=env,
         start_new_session=True,
     )
-    seen = []
     try:
-        for line in proc.stderr:
-            seen.append(line)
-            if marker in line:
-                time.sleep(delay)
-                break
-        else:
-            pytest.fail(f"{marker!r} never logged:\n{''.join(seen[-20:])}")
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"{marker} never written:\n{proc.stderr.read()[-3000:]}")
+            time.sleep(0.01)
+        time.sleep(delay)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the run and its training subprocesses
         proc.wait()
-    return "".join(seen)
+
+
+STAGE_LINE = re.compile(r"^\[\s*\d+/\d+\] (\S+)\s+(cached|[\d.]+s)\b")
+
+
+def _statuses(stdout: str) -> dict[str, str]:
+    """The console's stage lines (``[ 3/39] scan   cached``) → {stage: "cached" | "ran"}."""
+    return {
+        m.group(1): "cached" if m.group(2) == "cached" else "ran"
+        for m in map(STAGE_LINE.match, stdout.splitlines())
+        if m
+    }
 
 
 def _results(run: Path) -> dict:
@@ -359,13 +371,18 @@ def _results(run: Path) -> dict:
 def test_a_killed_run_resumes_to_the_same_results(tiny, reference_run):
     run = tiny.parent / "killed"
     args = ["run", str(tiny), "--run-dir", str(run)]
-    _kill_when(args, "[done] select-combined")
+    _kill_when(args, run / "stages" / "select-combined.json")
     assert (run / "stages" / "scan.json").is_file() and not (run / "eval").exists()
-    log = _kill_when(args, "[run] train-", delay=3.0)  # inside a training subprocess
-    assert "[cached] scan" in log
+    # Inside a training subprocess: the runner marks a stage started before it runs it.
+    trains = sorted((run / "stages").glob("train-*.started"))
+    assert not trains, trains
+    _kill_when(args, run / "stages" / "train-combined.started", delay=3.0)
+    assert not (run / "stages" / "train-combined.json").exists()
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[cached] select-combined" in proc.stderr
+    status = _statuses(proc.stdout)
+    assert status["scan"] == status["select-combined"] == "cached", proc.stdout
+    assert status["train-combined"] == "ran", proc.stdout
     expected = _results(reference_run)
     assert expected["eval"].keys() == {"combined", "near-0.5"}
     assert _results(run) == expected
@@ -401,12 +418,14 @@ def test_rerun_hits_caches_and_a_resized_split_reruns_alone(tiny, reference_run)
     run = reference_run
     proc = run_cli("run", str(tiny), "--run-dir", str(run))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[run] " not in proc.stderr  # everything cached
+    status = _statuses(proc.stdout)
+    assert status and set(status.values()) == {"cached"}, proc.stdout  # everything cached
     resized = tiny.parent / "resized.toml"
     resized.write_text(tiny.read_text().replace("0.5", "0.4"))
     proc = run_cli("run", str(resized), "--run-dir", str(run))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ran = {ln.split("[run] ")[1].strip() for ln in proc.stderr.splitlines() if "[run] " in ln}
+    status = _statuses(proc.stdout)
+    ran = {stage for stage, how in status.items() if how == "ran"}
     per_split = {f"{s}-near-0.4" for s in ("select", "materialize", "train", "evaluate")}
     assert ran == per_split | {
         "gaps",
@@ -415,7 +434,7 @@ def test_rerun_hits_caches_and_a_resized_split_reruns_alone(tiny, reference_run)
         "analysis-statistics",
         "analysis-similarity",
     }
-    assert "[cached] train-combined" in proc.stderr
+    assert status["train-combined"] == "cached", proc.stdout
     # The stage records say the same as the log, and the old split is gone from the outputs.
     record = json.loads((run / "stages" / "train-near-0.4.json").read_text())
     assert record["key"] and Path(record["result"]).is_file()

@@ -9,7 +9,9 @@ paths, because some outputs record absolute paths), check that every output file
 name parses whole, and that no key was lost or duplicated.
 
 Counts (faults injected / survived, inputs tried, outcomes) are collected by ``record`` and
-printed at the end of the session; set ``SIMGAP_FAULT_STATS=/path.jsonl`` to keep them.
+printed at the end of the session; set ``SIMGAP_FAULT_STATS=/path.jsonl`` to keep the rows and
+``SIMGAP_FAULT_SUMMARY=/path.json`` for their summary (``summarize``: kills survived per stage,
+inputs tried per reader by outcome, load ratios held, tracebacks seen).
 """
 
 from __future__ import annotations
@@ -39,11 +41,69 @@ ODD_NAME = "dir with spaces & ünïcødé 数据"
 TEMP_FILE = re.compile(r"^\..+\.tmp$")  # simgap.io.write_atomic's temp names
 
 _STATS: list[dict] = []
+# CLI runs that ran to their end (run_cli), and how many of them printed a Python traceback
+# (the contract is one ``simgap: error:`` line; killed runs are not counted).
+CLI_RUNS = {"runs": 0, "tracebacks": 0}
 
 
 def record(kind: str, stage: str, outcome: str, **extra) -> None:
     """Note one fault injected / input tried and what happened (``outcome``)."""
     _STATS.append({"kind": kind, "stage": stage, "outcome": outcome, **extra})
+
+
+def summarize(rows: list[dict], cli_runs: dict, tests: dict) -> dict:
+    """The fault section's numbers from one session's ``record`` rows.
+
+    ``kills``: per kind of kill (``kill``: a CLI's process group; ``ray-kill``: Ray workers) and
+    stage, points per outcome and the kills injected. ``inputs``: per reader (fuzz, catalogue,
+    hostile inputs), inputs tried per outcome. ``load``: per stage, store size, memory limit
+    above the baseline, used, their ratio and whether it held. ``other``: disk-full and file
+    limits. ``tracebacks``: finished CLI runs whose stderr held a traceback, and the failed tests
+    (in-process, an unexpected exception type fails its test); ``clean``: neither."""
+    kills: dict = {}
+    inputs: dict = {}
+    load: dict = {}
+    other: dict = {}
+    for r in rows:
+        n = r.get("count", 1)  # a fuzz row stands for ``count`` inputs with the same outcome
+        kind, stage, outcome = r["kind"], r["stage"], r["outcome"]
+        if kind in ("kill", "ray-kill"):
+            k = kills.setdefault(kind, {}).setdefault(stage, {"points": 0, "kills": 0})
+            k["points"] += 1 if kind == "kill" else 0
+            k["kills"] += r.get("kills", 1) if kind == "kill" else n
+            k[outcome] = k.get(outcome, 0) + (1 if kind == "kill" else n)
+        elif kind in ("fuzz", "input", "hostile"):
+            reader = stage if kind != "hostile" else f"{stage} (hostile)"
+            source = "fuzz" if kind == "fuzz" else "catalogue"
+            i = inputs.setdefault(source, {}).setdefault(reader, {"tried": 0})
+            i["tried"] += n
+            i[outcome] = i.get(outcome, 0) + n
+        elif kind == "load":
+            load[stage] = {
+                "store_mib": r.get("store_mib"),
+                "limit_mib": r.get("limit_mib"),
+                "used_mib": r.get("used_mib"),
+                "ratio": round(r["store_mib"] / r["limit_mib"], 2) if r.get("limit_mib") else None,
+                "held": outcome == "within-limit",
+            }
+        else:
+            o = other.setdefault(kind, {}).setdefault(stage, {})
+            o[outcome] = o.get(outcome, 0) + n
+    failed = tests.get("failed", [])
+    return {
+        "tests": {k: (len(v) if isinstance(v, list) else v) for k, v in tests.items()},
+        "kills": kills,
+        "inputs": inputs,
+        "load": load,
+        "other": other,
+        "tracebacks": {
+            "cli_runs": cli_runs["runs"],
+            "cli_tracebacks": cli_runs["tracebacks"],
+            "failed_tests": failed,
+        },
+        # The suite's claim: every test passed and no finished CLI run printed a traceback.
+        "clean": not failed and not cli_runs["tracebacks"],
+    }
 
 
 # ------------------------------------------------------------------------ running the CLI
@@ -56,7 +116,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(*args, timeout: float = 600, env=None, preexec_fn=None, cwd=None):
-    return subprocess.run(
+    proc = subprocess.run(
         [*SIMGAP, *map(str, args)],
         capture_output=True,
         text=True,
@@ -66,6 +126,9 @@ def run_cli(*args, timeout: float = 600, env=None, preexec_fn=None, cwd=None):
         preexec_fn=preexec_fn,
         cwd=cwd,
     )
+    CLI_RUNS["runs"] += 1
+    CLI_RUNS["tracebacks"] += "Traceback (most recent call last)" in proc.stderr
+    return proc
 
 
 def assert_ok(proc) -> None:

@@ -41,25 +41,32 @@ EXTENDED_POINTS = 20
 SLOW_POINTS = {"embed": 10, "train": 5, "audit": 10, "run": 5}
 
 
-def _survive(stage: str, args: list, out: Path, reference: Path, points, ignore=(), check=None):
-    """For each kill point: start from nothing, kill (maybe twice), rerun to the end, compare."""
+def _survive(
+    stage: str, args: list, out: Path, reference: Path, points, ignore=(), check=None, timeout=600
+):
+    """For each kill point: start from nothing, kill (maybe twice), rerun to the end, compare.
+    ``timeout``: a hang guard per CLI run (a whole ``simgap run`` needs more than one stage)."""
     for i, point in enumerate(points):
         shutil.rmtree(out, ignore_errors=True)
         kills = 0
+        labels = []  # where each kill aimed (``label``: e.g. the stage a run was killed after)
         for kill in point:
-            if run_and_kill(args, **kill):
+            kill = dict(kill)
+            labels.append(kill.pop("label", None))
+            if run_and_kill(args, timeout=timeout, **kill):
                 kills += 1
-        assert_ok(run_cli(*args))
-        record("kill", stage, "survived" if kills else "finished-before-kill", point=i, kills=kills)
+        assert_ok(run_cli(*args, timeout=timeout))
+        outcome = "survived" if kills else "finished-before-kill"
+        record("kill", stage, outcome, point=i, kills=kills, after=labels)
         assert_whole_files(out)
         assert_same_tree(reference, out, ignore)
         if check:
             check(out)
 
 
-def _reference_run(args: list, out: Path) -> Path:
+def _reference_run(args: list, out: Path, timeout: float = 600) -> Path:
     shutil.rmtree(out, ignore_errors=True)
-    assert_ok(run_cli(*args))
+    assert_ok(run_cli(*args, timeout=timeout))
     assert_whole_files(out)
     return move_aside(out)
 
@@ -379,13 +386,42 @@ RUN_VOLATILE = (
 )  # fmt: skip
 
 
-def _run_points(n: int, seed: int):
+# A hang guard for one whole run (39 stages, three trainings): a few minutes on 2 idle cores, and
+# its similarity training alone took 4 minutes beside other work (600 s cut the run short).
+RUN_TIMEOUT = 1800
+
+
+def _run_stages(config: Path, out: Path) -> list[str]:
+    """The plan's stage names in order (a dry run reads stage records, writes nothing)."""
+    from simgap import config as config_mod
+    from simgap.experiment import run_config
+
+    plan = run_config(config_mod.load(config), out, log=lambda _: None, dry_run=True)
+    return [row["stage"] for row in plan["plan"]]
+
+
+def _run_points(n: int, seed: int, stages: list[str], out: Path):
+    """Kill a random time after a stage starts (the runner writes ``stages/<stage>.started``
+    before it runs a stage) or ends (its record ``stages/<stage>.json``), or anywhere in
+    start-up: the console's lines go to stdout, one per stage, and the stages' own messages to
+    ``<run>/logs``, so stage files are the landmarks. Points go to distinct kinds of stage
+    (world, similarity-model, embed, scan, select, gaps, materialize, train, evaluate,
+    analysis, start-up) before any kind gets a second: 39 stages, 15 of them selects, would
+    otherwise draw mostly selects."""
     rng = random.Random(seed)
-    # Stage boundaries are logged as "[done] <stage>": kill a random time after the k-th.
-    return [
-        [{"after_lines": rng.randrange(12), "pattern": r"\[done\]", "delay": rng.uniform(0, 20)}]
-        for _ in range(n)
-    ]
+    kinds: dict[str | None, list[str]] = {None: [""]}
+    for stage in stages[:-1]:
+        kinds.setdefault(stage.split("-")[0], []).append(stage)
+    order: list[str | None] = []
+    while len(order) < n:
+        order += rng.sample(sorted(kinds, key=str), len(kinds))
+    points = []
+    for kind in order[:n]:
+        stage, when = rng.choice(kinds[kind]), rng.choice(["started", "json"])
+        after = out / "stages" / f"{stage}.{when}" if kind else None
+        label = f"{stage} {'started' if when == 'started' else 'done'}" if kind else "start-up"
+        points.append([{"after_file": after, "delay": rng.uniform(0, 10), "label": label}])
+    return points
 
 
 @pytest.mark.extended
@@ -394,6 +430,10 @@ def test_run_survives_many_kills(workdir):
     config.write_text(TINY_RUN)
     out = workdir / "run-kill-x"
     args = ["run", config, "--run-dir", out]
-    reference = _reference_run(args, out)
-    points = _run_points(int(os.environ.get("SIMGAP_RUN_KILLS", SLOW_POINTS["run"])), 107)
-    _survive("run", args, out, reference, points, ignore=RUN_VOLATILE)
+    stages = _run_stages(config, out)
+    assert {"scan", "gaps", "train-full", "train-combined"} <= set(stages), stages
+    reference = _reference_run(args, out, timeout=RUN_TIMEOUT)
+    assert sorted(p.stem for p in (reference / "stages").glob("*.json")) == sorted(stages)
+    n = int(os.environ.get("SIMGAP_RUN_KILLS", SLOW_POINTS["run"]))
+    points = _run_points(n, 107, stages, out)
+    _survive("run", args, out, reference, points, ignore=RUN_VOLATILE, timeout=RUN_TIMEOUT)
