@@ -140,7 +140,6 @@ class CachedTokenizer:
         tokens = self._memo.get(texts)
         if tokens is None:
             tokens = self.tokenizer(texts)
-            tokens.requires_grad_(False)
             if len(self._memo) < self.max_entries:  # web-scale captions rarely repeat: stop
                 self._memo[texts] = tokens
         # A copy: the collate stacks it anyway, and no caller can then change the memo.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,7 @@ def pytest_terminal_summary(terminalreporter):
         with open(path, "a") as f:
             for row in _STATS:
                 f.write(json.dumps(row) + "\n")
-    counts: Counter = Counter()
-    for r in _STATS:  # a fuzz row stands for ``count`` inputs with the same outcome
-        counts[(r["kind"], r["stage"], r["outcome"])] += r.get("count", 1)
     terminalreporter.section("simgap fault suite")
-    for (kind, stage, outcome), n in sorted(counts.items()):
-        terminalreporter.write_line(f"{kind:10s} {stage:26s} {outcome:28s} {n}")
     stats = terminalreporter.stats
     tests = {
         "passed": len(stats.get("passed", [])),
