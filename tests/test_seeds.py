@@ -92,3 +92,18 @@ def test_a_reference_model_dropped_from_the_config_is_retired(tmp_path):
     left = {p.stem for p in (folder / "predictions").iterdir()}
     assert left == {f"reference-e{e}-s0-{b}" for e in (1, 2) for b in plan.benchmarks}
     assert logs == ["[retire] reference-line model reference-e16-s0: not in this config"]
+
+
+def test_reference_line_budget_is_epochs_even_with_a_samples_seen_budget():
+    # The trained splits may share a samples-seen budget; the line's models vary their budget
+    # by epochs over the reference set, so they must not inherit it (each would train the
+    # splits' whole budget and the line would have one budget, not five).
+    from simgap.experiment.plan import reference_line
+
+    cfg = config.override(
+        BASE, {"analysis.reference_epochs": [1, 4], "train.recipe.samples_seen": 50_000}
+    )
+    line = dict(reference_line(cfg))
+    assert [r.epochs for r in line.values()] == [1, 4]
+    assert all(r.samples_seen is None for r in line.values())
+    assert cfg.train.recipe.samples_seen == 50_000

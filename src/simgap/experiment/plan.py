@@ -301,12 +301,14 @@ def _train_stages(
 def reference_line(cfg: Config) -> list[tuple[str, Recipe]]:
     """The reference-line models (name, recipe): one per budget (epochs) and seed, trained on
     the reference set alone (none when analysis.reference_epochs is empty, as on a real run,
-    whose line is given: analysis.reference_points)."""
+    whose line is given: analysis.reference_points). The line's budget is epochs over the
+    reference set, so a samples-seen budget of the trained splits does not apply to it."""
     a = cfg.analysis
+    recipe = dataclasses.replace(cfg.train.recipe, samples_seen=None)
     return [
         (
             f"reference-e{epochs}-s{seed}",
-            dataclasses.replace(cfg.train.recipe, epochs=epochs, seed=cfg.train.recipe.seed + seed),
+            dataclasses.replace(recipe, epochs=epochs, seed=recipe.seed + seed),
         )
         for epochs in dict.fromkeys(a.reference_epochs)
         for seed in range(a.reference_seeds)

@@ -29,6 +29,7 @@ from simgap.io import write_json
 from simgap.layout import RunLayout
 from simgap.lock import locks_output
 from simgap.runner import Runner, execute
+from simgap.train import Recipe
 from simgap.types import Log
 
 Results = dict[str, Any]
@@ -113,7 +114,7 @@ def format_plan(runner: Runner, cfg: Config, plan: Plan) -> str:
         f"splits ({len(plan.splits)}): {', '.join(s.name for s in plan.splits)}",
         f"trained ({len(plan.trained)}): {', '.join(plan.trained)}",
         f"engine: {cfg.engine.name}; training: {cfg.train.gpus} x {cfg.train.device}, "
-        f"recipe {cfg.train.recipe.model} {cfg.train.recipe.epochs} epochs, "
+        f"recipe {cfg.train.recipe.model} {_budget(cfg.train.recipe)}, "
         f"global batch {cfg.train.recipe.batch_size}; seeds: {cfg.train.seeds}",
     ]
     lines += scan_lines(cfg, runner.dir, plan.splits, [r["stage"] for r in rows])
@@ -213,3 +214,9 @@ def _versions() -> dict[str, str]:
         "numpy": np.__version__,
         "pyarrow": pa.__version__,
     }
+
+
+def _budget(recipe: Recipe) -> str:
+    if recipe.samples_seen is None:
+        return f"{recipe.epochs} epochs"
+    return f"{recipe.samples_seen:,} samples seen in {recipe.epochs} parts"
