@@ -4,9 +4,9 @@ The world mirrors the paper in miniature: a labelled `photo` reference set (Imag
 captioned pool mixing every domain plus class-less images and planted near-duplicates of test
 images (LAION), and six benchmarks, one per domain (ImageNet val, -V2, -Sketch, -R, -A, ObjectNet).
 
-Every image is a pure function of (seed, part, index), every file is written under a temporary
-name and renamed, and tars, JPEGs and parquet files carry no timestamps: the same `WorldConfig`
-gives the same bytes.
+Every image is a pure function of (seed, part, index), every file is written atomically
+(`simgap.io`: a temporary file, fsynced, renamed), and tars, JPEGs and parquet files carry no
+timestamps: the same `WorldConfig` gives the same bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import functools
 import io
 import json
 import multiprocessing
-import os
 import shutil
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +28,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from simgap.data.tarwrite import tar_bytes
+from simgap.io import write_bytes
 from simgap.types import Log
 from simgap.world.render import (
     CLASSNAMES,
@@ -417,14 +417,6 @@ def _clean_caption(
 # File writing
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write under a hidden temporary name and rename: a killed run leaves no truncated file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -441,7 +433,7 @@ def _write_reference_class(cfg: WorldConfig, plan: WorldPlan, label: int, out: P
     start = label * plan.reference_per_class
     for index in range(start, start + plan.reference_per_class):
         img = render_image("photo", label, _rng(cfg, _PART_REFERENCE, index), cfg.image_size)
-        _write_atomic(folder / f"{reference_key(index)}.jpg", _jpeg(img, cfg.jpeg_quality))
+        write_bytes(folder / f"{reference_key(index)}.jpg", _jpeg(img, cfg.jpeg_quality))
     return plan.reference_per_class
 
 
@@ -454,8 +446,8 @@ def _write_benchmark(cfg: WorldConfig, plan: WorldPlan, name: str, out: Path) ->
     for index in range(n):
         label, img = _benchmark_image(cfg, plan, name, index)
         path = root / plan.classnames[label] / f"{benchmark_key(name, index)}.jpg"
-        _write_atomic(path, _jpeg(img, cfg.jpeg_quality))
-    _write_atomic(root / "classnames.txt", _lines([plan.classnames[i] for i in labels]))
+        write_bytes(path, _jpeg(img, cfg.jpeg_quality))
+    write_bytes(root / "classnames.txt", _lines([plan.classnames[i] for i in labels]))
     return n
 
 
@@ -516,8 +508,8 @@ def _write_pool_shard(cfg: WorldConfig, plan: WorldPlan, shard: int, out: Path) 
             "status": pa.array(rows["status"], pa.string()),
         }
     )
-    _write_atomic(out / "pool" / f"{shard:05d}.tar", tar_bytes(sorted(members)))
-    _write_atomic(out / "pool" / f"{shard:05d}.parquet", _parquet_bytes(table))
+    write_bytes(out / "pool" / f"{shard:05d}.tar", tar_bytes(sorted(members)))
+    write_bytes(out / "pool" / f"{shard:05d}.parquet", _parquet_bytes(table))
     return stop - start
 
 
@@ -531,7 +523,7 @@ def _write_near_duplicates(plan: WorldPlan, out: Path) -> None:
         }
     )
     (out / "ground_truth").mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "ground_truth" / "near_duplicates.parquet", _parquet_bytes(table))
+    write_bytes(out / "ground_truth" / "near_duplicates.parquet", _parquet_bytes(table))
 
 
 POOL_TRUTH = "pool.parquet"  # in ground_truth/: what each pool sample is
@@ -565,7 +557,7 @@ def pool_ground_truth(cfg: WorldConfig) -> pa.Table:
 def _write_pool_truth(cfg: WorldConfig, out: Path) -> None:
     (out / "ground_truth").mkdir(parents=True, exist_ok=True)
     table = pool_ground_truth(cfg)
-    _write_atomic(out / "ground_truth" / POOL_TRUTH, _parquet_bytes(table))
+    write_bytes(out / "ground_truth" / POOL_TRUTH, _parquet_bytes(table))
 
 
 def _config_json(cfg: WorldConfig) -> dict:
@@ -700,8 +692,8 @@ def generate_world(
         raise ValueError(f"scale {cfg.scale} exceeds the fixed key widths of the world layout")
     out.mkdir(parents=True, exist_ok=True)
     (out / "pool").mkdir(exist_ok=True)
-    _write_atomic(out / "classnames.txt", _lines(plan.classnames))
-    _write_atomic(out / "templates.txt", _lines(TEMPLATES))
+    write_bytes(out / "classnames.txt", _lines(plan.classnames))
+    write_bytes(out / "templates.txt", _lines(TEMPLATES))
 
     # Biggest slices first, so a process pool ends evenly loaded.
     n_shards = -(-n_pool // cfg.shard_size)
@@ -721,6 +713,6 @@ def generate_world(
 
     info = _world_info(cfg, plan)
     text = json.dumps(info, indent=2, sort_keys=True) + "\n"
-    _write_atomic(out / "world.json", text.encode("utf-8"))
+    write_bytes(out / "world.json", text.encode("utf-8"))
     report(f"world written to {out}")
     return json.loads(text)
