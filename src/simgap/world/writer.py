@@ -15,10 +15,8 @@ import dataclasses
 import functools
 import io
 import json
-import multiprocessing
 import shutil
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from PIL import Image
 
 from simgap.data.tarwrite import tar_bytes
 from simgap.io import write_bytes
+from simgap.parallel import Executor, LocalEngine
 from simgap.types import Log
 from simgap.world.render import (
     CLASSNAMES,
@@ -636,29 +635,27 @@ def _existing_world(cfg: WorldConfig, out: Path) -> dict | None:
 
 
 @dataclass(frozen=True)
-class _Task:
+class WorldSlice:
     """One independent slice of the world (a reference class, a benchmark, a pool shard):
-    picklable, so a process pool can run it."""
+    picklable, so any engine of the Executor can run it."""
 
     cfg: WorldConfig
     out: str
     part: str
     arg: int | str
 
-    def __call__(self) -> str:
-        plan, out = world_plan(self.cfg), Path(self.out)
-        if self.part == "reference":
-            n = _write_reference_class(self.cfg, plan, int(self.arg), out)
-            return f"reference {plan.classnames[int(self.arg)]}: {n} images"
-        if self.part == "benchmark":
-            n = _write_benchmark(self.cfg, plan, str(self.arg), out)
-            return f"benchmark {self.arg}: {n} images"
-        n = _write_pool_shard(self.cfg, plan, int(self.arg), out)
-        return f"pool shard {int(self.arg):05d}: {n} samples"
 
-
-def _run_task(task: _Task) -> str:
-    return task()
+def write_slice(task: WorldSlice) -> str:
+    """Write one slice; returns its progress line."""
+    cfg, plan, out = task.cfg, world_plan(task.cfg), Path(task.out)
+    if task.part == "reference":
+        n = _write_reference_class(cfg, plan, int(task.arg), out)
+        return f"reference {plan.classnames[int(task.arg)]}: {n} images"
+    if task.part == "benchmark":
+        n = _write_benchmark(cfg, plan, str(task.arg), out)
+        return f"benchmark {task.arg}: {n} images"
+    n = _write_pool_shard(cfg, plan, int(task.arg), out)
+    return f"pool shard {int(task.arg):05d}: {n} samples"
 
 
 def generate_world(
@@ -671,7 +668,7 @@ def generate_world(
 
     Idempotent: a folder that already holds this world is left as is. world.json is written
     last, so its presence marks a complete world. `workers` > 1 renders slices in that many
-    spawned processes; the bytes written do not depend on it.
+    processes (the Executor's local engine); the bytes written do not depend on it.
     """
     out = Path(out_dir)
     existing = _existing_world(cfg, out)
@@ -697,17 +694,10 @@ def generate_world(
 
     # Biggest slices first, so a process pool ends evenly loaded.
     n_shards = -(-n_pool // cfg.shard_size)
-    tasks = [_Task(cfg, str(out), "pool", i) for i in range(n_shards)]
-    tasks += [_Task(cfg, str(out), "benchmark", name) for name in BENCHMARKS]
-    tasks += [_Task(cfg, str(out), "reference", label) for label in range(cfg.n_classes)]
-    if workers > 1:
-        context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            for message in pool.map(_run_task, tasks):
-                report(message)
-    else:
-        for task in tasks:
-            report(task())
+    tasks = [WorldSlice(cfg, str(out), "pool", i) for i in range(n_shards)]
+    tasks += [WorldSlice(cfg, str(out), "benchmark", name) for name in BENCHMARKS]
+    tasks += [WorldSlice(cfg, str(out), "reference", label) for label in range(cfg.n_classes)]
+    Executor(LocalEngine(workers)).map(write_slice, tasks, lambda _i, _n, message: report(message))
     _write_near_duplicates(plan, out)
     _write_pool_truth(cfg, out)
 
