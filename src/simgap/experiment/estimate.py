@@ -84,7 +84,7 @@ def sizes_of(cfg: Config, run: Path) -> Sizes | None:
         return Sizes(rows[0], rows[1], sum(rows[2:]), int(docs[0]["dim"]), "the run's stores")
     dim = _dim(cfg.similarity.model)
     if cfg.sources.kind == "world":
-        from simgap.world.writer import world_plan  # the world's counts, from its config alone
+        from simgap.world.plan import world_plan  # the world's counts, from its config alone
 
         w = cfg.sources.world
         plan = world_plan(w)
