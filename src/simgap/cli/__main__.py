@@ -1,0 +1,7 @@
+"""``python -m simgap.cli``, as the ``simgap`` console script."""
+
+import sys
+
+from simgap.cli import main
+
+sys.exit(main())
