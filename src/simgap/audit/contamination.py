@@ -62,7 +62,7 @@ def audit(
     picks the method (module docstring); ``threshold`` is the embedding threshold of ``"none"``,
     ``pixel_threshold`` and ``topk`` (candidates per test point and descriptor) those of
     ``"pixels"``."""
-    from simgap.scan import scan_store
+    from simgap.scan import ScanOptions, scan_store
 
     if verify not in VERIFY_METHODS:
         raise ValueError(f"unknown audit verification {verify!r}; known: {VERIFY_METHODS}")
@@ -80,15 +80,14 @@ def audit(
     thr = np.float32(threshold)
     report: dict[str, Any] = {"method": verify, "threshold": float(threshold)}
     if verify == "none":
-        res = scan_store(
-            base, emb, thresholds=np.full(len(emb), thr, np.float32), topk=0, progress=progress
-        )
+        thresholds = np.full(len(emb), thr, np.float32)
+        res = scan_store(base, emb, thresholds, ScanOptions(topk=0, progress=progress))
         pairs = _pairs(base, emb.astype(np.float32), res.row_margin, thr)
         cols: dict[str, list] = {}
     else:
         sources = [s for n in names for s in _sources(tests[n], tests[n].keys_table())]
         k = min(topk, base.rows)
-        res = scan_store(base, emb, topk=k, progress=progress)
+        res = scan_store(base, emb, options=ScanOptions(topk=k, progress=progress))
         pairs, cols, report["verify"] = _verified_pairs(
             base,
             emb.astype(np.float32),
