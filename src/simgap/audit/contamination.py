@@ -98,7 +98,31 @@ def audit(
             pixel_threshold,
             log,
         )
-    table = pa.table(
+    table = _pairs_table(names, bench_of, test_keys, pairs, cols)
+    report.update(
+        {
+            "benchmarks": _benchmark_counts(names, bench_of, pairs),
+            "pairs": table.num_rows,
+            "base": {"rows": base.rows, "shards_sha256": [s.sha256 for s in base.shards]},
+        }
+    )
+    if ground_truth is not None:
+        report["ground_truth"] = score_pairs(table, ground_truth, names)
+    if out_dir is not None:
+        write_parquet(Path(out_dir) / "pairs.parquet", table)
+        write_json(Path(out_dir) / "audit.json", report)
+    return report
+
+
+def _pairs_table(
+    names: list[str],
+    bench_of: np.ndarray,
+    test_keys: np.ndarray,
+    pairs: list[tuple[int, str, float]],
+    cols: dict[str, list],
+) -> pa.Table:
+    """One row per (test, base) pair found, sorted so that reruns write the same bytes."""
+    return pa.table(
         {
             "benchmark": pa.array([names[bench_of[t]] for t, _, _ in pairs], pa.string()),
             "test_key": pa.array([test_keys[t] for t, _, _ in pairs], pa.string()),
@@ -107,29 +131,24 @@ def audit(
             **{c: pa.array(v, pa.float32()) for c, v in cols.items()},
         }
     ).sort_by([("benchmark", "ascending"), ("test_key", "ascending"), ("base_key", "ascending")])
-    hit = np.zeros(len(emb), bool)
+
+
+def _benchmark_counts(
+    names: list[str], bench_of: np.ndarray, pairs: list[tuple[int, str, float]]
+) -> dict[str, dict[str, Any]]:
+    """Per benchmark: its test points, how many have a pair, and that fraction."""
+    hit = np.zeros(len(bench_of), bool)
     hit[[t for t, _, _ in pairs]] = True
-    report.update(
-        {
-            "benchmarks": {},
-            "pairs": table.num_rows,
-            "base": {"rows": base.rows, "shards_sha256": [s.sha256 for s in base.shards]},
-        }
-    )
+    counts = {}
     for i, n in enumerate(names):
         sel = bench_of == i
         c = int(hit[sel].sum())
-        report["benchmarks"][n] = {
+        counts[n] = {
             "tests": int(sel.sum()),
             "contaminated": c,
             "fraction": c / max(int(sel.sum()), 1),
         }
-    if ground_truth is not None:
-        report["ground_truth"] = score_pairs(table, ground_truth, names)
-    if out_dir is not None:
-        write_parquet(Path(out_dir) / "pairs.parquet", table)
-        write_json(Path(out_dir) / "audit.json", report)
-    return report
+    return counts
 
 
 def _pairs(
