@@ -40,7 +40,7 @@ from simgap.data.keylist import read_key_list
 from simgap.data.tars import TarWalk, iter_samples
 from simgap.data.tarwrite import write_tar
 from simgap.io import RECORD_CHECK, error_line, read_record, sha256_file, write_record
-from simgap.materialize import IndexShard, index_tar
+from simgap.materialize.index import IndexShard, index_tar
 from simgap.scan.layout import iter_scan_rows, load_scan
 from simgap.select.splitfile import read_split, write_split
 from simgap.store import ClipRetrievalStore, StoreWriter, open_store, write_store
