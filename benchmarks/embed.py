@@ -37,7 +37,10 @@ from simgap.data.images import decode_rgb
 from simgap.data.sources import shard_tasks
 from simgap.data.tarwrite import write_tar
 from simgap.data.transforms import split_transform
-from simgap.embed import GROUP_SHARDS, _cached_model, embed, encode_batch, prepared_batches
+from simgap.embed import embed
+from simgap.embed.batches import prepared_batches
+from simgap.embed.encode import cached_model, encode_batch
+from simgap.embed.run import GROUP_SHARDS
 from simgap.models import ModelSpec, load_model
 
 
@@ -56,7 +59,7 @@ def write_images(folder: Path, n: int, size: int, per_shard: int, seed: int = 0)
 
 
 def preprocessed(spec: ModelSpec, source: str, device: str) -> torch.Tensor:
-    loaded = _cached_model(spec, device)
+    loaded = cached_model(spec, device)
     skipped: Counter[str] = Counter()
     images = [
         decode_rgb(data, skipped) for t in shard_tasks(source) for _, data, _ in t.records(skipped)
@@ -65,7 +68,7 @@ def preprocessed(spec: ModelSpec, source: str, device: str) -> torch.Tensor:
 
 
 def forward_only(spec: ModelSpec, pixels: torch.Tensor, device: str, batch_size: int) -> float:
-    loaded = _cached_model(spec, device)
+    loaded = cached_model(spec, device)
     start = time.perf_counter()
     for i in range(0, len(pixels), batch_size):
         encode_batch(loaded, pixels[i : i + batch_size], device)
@@ -76,7 +79,7 @@ def forward_only(spec: ModelSpec, pixels: torch.Tensor, device: str, batch_size:
 
 def decode_only(spec: ModelSpec, source: str, batch_size: int, workers: int) -> float:
     """Images/s of the data path alone: tar read, decode, transform, in shard groups as embed."""
-    transform = split_transform(_cached_model(spec, "cpu").preprocess)
+    transform = split_transform(cached_model(spec, "cpu").preprocess)
     tasks = tuple(shard_tasks(source))
     start, n = time.perf_counter(), 0
     for i in range(0, len(tasks), GROUP_SHARDS):

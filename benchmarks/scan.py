@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from simgap.scan import KernelConfig, iter_scan_rows, kernel, scan_arrays, scan_store
+from simgap.scan import KernelConfig, ScanOptions, iter_scan_rows, kernel, scan_arrays, scan_store
 from simgap.store import Store, StoreWriter, open_store
 
 
@@ -254,12 +254,14 @@ def main() -> None:
         res = scan_store(
             store,
             tests,
-            thresholds=thr,
-            topk=a.topk,
-            out_dir=Path(tmp) / "scan",
-            progress=progress,
-            config=cfg,
-            return_rows=False,
+            thr,
+            ScanOptions(
+                topk=a.topk,
+                out_dir=Path(tmp) / "scan",
+                progress=progress,
+                config=cfg,
+                return_rows=False,
+            ),
         )
         if cuda:
             torch.cuda.synchronize()

@@ -13,7 +13,7 @@ from PIL import Image
 from simgap.data.tarwrite import write_tar
 from simgap.io import write_json
 from simgap.report import build_report
-from simgap.scan import scan_store
+from simgap.scan import ScanOptions, scan_store
 from simgap.select.build import SelectConfig, select, split_rows
 from simgap.select.composition import QUANTILES, composition, pick_removed, scan_scores
 from simgap.store import write_store
@@ -43,8 +43,8 @@ def pruned(tmp_path_factory):
     ref = rng.standard_normal((30, 16)).astype(np.float32)
     ref_store = write_store(root / "reference", ref, [f"r{i:03d}" for i in range(30)], MODEL)
     tests_f = bench.embeddings()
-    thr = scan_store(ref_store, tests_f, topk=1).topk_sim[:, 0].copy()
-    scan_store(pool, tests_f, thresholds=thr, topk=2, out_dir=root / "scans" / "pool-sketch")
+    thr = scan_store(ref_store, tests_f, options=ScanOptions(topk=1)).topk_sim[:, 0].copy()
+    scan_store(pool, tests_f, thr, ScanOptions(topk=2, out_dir=root / "scans" / "pool-sketch"))
     for name, policy, size in (("sketch", "gapmatch", None), ("near-0.5", "near", 0.5)):
         select(
             SelectConfig(

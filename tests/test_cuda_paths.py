@@ -23,7 +23,9 @@ from PIL import Image
 
 from simgap.config import load
 from simgap.data.tarwrite import write_tar
-from simgap.embed import EmbedShard, autocast_dtype, embed, forward_context
+from simgap.embed import embed
+from simgap.embed.encode import autocast_dtype, forward_context
+from simgap.embed.shard import EmbedShard
 from simgap.evaluate import evaluate_benchmarks
 from simgap.io import fingerprint
 from simgap.models import (
@@ -443,7 +445,7 @@ def test_cli_device_cuda_without_gpu_is_one_error_line(tmp_path, source, checkpo
 def test_driver_reads_model_facts_on_the_cpu(tmp_path, source, checkpoint, monkeypatch):
     """Review #17: for a GPU embed on a cluster, the driver (maybe a GPU-less Ray head) loads
     the model on the CPU only, for its identity and dim."""
-    import simgap.embed as embed_module
+    import simgap.embed.encode as embed_encode
 
     devices = []
 
@@ -456,12 +458,12 @@ def test_driver_reads_model_facts_on_the_cpu(tmp_path, source, checkpoint, monke
             for i, _ in enumerate(tasks):
                 yield i, True, {"rows": 0, "shards": []}
 
-    embed_module._cached_model.cache_clear()
-    embed_module._dim_of.cache_clear()
-    monkeypatch.setattr(embed_module, "load_model", recording_load)
+    embed_encode.cached_model.cache_clear()
+    embed_encode.model_dim.cache_clear()
+    monkeypatch.setattr(embed_encode, "load_model", recording_load)
     embed(source, tmp_path / "s", checkpoint, Executor(Cluster()), device="cuda")
-    embed_module._cached_model.cache_clear()
-    embed_module._dim_of.cache_clear()
+    embed_encode.cached_model.cache_clear()
+    embed_encode.model_dim.cache_clear()
     assert devices == ["cpu"]
 
 
@@ -484,14 +486,17 @@ class StickyCudaFailure(torch.nn.Module):
 def test_a_cuda_error_names_its_shard_and_is_not_blamed_on_retries(
     tmp_path, source, checkpoint, monkeypatch
 ):
-    import simgap.embed as embed_module
+    import simgap.embed.run as embed_run
+    import simgap.embed.shard as embed_shard
 
     loaded = load_model(checkpoint)
     broken = LoadedModel(StickyCudaFailure(loaded.model), loaded.preprocess, loaded.tokenizer,
                          loaded.identity)  # fmt: skip
-    monkeypatch.setattr(embed_module, "_cached_model", lambda spec, device: broken)
-    monkeypatch.setattr(embed_module, "_dim_of", lambda spec, device: 64)
-    monkeypatch.setattr(embed_module, "_lost_gpu", [])
+    # The driver (embed) and the worker (EmbedShard) each look the model up.
+    for module in (embed_run, embed_shard):
+        monkeypatch.setattr(module, "cached_model", lambda spec, device: broken)
+    monkeypatch.setattr(embed_run, "model_dim", lambda spec, device: 64)
+    monkeypatch.setattr(embed_shard, "_lost_gpu", [])
     with pytest.raises(RuntimeError) as info:
         embed(source, tmp_path / "s", checkpoint, Executor(LocalEngine(1), retries=1),
               decode_workers=0)  # fmt: skip

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from simgap.data.tarwrite import write_tar
-from simgap.embed import autocast_dtype, embed
+from simgap.embed import embed
+from simgap.embed.encode import autocast_dtype
 from simgap.models import ModelSpec, load_model
 from simgap.parallel import Executor, LocalEngine, RayEngine
 from simgap.store import open_store
@@ -229,7 +230,7 @@ def test_another_model_redoes_every_shard(tmp_path, shards, checkpoint):
 
 def test_resume_fingerprint_holds_the_resolved_numerics(checkpoint):
     """ "auto" is float32 on CPU: a resume with fp32 reuses its shards, one with bf16 does not."""
-    from simgap.embed import EmbedShard
+    from simgap.embed.shard import EmbedShard
 
     def fingerprint(precision):
         return EmbedShard("s", checkpoint, 64, "cpu", precision=precision).fingerprint("task")
@@ -330,7 +331,7 @@ def test_split_transform_is_bitwise_the_model_transform(checkpoint):
 
 @pytest.mark.parametrize("n", [0, 1, 3, 4, 7])
 def test_marked_chunks_mark_only_the_last_chunk_after_the_records_end(n):
-    from simgap.embed import marked_chunks
+    from simgap.embed.batches import marked_chunks
 
     ended = []
 
@@ -354,7 +355,7 @@ def test_prepared_batches_are_the_same_with_any_number_of_workers(shards, checkp
     # the first shard's only batch is also its last, so its read skips travel with batch 0.
     from simgap.data.sources import shard_tasks
     from simgap.data.transforms import split_transform
-    from simgap.embed import prepared_batches
+    from simgap.embed.batches import prepared_batches
 
     tasks = tuple(shard_tasks(str(shards)))
     transform = split_transform(load_model(checkpoint).preprocess)

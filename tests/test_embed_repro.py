@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from simgap.data.tarwrite import write_tar
-from simgap.embed import embed, forward_threads
+from simgap.embed import embed
+from simgap.embed.encode import forward_threads
 from simgap.models import load_model
 
 BATCH = 4
@@ -113,7 +114,7 @@ def test_forward_features_do_not_depend_on_threads_or_batch_fill(checkpoint):
     # float32, before the store's fp16 rounding hides most flips: for a random-init model at
     # these batch shapes, 1 vs 2 threads and a 5-row vs a 16-row batch flip last bits
     # without fixed threads and padding.
-    from simgap.embed import encode_batch
+    from simgap.embed.encode import encode_batch
 
     loaded = load_model(checkpoint)
     rng = np.random.default_rng(3)

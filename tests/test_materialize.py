@@ -177,7 +177,8 @@ def test_a_tar_cut_inside_a_header_drops_the_sample_in_progress(tmp_path):
 
 _KILL = """
 import os, sys
-import simgap.materialize as sp
+import simgap.materialize.write as sp
+from simgap.materialize import materialize
 calls = []
 real = sp.write_plan_tar
 def dying(path, plan):
@@ -186,7 +187,7 @@ def dying(path, plan):
         os._exit(9)  # killed mid-run: no cleanup, no summary
     real(path, plan)
 sp.write_plan_tar = dying
-sp.materialize(sys.argv[1], sys.argv[2], sys.argv[3], shard_size=3)
+materialize(sys.argv[1], sys.argv[2], sys.argv[3], shard_size=3)
 """
 
 
@@ -305,7 +306,8 @@ def test_threads_give_the_same_bytes_and_every_done_shard_is_whole(tmp_path):
 
 _KILL_THREADS = """
 import os, sys, threading
-import simgap.materialize as sp
+import simgap.materialize.write as sp
+from simgap.materialize import materialize
 from simgap.parallel import Executor, ThreadEngine
 lock, calls = threading.Lock(), []
 real = sp.write_plan_tar
@@ -316,7 +318,7 @@ def dying(path, plan):
             os._exit(9)
     real(path, plan)
 sp.write_plan_tar = dying
-sp.materialize(sys.argv[1], sys.argv[2], sys.argv[3], shard_size=3,
+materialize(sys.argv[1], sys.argv[2], sys.argv[3], shard_size=3,
                executor=Executor(ThreadEngine(3)))
 """
 

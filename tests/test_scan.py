@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from simgap.scan import (
     KernelConfig,
+    ScanOptions,
     iter_scan_rows,
     load_scan,
     merge_topk,
@@ -311,9 +312,7 @@ def test_scan_store_keep_mask_and_files(tmp_path, data):
         store,
         t,
         thr,
-        topk=5,
-        out_dir=tmp_path / "scan",
-        progress=lambda a, b: calls.append((a, b)),
+        ScanOptions(topk=5, out_dir=tmp_path / "scan", progress=lambda a, b: calls.append((a, b))),
     )
     assert_matches(res, ref)
     assert calls[-1] == (len(x), len(x))
@@ -330,9 +329,11 @@ def test_scan_store_keep_mask_and_files(tmp_path, data):
         store,
         t,
         thr,
-        topk=5,
-        keep=lambda name: mask[offsets[name] : offsets[name] + 250],
-        config=KernelConfig("bf16"),
+        ScanOptions(
+            topk=5,
+            keep=lambda name: mask[offsets[name] : offsets[name] + 250],
+            config=KernelConfig("bf16"),
+        ),
     )
     kept = np.flatnonzero(mask)
     sub_ref = brute(x[kept], t, thr, 5)

@@ -14,7 +14,14 @@ import pyarrow as pa
 import pytest
 
 from simgap.parallel import Executor, LocalEngine, RayEngine
-from simgap.scan import KernelConfig, load_scan, load_tests_table, scan_arrays, scan_store
+from simgap.scan import (
+    KernelConfig,
+    ScanOptions,
+    load_scan,
+    load_tests_table,
+    scan_arrays,
+    scan_store,
+)
 from simgap.store import StoreWriter, open_store, write_store
 
 MODEL = {"arch": "test", "pretrained": "none"}
@@ -62,9 +69,8 @@ def case(tmp_path_factory):
 def run_scan(store, t, thr, out: Path, executor: Executor | None = None, precision="auto"):
     info = pa.table({"benchmark": ["b"] * len(t), "key": [f"t{i}" for i in range(len(t))]})
     cfg = KernelConfig(precision)
-    return scan_store(
-        store, t, thr, topk=6, out_dir=out, executor=executor, test_info=info, config=cfg
-    )
+    opts = ScanOptions(topk=6, out_dir=out, executor=executor, test_info=info, config=cfg)
+    return scan_store(store, t, thr, opts)
 
 
 def test_local_pool_and_ray_equal_one_process(case, tmp_path):
@@ -178,7 +184,7 @@ def test_single_row_store_threshold_equal_to_similarity(tmp_path):
     thr = sims.copy()
     thr[2] = np.nextafter(sims[2], np.float32(-1))
     store = make_store(tmp_path / "one", x, [0, 1, 0])
-    res = scan_store(store, t, thr, topk=3, out_dir=tmp_path / "s", executor=None)
+    res = scan_store(store, t, thr, ScanOptions(topk=3, out_dir=tmp_path / "s", executor=None))
     assert res.count_above.tolist() == [0, 0, 1, 0]
     np.testing.assert_array_equal(res.topk_sim[:, 0], sims)
     assert (res.topk_row[:, 0] == 0).all() and (res.topk_row[:, 1:] == -1).all()

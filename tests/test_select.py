@@ -14,7 +14,7 @@ from simgap.data.tars import iter_samples
 from simgap.data.tarwrite import write_tar
 from simgap.materialize import materialize
 from simgap.parallel import Executor, ExecutorError, LocalEngine
-from simgap.scan import scan_store
+from simgap.scan import ScanOptions, scan_store
 from simgap.select import (
     coreset,
     far_pruned,
@@ -187,9 +187,9 @@ def world(tmp_path_factory):
             root / f"bench-{b}", _unit(rng, 12), [f"{b}-{i:03d}" for i in range(12)], MODEL
         )
         tests = store.embeddings()
-        thr = scan_store(ref, tests, topk=1).topk_sim[:, 0].copy()
-        scan_store(ref, tests, topk=1, out_dir=root / f"reference-{b}")
-        scan_store(pool, tests, thresholds=thr, topk=2, out_dir=root / f"pool-{b}")
+        thr = scan_store(ref, tests, options=ScanOptions(topk=1)).topk_sim[:, 0].copy()
+        scan_store(ref, tests, options=ScanOptions(topk=1, out_dir=root / f"reference-{b}"))
+        scan_store(pool, tests, thr, ScanOptions(topk=2, out_dir=root / f"pool-{b}"))
         out["bench"][b] = (store, tests.astype(np.float32), thr)
     return out
 

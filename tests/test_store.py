@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import simgap.store as store_module
+import simgap.store.writer as store_writer
 from simgap.store import (
     StoreError,
     StoreWriter,
@@ -87,20 +87,20 @@ def test_duplicate_keys_across_shards_named(tmp_path):
 @pytest.mark.parametrize("bucket_rows", [3, 1 << 22])
 def test_duplicate_key_check_in_buckets_matches_brute_force(tmp_path, monkeypatch, bucket_rows):
     """Bounded-memory check: with tiny buckets every bucket and shard slice is exercised."""
-    monkeypatch.setattr(store_module, "BUCKET_ROWS", bucket_rows)
+    monkeypatch.setattr(store_writer, "BUCKET_ROWS", bucket_rows)
     rng = np.random.default_rng(3)
     shards = [[f"k{rng.integers(1 << 40)}" for _ in range(40)] for _ in range(5)]
     keys_of = dict(zip("abcde", shards, strict=True)).__getitem__
-    repeated = store_module._repeated_hashes(list("abcde"), keys_of, tmp_path)
+    repeated = store_writer._repeated_hashes(list("abcde"), keys_of, tmp_path)
     assert repeated == set()
     assert list(tmp_path.iterdir()) == []  # the spill is removed
     (tmp_path / ".keycheck-killed").mkdir()  # a killed run's spill goes too
     (tmp_path / ".keycheck-killed" / "0.npy").write_bytes(b"x")
-    store_module._repeated_hashes(list("ab"), keys_of, tmp_path)
+    store_writer._repeated_hashes(list("ab"), keys_of, tmp_path)
     assert list(tmp_path.iterdir()) == []
     shards[4][17] = shards[1][30]
     shards[3][2] = shards[3][9]
-    repeated = store_module._repeated_hashes(list("abcde"), keys_of, tmp_path)
+    repeated = store_writer._repeated_hashes(list("abcde"), keys_of, tmp_path)
     assert repeated == {hash(shards[1][30]), hash(shards[3][9])}
 
     writer = StoreWriter(tmp_path / "s", MODEL, 4, {})

@@ -10,7 +10,7 @@ import pytest
 
 from simgap.embed import embed
 from simgap.models import ModelSpec
-from simgap.scan import scan_store
+from simgap.scan import ScanOptions, scan_store
 from simgap.store import (
     UNKNOWN_MODEL,
     ClipRetrievalStore,
@@ -116,6 +116,6 @@ def test_link_records_the_model_and_scan_reads_it(tmp_path):
     with pytest.raises(StoreError, match="model that made these embeddings is unknown"):
         check_compatible(open_store(tmp_path / "cr"), bench)
     # The exact scan over the linked folder equals numpy brute force.
-    result = scan_store(reopened, tests, topk=2)
+    result = scan_store(reopened, tests, options=ScanOptions(topk=2))
     sims = tests @ reopened.embeddings().astype(np.float32).T
     np.testing.assert_allclose(result.topk_sim[:, 0], sims.max(axis=1), atol=1e-2)

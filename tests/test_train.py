@@ -20,6 +20,7 @@ from open_clip_train.params import parse_args
 from PIL import Image
 
 from simgap._train_entry import _weights_only_load, split_own_options
+from simgap.data.keylist import read_key_list
 from simgap.evaluate import evaluate_benchmark
 from simgap.io import sha256_file
 from simgap.models import ModelSpec, load_model
@@ -37,7 +38,6 @@ from simgap.train import (
     key_hash,
     open_clip_argv,
     prepare_run,
-    read_key_list,
     slurm_script,
     torchrun_command,
     train,

@@ -40,7 +40,7 @@ from simgap.data.keylist import read_key_list
 from simgap.data.tars import TarWalk, iter_samples
 from simgap.data.tarwrite import write_tar
 from simgap.io import RECORD_CHECK, error_line, read_record, sha256_file, write_record
-from simgap.materialize import IndexShard, index_tar
+from simgap.materialize.index import IndexShard, index_tar
 from simgap.scan.layout import iter_scan_rows, load_scan
 from simgap.select.splitfile import read_split, write_split
 from simgap.store import ClipRetrievalStore, StoreWriter, open_store, write_store
@@ -300,7 +300,7 @@ def test_fuzz_store_done_record(tmp_path, examples):
 
 @pytest.fixture(scope="module")
 def scan_out(tmp_path_factory):
-    from simgap.scan import scan_store
+    from simgap.scan import ScanOptions, scan_store
 
     root = tmp_path_factory.mktemp("fuzzscan")
     rng = np.random.default_rng(1)
@@ -318,7 +318,8 @@ def scan_out(tmp_path_factory):
         MODEL,
     )
     out = root / "scan"
-    scan_store(base, tests.embeddings(), np.full(5, 0.1, np.float32), topk=3, out_dir=out)
+    thresholds = np.full(5, 0.1, np.float32)
+    scan_store(base, tests.embeddings(), thresholds, ScanOptions(topk=3, out_dir=out))
     return out
 
 

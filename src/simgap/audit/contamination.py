@@ -62,7 +62,7 @@ def audit(
     picks the method (module docstring); ``threshold`` is the embedding threshold of ``"none"``,
     ``pixel_threshold`` and ``topk`` (candidates per test point and descriptor) those of
     ``"pixels"``."""
-    from simgap.scan import scan_store
+    from simgap.scan import ScanOptions, scan_store
 
     if verify not in VERIFY_METHODS:
         raise ValueError(f"unknown audit verification {verify!r}; known: {VERIFY_METHODS}")
@@ -80,15 +80,14 @@ def audit(
     thr = np.float32(threshold)
     report: dict[str, Any] = {"method": verify, "threshold": float(threshold)}
     if verify == "none":
-        res = scan_store(
-            base, emb, thresholds=np.full(len(emb), thr, np.float32), topk=0, progress=progress
-        )
+        thresholds = np.full(len(emb), thr, np.float32)
+        res = scan_store(base, emb, thresholds, ScanOptions(topk=0, progress=progress))
         pairs = _pairs(base, emb.astype(np.float32), res.row_margin, thr)
         cols: dict[str, list] = {}
     else:
         sources = [s for n in names for s in _sources(tests[n], tests[n].keys_table())]
         k = min(topk, base.rows)
-        res = scan_store(base, emb, topk=k, progress=progress)
+        res = scan_store(base, emb, options=ScanOptions(topk=k, progress=progress))
         pairs, cols, report["verify"] = _verified_pairs(
             base,
             emb.astype(np.float32),
@@ -99,7 +98,31 @@ def audit(
             pixel_threshold,
             log,
         )
-    table = pa.table(
+    table = _pairs_table(names, bench_of, test_keys, pairs, cols)
+    report.update(
+        {
+            "benchmarks": _benchmark_counts(names, bench_of, pairs),
+            "pairs": table.num_rows,
+            "base": {"rows": base.rows, "shards_sha256": [s.sha256 for s in base.shards]},
+        }
+    )
+    if ground_truth is not None:
+        report["ground_truth"] = score_pairs(table, ground_truth, names)
+    if out_dir is not None:
+        write_parquet(Path(out_dir) / "pairs.parquet", table)
+        write_json(Path(out_dir) / "audit.json", report)
+    return report
+
+
+def _pairs_table(
+    names: list[str],
+    bench_of: np.ndarray,
+    test_keys: np.ndarray,
+    pairs: list[tuple[int, str, float]],
+    cols: dict[str, list],
+) -> pa.Table:
+    """One row per (test, base) pair found, sorted so that reruns write the same bytes."""
+    return pa.table(
         {
             "benchmark": pa.array([names[bench_of[t]] for t, _, _ in pairs], pa.string()),
             "test_key": pa.array([test_keys[t] for t, _, _ in pairs], pa.string()),
@@ -108,29 +131,24 @@ def audit(
             **{c: pa.array(v, pa.float32()) for c, v in cols.items()},
         }
     ).sort_by([("benchmark", "ascending"), ("test_key", "ascending"), ("base_key", "ascending")])
-    hit = np.zeros(len(emb), bool)
+
+
+def _benchmark_counts(
+    names: list[str], bench_of: np.ndarray, pairs: list[tuple[int, str, float]]
+) -> dict[str, dict[str, Any]]:
+    """Per benchmark: its test points, how many have a pair, and that fraction."""
+    hit = np.zeros(len(bench_of), bool)
     hit[[t for t, _, _ in pairs]] = True
-    report.update(
-        {
-            "benchmarks": {},
-            "pairs": table.num_rows,
-            "base": {"rows": base.rows, "shards_sha256": [s.sha256 for s in base.shards]},
-        }
-    )
+    counts = {}
     for i, n in enumerate(names):
         sel = bench_of == i
         c = int(hit[sel].sum())
-        report["benchmarks"][n] = {
+        counts[n] = {
             "tests": int(sel.sum()),
             "contaminated": c,
             "fraction": c / max(int(sel.sum()), 1),
         }
-    if ground_truth is not None:
-        report["ground_truth"] = score_pairs(table, ground_truth, names)
-    if out_dir is not None:
-        write_parquet(Path(out_dir) / "pairs.parquet", table)
-        write_json(Path(out_dir) / "audit.json", report)
-    return report
+    return counts
 
 
 def _pairs(

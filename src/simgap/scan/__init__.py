@@ -9,10 +9,11 @@ lookup.py: an approximate FAISS IVF index for interactive look-ups (never for de
 from simgap.scan.kernel import KernelConfig, merge_topk, resolve_precision
 from simgap.scan.layout import iter_scan_rows, load_scan, load_tests_table, write_scan
 from simgap.scan.scan import ScanResult, find_bad_rows, scan_arrays
-from simgap.scan.shards import scan_store
+from simgap.scan.shards import ScanOptions, scan_store
 
 __all__ = [
     "KernelConfig",
+    "ScanOptions",
     "ScanResult",
     "find_bad_rows",
     "iter_scan_rows",

@@ -26,7 +26,7 @@ import numpy as np
 
 from simgap.io import read_json, sha256_array, write_bytes, write_json
 from simgap.scan.kernel import KernelConfig
-from simgap.scan.shards import scan_store, topk_keys
+from simgap.scan.shards import ScanOptions, scan_store, topk_keys
 from simgap.store import Store, open_store
 
 FORMAT = "simgap-ivf/1"
@@ -89,7 +89,9 @@ def build_ivf(
     if queries is None:
         query_rows = np.sort(rng.choice(store.rows, min(cfg.recall_queries, store.rows), False))
         queries = _sample_rows(store, query_rows).astype(np.float16)
-    exact = scan_store(store, queries, topk=cfg.k, config=kernel, return_rows=False).topk_row
+    exact = scan_store(
+        store, queries, options=ScanOptions(topk=cfg.k, config=kernel, return_rows=False)
+    ).topk_row
     _, approx = index.search(np.asarray(queries, np.float32), cfg.k)
     meta = {
         "format": FORMAT,

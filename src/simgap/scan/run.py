@@ -29,7 +29,7 @@ from simgap.parallel import Executor, LocalEngine, task_device
 from simgap.parallel import Progress as RateProgress
 from simgap.scan.kernel import KernelConfig, TopKHandler, prepare_tests, scan_block
 from simgap.scan.scan import RowProgress, ScanResult, check_tests, find_bad_rows
-from simgap.scan.shards import FIRST_KEYS, scan_store, verify_shard
+from simgap.scan.shards import FIRST_KEYS, ScanOptions, scan_store, verify_shard
 from simgap.store import Store, StoreError, check_compatible, open_store
 from simgap.types import Log
 
@@ -121,15 +121,17 @@ def scan_benchmarks(
         ref = scan_store(
             ref_store,
             tests,
-            topk=1,
-            out_dir=out / "reference",
-            progress=None if log is None else log_progress("reference scan", log),
-            config=config,
-            executor=executor,
-            return_rows=False,
-            test_info=info,
-            bad_rows=bad_rows,
-            groups=groups,
+            options=ScanOptions(
+                topk=1,
+                out_dir=out / "reference",
+                progress=None if log is None else log_progress("reference scan", log),
+                config=config,
+                executor=executor,
+                return_rows=False,
+                test_info=info,
+                bad_rows=bad_rows,
+                groups=groups,
+            ),
         )
         thresholds = ref.topk_sim[:, 0].copy()
         if not np.isfinite(thresholds).all():
@@ -139,16 +141,18 @@ def scan_benchmarks(
     return scan_store(
         base_store,
         tests,
-        thresholds=thresholds,
-        topk=topk,
-        out_dir=out,
-        progress=None if log is None else log_progress("scan", log),
-        config=config,
-        executor=executor,
-        return_rows=False,
-        test_info=info,
-        bad_rows=bad_rows,
-        groups=groups,
+        thresholds,
+        ScanOptions(
+            topk=topk,
+            out_dir=out,
+            progress=None if log is None else log_progress("scan", log),
+            config=config,
+            executor=executor,
+            return_rows=False,
+            test_info=info,
+            bad_rows=bad_rows,
+            groups=groups,
+        ),
     )
 
 

@@ -251,27 +251,15 @@ def scan_arrays(
             if collect_rows:
                 collected.append(block)
 
-    if topk > 0:
-        per_group = [g.top.result() for g in parts_of]
-        topk_sim = np.concatenate([s.cpu().numpy() for s, _ in per_group])
-        topk_row = np.concatenate([r.cpu().numpy() for _, r in per_group])
-    else:
-        topk_sim, topk_row = np.zeros((m, 0), np.float32), np.zeros((m, 0), np.int64)
+    topk_sim, topk_row = _topk_outputs(parts_of, m, topk)
     count_above = None
     if thresholds is not None:
         count_above = np.concatenate([g.count.result().cpu().numpy() for g in parts_of])
     rows: list[np.ndarray | None] = [None, None, None]
     if collect_rows:
-        shape = (0,) if groups is None else (0, len(spans))
-        empty = (
-            np.zeros(shape, np.float32),
-            np.zeros(shape, np.int32),
-            np.zeros(shape, np.float32),
+        rows = _row_outputs(
+            collected, None if groups is None else len(spans), thresholds is not None
         )
-        rows = [np.concatenate(p) for p in zip(*collected, strict=True)] if collected else []
-        rows = rows or list(empty)
-        if thresholds is None:
-            rows[2] = None
     return ScanResult(
         topk_sim=topk_sim,
         topk_row=topk_row,
@@ -282,6 +270,32 @@ def scan_arrays(
         pairs_screened=stats.screened,
         pairs_rechecked=stats.rechecked,
     )
+
+
+def _topk_outputs(parts_of: list[_GroupScan], m: int, topk: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k similarities and rows of every test, the groups' results one after another."""
+    if topk == 0:
+        return np.zeros((m, 0), np.float32), np.zeros((m, 0), np.int64)
+    per_group = [g.top.result() for g in parts_of]
+    topk_sim = np.concatenate([s.cpu().numpy() for s, _ in per_group])
+    topk_row = np.concatenate([r.cpu().numpy() for _, r in per_group])
+    return topk_sim, topk_row
+
+
+def _row_outputs(
+    collected: list[tuple[np.ndarray, ...]], groups: int | None, margin: bool
+) -> list[np.ndarray | None]:
+    """Per-row max, argmax and margin (None without thresholds) of every block, in row order;
+    (N,) without groups, (N, groups) with them."""
+    shape = (0,) if groups is None else (0, groups)
+    empty = (np.zeros(shape, np.float32), np.zeros(shape, np.int32), np.zeros(shape, np.float32))
+    rows: list[np.ndarray | None] = (
+        [np.concatenate(p) for p in zip(*collected, strict=True)] if collected else []
+    )
+    rows = rows or list(empty)
+    if not margin:
+        rows[2] = None
+    return rows
 
 
 def _check_groups(groups: Sequence[tuple[int, int]] | None, m: int) -> list[tuple[int, int]]:

@@ -198,29 +198,17 @@ def _store_blocks(
         yield s.offset, emb, keep
 
 
-def scan_store(
-    base: Store,
-    tests: np.ndarray,
-    thresholds: np.ndarray | None = None,
-    topk: int = 10,
-    keep: Callable[[str], np.ndarray] | None = None,
-    out_dir: Path | str | None = None,
-    progress: RowProgress | None = None,
-    config: KernelConfig | None = None,
-    executor: Executor | None = None,
-    return_rows: bool = True,
-    test_info: pa.Table | None = None,
-    bad_rows: str = "error",
-    groups: Sequence[tuple[str, int, int]] | None = None,
-) -> ScanResult:
-    """Exact fused scan of an embedding store against ``tests`` (M, d).
-
-    ``groups``: (benchmark name, start, stop) of consecutive test ranges; the per-row outputs
-    are then per benchmark, (N, B), from the same one pass over the store (``scan_arrays``).
+@dataclass(frozen=True)
+class ScanOptions:
+    """How ``scan_store`` scans and what it keeps; the store, tests and thresholds are its
+    arguments.
 
     ``keep(shard_name)`` returns a bool mask of that shard's rows to scan (a split rescanned
     without copying). Rows that are NaN/Inf or not unit-norm raise a ValueError naming their
     keys (``bad_rows="error"``) or are excluded and counted (``"skip"``).
+
+    ``groups``: (benchmark name, start, stop) of consecutive test ranges; the per-row outputs
+    are then per benchmark, (N, B), from the same one pass over the store (``scan_arrays``).
 
     Without ``out_dir`` the shards stream through this process (read ahead on a thread) and
     everything is returned in memory. With ``out_dir`` every shard is a task on ``executor``
@@ -228,29 +216,52 @@ def scan_store(
     merged, and the per-test outputs (plus ``test_info`` columns such as benchmark and key, see
     ``layout.py``) and ``scan.json`` are written; ``return_rows=False`` keeps the per-row
     outputs out of memory (read them back per shard with ``iter_scan_rows``)."""
+
+    topk: int = 10
+    keep: Callable[[str], np.ndarray] | None = None
+    out_dir: Path | str | None = None
+    progress: RowProgress | None = None
+    config: KernelConfig | None = None
+    executor: Executor | None = None
+    return_rows: bool = True
+    test_info: pa.Table | None = None
+    bad_rows: str = "error"
+    groups: Sequence[tuple[str, int, int]] | None = None
+
+
+def scan_store(
+    base: Store,
+    tests: np.ndarray,
+    thresholds: np.ndarray | None = None,
+    options: ScanOptions | None = None,
+) -> ScanResult:
+    """Exact fused scan of an embedding store against ``tests`` (M, d), with a margin against
+    ``thresholds`` (M,) when given; ``options`` (``ScanOptions``) says how."""
+    opts = options or ScanOptions()
     # An "auto" screen on CUDA is chosen by measurement where the shards are scanned, not here.
-    cfg = (config or KernelConfig()).resolved(measure=False)
+    cfg = (opts.config or KernelConfig()).resolved(measure=False)
     tests = np.asarray(tests)
     thresholds = None if thresholds is None else np.asarray(thresholds, np.float32)
-    check_tests(tests, thresholds, topk)
-    if bad_rows not in BAD_ROW_POLICIES:
-        raise ValueError(f"bad_rows must be one of {BAD_ROW_POLICIES}, not {bad_rows!r}")
+    check_tests(tests, thresholds, opts.topk)
+    if opts.bad_rows not in BAD_ROW_POLICIES:
+        raise ValueError(f"bad_rows must be one of {BAD_ROW_POLICIES}, not {opts.bad_rows!r}")
     if tests.shape[1] != base.dim:
         raise ValueError(f"{base.path}: dim {base.dim}, tests have d={tests.shape[1]}")
+    keep = opts.keep
     masks = None if keep is None else {s.name: _mask(keep, s.name, s.rows) for s in base.shards}
-    if out_dir is None:
-        if executor is not None:
+    if opts.out_dir is None:
+        if opts.executor is not None:
             raise ValueError("scanning on an executor needs out_dir (shards hand over files)")
         bad: list[tuple[int, list]] = []
         res = scan_arrays(
-            _store_blocks(base, masks, bad_rows, bad),
+            _store_blocks(base, masks, opts.bad_rows, bad),
             tests,
             thresholds,
-            topk,
+            opts.topk,
             cfg,
-            progress=progress,
+            progress=opts.progress,
             rows_total=base.rows,
-            groups=None if groups is None else [(a, b) for _, a, b in groups],
+            groups=None if opts.groups is None else [(a, b) for _, a, b in opts.groups],
         )
         res.bad_rows = sum(n for n, _ in bad)
         return res
@@ -258,16 +269,11 @@ def scan_store(
         base=base,
         tests=tests,
         thresholds=thresholds,
-        topk=topk,
         masks=masks,
-        out=Path(out_dir),
-        progress=progress,
+        out=Path(opts.out_dir),
         cfg=cfg,
-        executor=executor or Executor(LocalEngine(1)),
-        return_rows=return_rows,
-        test_info=test_info,
-        bad_rows=bad_rows,
-        groups=groups,
+        executor=opts.executor or Executor(LocalEngine(1)),
+        options=opts,
     )
     return _scan_shards(job)
 
@@ -286,27 +292,17 @@ class ScanJob:
     base: Store
     tests: np.ndarray
     thresholds: np.ndarray | None
-    topk: int
     masks: dict[str, np.ndarray] | None  # shard name -> rows to scan; None: every row
     out: Path
-    progress: RowProgress | None
-    cfg: KernelConfig
+    cfg: KernelConfig  # options.config resolved
     executor: Executor
-    return_rows: bool
-    test_info: pa.Table | None
-    bad_rows: str
-    groups: Sequence[tuple[str, int, int]] | None = None
+    options: ScanOptions
 
 
 def _scan_shards(job: ScanJob) -> ScanResult:
-    base, tests, thresholds, topk, masks = job.base, job.tests, job.thresholds, job.topk, job.masks
-    out, progress, cfg, executor = job.out, job.progress, job.cfg, job.executor
-    return_rows, test_info, bad_rows, groups = (
-        job.return_rows,
-        job.test_info,
-        job.bad_rows,
-        job.groups,
-    )
+    base, tests, thresholds, masks = job.base, job.tests, job.thresholds, job.masks
+    out, cfg, executor, opts = job.out, job.cfg, job.executor, job.options
+    topk, progress, bad_rows, groups = opts.topk, opts.progress, opts.bad_rows, opts.groups
     # A scan.json left by an earlier run would mark this folder finished while it is rewritten.
     (out / "scan.json").unlink(missing_ok=True)
     write_npy(out / "inputs" / "tests.npy", tests)
@@ -362,9 +358,9 @@ def _scan_shards(job: ScanJob) -> ScanResult:
     if groups is not None:
         meta["benchmarks"] = [{"name": n, "start": a, "stop": b} for n, a, b in groups]
     shards = [{"name": s.name, "offset": s.offset, "rows": s.rows} for s in base.shards]
-    table = test_table(result, test_info, thresholds, keys)
+    table = test_table(result, opts.test_info, thresholds, keys)
     write_tests_and_meta(result, out, shards, table, meta)
-    if return_rows:
+    if opts.return_rows:
         recs = [np.load(out / "rows" / f"{n}.npy") for n in names]
         shape = (0,) if groups is None else (0, len(groups))
         rec = (

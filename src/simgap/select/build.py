@@ -156,7 +156,7 @@ def match_parts(parts: list[ScanPart], names: list[str], what: str) -> list[Scan
 
 
 def _load_benches(cfg: SelectConfig, pool: Store, fp: dict[str, Any], log: Log) -> list[_Bench]:
-    from simgap.scan import load_scan, scan_store
+    from simgap.scan import ScanOptions, load_scan, scan_store
     from simgap.scan.layout import benchmark_rows
 
     for f in (*cfg.scans, *cfg.reference_scans):
@@ -189,7 +189,9 @@ def _load_benches(cfg: SelectConfig, pool: Store, fp: dict[str, Any], log: Log) 
             fp.setdefault("reference_scans", {})[b.name] = scan_fingerprint(ref.folder)
         elif reference is not None and b.tests is not None:
             log(f"select: thresholds of {b.name} from the reference store")
-            b.thresholds = scan_store(reference, b.tests, topk=1).topk_sim[:, 0].copy()
+            b.thresholds = (
+                scan_store(reference, b.tests, options=ScanOptions(topk=1)).topk_sim[:, 0].copy()
+            )
         elif scans and (scans[i].folder / "inputs" / "thresholds.npy").exists():
             # The thresholds the pool scan's margins were computed against.
             b.thresholds = np.load(scans[i].folder / "inputs" / "thresholds.npy")[scans[i].span]
@@ -210,7 +212,7 @@ def _load_benches(cfg: SelectConfig, pool: Store, fp: dict[str, Any], log: Log) 
 
 def _need_scores(pool: Store, benches: list[_Bench], margin: bool, log: Log) -> None:
     """Scan the pool against benchmarks that came without a (suitable) pool scan."""
-    from simgap.scan import scan_store
+    from simgap.scan import ScanOptions, scan_store
 
     for b in benches:
         if (b.row_margin if margin else b.row_max) is not None:
@@ -223,7 +225,7 @@ def _need_scores(pool: Store, benches: list[_Bench], margin: bool, log: Log) -> 
                 "or a pool scan made with --thresholds-from"
             )
         log(f"select: scanning the pool against {b.name}")
-        res = scan_store(pool, b.tests, thresholds=b.thresholds if margin else None, topk=1)
+        res = scan_store(pool, b.tests, b.thresholds if margin else None, ScanOptions(topk=1))
         b.row_max, b.row_margin = res.row_max, res.row_margin
 
 
@@ -298,7 +300,7 @@ def split_rows(pool: Store, split: Path) -> np.ndarray:
 
 def split_nn(pool: Store, rows: np.ndarray, tests: np.ndarray) -> np.ndarray:
     """Each test point's NN similarity among the pool's ``rows`` (-inf when there are none)."""
-    from simgap.scan import scan_store
+    from simgap.scan import ScanOptions, scan_store
 
     if not rows.any():
         return np.full(len(tests), -np.inf, np.float32)
@@ -308,14 +310,14 @@ def split_nn(pool: Store, rows: np.ndarray, tests: np.ndarray) -> np.ndarray:
         start, n = spans[shard]
         return rows[start : start + n]
 
-    return scan_store(pool, tests, topk=1, keep=keep).topk_sim[:, 0]
+    return scan_store(pool, tests, options=ScanOptions(topk=1, keep=keep)).topk_sim[:, 0]
 
 
 def nearest(store: Store, tests: np.ndarray) -> np.ndarray:
     """Each test point's NN similarity in a whole store (the reference set's: the thresholds)."""
-    from simgap.scan import scan_store
+    from simgap.scan import ScanOptions, scan_store
 
-    return scan_store(store, tests, topk=1).topk_sim[:, 0]
+    return scan_store(store, tests, options=ScanOptions(topk=1)).topk_sim[:, 0]
 
 
 def guarantee(
