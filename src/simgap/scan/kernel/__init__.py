@@ -40,9 +40,10 @@ What is proven, on which hardware:
 Tile layout. Rows are padded to a multiple of ``row_group`` and tests to ``test_group * nb``;
 column ``i * nb + b`` holds the ``i``-th test of block ``b``, so the per-block maximum is a
 reduction over the middle axis of ``sims.view(R, test_group, nb)``: contiguous and vectorised
-(an inner-axis reduction over 16 elements measured ~4x slower on CPU). 2D blocks of
-``row_group`` rows x ``test_group`` tests screen the per-test outputs. Tests are sorted by
-threshold, so a block's thresholds are close and the margin bounds tight.
+(an inner-axis reduction over 16 elements measured ~4x slower on CPU). That maximum is the one
+full pass over a tile besides the GEMM: every handler screens row blocks (a row x the tests of a
+block) with it and gathers only the blocks that can matter. Tests are sorted by threshold, so a
+block's thresholds are close and the margin bounds tight.
 """
 
 from simgap.scan.kernel.config import KernelConfig

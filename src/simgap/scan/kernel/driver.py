@@ -69,10 +69,11 @@ def scan_block(
                 if len(tt.pad_cols):
                     sims.index_fill_(1, tt.pad_cols, low)
                 tile = SimTile(
-                    sims, rn, r0, x32, ids, tt, eps, hg, fp32_products, scratch, stats, row_scale
+                    sims, rn, r0, x32, ids, tt, eps, fp32_products, scratch, stats, row_scale
                 )
                 for h in handlers:
                     h.add_results(tile)
+                tile.release()
 
 
 @contextmanager

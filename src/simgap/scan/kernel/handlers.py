@@ -10,8 +10,7 @@ import torch
 
 from simgap.scan.kernel.tiles import SimTile
 
-BLOCK_CHUNK = 512  # 2D blocks gathered per step by the per-test handlers
-DENSE_SCREEN = 0.125  # fraction of candidate 2D blocks above which top-k screens densely
+DENSE_SCREEN = 0.125  # fraction of candidate row blocks above which a screen runs densely
 
 
 def _pairs_from_row_blocks(
@@ -22,40 +21,28 @@ def _pairs_from_row_blocks(
     return r[k], i * tile.tests.nb + b[k]
 
 
-def _pairs_from_2d_blocks(
-    tile: SimTile, j: torch.Tensor, b: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, column) of the elements selected by ``mask`` (n, h, g) within 2D blocks, real rows."""
-    k, ih, ig = torch.nonzero(mask, as_tuple=True)
-    rows = j[k] * tile.row_group + ih
-    cols = ig * tile.tests.nb + b[k]
-    real = rows < tile.n_rows
-    return rows[real], cols[real]
+def _screen_pairs(
+    tile: SimTile, lo: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, column, screen value as float) of every real pair whose screen value is >= lo[column].
 
-
-def _screen_pairs(tile: SimTile, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, column) of every real pair whose screen value is >= lo[column].
-
-    2D blocks whose max is below the smallest lo of their tests are skipped; when most blocks
-    qualify (early in a scan) one dense comparison is cheaper than gathering them."""
+    Row blocks (a row x the ``group`` tests of a block) whose max is below the smallest lo of
+    their tests are skipped, and the others gathered in one step; when many qualify (early in a
+    scan) one dense comparison is cheaper than gathering them."""
     tt = tile.tests
-    j, b = torch.nonzero(tile.block_max_2d >= lo.view(tt.group, tt.nb).amin(0), as_tuple=True)
-    if len(j) > DENSE_SCREEN * tile.block_max_2d.numel():
+    lo_block = lo.view(tt.group, tt.nb).amin(0)
+    above = torch.ge(tile.block_max, lo_block, out=tile.buffer("screen_mask", torch.bool))
+    r, b = torch.nonzero(above, as_tuple=True)
+    if len(r) > DENSE_SCREEN * above.numel():
         mask = tile.scratch.get("dense_mask", tile.sims.shape, torch.bool)
+        dense = tile.dense()
         # Compared in float32 (type promotion): rounding lo to bf16 would not be conservative.
-        torch.ge(tile.dense(), lo, out=mask)
-        return torch.nonzero(mask[: tile.n_rows], as_tuple=True)
-    rows, cols = [], []
-    for s in range(0, len(j), BLOCK_CHUNK):
-        jj, bb = j[s : s + BLOCK_CHUNK], b[s : s + BLOCK_CHUNK]
-        mask = tile.block_2d(jj, bb) >= _col_values(lo, tile, bb)[:, None, :]
-        r, c = _pairs_from_2d_blocks(tile, jj, bb, mask)
-        rows.append(r)
-        cols.append(c)
-    if not rows:
-        empty = torch.zeros(0, dtype=torch.int64, device=lo.device)
-        return empty, empty
-    return torch.cat(rows), torch.cat(cols)
+        torch.ge(dense, lo, out=mask)
+        rows, cols = torch.nonzero(mask[: tile.n_rows], as_tuple=True)
+        return rows, cols, dense[rows, cols].float()
+    vals = tile.row_block(r, b)
+    k, i = torch.nonzero(vals >= _col_values(lo, tile, b), as_tuple=True)
+    return r[k], i * tt.nb + b[k], vals[k, i]
 
 
 def _pilot(
@@ -211,7 +198,7 @@ class TopKHandler:
             exact = tile.exact(top.flatten(), cols.repeat(k)).view(k, len(cols))
             lo = lo.clone()
             lo[cols] = exact.amin(0) - eps
-        rows, cols = _screen_pairs(tile, lo)
+        rows, cols, _ = _screen_pairs(tile, lo)
         if len(rows):
             sims = tile.exact(rows, cols)
             keep = sims >= kth[cols]
@@ -262,10 +249,10 @@ class CountAboveHandler:
         tt, eps = tile.tests, tile.eps
         # Screen below thr - eps: never above; above thr + eps: surely above; between: recheck.
         lo, hi = tt.thr - eps, tt.thr + eps
-        rows, cols = _screen_pairs(tile, lo)
+        rows, cols, values = _screen_pairs(tile, lo)
         if len(rows) == 0:
             return
-        sure = tile.values(rows, cols) > hi[cols]
+        sure = values > hi[cols]
         band = ~sure
         exact_above = tile.exact(rows[band], cols[band]) > tt.thr[cols[band]]
         hits = torch.cat([cols[sure], cols[band][exact_above]])

@@ -32,6 +32,15 @@ class Scratch:
             buf = self.buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
         return buf
 
+    def memo(self, size: int) -> torch.Tensor:
+        """A flat float32 array of at least ``size`` entries, NaN where nothing is stored (exact
+        values are never NaN): the per-tile memo of ``SimTile.exact``, kept across tiles."""
+        buf = self.buffers.get("memo")
+        if buf is None or len(buf) < size:
+            buf = torch.full((size,), math.nan, dtype=torch.float32, device=self.device)
+            self.buffers["memo"] = buf
+        return buf
+
 
 def exact_sims(
     x: torch.Tensor,
@@ -207,11 +216,11 @@ class SimTile:
     row_ids: torch.Tensor  # (n_rows,) int64 global row ids
     tests: TestTile
     eps: float  # bound on |screen - exact| for every pair of the tile, incl. slack
-    row_group: int  # rows per 2D block (h)
     fp32_products: bool  # base rows and tests are all fp16 values
     scratch: Scratch
     stats: ScanStats = field(default_factory=lambda: ScanStats())
     row_scale: torch.Tensor | None = None  # (Rp,) float32 int8 row scales (1 at padding)
+    memo_keys: list[torch.Tensor] = field(default_factory=list)  # pairs stored in the memo
 
     def _float(
         self, v: torch.Tensor, rows: torch.Tensor | None, blocks: torch.Tensor
@@ -252,21 +261,10 @@ class SimTile:
             out.index_fill_(1, self.tests.pad_cols, -math.inf)
         return out
 
-    def values(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Screen values of (tile row, tile column) pairs, as floats."""
-        return self._float(self.sims[rows, cols], rows, cols % self.tests.nb)
-
     @property
     def block_max(self) -> torch.Tensor:
         """(n_rows, nb) float32: per row, the max over each block of ``group`` tests."""
         return self._block_max_padded[: self.n_rows]
-
-    @cached_property
-    def block_max_2d(self) -> torch.Tensor:
-        """(Rp/h, nb) float32: max over ``row_group`` rows x ``group`` tests."""
-        q = self._block_max_padded
-        out = self.scratch.get("block_max_2d", (q.shape[0] // self.row_group, q.shape[1]), q.dtype)
-        return torch.amax(q.view(-1, self.row_group, q.shape[1]), 1, out=out)
 
     def buffer(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """A (n_rows, nb) scratch array for handler temporaries."""
@@ -279,45 +277,34 @@ class SimTile:
         v = self.sims.view(rp, self.tests.group, c // self.tests.group)[r, :, b]
         return self._float(v, r[:, None], b[:, None])
 
-    def block_2d(self, j: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """(n, h, g) screen values of 2D block (row group j, test block b)."""
-        rp, c = self.sims.shape
-        g, h = self.tests.group, self.row_group
-        v = self.sims.view(rp // h, h, g, c // g)[j, :, :, b]
-        rows = j[:, None] * h + torch.arange(h, device=j.device)
-        return self._float(v, rows[:, :, None], b[:, None, None])
-
     def exact(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Reference similarities of (tile row, tile column) pairs, each pair computed once per
         tile: the handlers' candidates overlap (row max and margin both look near a row's max,
-        pilots are candidates again), and a recomputation costs ~100x a screened pair."""
+        pilots are candidates again), and a recomputation costs ~100x a screened pair. The memo
+        is a dense NaN-filled array over the tile's pairs (``Scratch.memo``): one gather to look
+        pairs up, no sorting; ``release`` clears what this tile stored."""
         keys = rows * self.tests.cols + cols
-        known, values = self._memo
-        out = torch.empty(len(keys), dtype=torch.float32, device=keys.device)
-        miss = torch.ones(len(keys), dtype=torch.bool, device=keys.device)
-        if len(known) and len(keys):
-            at = torch.searchsorted(known, keys).clamp_(max=len(known) - 1)
-            hit = known[at] == keys
-            out[hit] = values[at[hit]]
-            miss = ~hit
-        todo = torch.nonzero(miss).flatten()
+        memo = self.scratch.memo(self.sims.numel())
+        out = memo[keys]
+        todo = torch.nonzero(torch.isnan(out)).flatten()
         if len(todo) == len(keys):
             todo_rows, todo_cols, todo_keys = rows, cols, keys
         else:
             todo_rows, todo_cols, todo_keys = rows[todo], cols[todo], keys[todo]
+        if len(todo) == 0:
+            return out
         # Keys are unique within a request (handlers ask for distinct pairs).
         new = exact_sims(
             self.x, todo_rows, self.tests.exact, todo_cols, self.fp32_products, self.scratch
         )
         self.stats.rechecked += len(new)
         out[todo] = new
-        if len(new):
-            keys_all = torch.cat([known, todo_keys])
-            order = torch.argsort(keys_all)
-            self._memo = (keys_all[order], torch.cat([values, new])[order])
+        memo[todo_keys] = new
+        self.memo_keys.append(todo_keys)
         return out
 
-    @cached_property
-    def _memo(self) -> tuple[torch.Tensor, torch.Tensor]:
-        dev = self.x.device
-        return torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, device=dev)
+    def release(self) -> None:
+        """Clear this tile's memo entries: the buffer serves the next tiles."""
+        if self.memo_keys:
+            self.scratch.memo(self.sims.numel())[torch.cat(self.memo_keys)] = math.nan
+            self.memo_keys = []
