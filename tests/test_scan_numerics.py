@@ -12,6 +12,7 @@ from test_scan import assert_matches, brute, sims_of, unit_fp16
 
 from simgap.scan import KernelConfig, scan_arrays
 from simgap.scan import kernel as K
+from simgap.scan.kernel import screen as KS
 from simgap.scan.scan import scan_device, wait_for_copy
 
 
@@ -35,7 +36,7 @@ def test_auto_screen_by_cpu_flags(flags, screen):
 
 def test_auto_screen_on_cuda_is_measured_in_the_worker(monkeypatch):
     rates = {"bf16": 2.0, "int8": 3.0}
-    monkeypatch.setattr(K, "cuda_screen_rates", lambda *a: rates)
+    monkeypatch.setattr(KS, "cuda_screen_rates", lambda *a: rates)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert K.resolve_precision("auto", "cuda") == "int8"
     rates["bf16"] = 4.0
@@ -44,7 +45,7 @@ def test_auto_screen_on_cuda_is_measured_in_the_worker(monkeypatch):
     def no_cuda(*a):
         raise AssertionError("the driver must not touch CUDA")
 
-    monkeypatch.setattr(K, "cuda_screen_rates", no_cuda)
+    monkeypatch.setattr(KS, "cuda_screen_rates", no_cuda)
     assert KernelConfig(device="cuda").resolved(measure=False).precision == "auto"
 
 
@@ -95,11 +96,11 @@ def test_screen_gemm_runs_with_reduced_precision_reduction_off(monkeypatch):
         seen.append(torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
         return out
 
-    monkeypatch.setattr(K, "tile_gemm", fake_gemm)
+    monkeypatch.setattr(KS, "tile_gemm", fake_gemm)
     tt = SimpleNamespace(cols=8, screen=torch.zeros(8, 4, dtype=torch.bfloat16))
     cfg = KernelConfig("bf16", device="cuda", tile_rows=4, tile_tests=8, gemm="torch")
     xs = torch.zeros(4, 4, dtype=torch.bfloat16)
-    K._screen(xs, tt, None, cfg, K.Scratch(torch.device("cpu")), (127, 127))
+    KS.screen_tile(xs, tt, None, cfg, K.Scratch(torch.device("cpu")), (127, 127))
     assert seen == [False]
     assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction  # restored
 
@@ -154,8 +155,8 @@ def saturating_int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, gemm:
 
 
 def test_int8_probe_narrows_the_range_on_a_saturating_gemm(monkeypatch):
-    monkeypatch.setattr(K, "_INT8_EXACT", {})
-    monkeypatch.setattr(K, "tile_gemm", saturating_int_mm)
+    monkeypatch.setattr(KS, "_INT8_EXACT", {})
+    monkeypatch.setattr(KS, "tile_gemm", saturating_int_mm)
     assert not K.int8_gemm_exact(8, 8, 16, (127, 127), "cpu")
     assert K.int8_range(8, 8, 16, "cpu") == (127, 63)
     # The whole scan on that GEMM is still exact.
@@ -170,12 +171,12 @@ def test_int8_probe_narrows_the_range_on_a_saturating_gemm(monkeypatch):
 
 
 def test_int8_scan_refuses_an_inexact_gemm(monkeypatch):
-    monkeypatch.setattr(K, "_INT8_EXACT", {})
+    monkeypatch.setattr(KS, "_INT8_EXACT", {})
 
     def wrong(a, b, out, gemm):
         return out.fill_(0)
 
-    monkeypatch.setattr(K, "tile_gemm", wrong)
+    monkeypatch.setattr(KS, "tile_gemm", wrong)
     x = unit_fp16(np.random.default_rng(9).standard_normal((10, 8)))
     with pytest.raises(RuntimeError, match="not exact"):
         scan_arrays([(0, x)], x[:4], topk=1, config=KernelConfig("int8"))

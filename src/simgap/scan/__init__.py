@@ -1,6 +1,6 @@
 """Exact fused scan of a base set against test points.
 
-kernel.py: the math on one tile (and ``KernelConfig``, the scan's only tuning knobs); scan.py:
+kernel/: the math on one tile (and ``KernelConfig``, the scan's only tuning knobs); scan.py:
 streaming blocks through the kernel in one process; shards.py: a store scanned shard by shard on
 an executor (local or Ray), resumable, partials merged; layout.py: the scan folder on disk;
 lookup.py: an approximate FAISS IVF index for interactive look-ups (never for decisions).

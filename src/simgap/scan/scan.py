@@ -3,7 +3,7 @@
 One pass over the base rows gives, per test point, the top-k most similar base rows and (with
 thresholds) how many base rows lie strictly above its threshold; per base row, the max similarity
 over all tests, its argmax test and the margin ``max_t (sim - thr(t))``. Values and decisions equal
-the exact brute force (see ``kernel.py`` for the bound that makes the bf16/fp32 screen exact).
+the exact brute force (see ``kernel/`` for the bound that makes the bf16/fp32 screen exact).
 
 This module streams in-memory or memory-mapped blocks in one process; ``shards.py`` runs it per
 store shard on an executor and merges the shards' partials; ``layout.py`` is the on-disk format.
