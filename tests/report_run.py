@@ -243,16 +243,13 @@ def _predictions(run: Path) -> None:
 
 
 def _analysis(run: Path, rng: np.random.Generator) -> None:
-    from simgap import config
-    from simgap.analysis import statistics_analysis
+    from simgap.analysis import Sampling, statistics_analysis
 
     write_json(run / "analysis" / "robustness.json", robustness_doc())
     write_json(run / "analysis" / "separation.json", SEPARATION)
     _predictions(run)
-    cfg = config.override(
-        config.Config(), {"analysis.id_benchmark": "photo", "analysis.bootstrap": 200}
-    )
-    statistics_analysis(run, cfg, list(TOP1), list(BENCHMARKS))
+    sampling = Sampling(id_benchmark="photo", seeds=1, bootstrap=200, seed=0)
+    statistics_analysis(run, sampling, list(TOP1), list(BENCHMARKS))
     rows = []
     for split in ("full", "sketch"):
         for bench in BENCHMARKS:

@@ -8,13 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simgap.analysis import (
-    guarded,
-    reference_points_path,
-    robustness_analysis,
-    similarity_analysis,
-    statistics_analysis,
-)
+from simgap.analysis import guarded
 from simgap.config import Config, ConfigError
 from simgap.experiment.engines import Executors, executors_of, kernel_config
 from simgap.experiment.specs import (
@@ -25,6 +19,7 @@ from simgap.experiment.specs import (
     data_of,
     pool_samples,
     pool_shards,
+    reference_points_path,
     split_specs,
     where,
 )
@@ -39,10 +34,13 @@ from simgap.experiment.steps import (
     materialize_reference,
     materialize_split,
     model_name,
+    robustness_step,
     scan_grid,
     seed_recipe,
     select_split,
     separation_step,
+    similarity_step,
+    statistics_step,
     train_split,
 )
 from simgap.io import sha256_bytes
@@ -419,7 +417,7 @@ def _analysis_stages(
             },
             lambda r: guarded(
                 "robustness",
-                lambda: robustness_analysis(run, cfg, trained, evaluated, line),
+                lambda: robustness_step(run, cfg, trained, evaluated, line),
                 log,
             ),
             after=(*evals, *line_evals),
@@ -431,7 +429,7 @@ def _analysis_stages(
             stats_inputs,
             lambda r: guarded(
                 "statistics",
-                lambda: statistics_analysis(run, cfg, trained, evaluated),
+                lambda: statistics_step(run, cfg, trained, evaluated),
                 log,
             ),
             after=(*evals, "analysis-robustness", *(f"select-{s}" for s in trained)),
@@ -445,7 +443,7 @@ def _analysis_stages(
             },
             lambda r: guarded(
                 "accuracy by similarity",
-                lambda: similarity_analysis(run, cfg, trained, evaluated),
+                lambda: similarity_step(run, cfg, trained, evaluated),
                 log,
             ),
             after=(*evals, "gaps"),

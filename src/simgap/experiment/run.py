@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 
 from simgap import __version__
-from simgap.analysis import reference_points_path
 from simgap.config import Config, to_json
 from simgap.experiment.engines import executors_of
 from simgap.experiment.estimate import scan_lines
@@ -23,6 +22,7 @@ from simgap.experiment.plan import (
 )
 from simgap.experiment.specs import (
     missing_paths,
+    reference_points_path,
     where,
 )
 from simgap.io import write_json

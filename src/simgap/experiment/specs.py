@@ -49,6 +49,14 @@ def data_of(cfg: Config, run: Path) -> Data:
     )
 
 
+def reference_points_path(cfg: Config) -> Path:
+    """analysis.reference_points; a relative path is relative to the config file's folder."""
+    path = Path(cfg.analysis.reference_points)
+    if not path.is_absolute() and cfg.path and Path(cfg.path).is_file():
+        return Path(cfg.path).parent / path
+    return path
+
+
 def missing_paths(cfg: Config) -> list[str]:
     """The real sources' paths that do not exist, as ``key = path`` (the world has none)."""
     if cfg.sources.kind != "real":
