@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from simgap import config
+from simgap.experiment import config
 from simgap.scan.run import scan_benchmarks
 from simgap.store import StoreWriter
 
@@ -54,8 +54,9 @@ SEPARATION = {
     "chance": 0.1,
     "accuracy": {"mean": 0.62, "lo": 0.565, "hi": 0.673},
 }
-# The config that would make this run, in the current schema (simgap.config parses it: a schema
-# change that drops a key breaks these tests instead of leaving them on a stale format).
+# The config that would make this run, in the current schema (simgap.experiment.config parses
+# it: a schema change that drops a key breaks these tests instead of leaving them on a stale
+# format).
 CONFIG_TEXT = f"""# report test run
 name = "report-run"
 seed = 0

@@ -21,10 +21,10 @@ import torch
 from open_clip_train.params import parse_args
 from PIL import Image
 
-from simgap.config import load
 from simgap.data.tarwrite import write_tar
 from simgap.embed import EmbedShard, autocast_dtype, embed, forward_context
 from simgap.evaluate import evaluate_benchmarks
+from simgap.experiment.config import load
 from simgap.io import fingerprint
 from simgap.models import (
     DeviceError,

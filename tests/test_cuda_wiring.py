@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import simgap.experiment.plan as plan
 import simgap.experiment.steps as steps
-from simgap import config
-from simgap.experiment import make_plan
+from simgap.experiment import config, make_plan
 from simgap.parallel import Executor, LocalEngine
 
 

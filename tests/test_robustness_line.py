@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from simgap import config
 from simgap.analysis import Sampling, read_reference_points, robustness_analysis
+from simgap.experiment import config
 from simgap.robustness import effective_robustness, fit_line
 from simgap.separation import knn_predict
 from simgap.store import StoreWriter, open_store

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from simgap import config
-from simgap.experiment import make_plan
+from simgap.experiment import config, make_plan
+from simgap.experiment.runner import Runner
 from simgap.experiment.steps import fit_batch, train_split
 from simgap.parallel import Executor, LocalEngine
-from simgap.runner import Runner
 from simgap.train import Recipe, TrainError
 
 BASE = config.override(

@@ -46,9 +46,8 @@ def cmd_world(a: argparse.Namespace) -> None:
 
 
 def _run_config(a: argparse.Namespace, name: str, settings: dict) -> None:
-    from simgap import config
     from simgap.console import RunConsole
-    from simgap.experiment import run_config
+    from simgap.experiment import config, run_config
     from simgap.report import summary_table
 
     cfg = config.load(name)
@@ -78,7 +77,7 @@ def _run_config(a: argparse.Namespace, name: str, settings: dict) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> None:
-    from simgap.config import parse_setting
+    from simgap.experiment.config import parse_setting
 
     settings = dict(parse_setting(s) for s in a.set)
     if a.engine:
@@ -176,7 +175,7 @@ def cmd_scan(a: argparse.Namespace) -> None:
 def _adds_reference(policy: str, given: bool | None) -> bool:
     """--add-reference / --no-add-reference, else the paper's setting for the family (the
     config's default ``reference.add_to``): the full pool alone, the gap-matched splits with it."""
-    from simgap.config import Reference
+    from simgap.experiment.config import Reference
 
     return given if given is not None else policy in Reference().add_to
 

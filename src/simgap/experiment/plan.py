@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from simgap.analysis import guarded
-from simgap.config import Config, ConfigError
+from simgap.experiment.config import Config, ConfigError
 from simgap.experiment.engines import Executors, executors_of, kernel_config
+from simgap.experiment.runner import Stage
 from simgap.experiment.specs import (
     Data,
     SplitSpec,
@@ -47,7 +48,6 @@ from simgap.io import sha256_bytes
 from simgap.layout import RunLayout, bench_store_name
 from simgap.models import device_key
 from simgap.parallel import Executor
-from simgap.runner import Stage
 from simgap.train import (
     Recipe,
     open_clip_argv,

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simgap.config import Config, ConfigError
 from simgap.data.tars import expand_shards
+from simgap.experiment.config import Config, ConfigError
 from simgap.io import read_json
 from simgap.layout import RunLayout
 from simgap.select.policies import split_seed

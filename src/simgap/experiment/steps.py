@@ -20,10 +20,10 @@ from simgap.analysis import (
     similarity_analysis,
     statistics_analysis,
 )
-from simgap.config import Config
 from simgap.data.clip_benchmark import open_benchmark
 from simgap.data.keylist import read_key_list
 from simgap.evaluate import evaluate_benchmark
+from simgap.experiment.config import Config
 from simgap.experiment.specs import (
     Data,
     SplitSpec,
