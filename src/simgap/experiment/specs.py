@@ -14,6 +14,7 @@ from simgap.io import read_json
 from simgap.layout import RunLayout
 from simgap.select.policies import split_seed
 from simgap.store import Store, open_store
+from simgap.train import Recipe
 from simgap.world import BENCHMARKS
 
 Results = dict[str, Any]
@@ -229,6 +230,34 @@ def split_specs(cfg: Config, benchmarks: list[str]) -> list[SplitSpec]:
     if dupes:
         raise ConfigError(f"{where(cfg)}: splits: two splits are named {dupes}")
     return specs
+
+
+def trained_splits(cfg: Config, names: list[str]) -> list[str]:
+    """The splits that are trained (train.splits: "all", or names of this config's splits)."""
+    if cfg.train.splits == ("all",):
+        return names
+    for i, s in enumerate(cfg.train.splits):
+        if s not in names:
+            raise ConfigError(
+                f'{where(cfg)}: train.splits[{i}]: unknown split "{s}"; splits of this config: '
+                + ", ".join(names)
+            )
+    return list(dict.fromkeys(cfg.train.splits))
+
+
+def reference_line(cfg: Config) -> list[tuple[str, Recipe]]:
+    """The reference-line models (name, recipe): one per budget (epochs) and seed, trained on
+    the reference set alone (none when analysis.reference_epochs is empty, as on a real run,
+    whose line is given: analysis.reference_points)."""
+    a = cfg.analysis
+    return [
+        (
+            f"reference-e{epochs}-s{seed}",
+            dataclasses.replace(cfg.train.recipe, epochs=epochs, seed=cfg.train.recipe.seed + seed),
+        )
+        for epochs in dict.fromkeys(a.reference_epochs)
+        for seed in range(a.reference_seeds)
+    ]
 
 
 def _adds(cfg: Config, policy: str) -> bool:

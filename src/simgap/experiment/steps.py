@@ -27,6 +27,7 @@ from simgap.experiment.config import Config
 from simgap.experiment.specs import (
     Data,
     SplitSpec,
+    pool_samples,
     pool_shards,
     reference_points_path,
     run_store,
@@ -401,6 +402,24 @@ def audit_step(run: Path, data: Data, cfg: Config, benchmarks: list[str], log: L
     pool = run_store(run, "pool", data)
     a = cfg.analysis
     return audit_analysis(tests, pool, a.audit, a.audit_threshold, truth, layout.audit, log)
+
+
+def train_similarity_model(
+    run: Path, data: Data, cfg: Config, results: Results, log: Log
+) -> dict[str, Any]:
+    """The similarity model trained on the pool (similarity.train_on_pool)."""
+    sim = cfg.similarity
+    checkpoint = train(
+        sim.recipe,
+        pool_shards(data),
+        pool_samples(data, results),
+        RunLayout(run).models,
+        "similarity",
+        log,
+        device=cfg.train.device,
+        threads=cfg.train.threads or None,
+    )
+    return {"arch": sim.recipe.model, "checkpoint": str(checkpoint), "pretrained": None}
 
 
 def embed_source(
