@@ -17,8 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from simgap import config
-from simgap.experiment import run_config
+from simgap.experiment import config, run_config
 
 
 def main() -> None:

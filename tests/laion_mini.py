@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from simgap import config
 from simgap.data.clip_benchmark import write_wds
 from simgap.embed import embed
+from simgap.experiment import config
 from simgap.models import ModelSpec, load_model
 from simgap.store import open_store
 from simgap.world import WorldConfig, generate_world

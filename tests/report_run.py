@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from simgap import config
+from simgap.experiment import config
 from simgap.scan.run import scan_benchmarks
 from simgap.store import StoreWriter
 
@@ -54,8 +54,9 @@ SEPARATION = {
     "chance": 0.1,
     "accuracy": {"mean": 0.62, "lo": 0.565, "hi": 0.673},
 }
-# The config that would make this run, in the current schema (simgap.config parses it: a schema
-# change that drops a key breaks these tests instead of leaving them on a stale format).
+# The config that would make this run, in the current schema (simgap.experiment.config parses
+# it: a schema change that drops a key breaks these tests instead of leaving them on a stale
+# format).
 CONFIG_TEXT = f"""# report test run
 name = "report-run"
 seed = 0
@@ -243,16 +244,13 @@ def _predictions(run: Path) -> None:
 
 
 def _analysis(run: Path, rng: np.random.Generator) -> None:
-    from simgap import config
-    from simgap.analysis import statistics_analysis
+    from simgap.analysis import Sampling, statistics_analysis
 
     write_json(run / "analysis" / "robustness.json", robustness_doc())
     write_json(run / "analysis" / "separation.json", SEPARATION)
     _predictions(run)
-    cfg = config.override(
-        config.Config(), {"analysis.id_benchmark": "photo", "analysis.bootstrap": 200}
-    )
-    statistics_analysis(run, cfg, list(TOP1), list(BENCHMARKS))
+    sampling = Sampling(id_benchmark="photo", seeds=1, bootstrap=200, seed=0)
+    statistics_analysis(run, sampling, list(TOP1), list(BENCHMARKS))
     rows = []
     for split in ("full", "sketch"):
         for bench in BENCHMARKS:

@@ -5,7 +5,7 @@ import io
 import pytest
 
 from simgap.console import RunConsole
-from simgap.runner import Runner, Stage, execute
+from simgap.experiment.runner import Runner, Stage, execute
 
 
 def _stages(log, fail: str | None = None):

@@ -21,12 +21,12 @@ import torch
 from open_clip_train.params import parse_args
 from PIL import Image
 
-from simgap.config import load
 from simgap.data.tarwrite import write_tar
 from simgap.embed import embed
 from simgap.embed.encode import autocast_dtype, forward_context
 from simgap.embed.shard import EmbedShard
 from simgap.evaluate import evaluate_benchmarks
+from simgap.experiment.config import load
 from simgap.io import fingerprint
 from simgap.models import (
     DeviceError,

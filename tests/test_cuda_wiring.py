@@ -4,10 +4,8 @@ several GPUs), and stage keys name the device."""
 
 from __future__ import annotations
 
-import simgap.experiment.plan as plan
 import simgap.experiment.steps as steps
-from simgap import config
-from simgap.experiment import make_plan
+from simgap.experiment import config, make_plan
 from simgap.parallel import Executor, LocalEngine
 
 
@@ -19,9 +17,9 @@ def _stages(tmp_path, **settings):
 
 def test_the_similarity_model_trains_on_the_configured_device(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(plan, "train", lambda *a, **kw: calls.append(kw) or tmp_path / "c.pt")
-    monkeypatch.setattr(plan, "pool_samples", lambda data, r: 10)
-    monkeypatch.setattr(plan, "pool_shards", lambda data: "pool.tar")
+    monkeypatch.setattr(steps, "train", lambda *a, **kw: calls.append(kw) or tmp_path / "c.pt")
+    monkeypatch.setattr(steps, "pool_samples", lambda data, r: 10)
+    monkeypatch.setattr(steps, "pool_shards", lambda data: "pool.tar")
     _, stages = _stages(tmp_path, **{"train.device": "cuda"})
     stages["similarity-model"].fn({})
     assert calls[-1]["device"] == "cuda"

@@ -9,8 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from simgap import config
-from simgap.experiment import run_config
+from simgap.experiment import config, run_config
 from simgap.report import summary_table
 from simgap.select.splitfile import read_split
 from simgap.store import open_store

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from simgap.cli import parser
-from simgap.config import Config
+from simgap.experiment.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 

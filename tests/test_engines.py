@@ -11,8 +11,8 @@ import types
 
 import pytest
 
-from simgap import config
 from simgap.embed.run import auto_decode_workers, probe_device
+from simgap.experiment import config
 from simgap.experiment.engines import executors_of, kernel_config
 from simgap.parallel import (
     EngineSpec,

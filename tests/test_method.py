@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from simgap import config
-from simgap.config import ConfigError
 from simgap.data.tarwrite import write_tar
-from simgap.experiment import make_plan
+from simgap.experiment import config, make_plan
+from simgap.experiment.config import ConfigError
+from simgap.experiment.runner import Runner
 from simgap.parallel import Executor, LocalEngine
-from simgap.runner import Runner
 from simgap.select.splitfile import write_split
 
 GRID = """

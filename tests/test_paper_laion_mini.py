@@ -11,8 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from laion_mini import STAND_INS, build, mini_config, mini_settings
 
-from simgap import config
-from simgap.experiment import make_plan, run_config
+from simgap.experiment import config, make_plan, run_config
 from simgap.store import ClipRetrievalStore, open_store
 
 

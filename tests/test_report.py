@@ -37,7 +37,7 @@ from simgap.store import open_store
 
 def test_the_test_runs_config_is_one_the_current_parser_plans(tmp_path) -> None:
     """The synthetic run's config text is in today's schema and makes the run's splits and
-    trainings (report_run parses it with simgap.config at import; this plans it)."""
+    trainings (report_run parses it with simgap.experiment.config at import; this plans it)."""
     plan = make_plan(CONFIG, tmp_path, lambda _: None, Executor(LocalEngine(1)))
     assert set(SPLITS) <= {s.name for s in plan.splits}
     assert plan.trained == list(TOP1) and plan.benchmarks == list(BENCHMARKS)

@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from simgap import config
-from simgap.analysis import knn_predict, read_reference_points, robustness_analysis
+from simgap.analysis import Sampling, read_reference_points, robustness_analysis
+from simgap.experiment import config
 from simgap.robustness import effective_robustness, fit_line
+from simgap.separation import knn_predict
 from simgap.store import StoreWriter, open_store
 
 BENCHES = ["photo", "sketch", "rendition"]
@@ -63,13 +64,12 @@ def run(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _cfg(**settings) -> config.Config:
-    base = {"analysis.id_benchmark": "photo", "train.seeds": 2, "analysis.bootstrap": 400}
-    return config.override(config.Config(), {**base, **settings})
+# ID benchmark photo, two seeds per split, 400 bootstrap replicates, seed 0.
+SAMPLING = Sampling(id_benchmark="photo", seeds=2, bootstrap=400, seed=0)
 
 
 def test_effective_robustness_per_benchmark_against_the_reference_only_line(run):
-    result = robustness_analysis(run, _cfg(), list(SPLITS), BENCHES, list(LINE))
+    result = robustness_analysis(run, SAMPLING, list(SPLITS), BENCHES, list(LINE))
     assert result == {"computed": True, "reference_models": 3}
     doc = json.loads((run / "analysis" / "robustness.json").read_text())
     assert doc["line"]["reference_models"] == list(LINE) and doc["reference_models"] == 3
@@ -100,9 +100,7 @@ def test_published_points_give_the_same_line_held_fixed(run, tmp_path_factory):
     ]
     csv.write_text("\n".join(lines) + "\n")  # percent: read as fractions
     shutil.rmtree(run / "eval" / "reference-line")
-    robustness_analysis(
-        run, _cfg(**{"analysis.reference_points": str(csv)}), list(SPLITS), BENCHES, []
-    )
+    robustness_analysis(run, SAMPLING, list(SPLITS), BENCHES, [], reference_points=csv)
     doc = json.loads((run / "analysis" / "robustness.json").read_text())
     assert doc["line"]["source"] == str(csv) and doc["reference_models"] == 3
     ids = np.array([m["photo"] for m in LINE.values()])

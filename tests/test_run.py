@@ -16,13 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from simgap import config
 from simgap.cli import main
-from simgap.config import ConfigError
-from simgap.experiment import make_plan
+from simgap.experiment import config, make_plan
+from simgap.experiment.config import ConfigError
+from simgap.experiment.runner import Runner
 from simgap.models import ModelSpec, load_model
 from simgap.parallel import Executor, LocalEngine
-from simgap.runner import Runner
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 

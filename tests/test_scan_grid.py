@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from simgap import config
 from simgap.cli import main as cli_main
-from simgap.experiment import run_config
+from simgap.experiment import config, run_config
 from simgap.models import ModelSpec, load_model
 from simgap.store import Store
 

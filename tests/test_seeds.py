@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from simgap import config
-from simgap.experiment import make_plan
+from simgap.experiment import config, make_plan
+from simgap.experiment.runner import Runner
 from simgap.experiment.steps import fit_batch, train_split
 from simgap.parallel import Executor, LocalEngine
-from simgap.runner import Runner
 from simgap.train import Recipe, TrainError
 
 BASE = config.override(
@@ -98,7 +97,7 @@ def test_reference_line_budget_is_epochs_even_with_a_samples_seen_budget():
     # The trained splits may share a samples-seen budget; the line's models vary their budget
     # by epochs over the reference set, so they must not inherit it (each would train the
     # splits' whole budget and the line would have one budget, not five).
-    from simgap.experiment.plan import reference_line
+    from simgap.experiment.specs import reference_line
 
     cfg = config.override(
         BASE, {"analysis.reference_epochs": [1, 4], "train.recipe.samples_seen": 50_000}

@@ -305,7 +305,7 @@ def test_controls_are_seeded_by_name_as_the_runner_seeds_them(world, tmp_path):
     """`--control` once seeded every control with --seed (0): the controls of two splits were
     nested subsets of one permutation. Now each control's seed comes from its name, with the
     runner's rule (experiment.specs), so `simgap select` and `simgap run` make the same control."""
-    from simgap.config import parse
+    from simgap.experiment.config import parse
     from simgap.experiment.specs import split_specs
 
     root = world["root"]

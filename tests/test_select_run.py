@@ -14,13 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from simgap import config
 from simgap.cli import main as cli_main
-from simgap.experiment import Data, scan_grid, split_specs
+from simgap.experiment import Data, config, scan_grid, split_specs
 from simgap.experiment.engines import Executors
 from simgap.experiment.plan import _split_stages
+from simgap.experiment.runner import Runner, Stage, execute
 from simgap.parallel import Executor, LocalEngine
-from simgap.runner import Runner, Stage, execute
 from simgap.scan import KernelConfig
 from simgap.select.build import guarantee
 from simgap.store import StoreWriter, normalize_fp16, write_store

@@ -6,6 +6,7 @@ instead of a failed run; unreadable or inconsistent files still fail it."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,6 @@ import pyarrow.parquet as pq
 
 from simgap import claims, stats
 from simgap.audit import audit
-from simgap.config import Config
 from simgap.io import read_json, write_json, write_parquet
 from simgap.layout import RunLayout
 from simgap.robustness import (
@@ -55,17 +55,29 @@ def correct_matrix(folder: Path, models: list[str], bench: str) -> tuple[list[st
     return keys or [], np.stack(rows)
 
 
-def _id_and_ood(cfg: Config, benchmarks: list[str]) -> tuple[str, list[str]]:
-    id_bench = cfg.analysis.id_benchmark or benchmarks[0]
+@dataclass(frozen=True)
+class Sampling:
+    """The settings every interval of the analyses depends on: which benchmark is in
+    distribution, how many seeds each split was trained with, the bootstrap's replicates and
+    its seed."""
+
+    id_benchmark: str  # "" = the first benchmark
+    seeds: int
+    bootstrap: int
+    seed: int
+
+
+def _id_and_ood(id_benchmark: str, benchmarks: list[str]) -> tuple[str, list[str]]:
+    id_bench = id_benchmark or benchmarks[0]
     return id_bench, [b for b in benchmarks if b != id_bench]
 
 
 class Outcomes:
     """Every trained split's outcomes and their bootstrap replicates (shared draws)."""
 
-    def __init__(self, run: Path, cfg: Config, trained: list[str], benchmarks: list[str]):
-        self.seeds = cfg.train.seeds
-        self.id_bench, self.ood = _id_and_ood(cfg, benchmarks)
+    def __init__(self, run: Path, sampling: Sampling, trained: list[str], benchmarks: list[str]):
+        self.seeds = sampling.seeds
+        self.id_bench, self.ood = _id_and_ood(sampling.id_benchmark, benchmarks)
         self.benchmarks = benchmarks
         self.correct = {
             (s, b): correct_matrix(RunLayout(run).eval, model_names(s, self.seeds), b)[1]
@@ -73,7 +85,7 @@ class Outcomes:
             for b in benchmarks
         }
         tests = {b: self.correct[(trained[0], b)].shape[1] for b in benchmarks} if trained else {}
-        self.boot = stats.Bootstrap(tests, cfg.analysis.bootstrap, cfg.seed)
+        self.boot = stats.Bootstrap(tests, sampling.bootstrap, sampling.seed)
         self.trained = trained
         self._cache: dict[tuple[str, str], tuple[float, np.ndarray]] = {}
 
@@ -99,14 +111,6 @@ def _as_interval(est: tuple[float, np.ndarray]) -> stats.Interval:
 
 
 # ----------------------------------------------------------------------------- robustness
-
-
-def reference_points_path(cfg: Config) -> Path:
-    """analysis.reference_points; a relative path is relative to the config file's folder."""
-    path = Path(cfg.analysis.reference_points)
-    if not path.is_absolute() and cfg.path and Path(cfg.path).is_file():
-        return Path(cfg.path).parent / path
-    return path
 
 
 def read_reference_points(path: Path, id_bench: str, ood: list[str]) -> dict[str, dict]:
@@ -173,45 +177,112 @@ def _er(
     return stats.interval(point, reps)
 
 
-def robustness_analysis(
-    run: Path, cfg: Config, trained: list[str], benchmarks: list[str], line_models: list[str]
-) -> dict:
-    """Effective robustness (Taori et al. 2020), per OOD benchmark and for the mean OOD top-1:
-    a line of OOD vs ID top-1 on logit axes through the reference models (the world: models
-    trained on the reference set alone; a real run: analysis.reference_points), then every
-    trained split's distance above it, in accuracy, with its bootstrap interval (the line is
-    refitted in every replicate: the reference models' test points are resampled too)."""
-    id_bench, ood = _id_and_ood(cfg, benchmarks)
-    if not ood:
-        return {"computed": False, "why": "needs an OOD benchmark besides the ID one"}
-    out = Outcomes(run, cfg, trained, benchmarks)
-    boot = out.boot
-    ref: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
-    source = "reference-line"
-    if cfg.analysis.reference_points:
-        source = str(reference_points_path(cfg))
-        for model, accs in read_reference_points(Path(source), id_bench, ood).items():
+Estimate = tuple[float, np.ndarray]  # a point and its bootstrap replicates
+References = dict[str, dict[str, Estimate]]  # reference model -> benchmark -> its top-1
+
+
+def _reference_estimates(
+    run: Path,
+    boot: stats.Bootstrap,
+    benchmarks: list[str],
+    line_models: list[str],
+    points: tuple[Path, str, list[str]] | None,
+) -> References:
+    """The reference models' top-1: published points (``points``: the CSV, the ID and the OOD
+    benchmarks), or the reference-line models' predictions, resampled like the splits'."""
+    ref: References = {}
+    if points is not None:
+        for model, accs in read_reference_points(*points).items():
             # Published points carry no test-level outcomes: fixed in every replicate.
             ref[model] = {b: (v, np.full(boot.replicates, v)) for b, v in accs.items()}
-    else:
-        folder = RunLayout(run).reference_line_eval
-        for model in line_models:
-            ref[model] = {}
-            for b in benchmarks:
-                c = correct_matrix(folder, [model], b)[1]
-                ref[model][b] = (float(c.mean()), boot.replicate(c, b))
-    if len(ref) < 2:
-        return {
-            "computed": False,
-            "why": f"needs at least two reference models, has {len(ref)} (analysis."
-            "reference_epochs x reference_seeds, or analysis.reference_points)",
-        }
+        return ref
+    folder = RunLayout(run).reference_line_eval
+    for model in line_models:
+        ref[model] = {}
+        for b in benchmarks:
+            c = correct_matrix(folder, [model], b)[1]
+            ref[model][b] = (float(c.mean()), boot.replicate(c, b))
+    return ref
+
+
+def _add_mean_ood(ref: References, ood: list[str]) -> None:
+    """Each reference model's MEAN_OOD estimate, as Outcomes.estimate makes a split's."""
     for model in ref:
         parts = [ref[model][b] for b in ood]
         ref[model][MEAN_OOD] = (
             float(np.mean([p for p, _ in parts])),
             np.mean(np.stack([r for _, r in parts]), axis=0),
         )
+
+
+def _ci(est: Estimate) -> list[float]:
+    iv = stats.interval(*est)
+    return [iv.lo, iv.hi]
+
+
+def _point(name: str, id_est: Estimate, ood_est: Estimate, er: float, reference: bool) -> dict:
+    """One model on the figure: its ID and mean OOD top-1 with intervals, and its ER."""
+    return {
+        "split": name,
+        "id_acc": id_est[0],
+        "ood_acc": ood_est[0],
+        "id_ci": _ci(id_est),
+        "ood_ci": _ci(ood_est),
+        "effective_robustness": er,
+        "reference": reference,
+    }
+
+
+def _robustness_points(
+    out: Outcomes, ref: References, er: dict[str, dict], mean_line: dict[str, float]
+) -> list[dict]:
+    """Every trained split, then every reference model, against the mean OOD line."""
+    id_bench, line = out.id_bench, Line(mean_line["slope"], mean_line["intercept"])
+    splits = [
+        _point(
+            s, out.estimate(s, id_bench), out.estimate(s, MEAN_OOD), er[s][MEAN_OOD]["mean"], False
+        )
+        for s in out.trained
+    ]
+    references = [
+        _point(
+            m,
+            ref[m][id_bench],
+            ref[m][MEAN_OOD],
+            float(effective_robustness(line, ref[m][id_bench][0], ref[m][MEAN_OOD][0])),
+            True,
+        )
+        for m in ref
+    ]
+    return splits + references
+
+
+def robustness_analysis(
+    run: Path,
+    sampling: Sampling,
+    trained: list[str],
+    benchmarks: list[str],
+    line_models: list[str],
+    reference_points: Path | None = None,
+) -> dict:
+    """Effective robustness (Taori et al. 2020), per OOD benchmark and for the mean OOD top-1:
+    a line of OOD vs ID top-1 on logit axes through the reference models (the world: models
+    trained on the reference set alone; a real run: the published ``reference_points``), then
+    every trained split's distance above it, in accuracy, with its bootstrap interval (the line
+    is refitted in every replicate: the reference models' test points are resampled too)."""
+    id_bench, ood = _id_and_ood(sampling.id_benchmark, benchmarks)
+    if not ood:
+        return {"computed": False, "why": "needs an OOD benchmark besides the ID one"}
+    out = Outcomes(run, sampling, trained, benchmarks)
+    points = None if reference_points is None else (reference_points, id_bench, ood)
+    ref = _reference_estimates(run, out.boot, benchmarks, line_models, points)
+    if len(ref) < 2:
+        return {
+            "computed": False,
+            "why": f"needs at least two reference models, has {len(ref)} (analysis."
+            "reference_epochs x reference_seeds, or analysis.reference_points)",
+        }
+    _add_mean_ood(ref, ood)
     lines, er = {}, {s: {} for s in trained}
     for bench in [*ood, MEAN_OOD]:
         line, slopes, intercepts = _line_replicates(
@@ -221,44 +292,10 @@ def robustness_analysis(
         for s in trained:
             iv = _er(line, slopes, intercepts, out.estimate(s, id_bench), out.estimate(s, bench))
             er[s][bench] = iv.as_dict()
-    mean_line = lines[MEAN_OOD]
-
-    def ci(est: tuple[float, np.ndarray]) -> list[float]:
-        iv = stats.interval(*est)
-        return [iv.lo, iv.hi]
-
-    points = [
-        {
-            "split": s,
-            "id_acc": out.estimate(s, id_bench)[0],
-            "ood_acc": out.estimate(s, MEAN_OOD)[0],
-            "id_ci": ci(out.estimate(s, id_bench)),
-            "ood_ci": ci(out.estimate(s, MEAN_OOD)),
-            "effective_robustness": er[s][MEAN_OOD]["mean"],
-            "reference": False,
-        }
-        for s in trained
-    ] + [
-        {
-            "split": m,
-            "id_acc": ref[m][id_bench][0],
-            "ood_acc": ref[m][MEAN_OOD][0],
-            "id_ci": ci(ref[m][id_bench]),
-            "ood_ci": ci(ref[m][MEAN_OOD]),
-            "effective_robustness": float(
-                effective_robustness(
-                    Line(mean_line["slope"], mean_line["intercept"]),
-                    ref[m][id_bench][0],
-                    ref[m][MEAN_OOD][0],
-                )
-            ),
-            "reference": True,
-        }
-        for m in ref
-    ]
+    source = "reference-line" if reference_points is None else str(reference_points)
     doc = {
         "line": {
-            **mean_line,
+            **lines[MEAN_OOD],
             "id_benchmark": id_bench,
             "ood_benchmarks": ood,
             "ood_aggregate": "mean top-1 over ood_benchmarks",
@@ -266,7 +303,7 @@ def robustness_analysis(
             "source": source,
         },
         "lines": lines,
-        "points": points,
+        "points": _robustness_points(out, ref, er, lines[MEAN_OOD]),
         "effective_robustness": er,
         "reference_models": len(ref),
     }
@@ -307,12 +344,14 @@ def pair_name(a: str, b: str) -> str:
     return f"{a} - {b}"
 
 
-def statistics_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: list[str]) -> dict:
+def statistics_analysis(
+    run: Path, sampling: Sampling, trained: list[str], benchmarks: list[str]
+) -> dict:
     """Every split's top-1 with its 95% interval, the paired differences (split - control,
     split - full), and the paper's two claims, computed: ``analysis/statistics.json``."""
     if not trained:
         return {"computed": False, "why": "no trained split"}
-    out = Outcomes(run, cfg, trained, benchmarks)
+    out = Outcomes(run, sampling, trained, benchmarks)
     cols = out.columns()
     top1 = {s: {b: _as_interval(out.estimate(s, b)).as_dict() for b in cols} for s in trained}
     differences = {}
@@ -344,7 +383,7 @@ def statistics_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: 
     return {"computed": True}
 
 
-def similarity_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: list[str]) -> dict:
+def similarity_analysis(run: Path, trained: list[str], benchmarks: list[str], bins: int) -> dict:
     """Accuracy against each test point's NN similarity to the split the model was trained on
     (with the reference set added, the max of the reference and split columns)."""
     tables = []
@@ -365,7 +404,7 @@ def similarity_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: 
             if read_json(RunLayout(run).split(split) / "split.json").get("reference_added"):
                 nn = np.maximum(nn, reference[rows])
             correct = np.array(preds["pred"]) == np.array(preds["label"])
-            t = accuracy_by_similarity(correct, nn, bins=cfg.analysis.bins)
+            t = accuracy_by_similarity(correct, nn, bins=bins)
             n = t.num_rows
             t = t.add_column(0, "benchmark", pa.array([bench] * n, pa.string()))
             tables.append(t.add_column(0, "split", pa.array([split] * n, pa.string())))
@@ -375,101 +414,20 @@ def similarity_analysis(run: Path, cfg: Config, trained: list[str], benchmarks: 
     return {"computed": True}
 
 
-# ----------------------------------------------------------------------------- separation
-
-
-def knn_predict(
-    reference: Store, labels: np.ndarray, tests: np.ndarray, k: int, chunk: int = 16384
-) -> np.ndarray:
-    """Each test embedding's class by a majority of its k nearest reference embeddings (cosine);
-    a tie goes to the class of the nearest tied neighbour. The reference set is read a shard at
-    a time, in chunks: ImageNet-train does not fit beside its similarity matrix."""
-    q = tests.astype(np.float32)
-    best_sim = np.full((len(q), 0), -np.inf, np.float32)
-    best_lab = np.zeros((len(q), 0), np.int64)
-    for offset, _, block in reference.iter_blocks():
-        for start in range(0, len(block), chunk):
-            emb = np.asarray(block[start : start + chunk], np.float32)
-            sim = q @ emb.T
-            lab = np.broadcast_to(labels[offset + start : offset + start + len(emb)], sim.shape)
-            sim = np.concatenate([best_sim, sim], axis=1)
-            lab = np.concatenate([best_lab, lab], axis=1)
-            keep = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-            best_sim = np.take_along_axis(sim, keep, axis=1)
-            best_lab = np.take_along_axis(lab, keep, axis=1)
-    out = np.empty(len(q), np.int64)
-    for i, row in enumerate(best_lab):  # sorted nearest first
-        classes, counts = np.unique(row, return_counts=True)
-        tied = set(classes[counts == counts.max()].tolist())
-        out[i] = next(c for c in row if c in tied)
-    return out
-
-
-def _reference_classes(sources: list[str], names: list[str]) -> np.ndarray:
-    """Reference rows' labels in the benchmark's class indices: by class folder name, or by
-    WordNet id for an ImageNet-train folder against a benchmark with ImageNet's 1000 classes."""
-    folders = [Path(s).parent.name for s in sources]
-    index = {n: i for i, n in enumerate(names)}
-    if all(f in index for f in folders):
-        return np.array([index[f] for f in folders])
-    from simgap.data.clip_benchmark import imagenet_wnids
-
-    wnids = {w: i for i, w in enumerate(imagenet_wnids())}
-    if len(names) == len(wnids) and all(f in wnids for f in folders):
-        return np.array([wnids[f] for f in folders])
-    unknown = sorted({f for f in folders if f not in index})
-    raise stats.NotComputable(
-        f"reference class folders are not the benchmark's class names ({len(unknown)} unknown, "
-        f"first: {unknown[0]!r})"
-    )
-
-
-def separation_analysis(
-    reference: Store,
-    tests: Store,
-    classnames: list[str],
-    bench: str,
-    out: Path,
-    k: int = 10,
-    max_tests: int = 2000,
-    seed: int = 0,
-) -> dict:
-    """How well the similarity model separates classes, which every gap depends on: k-NN top-1
-    of the ID benchmark's test points against the reference set's labelled embeddings, with a
-    bootstrap interval over test points (at most max_tests, a seeded sample)."""
-    ref_table = reference.keys_table()
-    labels = _reference_classes(ref_table.column("source").to_pylist(), classnames)
-    test_table = tests.keys_table()
-    emb = tests.embeddings()
-    idx = np.arange(len(emb))
-    if len(idx) > max_tests:
-        idx = np.sort(np.random.default_rng(seed).choice(len(idx), max_tests, replace=False))
-    truth = np.array(test_table.column("label").to_pylist())[idx]
-    correct = (knn_predict(reference, labels, emb[idx], k) == truth).astype(np.float64)
-    boot = stats.Bootstrap({bench: len(idx)}, 2000, seed)
-    iv, _ = stats.accuracy(boot, correct, bench)
-    doc = {
-        "benchmark": bench,
-        "k": k,
-        "tests": int(len(idx)),
-        "reference": int(reference.rows),
-        "classes": len(classnames),
-        "chance": 1.0 / len(classnames),
-        "accuracy": iv.as_dict(),
-    }
-    write_json(RunLayout(out).separation, doc)
-    return {"computed": True, "accuracy": iv.mean}
-
-
 def audit_analysis(
-    tests: dict[str, Store], pool: Store, cfg: Config, truth: pa.Table | None, out: Path, log: Log
+    tests: dict[str, Store],
+    pool: Store,
+    method: str,
+    threshold: float,
+    truth: pa.Table | None,
+    out: Path,
+    log: Log,
 ) -> dict:
     """The contamination audit: test points with a near-duplicate in the pool (simgap.audit),
-    scored against the world's injected near-duplicates when there are some."""
-    verify = "none" if cfg.analysis.audit == "embedding" else "pixels"
-    result = audit(
-        tests, pool, cfg.analysis.audit_threshold, ground_truth=truth, out_dir=out, verify=verify
-    )
+    scored against the world's injected near-duplicates when there are some. ``method``:
+    "embedding" (pairs above ``threshold``) or "pixels" (those pairs verified on pixels)."""
+    verify = "none" if method == "embedding" else "pixels"
+    result = audit(tests, pool, threshold, ground_truth=truth, out_dir=out, verify=verify)
     log(f"audit ({result.get('method', 'embedding')}): {result['pairs']} near-duplicate pairs")
     return {"computed": True, "pairs": result["pairs"]}
 

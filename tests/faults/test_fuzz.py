@@ -35,10 +35,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from simgap import config as config_mod
 from simgap.data.keylist import read_key_list
 from simgap.data.tars import TarWalk, iter_samples
 from simgap.data.tarwrite import write_tar
+from simgap.experiment import config as config_mod
 from simgap.io import RECORD_CHECK, error_line, read_record, sha256_file, write_record
 from simgap.materialize.index import IndexShard, index_tar
 from simgap.scan.layout import iter_scan_rows, load_scan
@@ -446,7 +446,7 @@ def test_fuzz_materialize_records(tmp_path, examples):
 @pytest.mark.parametrize("examples", COUNTS)
 def test_fuzz_stage_record(tmp_path, examples):
     """The runner's stage records (stages/<stage>.json): a damaged one reruns the stage."""
-    from simgap.runner import Runner, Stage
+    from simgap.experiment.runner import Runner, Stage
 
     stage = Stage("scan", {"k": 1}, lambda r: {"rows": 3, "path": "scans/x"})
     runner = Runner(tmp_path, [stage], lambda _: None)
@@ -886,7 +886,7 @@ def test_hashing_helper_is_the_store_checksum(store):
 
 def test_a_damaged_stage_record_reruns_the_stage(tmp_path):
     """A stage record that is valid JSON but not an object raised AttributeError."""
-    from simgap.runner import Runner, Stage
+    from simgap.experiment.runner import Runner, Stage
 
     stage = Stage("scan", {"k": 1}, lambda r: 7)
     Runner(tmp_path, [stage], lambda _: None).run(stage)

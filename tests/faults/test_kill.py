@@ -393,7 +393,7 @@ RUN_TIMEOUT = 1800
 
 def _run_stages(config: Path, out: Path) -> list[str]:
     """The plan's stage names in order (a dry run reads stage records, writes nothing)."""
-    from simgap import config as config_mod
+    from simgap.experiment import config as config_mod
     from simgap.experiment import run_config
 
     plan = run_config(config_mod.load(config), out, log=lambda _: None, dry_run=True)

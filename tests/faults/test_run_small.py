@@ -10,8 +10,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from simgap import config
-from simgap.experiment import run_config
+from simgap.experiment import config, run_config
 
 from .faultlib import assert_same_tree, move_aside, record, run_and_kill
 

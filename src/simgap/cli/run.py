@@ -49,7 +49,7 @@ def _console_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> None:
-    from simgap.config import parse_setting
+    from simgap.experiment.config import parse_setting
 
     settings = dict(parse_setting(s) for s in a.set)
     if a.engine:
@@ -71,9 +71,8 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def _run_config(a: argparse.Namespace, name: str, settings: dict) -> None:
-    from simgap import config
     from simgap.console import RunConsole
-    from simgap.experiment import run_config
+    from simgap.experiment import config, run_config
     from simgap.report import summary_table
 
     cfg = config.load(name)

@@ -63,7 +63,7 @@ def _reference_args(p: argparse.ArgumentParser) -> None:
 def _adds_reference(policy: str, given: bool | None) -> bool:
     """--add-reference / --no-add-reference, else the paper's setting for the family (the
     config's default ``reference.add_to``): the full pool alone, the gap-matched splits with it."""
-    from simgap.config import Reference
+    from simgap.experiment.config import Reference
 
     return given if given is not None else policy in Reference().add_to
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simgap.config import Config
+from simgap.experiment.config import Config
 from simgap.parallel import EngineSpec, Executor, build_engine
 from simgap.scan.kernel import KernelConfig
 

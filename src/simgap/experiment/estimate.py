@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from simgap.config import Config
+from simgap.experiment.config import Config
 from simgap.experiment.specs import SplitSpec, benchmarks_of
 from simgap.io import read_json
 from simgap.layout import RunLayout, bench_store_name

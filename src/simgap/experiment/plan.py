@@ -4,28 +4,25 @@ stages it reads from, so every key is known before anything runs."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simgap.analysis import (
-    guarded,
-    reference_points_path,
-    robustness_analysis,
-    similarity_analysis,
-    statistics_analysis,
-)
-from simgap.config import Config, ConfigError
+from simgap.analysis import guarded
+from simgap.experiment.config import Config, ConfigError
 from simgap.experiment.engines import Executors, executors_of, kernel_config
+from simgap.experiment.runner import Stage
 from simgap.experiment.specs import (
     Data,
     SplitSpec,
     benchmarks_of,
     check_benchmarks,
     data_of,
-    pool_samples,
-    pool_shards,
+    reference_line,
+    reference_points_path,
     split_specs,
+    trained_splits,
     where,
 )
 from simgap.experiment.steps import (
@@ -39,22 +36,21 @@ from simgap.experiment.steps import (
     materialize_reference,
     materialize_split,
     model_name,
+    robustness_step,
     scan_grid,
     seed_recipe,
     select_split,
     separation_step,
+    similarity_step,
+    statistics_step,
+    train_similarity_model,
     train_split,
 )
 from simgap.io import sha256_bytes
 from simgap.layout import RunLayout, bench_store_name
 from simgap.models import device_key
 from simgap.parallel import Executor
-from simgap.runner import Stage
-from simgap.train import (
-    Recipe,
-    open_clip_argv,
-    train,
-)
+from simgap.train import Recipe, open_clip_argv
 from simgap.types import Log
 from simgap.world import generate_world
 
@@ -75,18 +71,6 @@ class Plan:
     reference_line: list[str] = dataclasses.field(default_factory=list)
 
 
-def trained_splits(cfg: Config, names: list[str]) -> list[str]:
-    if cfg.train.splits == ("all",):
-        return names
-    for i, s in enumerate(cfg.train.splits):
-        if s not in names:
-            raise ConfigError(
-                f'{where(cfg)}: train.splits[{i}]: unknown split "{s}"; splits of this config: '
-                + ", ".join(names)
-            )
-    return list(dict.fromkeys(cfg.train.splits))
-
-
 def recipe_key(recipe: Recipe) -> list[str]:
     """A recipe as what open_clip_train is told: a field added to Recipe with a default that
     changes nothing does not invalidate every cached training."""
@@ -98,9 +82,8 @@ def _source_stages(
 ) -> list[Stage]:
     """The world (or nothing, for real sources), the similarity model, the embeddings, the scan."""
     stages: list[Stage] = []
-    add = stages.append
     if cfg.sources.kind == "world":
-        add(
+        stages.append(
             Stage(
                 "world",
                 cfg.section("sources")["world"],
@@ -108,78 +91,86 @@ def _source_stages(
             )
         )
     upstream = ("world",) if cfg.sources.kind == "world" else ()
+    stages.append(_similarity_stage(cfg, run, data, upstream, log))
+    sources = embedded_sources(data, benchmarks)
+    stages += [
+        _embed_stage(cfg, run, name, source, executors.embed, log)
+        for name, source in sources.items()
+    ]
+    embeds = tuple(f"embed-{n}" for n in sources)
+    stages.append(_scan_stage(cfg, run, data, benchmarks, embeds, executors.scan, log))
+    return stages
+
+
+def _similarity_stage(
+    cfg: Config, run: Path, data: Data, upstream: tuple[str, ...], log: Log
+) -> Stage:
+    """The similarity model: trained on the pool (keyed by its recipe), or the given one."""
     sim = cfg.similarity
-    if sim.train_on_pool:
-        add(
-            Stage(
-                "similarity-model",
-                {
-                    "model": sim.model,
-                    "recipe": recipe_key(sim.recipe),
-                    "device": device_key(cfg.train.device),
-                },
-                lambda r: {
-                    "arch": sim.recipe.model,
-                    "checkpoint": str(
-                        train(
-                            sim.recipe,
-                            pool_shards(data),
-                            pool_samples(data, r),
-                            RunLayout(run).models,
-                            "similarity",
-                            log,
-                            device=cfg.train.device,
-                            threads=cfg.train.threads or None,
-                        )
-                    ),
-                    "pretrained": None,
-                },
-                after=upstream,
-                owns=(str(REL.similarity_model),),
-            )
-        )
-    else:
+    if not sim.train_on_pool:
         spec = {
             "arch": sim.model,
             "checkpoint": sim.checkpoint or None,
             "pretrained": sim.pretrained or None,
         }
-        add(Stage("similarity-model", spec, lambda r, spec=spec: spec, after=upstream))
+        return Stage("similarity-model", spec, lambda r, spec=spec: spec, after=upstream)
+    return Stage(
+        "similarity-model",
+        {
+            "model": sim.model,
+            "recipe": recipe_key(sim.recipe),
+            "device": device_key(cfg.train.device),
+        },
+        lambda r: train_similarity_model(run, data, cfg, r, log),
+        after=upstream,
+        owns=(str(REL.similarity_model),),
+    )
 
+
+def embedded_sources(data: Data, benchmarks: list[str]) -> dict[str, str]:
+    """Store name -> source of every set the run embeds: the reference set, the pool (unless its
+    embeddings are given) and the benchmarks."""
     sources = {"reference": data.reference}
     if not data.pool_store:
         sources["pool"] = data.pool
-    sources |= {bench_store_name(b): data.benchmarks[b] for b in benchmarks}
-    for name, source in sources.items():
-        add(
-            Stage(
-                f"embed-{name}",
-                {
-                    "source": portable(source, run),
-                    "batch_size": sim.batch_size,
-                    "device": device_key(sim.device),
-                },
-                lambda r, name=name, source=source: embed_source(
-                    run, name, source, r, sim, executors.embed, log
-                ),
-                after=("similarity-model",),
-                owns=(str(REL.store(name)),),
-            )
-        )
-    embeds = tuple(f"embed-{n}" for n in sources)
-    pool_input = {"pool_embeddings": data.pool_store}
+    return sources | {bench_store_name(b): data.benchmarks[b] for b in benchmarks}
+
+
+def _embed_stage(
+    cfg: Config, run: Path, name: str, source: str, executor: Executor, log: Log
+) -> Stage:
+    sim = cfg.similarity
+    return Stage(
+        f"embed-{name}",
+        {
+            "source": portable(source, run),
+            "batch_size": sim.batch_size,
+            "device": device_key(sim.device),
+        },
+        lambda r: embed_source(run, name, source, r, sim, executor, log),
+        after=("similarity-model",),
+        owns=(str(REL.store(name)),),
+    )
+
+
+def _scan_stage(
+    cfg: Config,
+    run: Path,
+    data: Data,
+    benchmarks: list[str],
+    embeds: tuple[str, ...],
+    executor: Executor,
+    log: Log,
+) -> Stage:
     kernel = kernel_config(cfg)
     # Keyed without device, precision, tiles or engine: the scan is exact, they change no byte.
-    add(
-        Stage(
-            "scan",
-            {"topk": cfg.scan.topk, "benchmarks": benchmarks, **pool_input},
-            lambda r: scan_grid(run, data, benchmarks, cfg.scan.topk, kernel, executors.scan, log),
-            after=embeds,
-            owns=(str(REL.scans),),
-        )
+    return Stage(
+        "scan",
+        {"topk": cfg.scan.topk, "benchmarks": benchmarks, "pool_embeddings": data.pool_store},
+        lambda r: scan_grid(run, data, benchmarks, cfg.scan.topk, kernel, executor, log),
+        after=embeds,
+        owns=(str(REL.scans),),
     )
-    return stages
 
 
 def _split_stages(
@@ -270,11 +261,7 @@ def _train_stages(
             add(
                 Stage(
                     f"train-{name}",
-                    {
-                        "recipe": recipe_key(recipe),
-                        "gpus": cfg.train.gpus,
-                        "device": device_key(cfg.train.device),
-                    },
+                    _train_inputs(cfg, recipe),
                     lambda r, split=split, name=name, recipe=recipe, m=materialized: shared.once(
                         {
                             "keys": r[f"select-{split}"]["keys_sha256"],
@@ -298,21 +285,13 @@ def _train_stages(
     return stages
 
 
-def reference_line(cfg: Config) -> list[tuple[str, Recipe]]:
-    """The reference-line models (name, recipe): one per budget (epochs) and seed, trained on
-    the reference set alone (none when analysis.reference_epochs is empty, as on a real run,
-    whose line is given: analysis.reference_points). The line's budget is epochs over the
-    reference set, so a samples-seen budget of the trained splits does not apply to it."""
-    a = cfg.analysis
-    recipe = dataclasses.replace(cfg.train.recipe, samples_seen=None)
-    return [
-        (
-            f"reference-e{epochs}-s{seed}",
-            dataclasses.replace(recipe, epochs=epochs, seed=recipe.seed + seed),
-        )
-        for epochs in dict.fromkeys(a.reference_epochs)
-        for seed in range(a.reference_seeds)
-    ]
+def _train_inputs(cfg: Config, recipe: Recipe) -> dict[str, Any]:
+    """A training's key: its recipe as open_clip_train is told it, and the devices it runs on."""
+    return {
+        "recipe": recipe_key(recipe),
+        "gpus": cfg.train.gpus,
+        "device": device_key(cfg.train.device),
+    }
 
 
 def _reference_materialize(cfg: Config, run: Path, data: Data, executor: Executor) -> list[Stage]:
@@ -338,11 +317,7 @@ def _reference_models(
         stages += [
             Stage(
                 f"train-{name}",
-                {
-                    "recipe": recipe_key(recipe),
-                    "gpus": cfg.train.gpus,
-                    "device": device_key(cfg.train.device),
-                },
+                _train_inputs(cfg, recipe),
                 lambda r, name=name, recipe=recipe: train_split(
                     run,
                     cfg,
@@ -395,89 +370,67 @@ def _analysis_stages(
     log: Log,
 ) -> list[Stage]:
     """Effective robustness, intervals, accuracy vs NN similarity, the contamination audit."""
-    stages: list[Stage] = []
-    add = stages.append
-    seeds = cfg.train.seeds
-    evals = tuple(f"evaluate-{model_name(s, k)}" for s in trained for k in range(seeds))
+    evals = tuple(f"evaluate-{model_name(s, k)}" for s in trained for k in range(cfg.train.seeds))
     line = [name for name, _ in reference_line(cfg)]
-    line_evals = tuple(f"evaluate-{n}" for n in line)
-    analysis = cfg.section("analysis")
-    stats_inputs = {
-        "id_benchmark": cfg.analysis.id_benchmark,
-        "bootstrap": cfg.analysis.bootstrap,
-        "seeds": seeds,
-        "seed": cfg.seed,
-    }
-    points = cfg.analysis.reference_points
-    add(
+    sampling = _sampling_inputs(cfg)
+    id_bench = cfg.analysis.id_benchmark or evaluated[0]
+
+    def guard(what: str, fn: Callable[[], dict]) -> Callable[[Results], dict]:
+        return lambda r: guarded(what, fn, log)
+
+    stages = [
         Stage(
             "analysis-robustness",
-            {
-                **stats_inputs,
-                "reference_line": line,
-                "reference_points": (
-                    _file_identity(reference_points_path(cfg)) if points else None
-                ),
-            },
-            lambda r: guarded(
-                "robustness",
-                lambda: robustness_analysis(run, cfg, trained, evaluated, line),
-                log,
-            ),
-            after=(*evals, *line_evals),
-        )
-    )
-    add(
+            {**sampling, "reference_line": line, "reference_points": _points_identity(cfg)},
+            guard("robustness", lambda: robustness_step(run, cfg, trained, evaluated, line)),
+            after=(*evals, *(f"evaluate-{n}" for n in line)),
+        ),
         Stage(
             "analysis-statistics",
-            stats_inputs,
-            lambda r: guarded(
-                "statistics",
-                lambda: statistics_analysis(run, cfg, trained, evaluated),
-                log,
-            ),
+            sampling,
+            guard("statistics", lambda: statistics_step(run, cfg, trained, evaluated)),
             after=(*evals, "analysis-robustness", *(f"select-{s}" for s in trained)),
-        )
-    )
-    add(
+        ),
         Stage(
             "analysis-similarity",
-            {
-                "bins": analysis["bins"],
-            },
-            lambda r: guarded(
-                "accuracy by similarity",
-                lambda: similarity_analysis(run, cfg, trained, evaluated),
-                log,
-            ),
+            {"bins": cfg.section("analysis")["bins"]},
+            guard("accuracy by similarity", lambda: similarity_step(run, cfg, trained, evaluated)),
             after=(*evals, "gaps"),
-        )
-    )
-    id_bench = cfg.analysis.id_benchmark or evaluated[0]
-    add(
+        ),
         Stage(
             "analysis-separation",
             {"benchmark": id_bench, "k": cfg.scan.topk, "seed": cfg.seed},
-            lambda r: guarded(
-                "class separation", lambda: separation_step(run, data, cfg, id_bench), log
-            ),
+            guard("class separation", lambda: separation_step(run, data, cfg, id_bench)),
             after=("embed-reference", f"embed-{bench_store_name(id_bench)}"),
-        )
-    )
+        ),
+    ]
     if cfg.analysis.audit != "off":
-        add(
+        stages.append(
             Stage(
                 "audit",
-                {
-                    "method": cfg.analysis.audit,
-                    "threshold": cfg.analysis.audit_threshold,
-                },
+                {"method": cfg.analysis.audit, "threshold": cfg.analysis.audit_threshold},
                 lambda r: audit_step(run, data, cfg, benchmarks, log),
                 after=embeds,
                 owns=(str(REL.audit),),
             )
         )
     return stages
+
+
+def _sampling_inputs(cfg: Config) -> dict[str, Any]:
+    """What every interval is drawn with (analysis.Sampling): a change redoes the robustness and
+    statistics analyses."""
+    return {
+        "id_benchmark": cfg.analysis.id_benchmark,
+        "bootstrap": cfg.analysis.bootstrap,
+        "seeds": cfg.train.seeds,
+        "seed": cfg.seed,
+    }
+
+
+def _points_identity(cfg: Config) -> list | None:
+    """analysis.reference_points as path and content hash (None: no published points)."""
+    return _file_identity(reference_points_path(cfg)) if cfg.analysis.reference_points else None
 
 
 def _file_identity(path: Path) -> list:

@@ -13,22 +13,22 @@ import numpy as np
 import pyarrow as pa
 
 from simgap import __version__
-from simgap.analysis import reference_points_path
-from simgap.config import Config, to_json
+from simgap.experiment.config import Config, to_json
 from simgap.experiment.engines import executors_of
 from simgap.experiment.estimate import scan_lines
 from simgap.experiment.plan import (
     Plan,
     make_plan,
 )
+from simgap.experiment.runner import Runner, execute
 from simgap.experiment.specs import (
     missing_paths,
+    reference_points_path,
     where,
 )
 from simgap.io import write_json
 from simgap.layout import RunLayout
 from simgap.lock import locks_output
-from simgap.runner import Runner, execute
 from simgap.train import Recipe
 from simgap.types import Log
 

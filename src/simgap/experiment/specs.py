@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simgap.config import Config, ConfigError
 from simgap.data.tars import expand_shards
+from simgap.experiment.config import Config, ConfigError
 from simgap.io import read_json
 from simgap.layout import RunLayout
 from simgap.select.policies import split_seed
 from simgap.store import Store, open_store
+from simgap.train import Recipe
 from simgap.world import BENCHMARKS
 
 Results = dict[str, Any]
@@ -47,6 +48,14 @@ def data_of(cfg: Config, run: Path) -> Data:
     return Data(
         real.reference, real.pool, real.pool_embeddings, dict(real.benchmarks), real.templates
     )
+
+
+def reference_points_path(cfg: Config) -> Path:
+    """analysis.reference_points; a relative path is relative to the config file's folder."""
+    path = Path(cfg.analysis.reference_points)
+    if not path.is_absolute() and cfg.path and Path(cfg.path).is_file():
+        return Path(cfg.path).parent / path
+    return path
 
 
 def missing_paths(cfg: Config) -> list[str]:
@@ -221,6 +230,36 @@ def split_specs(cfg: Config, benchmarks: list[str]) -> list[SplitSpec]:
     if dupes:
         raise ConfigError(f"{where(cfg)}: splits: two splits are named {dupes}")
     return specs
+
+
+def trained_splits(cfg: Config, names: list[str]) -> list[str]:
+    """The splits that are trained (train.splits: "all", or names of this config's splits)."""
+    if cfg.train.splits == ("all",):
+        return names
+    for i, s in enumerate(cfg.train.splits):
+        if s not in names:
+            raise ConfigError(
+                f'{where(cfg)}: train.splits[{i}]: unknown split "{s}"; splits of this config: '
+                + ", ".join(names)
+            )
+    return list(dict.fromkeys(cfg.train.splits))
+
+
+def reference_line(cfg: Config) -> list[tuple[str, Recipe]]:
+    """The reference-line models (name, recipe): one per budget (epochs) and seed, trained on
+    the reference set alone (none when analysis.reference_epochs is empty, as on a real run,
+    whose line is given: analysis.reference_points). The line's budget is epochs over the
+    reference set, so a samples-seen budget of the trained splits does not apply to it."""
+    a = cfg.analysis
+    recipe = dataclasses.replace(cfg.train.recipe, samples_seen=None)
+    return [
+        (
+            f"reference-e{epochs}-s{seed}",
+            dataclasses.replace(recipe, epochs=epochs, seed=recipe.seed + seed),
+        )
+        for epochs in dict.fromkeys(a.reference_epochs)
+        for seed in range(a.reference_seeds)
+    ]
 
 
 def _adds(cfg: Config, policy: str) -> bool:

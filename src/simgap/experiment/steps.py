@@ -13,15 +13,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from simgap.analysis import audit_analysis, separation_analysis
-from simgap.config import Config
+from simgap.analysis import (
+    Sampling,
+    audit_analysis,
+    robustness_analysis,
+    similarity_analysis,
+    statistics_analysis,
+)
 from simgap.data.clip_benchmark import open_benchmark
 from simgap.data.keylist import read_key_list
 from simgap.evaluate import evaluate_benchmark
+from simgap.experiment.config import Config
 from simgap.experiment.specs import (
     Data,
     SplitSpec,
+    pool_samples,
     pool_shards,
+    reference_points_path,
     run_store,
     templates_of,
 )
@@ -48,6 +56,7 @@ from simgap.select.build import (
     split_rows,
 )
 from simgap.select.splitfile import write_split
+from simgap.separation import separation_analysis
 from simgap.train import (
     GpuSlots,
     Recipe,
@@ -390,7 +399,27 @@ def audit_step(run: Path, data: Data, cfg: Config, benchmarks: list[str], log: L
     tests = {b: run_store(run, bench_store_name(b), data) for b in benchmarks}
     truth_path = layout.world_truth("near_duplicates.parquet")
     truth = pq.read_table(truth_path) if cfg.sources.kind == "world" else None
-    return audit_analysis(tests, run_store(run, "pool", data), cfg, truth, layout.audit, log)
+    pool = run_store(run, "pool", data)
+    a = cfg.analysis
+    return audit_analysis(tests, pool, a.audit, a.audit_threshold, truth, layout.audit, log)
+
+
+def train_similarity_model(
+    run: Path, data: Data, cfg: Config, results: Results, log: Log
+) -> dict[str, Any]:
+    """The similarity model trained on the pool (similarity.train_on_pool)."""
+    sim = cfg.similarity
+    checkpoint = train(
+        sim.recipe,
+        pool_shards(data),
+        pool_samples(data, results),
+        RunLayout(run).models,
+        "similarity",
+        log,
+        device=cfg.train.device,
+        threads=cfg.train.threads or None,
+    )
+    return {"arch": sim.recipe.model, "checkpoint": str(checkpoint), "pretrained": None}
 
 
 def embed_source(
@@ -419,3 +448,28 @@ def separation_step(run: Path, data: Data, cfg: Config, bench: str) -> dict:
         k=cfg.scan.topk,
         seed=cfg.seed,
     )
+
+
+def sampling_of(cfg: Config) -> Sampling:
+    """The settings the robustness and statistics analyses draw their intervals with."""
+    a = cfg.analysis
+    return Sampling(a.id_benchmark, cfg.train.seeds, a.bootstrap, cfg.seed)
+
+
+def robustness_step(
+    run: Path, cfg: Config, trained: list[str], evaluated: list[str], line: list[str]
+) -> dict:
+    """Effective robustness against the reference-line models, or the config's published
+    points (analysis/robustness.json)."""
+    points = reference_points_path(cfg) if cfg.analysis.reference_points else None
+    return robustness_analysis(run, sampling_of(cfg), trained, evaluated, line, points)
+
+
+def statistics_step(run: Path, cfg: Config, trained: list[str], evaluated: list[str]) -> dict:
+    """Intervals, paired differences and the claims (analysis/statistics.json)."""
+    return statistics_analysis(run, sampling_of(cfg), trained, evaluated)
+
+
+def similarity_step(run: Path, cfg: Config, trained: list[str], evaluated: list[str]) -> dict:
+    """Accuracy against NN similarity (analysis/accuracy_by_similarity.parquet)."""
+    return similarity_analysis(run, trained, evaluated, cfg.analysis.bins)

@@ -21,6 +21,7 @@ from simgap.report.blocks import (
     pp,
 )
 from simgap.report.runfiles import (
+    MEAN_OOD,
     NOT_COMPUTED,
     RunFiles,
     benchmark_order,
@@ -32,7 +33,6 @@ from simgap.report.runfiles import (
 )
 
 CURVE_POLICIES = ("near", "far", "random")
-MEAN_OOD = "mean-ood"
 
 
 def curve_splits(files: RunFiles) -> dict[str, list[str]]:

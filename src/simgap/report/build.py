@@ -14,8 +14,6 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from simgap.io import write_bytes, write_json
 from simgap.layout import RunLayout
 from simgap.report import (
@@ -25,6 +23,7 @@ from simgap.report import (
     figures,
     findings,
     gallery,
+    gaps,
     structure,
 )
 from simgap.report.blocks import (
@@ -39,16 +38,15 @@ from simgap.report.blocks import (
     pct,
     pct_ci,
     pp,
-    sim,
 )
 from simgap.report.render import render_html, render_markdown
 from simgap.report.runfiles import (
-    GAP_BASE_SETS,
+    MEAN_OOD,
     NOT_COMPUTED,
     RunFiles,
-    benchmark_order,
     controls,
     difference_ci,
+    evaluated_benchmarks,
     is_gap_matched,
     load_run,
     split_benchmarks,
@@ -85,118 +83,12 @@ def _intro(files: RunFiles) -> Section:
     )
 
 
-def _gaps_section(files: RunFiles, colors: Mapping[str, str]) -> Section:
-    section = Section("Similarity gaps")
-    if not files.gaps:
-        section.blocks.append(Note(f"Similarity gaps: {NOT_COMPUTED} (no gaps/*.parquet files)."))
-        return section
-    benches = [b for b in benchmark_order(files) if b in files.gaps]
-    panels = [figures.GapPanel(b, _plotted_sets(files, b)) for b in benches]
-    section.blocks += [
-        Paragraph(
-            "For every test point, its NN similarity (highest cosine similarity of its "
-            "embedding to any image of a set). Grey area: the reference set; blue outline: "
-            "the full pool; other outlines: the gap-matched splits made for that benchmark. "
-            "The pool sits to the right of the reference (its images are more similar to "
-            "the test points); after pruning, a gap-matched split should trace the grey area "
-            "or lie left of it."
-        ),
-        FigureBlock(
-            "fig-gaps.png",
-            figures.gap_histograms(panels, colors),
-            "Histograms of NN similarity per benchmark",
-            "NN similarity of test points to the reference set, the pool and the gap-matched "
-            "splits, one panel per benchmark.",
-        ),
-        _gap_median_table(files, benches),
-    ]
-    check = _gap_check_table(files, benches)
-    if check.rows:
-        section.blocks.append(check)
-    return section
-
-
-def _plotted_sets(files: RunFiles, bench: str) -> dict[str, np.ndarray]:
-    """Reference, pool, then the gap-matched splits made for this benchmark (controls would crowd
-    the plot; their medians are in the table)."""
-    columns = files.gaps[bench]
-    matched = [
-        name
-        for name in columns
-        if (split := files.splits.get(name))
-        and is_gap_matched(split)
-        and bench in split_benchmarks(split)
-    ]
-    # Splits made for more benchmarks first, so the benchmark's own split is drawn on top.
-    matched.sort(key=lambda name: -len(split_benchmarks(files.splits[name])))
-    return {name: columns[name] for name in [*GAP_BASE_SETS, *matched]}
-
-
-def _gap_median_table(files: RunFiles, benches: Sequence[str]) -> Table:
-    # Splits in the report's split order; columns of unknown splits last, in file order.
-    present = [name for b in benches for name in files.gaps[b]]
-    known = [s for s in split_order(files) if s in present]
-    sets = list(dict.fromkeys([*GAP_BASE_SETS, *known, *present]))
-    rows = []
-    for name in sets:
-        cells = [sim(_nanmedian(files.gaps[b].get(name))) for b in benches]
-        rows.append([name, *cells])
-    return Table(
-        ["set", *benches],
-        rows,
-        caption="Median NN similarity of each benchmark's test points to each set.",
-    )
-
-
-def _nanmedian(values: np.ndarray | None) -> float:
-    if values is None:
-        return float("nan")
-    finite = values[np.isfinite(values)]
-    return float(np.median(finite)) if finite.size else float("nan")
-
-
-def _gap_check_table(files: RunFiles, benches: Sequence[str]) -> Table:
-    """Per gap-matched split and target benchmark: test points more similar to the split than to
-    the reference (strict >, the pruning rule; the method promises none) and test points whose
-    NN similarity equals the reference's (all of them when the reference set is part of the
-    split: the gap is replicated exactly)."""
-    rows = []
-    for name in split_order(files):
-        split = files.splits.get(name)
-        if not split or not is_gap_matched(split):
-            continue
-        for bench in benches:
-            columns = files.gaps[bench]
-            if name not in columns or bench not in split_benchmarks(split):
-                continue
-            split_nn, reference = columns[name], columns["reference"]
-            rows.append(
-                [
-                    name,
-                    bench,
-                    f"{split_nn.size:,}",
-                    f"{int(np.count_nonzero(split_nn > reference)):,}",
-                    f"{int(np.count_nonzero(split_nn == reference)):,}",
-                ]
-            )
-    return Table(
-        ["split", "benchmark", "test points", "above reference", "equal to reference"],
-        rows,
-        caption="Gap check, from the gap files: test points whose NN similarity to a "
-        "gap-matched split is above (must be none) or equal to their NN similarity to the "
-        "reference set.",
-        numeric=(2, 3, 4),
-    )
-
-
 def _accuracy_section(files: RunFiles, colors: Mapping[str, str]) -> Section:
     section = Section("Zero-shot accuracy")
     if not files.evals:
         section.blocks.append(Note(f"Evaluation: {NOT_COMPUTED} (no eval/*.json files)."))
         return section
-    benches = [
-        b for b in benchmark_order(files) if any(_evaluated(files, s, b) for s in files.evals)
-    ]
+    benches = evaluated_benchmarks(files, files.evals)
     evaluated = [s for s in split_order(files) if s in files.evals]
     stats = files.statistics
     if stats is not None:
@@ -238,15 +130,8 @@ def _accuracy_section(files: RunFiles, colors: Mapping[str, str]) -> Section:
     return section
 
 
-MEAN_OOD = "mean-ood"
-
-
 def _mean_label(files: RunFiles) -> str:
     return "mean OOD" if files.statistics is not None else "mean"
-
-
-def _evaluated(files: RunFiles, split: str, bench: str) -> bool:
-    return top1(files, split, bench) is not None
 
 
 def _accuracy_table(files: RunFiles, splits: Sequence[str], benches: Sequence[str]) -> Table:
@@ -524,7 +409,7 @@ def build_sections(files: RunFiles) -> list[Section]:
     body = [
         findings.findings_section(files, doc),
         structure.structure_section(files),
-        _gaps_section(files, colors),
+        gaps.gaps_section(files, colors),
         gallery.gallery_section(files),
         _accuracy_section(files, colors),
         analysis.curves_section(files),
@@ -568,81 +453,3 @@ def build_report(run_dir: Path) -> dict[str, Path]:
     write_bytes(paths["markdown"], render_markdown(sections).encode("utf-8"))
     write_bytes(paths["html"], render_html(sections).encode("utf-8"))
     return paths
-
-
-# ----------------------------------------------------------------------------- terminal
-
-
-def summary_table(run_dir: Path) -> str:
-    """Top-1 (%) per evaluated split × benchmark, each control followed by its split's lead over
-    it, as aligned text; splits without evaluation are listed on a last line."""
-    files = load_run(Path(run_dir))
-    splits = split_order(files)
-    if not splits:
-        return "no splits in this run"
-    if not files.evals:
-        return "evaluation was not run (no eval/*.json); splits: " + ", ".join(splits)
-    benches = [b for b in benchmark_order(files) if any(_evaluated(files, s, b) for s in splits)]
-    if files.statistics is not None:
-        return _summary_with_intervals(files, splits, benches)
-    rows: list[list[str]] = []
-    for split in (s for s in splits if s in files.evals):
-        own = [top1(files, split, b) for b in benches]
-        parent = files.splits.get(split, {}).get("control_of")
-        if parent not in files.evals or parent == split:
-            rows.append([split, *map(pct, own), pct(mean(own))])
-            continue
-        # A control is indented under its split and followed by the split's lead over it.
-        rows.append([f"  {split} (control)", *map(pct, own), pct(mean(own))])
-        ref = [top1(files, parent, b) for b in benches]
-        delta = diff(ref, own)
-        rows.append([f"  Δ {parent} − control", *map(pp, delta), pp(mean(delta))])
-    text = _text_table(["top-1 (%)", *benches, "mean"], rows)
-    unevaluated = [s for s in splits if s not in files.evals]
-    return text + ("\nnot evaluated: " + ", ".join(unevaluated) if unevaluated else "")
-
-
-def _summary_with_intervals(files: RunFiles, splits: Sequence[str], benches: Sequence[str]) -> str:
-    """Means over seeds per benchmark, the mean OOD top-1 with its 95% interval; each control's
-    paired difference (* resolved); then the findings' sentences."""
-    stats = files.statistics or {}
-
-    def means(split: str) -> list[str]:
-        return [pct((top1_ci(files, split, b) or {}).get("mean")) for b in benches]
-
-    rows: list[list[str]] = []
-    for split in (s for s in splits if s in files.evals):
-        parent = files.splits.get(split, {}).get("control_of")
-        ood = pct_ci(top1_ci(files, split, MEAN_OOD))
-        if parent not in files.evals or parent == split:
-            rows.append([split, *means(split), ood])
-            continue
-        rows.append([f"  {split} (control)", *means(split), ood])
-        deltas = [difference_ci(files, parent, split, b) for b in benches]
-        cells = [
-            "—" if d is None else pp(d["mean"]) + ("*" if d.get("resolved") else "") for d in deltas
-        ]
-        ood_delta = pct_ci(difference_ci(files, parent, split, MEAN_OOD), signed=True)
-        rows.append([f"  Δ {parent} − control", *cells, ood_delta])
-    head = f"top-1 (%), mean of {stats.get('seeds', 1)} seed(s)"
-    text = _text_table([head, *benches, "mean OOD [95% CI]"], rows)
-    text += "\n(* paired difference resolved: its 95% interval excludes 0)"
-    unevaluated = [s for s in splits if s not in files.evals]
-    if unevaluated:
-        text += "\nnot evaluated: " + ", ".join(unevaluated)
-    claims = stats.get("claims") or []
-    if claims:
-        text += "\n\nFindings:\n" + "\n".join(f"{i}. {c['text']}" for i, c in enumerate(claims, 1))
-    return text
-
-
-def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
-        return "  ".join([first, *rest]).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])

@@ -20,10 +20,10 @@ import numpy as np
 
 from simgap.io import read_json
 from simgap.layout import RunLayout
-from simgap.report import figures
 from simgap.report.blocks import FigureBlock, Note, Paragraph, Section, Table
 from simgap.report.figures import figure_style, new_figure, png_bytes
 from simgap.report.gallery import GallerySample, fetch_thumbnails
+from simgap.report.imagegrid import Thumb, nn_gallery
 from simgap.report.runfiles import NOT_COMPUTED, RunFiles, split_order
 
 GROUP_TITLES = {"kind": "kind of pool sample", "caption": "caption"}
@@ -153,10 +153,8 @@ def removed_gallery(split: Mapping[str, Any], images: Mapping[GallerySample, np.
     for e in split["examples"]:
         value = "" if e["score"] is None else f" {e['score']:.3f}"
         title = [f"q{e['quantile']:.2f} {score}{value}", e["key"], *_caption_lines(e["caption"])]
-        cells.append(
-            figures.Thumb(images.get(GallerySample(e["key"], e["source"])), "\n".join(title))
-        )
-    return figures.nn_gallery([cells])
+        cells.append(Thumb(images.get(GallerySample(e["key"], e["source"])), "\n".join(title)))
+    return nn_gallery([cells])
 
 
 def _galleries(comp: Mapping[str, Any], names: Sequence[str]) -> list[FigureBlock | Note]:

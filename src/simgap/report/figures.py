@@ -21,7 +21,6 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
-from PIL import Image, ImageDraw, ImageFont
 
 from simgap.robustness import logit
 
@@ -444,62 +443,3 @@ def _logit_err(center: float, ci: tuple[float, float] | None) -> np.ndarray | No
 def _logit_ticks(lo: float, hi: float) -> list[float]:
     candidates = (0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
     return [t for t in candidates if lo <= logit(t) <= hi]
-
-
-# ----------------------------------------------------------------------------- galleries
-
-
-@dataclass(frozen=True)
-class Thumb:
-    """One cell of a gallery: an RGB image (None where the sample could not be found again)."""
-
-    image: np.ndarray | None
-    title: str
-
-
-def nn_gallery(rows: Sequence[Sequence[Thumb]], groups: Sequence[int] = ()) -> bytes:
-    """A grid of images: a row per test image, its nearest neighbours to the right, each cell
-    captioned with its lines of title; a missing image is a grey cell saying so. `groups`: the
-    column indices before which a wider gap separates groups (test | reference | pool).
-
-    Drawn with PIL rather than matplotlib: a grid of pictures needs no axes, and matplotlib's
-    layout of dozens of subplots takes seconds per gallery."""
-    ncols = max(len(r) for r in rows)
-    lines = max(len(t.title.splitlines()) for r in rows for t in r)
-    cell_w, cell_h = _CELL + 2 * _PAD, _CELL + _PAD + lines * _LINE + _PAD
-    xs = [_PAD + c * cell_w + _GROUP_GAP * sum(g <= c for g in groups) for c in range(ncols)]
-    canvas = Image.new("RGB", (xs[-1] + cell_w + _PAD, len(rows) * cell_h + _PAD), "white")
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=11)
-    for r, row in enumerate(rows):
-        for x, thumb in zip(xs, row, strict=False):
-            _draw_cell(canvas, draw, font, thumb, x + _PAD, _PAD + r * cell_h)
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
-
-
-_CELL, _PAD, _LINE, _GROUP_GAP = 112, 6, 14, 18
-
-
-def _draw_cell(canvas: Image.Image, draw: ImageDraw.ImageDraw, font, thumb: Thumb, x: int, y: int):
-    box = (x, y, x + _CELL - 1, y + _CELL - 1)
-    if thumb.image is None:
-        draw.rectangle(box, fill="#dddddd")
-        draw.multiline_text(
-            (x + _CELL // 2, y + _CELL // 2),
-            "image not\navailable",
-            fill="#333333",
-            font=font,
-            anchor="mm",
-            align="center",
-        )
-    else:
-        image = Image.fromarray(np.asarray(thumb.image, dtype=np.uint8)).convert("RGB")
-        scale = _CELL / max(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-        canvas.paste(image, (x + (_CELL - size[0]) // 2, y + (_CELL - size[1]) // 2))
-        draw.rectangle(box, outline="#cccccc")
-    for i, line in enumerate(thumb.title.splitlines()):
-        draw.text((x, y + _CELL + _PAD // 2 + i * _LINE), line, fill="#222222", font=font)

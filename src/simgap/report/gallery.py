@@ -22,8 +22,8 @@ import numpy as np
 from simgap.data.images import decode_rgb, pick_image
 from simgap.data.sources import fetch_samples
 from simgap.layout import RunLayout, bench_store_name
-from simgap.report import figures
 from simgap.report.blocks import FigureBlock, Note, Paragraph, Section, Table, sim
+from simgap.report.imagegrid import Thumb, nn_gallery
 from simgap.report.runfiles import NOT_COMPUTED, RunFiles, benchmark_order
 from simgap.store import Store, StoreError, open_store
 
@@ -159,16 +159,14 @@ def fetch_thumbnails(
     return out
 
 
-def _thumbs(row: GalleryRow, images: dict[GallerySample, np.ndarray]) -> list[figures.Thumb]:
+def _thumbs(row: GalleryRow, images: dict[GallerySample, np.ndarray]) -> list[Thumb]:
     pool_nn = row.pool[0].similarity if row.pool else float("nan")
     cells = [
-        figures.Thumb(
-            images.get(row.test), f"test ({row.label})\n{row.test.key}\npool NN {sim(pool_nn)}"
-        )
+        Thumb(images.get(row.test), f"test ({row.label})\n{row.test.key}\npool NN {sim(pool_nn)}")
     ]
     for role, neighbours in (("reference", row.reference), ("pool", row.pool)):
         cells += [
-            figures.Thumb(images.get(n.sample), f"{role} #{j}\n{n.sample.key}\n{sim(n.similarity)}")
+            Thumb(images.get(n.sample), f"{role} #{j}\n{n.sample.key}\n{sim(n.similarity)}")
             for j, n in enumerate(neighbours, start=1)
         ]
     return cells
@@ -253,7 +251,7 @@ def gallery_section(files: RunFiles, benches: Sequence[str] | None = None) -> Se
         section.blocks.append(
             FigureBlock(
                 f"fig-gallery-{bench}.png",
-                figures.nn_gallery([_thumbs(r, images) for r in rows], _groups(rows)),
+                nn_gallery([_thumbs(r, images) for r in rows], _groups(rows)),
                 f"Image grid: {bench} test images beside their nearest reference and pool images",
                 f"{bench}: test image, its {NEIGHBOURS} nearest reference images, its "
                 f"{NEIGHBOURS} nearest pool images.",

@@ -21,6 +21,8 @@ NOT_COMPUTED = "not computed in this run"
 
 _GAP_ID_COLUMNS = ("test_key", "label")
 GAP_BASE_SETS = ("reference", "pool")
+# The pseudo-benchmark of analysis/statistics.json: mean top-1 over the OOD benchmarks.
+MEAN_OOD = "mean-ood"
 T = TypeVar("T")
 _ACC_BY_SIM_COLUMNS = ("split", "benchmark", "bin_lo", "bin_hi", "n", "accuracy")
 _PAIR_COLUMNS = ("benchmark", "test_key", "base_key", "similarity")
@@ -225,6 +227,12 @@ def top1(files: RunFiles, split: str, bench: str) -> float | None:
     """A split's zero-shot top-1 (fraction) on a benchmark; None where it was not evaluated."""
     entry = files.evals.get(split, {}).get("benchmarks", {}).get(bench)
     return None if entry is None else float(entry["top1"])
+
+
+def evaluated_benchmarks(files: RunFiles, splits: Iterable[str]) -> list[str]:
+    """The benchmarks, in report order, that at least one of ``splits`` was evaluated on."""
+    splits = list(splits)
+    return [b for b in benchmark_order(files) if any(top1(files, s, b) is not None for s in splits)]
 
 
 def top1_ci(files: RunFiles, split: str, bench: str) -> dict | None:
