@@ -189,10 +189,10 @@ def write_npy(path: Path, array: np.ndarray) -> None:
     write_atomic(path, write)
 
 
-def write_parquet(path: Path, table: pa.Table) -> None:
+def write_parquet(path: Path, table: pa.Table, compression: str = "zstd") -> None:
     # Parquet needs a seekable sink; buffer in memory (tables here are per-shard and small).
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression=compression)
     write_bytes(path, buf.getvalue())
 
 

@@ -8,11 +8,10 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from simgap.data.tarwrite import tar_bytes
-from simgap.io import write_bytes
+from simgap.io import write_bytes, write_parquet
 from simgap.world.captions import caption_noise, clean_caption, pool_caption
 from simgap.world.labelled import benchmark_image, jpeg_bytes
 from simgap.world.plan import (
@@ -28,11 +27,9 @@ from simgap.world.plan import (
 )
 from simgap.world.render import near_duplicate, render_distractor, render_image
 
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
+# The world's parquet files were first written with pyarrow's default (snappy); keeping it keeps
+# every world's bytes (and GENERATOR_VERSION) unchanged.
+WORLD_PARQUET = "snappy"
 
 
 def _pool_sample(cfg: WorldConfig, plan: WorldPlan, index: int) -> tuple[bytes, str, str, int]:
@@ -93,7 +90,7 @@ def write_pool_shard(cfg: WorldConfig, plan: WorldPlan, shard: int, out: Path) -
         }
     )
     write_bytes(out / "pool" / f"{shard:05d}.tar", tar_bytes(sorted(members)))
-    write_bytes(out / "pool" / f"{shard:05d}.parquet", parquet_bytes(table))
+    write_parquet(out / "pool" / f"{shard:05d}.parquet", table, compression=WORLD_PARQUET)
     return stop - start
 
 
@@ -107,7 +104,9 @@ def write_near_duplicates(plan: WorldPlan, out: Path) -> None:
         }
     )
     (out / "ground_truth").mkdir(parents=True, exist_ok=True)
-    write_bytes(out / "ground_truth" / "near_duplicates.parquet", parquet_bytes(table))
+    write_parquet(
+        out / "ground_truth" / "near_duplicates.parquet", table, compression=WORLD_PARQUET
+    )
 
 
 POOL_TRUTH = "pool.parquet"  # in ground_truth/: what each pool sample is
@@ -141,4 +140,4 @@ def pool_ground_truth(cfg: WorldConfig) -> pa.Table:
 def write_pool_truth(cfg: WorldConfig, out: Path) -> None:
     (out / "ground_truth").mkdir(parents=True, exist_ok=True)
     table = pool_ground_truth(cfg)
-    write_bytes(out / "ground_truth" / POOL_TRUTH, parquet_bytes(table))
+    write_parquet(out / "ground_truth" / POOL_TRUTH, table, compression=WORLD_PARQUET)
