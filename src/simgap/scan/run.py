@@ -114,46 +114,34 @@ def scan_benchmarks(
     tests, info = load_tests(test_stores)
     groups = benchmark_groups(info)
     out = Path(out)
+    # What the reference pass and the pool pass share; each adds its own topk, folder, progress.
+    shared = ScanOptions(
+        config=config,
+        executor=executor,
+        return_rows=False,
+        test_info=info,
+        bad_rows=bad_rows,
+        groups=groups,
+    )
+
+    def progress(what: str):
+        return None if log is None else log_progress(what, log)
+
     thresholds = None
     if ref_store is not None:
         if ref_store.rows == 0:
             raise ValueError(f"{ref_store.path}: the reference store has no rows")
-        ref = scan_store(
-            ref_store,
-            tests,
-            options=ScanOptions(
-                topk=1,
-                out_dir=out / "reference",
-                progress=None if log is None else log_progress("reference scan", log),
-                config=config,
-                executor=executor,
-                return_rows=False,
-                test_info=info,
-                bad_rows=bad_rows,
-                groups=groups,
-            ),
+        ref_options = replace(
+            shared, topk=1, out_dir=out / "reference", progress=progress("reference scan")
         )
+        ref = scan_store(ref_store, tests, options=ref_options)
         thresholds = ref.topk_sim[:, 0].copy()
         if not np.isfinite(thresholds).all():
             raise ValueError(
                 f"{ref_store.path}: every reference row was excluded; no thresholds to use"
             )
-    return scan_store(
-        base_store,
-        tests,
-        thresholds,
-        ScanOptions(
-            topk=topk,
-            out_dir=out,
-            progress=None if log is None else log_progress("scan", log),
-            config=config,
-            executor=executor,
-            return_rows=False,
-            test_info=info,
-            bad_rows=bad_rows,
-            groups=groups,
-        ),
-    )
+    options = replace(shared, topk=topk, out_dir=out, progress=progress("scan"))
+    return scan_store(base_store, tests, thresholds, options)
 
 
 # ----------------------------------------------------------------------------- the splits' check
