@@ -154,8 +154,9 @@ def test_paper_world_plans_the_papers_grid(tmp_path):
     benchmarks = ["photo", "photo-v2", "sketch", "rendition", "hard", "pose"]
     for b in [*benchmarks, "combined", "coreset"]:
         assert specs[f"{b}-random"].control_of == b
-    # Trained: what the paper's two claims need (combined vs its control; far pruning at
-    # two sizes against both baselines); near, random and far-0.25 are made, not trained.
+    # Trained: what the paper's two claims need (combined vs its control; the far-pruned
+    # coreset and its control against both baselines); near, random and the other far sizes
+    # are made, not trained.
     for name in ("combined", "combined-random", "coreset", "coreset-random", "full-reference"):
         assert name in plan.trained
     assert specs["combined"].benchmarks == tuple(benchmarks)
@@ -163,11 +164,12 @@ def test_paper_world_plans_the_papers_grid(tmp_path):
         for f in (0.25, 0.5, 0.75):
             spec = specs[f"{policy}-{f:g}"]
             assert spec.policy == policy and spec.params["fraction"] == f
-            assert (spec.name in plan.trained) == (policy == "far" and f > 0.25)
+            assert (spec.name in plan.trained) == (policy == "far" and f == 0.5)
     assert specs["coreset"].policy == "coreset" and specs["coreset"].params == {"fraction": 0.5}
     assert "full" in plan.trained and "semdedup" in specs and "image-based" in specs
     # Every trained split sees the same samples (equal compute); the line keeps epochs.
     assert cfg.train.recipe.samples_seen == 160_000
+    assert cfg.train.seeds == 4
     # Parameters in `simgap select`'s vocabulary, as split.json records them.
     assert specs["semdedup"].params == {"clusters": 10, "eps": 0.124, "rule": "kept"}
     assert specs["image-based"].params == {"clusters": 10}

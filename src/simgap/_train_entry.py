@@ -21,6 +21,9 @@ It is open_clip_train's ``main`` with these additions, all made before ``main`` 
 6. Each dataloader worker memoizes the tokenizer per caption (bounded): every caption comes
    back once an epoch, and open_clip's tokenizer (ftfy + BPE, ~1-3 ms a caption on a CPU)
    cost tiny models more than their forward pass. The tokens are the same either way.
+7. webdataset's tar member reader is :func:`simgap.train.tarstream.tar_file_iterator`: the same
+   members in the same order, parsed without ``tarfile`` (27 against 6 us a member here; a
+   sample is three members). Compressed shards still go through webdataset's own reader.
 
 torchrun and srun launch this module on every rank, so the additions apply to every rank.
 """
@@ -95,6 +98,20 @@ class FilteredReader:
         for sample in self.reader(src, *args, **kwargs):
             if self.keep(sample):
                 yield sample
+
+
+def _fast_tar_members() -> None:
+    """webdataset's tar_file_expander looks up ``tar_file_iterator`` at call time, in the
+    dataloader workers too (forked after this patch)."""
+    import functools
+
+    import webdataset.tariterators as tariterators
+
+    from simgap.train.tarstream import tar_file_iterator
+
+    original = tariterators.tar_file_iterator
+    if getattr(original, "func", None) is not tar_file_iterator:
+        tariterators.tar_file_iterator = functools.partial(tar_file_iterator, fallback=original)
 
 
 def _weights_only_load(file_path, map_location=None):
@@ -186,6 +203,7 @@ def main(argv: list[str]) -> int:
     if keys is not None:
         reader = open_clip_train.data.tarfile_to_samples_nothrow
         open_clip_train.data.tarfile_to_samples_nothrow = FilteredReader(reader, KeyFilter(keys))
+    _fast_tar_members()
     open_clip_train.main.pt_load = _weights_only_load
     open_clip_train.main.optim = _FusedAdamW()
     open_clip_train.main.get_tokenizer = _cached_get_tokenizer(open_clip_train.main.get_tokenizer)

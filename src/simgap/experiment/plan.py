@@ -235,8 +235,9 @@ def _train_stages(
     executor: Executor,
     with_reference: set[str],
 ) -> list[Stage]:
-    """Per trained split a chain: materialize, then per seed train and evaluate. Then the
-    reference-line models: the reference set alone, one model per budget and seed."""
+    """Per trained split its materialize stage, then per seed a chain: train, evaluate (seeds
+    train side by side once the shards exist). Then the reference-line models: the reference
+    set alone, one model per budget and seed."""
     stages: list[Stage] = []
     add = stages.append
     shared = SharedTrainings(run)
@@ -275,10 +276,10 @@ def _train_stages(
                     ),
                     after=(f"materialize-{split}",),
                     owns=(str(REL.train / name),),
-                    chain=split,
+                    chain=name,
                 )
             )
-            add(_evaluate_stage(cfg, run, data, name, evaluated, chain=split))
+            add(_evaluate_stage(cfg, run, data, name, evaluated, chain=name))
     if reference_line(cfg):
         stages = [*_reference_materialize(cfg, run, data, executor), *stages]
         stages += _reference_models(cfg, run, data, evaluated, log)

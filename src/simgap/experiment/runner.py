@@ -5,10 +5,9 @@ unchanged, so a killed run resumes and a changed knob redoes only what depends o
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,9 @@ class Stage:
     fn: Callable[[Results], Any]
     after: tuple[str, ...] = ()
     owns: tuple[str, ...] = ()  # run-relative folders it writes: cleared when its key changes
-    chain: str | None = None  # a split's materialize → train → evaluate; chains run side by side
+    # Stages of one chain run in order (a split's materialize -> train -> evaluate); chains run
+    # side by side, each stage as soon as the stages in ``after`` are done.
+    chain: str | None = None
 
 
 # A stage record: its key, its result (any JSON) and its wall time.
@@ -116,9 +117,9 @@ class Runner:
 
 
 def execute(runner: Runner, parallel: int) -> None:
-    """Stages in plan order; each run of consecutive chain stages goes to a thread pool, one chain
-    per thread (each training is its own process: several single-threaded trainings side by side
-    use a small machine's cores better than one multi-threaded training of a tiny model)."""
+    """Stages in plan order; each run of consecutive chain stages goes to a thread pool (each
+    training is its own process: several single-threaded trainings side by side use a small
+    machine's cores better than one multi-threaded training of a tiny model)."""
     stages = runner.stages
     i = 0
     while i < len(stages):
@@ -129,27 +130,56 @@ def execute(runner: Runner, parallel: int) -> None:
         j = i
         while j < len(stages) and stages[j].chain is not None:
             j += 1
-        chains: dict[str, list[Stage]] = {}
-        for s in stages[i:j]:
-            chains.setdefault(s.chain, []).append(s)
-        _run_chains(runner, list(chains.values()), parallel)
+        _run_block(runner, stages[i:j], parallel)
         i = j
 
 
-def _run_chains(runner: Runner, chains: list[list[Stage]], parallel: int) -> None:
-    failed = threading.Event()
+def _ready(s: Stage, block: set[str], done: set[str], chain_next: dict[str, str]) -> bool:
+    """A stage may start once its chain reached it and the block stages it reads are done."""
+    return chain_next[s.chain] == s.name and all(a in done or a not in block for a in s.after)
 
-    def run_chain(chain: list[Stage]) -> None:
-        for s in chain:
-            if failed.is_set():
-                return  # another chain failed: do not start more work
-            try:
-                runner.run(s)
-            except BaseException:
-                failed.set()
-                raise
 
+def _run_block(runner: Runner, stages: list[Stage], parallel: int) -> None:
+    """Up to ``parallel`` stages at a time. A chain's stages run in order, and a stage starts as
+    soon as the stages it reads (``after``) are done, so one split's seeds train side by side
+    once its shards exist: no slot waits for a long chain to end. Among the stages ready to
+    start, plan order first. After a failure nothing new starts; the first failure is raised
+    once the running stages end."""
+    block = {s.name for s in stages}
+    pending = list(stages)
+    chain_next: dict[str, str] = {}
+    for s in reversed(stages):
+        chain_next[s.chain] = s.name  # the first stage of each chain
+    successor: dict[str, str] = {}  # the next stage of the same chain
+    last: dict[str, str] = {}
+    for s in stages:
+        if s.chain in last:
+            successor[last[s.chain]] = s.name
+        last[s.chain] = s.name
+    done: set[str] = set()
+    running: dict[Future, Stage] = {}
+    error: BaseException | None = None
     with ThreadPoolExecutor(max(1, parallel)) as pool:
-        futures = [pool.submit(run_chain, c) for c in chains]
-    for f in futures:
-        f.result()  # re-raise the first failure
+        while pending or running:
+            while error is None and len(running) < max(1, parallel):
+                # pending keeps plan order: the first ready stage is the earliest planned.
+                s = next((s for s in pending if _ready(s, block, done, chain_next)), None)
+                if s is None:
+                    break
+                pending.remove(s)
+                running[pool.submit(runner.run, s)] = s
+            if not running:
+                if error is None and pending:
+                    names = ", ".join(s.name for s in pending)
+                    raise RuntimeError(f"stages that wait on each other, never started: {names}")
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                s = running.pop(f)
+                if f.exception() is not None:
+                    error = error or f.exception()
+                    continue
+                done.add(s.name)
+                chain_next[s.chain] = successor.get(s.name, "")
+    if error is not None:
+        raise error
