@@ -22,8 +22,9 @@ It is open_clip_train's ``main`` with these additions, all made before ``main`` 
    back once an epoch, and open_clip's tokenizer (ftfy + BPE, ~1-3 ms a caption on a CPU)
    cost tiny models more than their forward pass. The tokens are the same either way.
 7. webdataset's tar member reader is :func:`simgap.train.tarstream.tar_file_iterator`: the same
-   members in the same order, parsed without ``tarfile`` (27 against 6 us a member here; a
-   sample is three members). Compressed shards still go through webdataset's own reader.
+   members in the same order, parsed without ``tarfile`` (23.5 against 3.7 us a member here,
+   benchmarks/iter_samples.py; a sample is three members). Compressed shards and streams that
+   are not local files still go through webdataset's own reader.
 
 torchrun and srun launch this module on every rank, so the additions apply to every rank.
 """

@@ -1,7 +1,7 @@
 """webdataset's tar member reader for open_clip_train, on simgap's header walk.
 
 open_clip_train reads shards with webdataset, which parses every member header with Python's
-``tarfile`` (a TarInfo object and an ExFileObject per member): 27 us a member here, against 6 us
+``tarfile`` (a TarInfo object and an ExFileObject per member): 23.5 us a member here, against 3.7 us
 for :class:`simgap.data.tars.TarWalk`, and a sample is three members. This module gives
 webdataset's ``tar_file_iterator`` contract (``dict(fname=, data=)`` per regular member, in
 order, meta files skipped, ``select_files`` / ``rename_files`` applied) on TarWalk, which hands
