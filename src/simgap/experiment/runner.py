@@ -35,8 +35,8 @@ class Stage:
     fn: Callable[[Results], Any]
     after: tuple[str, ...] = ()
     owns: tuple[str, ...] = ()  # run-relative folders it writes: cleared when its key changes
-    # Stages of one chain run in order (a split's materialize -> train -> evaluate); chains run
-    # side by side, each stage as soon as the stages in ``after`` are done.
+    # Stages of one chain run in order (a seed's train -> evaluate); chains run side by side,
+    # each stage as soon as the stages in ``after`` are done.
     chain: str | None = None
 
 
@@ -134,11 +134,6 @@ def execute(runner: Runner, parallel: int) -> None:
         i = j
 
 
-def _ready(s: Stage, block: set[str], done: set[str], chain_next: dict[str, str]) -> bool:
-    """A stage may start once its chain reached it and the block stages it reads are done."""
-    return chain_next[s.chain] == s.name and all(a in done or a not in block for a in s.after)
-
-
 def _run_block(runner: Runner, stages: list[Stage], parallel: int) -> None:
     """Up to ``parallel`` stages at a time. A chain's stages run in order, and a stage starts as
     soon as the stages it reads (``after``) are done, so one split's seeds train side by side
@@ -146,40 +141,36 @@ def _run_block(runner: Runner, stages: list[Stage], parallel: int) -> None:
     start, plan order first. After a failure nothing new starts; the first failure is raised
     once the running stages end."""
     block = {s.name for s in stages}
-    pending = list(stages)
-    chain_next: dict[str, str] = {}
-    for s in reversed(stages):
-        chain_next[s.chain] = s.name  # the first stage of each chain
-    successor: dict[str, str] = {}  # the next stage of the same chain
-    last: dict[str, str] = {}
+    waits_for: dict[str, list[str]] = {}  # the previous stage of its chain, and what it reads
+    last: dict[str | None, str] = {}
     for s in stages:
-        if s.chain in last:
-            successor[last[s.chain]] = s.name
+        earlier = [last[s.chain]] if s.chain in last else []
+        waits_for[s.name] = earlier + [a for a in s.after if a in block]
         last[s.chain] = s.name
+    slots = max(1, parallel)
+    pending = list(stages)
     done: set[str] = set()
     running: dict[Future, Stage] = {}
     error: BaseException | None = None
-    with ThreadPoolExecutor(max(1, parallel)) as pool:
+    with ThreadPoolExecutor(slots) as pool:
         while pending or running:
-            while error is None and len(running) < max(1, parallel):
+            while error is None and len(running) < slots:
                 # pending keeps plan order: the first ready stage is the earliest planned.
-                s = next((s for s in pending if _ready(s, block, done, chain_next)), None)
+                # Every stage waits only for earlier ones, so while none runs the first
+                # pending stage is ready.
+                s = next((s for s in pending if done.issuperset(waits_for[s.name])), None)
                 if s is None:
                     break
                 pending.remove(s)
                 running[pool.submit(runner.run, s)] = s
             if not running:
-                if error is None and pending:
-                    names = ", ".join(s.name for s in pending)
-                    raise RuntimeError(f"stages that wait on each other, never started: {names}")
-                break
+                break  # after a failure: what is pending never starts
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in finished:
                 s = running.pop(f)
                 if f.exception() is not None:
                     error = error or f.exception()
-                    continue
-                done.add(s.name)
-                chain_next[s.chain] = successor.get(s.name, "")
+                else:
+                    done.add(s.name)
     if error is not None:
         raise error

@@ -22,6 +22,8 @@ import tarfile
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
+from webdataset.handlers import reraise_exception
+
 from simgap.data.tars import TarWalk
 
 META = "__"  # webdataset.tariterators' meta_prefix and meta_suffix
@@ -37,10 +39,6 @@ def _local_size(fileobj: IO[bytes]) -> int | None:
     except (AttributeError, OSError, ValueError):
         return None
     return st.st_size if stat.S_ISREG(st.st_mode) else None
-
-
-def _reraise(exn: Exception) -> bool:
-    raise exn
 
 
 def _handle(exn: Exception, fileobj: IO[bytes], handler: Handler) -> bool:
@@ -63,7 +61,7 @@ def _members(fileobj: IO[bytes], size: int) -> Iterator[tuple[str, bytes]]:
 def tar_file_iterator(
     fileobj: IO[bytes],
     skip_meta: str | None = r"__[^/]*__($|/)",
-    handler: Handler = _reraise,
+    handler: Handler = reraise_exception,
     select_files: Callable[[str], bool] | None = None,
     rename_files: Callable[[str], str] | None = None,
     *,
