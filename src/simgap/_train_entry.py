@@ -25,6 +25,15 @@ It is open_clip_train's ``main`` with these additions, all made before ``main`` 
    members in the same order, parsed without ``tarfile`` (23.5 against 3.7 us a member here,
    benchmarks/iter_samples.py; a sample is three members). Compressed shards and streams that
    are not local files still go through webdataset's own reader.
+8. open_clip's plain train transform (RandomResizedCrop, RGB, ToTensor, Normalize) runs as
+   :class:`simgap.train.augment.CropResizeNormalize`: the same random draws and bit-equal
+   tensors, at about half the per-sample cost (the dataloader worker shares a core with the
+   model step on a CPU). Any other transform is left as open_clip made it.
+9. On a CPU, a convolutional image tower (open_clip's ModifiedResNet) is kept in channels-last
+   memory format: oneDNN's convolutions run ~14% faster a step for simgap-tiny at batch 64 on
+   one thread (82 against 71 ms, contiguous input batches). The model and the update rule are
+   the same; the sums run in another order, so the weights differ from a contiguous run's in
+   the last bits (a run is still bit-reproducible on one machine).
 
 torchrun and srun launch this module on every rank, so the additions apply to every rank.
 """
@@ -113,6 +122,33 @@ def _fast_tar_members() -> None:
     original = tariterators.tar_file_iterator
     if getattr(original, "func", None) is not tar_file_iterator:
         tariterators.tar_file_iterator = functools.partial(tar_file_iterator, fallback=original)
+
+
+def _channels_last_on_cpu(model) -> None:
+    """Item 9: a CPU model's convolutional image tower in channels-last format (in place)."""
+    import torch
+
+    visual = getattr(model, "visual", None)
+    params = list(visual.parameters()) if visual is not None else []
+    convs = [m for m in visual.modules() if isinstance(m, torch.nn.Conv2d)] if params else []
+    # A ViT's one patch-embedding conv gains nothing; only a tower of convolutions does.
+    if len(convs) > 1 and all(p.device.type == "cpu" for p in params):
+        visual.to(memory_format=torch.channels_last)
+
+
+def _fast_model_and_transforms(create):
+    """``create_model_and_transforms`` with items 8 and 9 applied to what it returns."""
+    import functools
+
+    from simgap.train.augment import fast_train_transform
+
+    @functools.wraps(create)
+    def made(*args, **kwargs):
+        model, preprocess_train, preprocess_val = create(*args, **kwargs)
+        _channels_last_on_cpu(model)
+        return model, fast_train_transform(preprocess_train), preprocess_val
+
+    return made
 
 
 def _weights_only_load(file_path, map_location=None):
@@ -208,6 +244,9 @@ def main(argv: list[str]) -> int:
     open_clip_train.main.pt_load = _weights_only_load
     open_clip_train.main.optim = _FusedAdamW()
     open_clip_train.main.get_tokenizer = _cached_get_tokenizer(open_clip_train.main.get_tokenizer)
+    open_clip_train.main.create_model_and_transforms = _fast_model_and_transforms(
+        open_clip_train.main.create_model_and_transforms
+    )
     result = open_clip_train.main.main(argv)
     # open_clip_train raised every logger to INFO, so torch's compiler prints its (empty)
     # metrics at exit: quiet torch's loggers once training is over.

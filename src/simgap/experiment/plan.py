@@ -370,7 +370,7 @@ def _analysis_stages(
     embeds: tuple[str, ...],
     log: Log,
 ) -> list[Stage]:
-    """Effective robustness, intervals, accuracy vs NN similarity, the contamination audit."""
+    """Effective robustness, intervals, accuracy vs NN similarity, class separation."""
     evals = tuple(f"evaluate-{model_name(s, k)}" for s in trained for k in range(cfg.train.seeds))
     line = [name for name, _ in reference_line(cfg)]
     sampling = _sampling_inputs(cfg)
@@ -405,17 +405,26 @@ def _analysis_stages(
             after=("embed-reference", f"embed-{bench_store_name(id_bench)}"),
         ),
     ]
-    if cfg.analysis.audit != "off":
-        stages.append(
-            Stage(
-                "audit",
-                {"method": cfg.analysis.audit, "threshold": cfg.analysis.audit_threshold},
-                lambda r: audit_step(run, data, cfg, benchmarks, log),
-                after=embeds,
-                owns=(str(REL.audit),),
-            )
-        )
     return stages
+
+
+def _audit_stages(
+    cfg: Config, run: Path, data: Data, benchmarks: list[str], embeds: tuple[str, ...], log: Log
+) -> list[Stage]:
+    """The contamination audit, as a chain of its own: planned after the trainings, it runs in
+    the block beside the last ones (it reads only the sources) instead of after them."""
+    if cfg.analysis.audit == "off":
+        return []
+    return [
+        Stage(
+            "audit",
+            {"method": cfg.analysis.audit, "threshold": cfg.analysis.audit_threshold},
+            lambda r: audit_step(run, data, cfg, benchmarks, log),
+            after=embeds,
+            owns=(str(REL.audit),),
+            chain="audit",
+        )
+    ]
 
 
 def _sampling_inputs(cfg: Config) -> dict[str, Any]:
@@ -482,6 +491,7 @@ def make_plan(
             executors.io,
             {s.name for s in specs if s.reference},
         ),
+        *_audit_stages(cfg, run, data, benchmarks, embeds, log),
         *_analysis_stages(cfg, run, data, trained, evaluated, benchmarks, embeds, log),
     ]
     line = [name for name, _ in reference_line(cfg)]
