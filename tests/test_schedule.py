@@ -97,3 +97,19 @@ def test_paper_world_gives_every_seed_its_own_chain(tmp_path):
     assert len(chains) == len(seeds) >= 3
     for s in seeds:
         assert s.after == ("materialize-full",)
+
+
+def test_paper_world_runs_the_audit_in_the_training_block(tmp_path):
+    """The audit reads only the sources: it is a chain of its own, planned after the last
+    training (so it fills a slot beside the last ones) and before the analyses."""
+    cfg = config.load("paper-world")
+    stages = make_plan(cfg, tmp_path, lambda m: None, Executor(LocalEngine(1))).stages
+    names = [s.name for s in stages]
+    audit = stages[names.index("audit")]
+    assert audit.chain == "audit" and all(a.startswith("embed-") for a in audit.after)
+    last_train = max(i for i, n in enumerate(names) if n.startswith(("train-", "evaluate-")))
+    first_analysis = min(i for i, n in enumerate(names) if n.startswith("analysis-robustness"))
+    assert last_train < names.index("audit") < first_analysis
+    # everything from the first materialize to the audit is one block of chain stages
+    first_chain = min(i for i, s in enumerate(stages) if s.chain is not None)
+    assert all(s.chain is not None for s in stages[first_chain : names.index("audit") + 1])
