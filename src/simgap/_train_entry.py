@@ -129,10 +129,11 @@ def _channels_last_on_cpu(model) -> None:
     import torch
 
     visual = getattr(model, "visual", None)
-    params = list(visual.parameters()) if visual is not None else []
-    convs = [m for m in visual.modules() if isinstance(m, torch.nn.Conv2d)] if params else []
+    if visual is None:
+        return
     # A ViT's one patch-embedding conv gains nothing; only a tower of convolutions does.
-    if len(convs) > 1 and all(p.device.type == "cpu" for p in params):
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in visual.modules())
+    if convs > 1 and all(p.device.type == "cpu" for p in visual.parameters()):
         visual.to(memory_format=torch.channels_last)
 
 

@@ -51,7 +51,10 @@ class CropResizeNormalize:
         self.ratio = ratio
         self.mean = np.asarray(mean, np.float32).reshape(-1, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(-1, 1, 1)
-        self._draw: torch.Tensor | None = None  # made lazily: a worker unpickles its own
+        # The draw buffers are made on first use in each process, never pickled: torch's
+        # multiprocessing pickler would put them in shared memory, one buffer for every worker.
+        self._draw: torch.Tensor | None = None
+        self._index: torch.Tensor | None = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_draw": None, "_index": None}
