@@ -168,8 +168,9 @@ def test_paper_world_plans_the_papers_grid(tmp_path):
     assert specs["coreset"].policy == "coreset" and specs["coreset"].params == {"fraction": 0.5}
     assert "full" in plan.trained and "semdedup" in specs and "image-based" in specs
     # Every trained split sees the same samples (equal compute); the line keeps epochs.
-    assert cfg.train.recipe.samples_seen == 160_000
-    assert cfg.train.seeds == 5
+    assert cfg.train.recipe.samples_seen == 200_000
+    assert cfg.train.seeds == 4
+    assert cfg.train.recipe.warmup_fraction == 0.08
     # Parameters in `simgap select`'s vocabulary, as split.json records them.
     assert specs["semdedup"].params == {"clusters": 10, "eps": 0.124, "rule": "kept"}
     assert specs["image-based"].params == {"clusters": 10}

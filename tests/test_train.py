@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -112,6 +113,29 @@ def trained(shards, tmp_path_factory) -> tuple[Path, Path, list[str]]:
 
 
 # --- argv and launch scripts -------------------------------------------------------------
+
+
+def test_warmup_fraction_is_a_share_of_the_scheduler_steps(tmp_path):
+    """open_clip_train's cosine schedule runs ceil(samples / global batch) x epochs steps; a
+    warm-up fraction becomes that share of them, for an epoch budget and a samples-seen one."""
+    from simgap.experiment.plan import recipe_key
+    from simgap.train.recipe import warmup_steps
+
+    share = dataclasses.replace(TINY, warmup_fraction=0.08)  # 2 epochs of batch 16
+    assert parse_args(open_clip_argv(share, NASTY, 1000, tmp_path, "r")).warmup == round(
+        0.08 * 63 * 2
+    )
+    seen = dataclasses.replace(share, samples_seen=200_000, epochs=16, batch_size=64)
+    # 16 parts of 12,500: ceil(12,500 / 64) = 196 steps each, 3,136 in all
+    assert parse_args(open_clip_argv(seen, NASTY, 7, tmp_path, "r")).warmup == 251
+    assert warmup_steps(dataclasses.replace(share, warmup_fraction=0.0001), 10) == 1
+    assert warmup_steps(TINY, 10**9) == TINY.warmup  # unset: the steps as given
+    with pytest.raises(ValueError, match="warmup_fraction"):
+        warmup_steps(dataclasses.replace(TINY, warmup_fraction=1.5), 1000)
+    # The cache key names the share (its steps depend on the data the key leaves out), and a
+    # recipe without one keeps the key it had.
+    assert recipe_key(share) != recipe_key(dataclasses.replace(share, warmup_fraction=0.1))
+    assert "warmup_fraction" not in recipe_key(TINY)
 
 
 def test_open_clip_argv_parses_with_open_clip_train(tmp_path):

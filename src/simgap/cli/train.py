@@ -31,6 +31,7 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="global batch (all GPUs together)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps")
+    p.add_argument("--warmup-fraction", type=float, help="warm-up as a share of all steps")
     p.add_argument("--wd", type=float, default=0.2)
     p.add_argument("--precision", default="fp32", help="fp32 on CPU; amp or amp_bf16 on GPUs")
     p.add_argument("--workers", type=int, default=1, help="dataloader workers per process")
@@ -61,6 +62,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         batch_size=a.batch_size,
         lr=a.lr,
         warmup=a.warmup,
+        warmup_fraction=a.warmup_fraction,
         wd=a.wd,
         precision=a.precision,
         workers=a.workers,

@@ -73,8 +73,12 @@ class Plan:
 
 def recipe_key(recipe: Recipe) -> list[str]:
     """A recipe as what open_clip_train is told: a field added to Recipe with a default that
-    changes nothing does not invalidate every cached training."""
-    return open_clip_argv(recipe, "<data>", 1, Path("/<out>"), "<name>")
+    changes nothing does not invalidate every cached training. A warm-up fraction is named as
+    such: its steps depend on the data, which the key stands in for."""
+    share = (
+        [] if recipe.warmup_fraction is None else ["warmup_fraction", repr(recipe.warmup_fraction)]
+    )
+    return open_clip_argv(recipe, "<data>", 1, Path("/<out>"), "<name>") + share
 
 
 def _source_stages(

@@ -4,6 +4,7 @@ names."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ class Recipe:
     batch_size: int = 64  # global batch; divided over ranks by torchrun_command / slurm_script
     lr: float = 5e-4
     warmup: int = 10  # steps
+    # A share of the training's steps instead (replaces `warmup`): every model of a run, from a
+    # 28-step reference-line model to a 3,000-step split, then warms up over the same share.
+    warmup_fraction: float | None = None
     wd: float = 0.2
     # AdamW betas/eps, always passed: open_clip_train picks its ViT defaults (0.9, 0.98, 1e-6)
     # only when "vit" is in the model name, so "simgap-tiny" would silently get ResNet ones.
@@ -58,6 +62,17 @@ def check_name(name: str) -> None:
         raise ValueError(f"run name must be a single folder name, got {name!r}")
 
 
+def warmup_steps(recipe: Recipe, num_samples: int) -> int:
+    """The warm-up steps open_clip_train gets: ``recipe.warmup``, or ``warmup_fraction`` of the
+    scheduler's steps (open_clip_train: ceil(samples an epoch / global batch) x epochs)."""
+    if recipe.warmup_fraction is None:
+        return recipe.warmup
+    if not 0 <= recipe.warmup_fraction < 1:
+        raise ValueError(f"warmup_fraction must be in [0, 1), got {recipe.warmup_fraction}")
+    steps = math.ceil(num_samples / recipe.batch_size) * recipe.epochs
+    return max(1, round(recipe.warmup_fraction * steps))
+
+
 def open_clip_argv(
     recipe: Recipe,
     train_data: str,
@@ -74,6 +89,7 @@ def open_clip_argv(
             raise ValueError(f"samples_seen {recipe.samples_seen} < epochs {recipe.epochs}")
         num_samples = recipe.samples_seen // recipe.epochs
         resampled = ["--dataset-resampled"]
+    warmup = warmup_steps(recipe, num_samples)
     if recipe.grad_checkpointing:
         resampled.append("--grad-checkpointing")
     return [
@@ -85,7 +101,7 @@ def open_clip_argv(
         "--epochs", str(recipe.epochs),
         "--batch-size", str(recipe.batch_size),
         "--lr", repr(recipe.lr),
-        "--warmup", str(recipe.warmup),
+        "--warmup", str(warmup),
         "--wd", repr(recipe.wd),
         "--beta1", repr(recipe.beta1),
         "--beta2", repr(recipe.beta2),
