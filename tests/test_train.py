@@ -118,7 +118,7 @@ def trained(shards, tmp_path_factory) -> tuple[Path, Path, list[str]]:
 def test_warmup_fraction_is_a_share_of_the_scheduler_steps(tmp_path):
     """open_clip_train's cosine schedule runs ceil(samples / global batch) x epochs steps; a
     warm-up fraction becomes that share of them, for an epoch budget and a samples-seen one."""
-    from simgap.experiment.plan import recipe_key
+    from simgap.experiment.keys import recipe_key
     from simgap.train.recipe import warmup_steps
 
     share = dataclasses.replace(TINY, warmup_fraction=0.08)  # 2 epochs of batch 16

@@ -12,6 +12,7 @@ from typing import Any
 from simgap.analysis import guarded
 from simgap.experiment.config import Config, ConfigError
 from simgap.experiment.engines import Executors, executors_of, kernel_config
+from simgap.experiment.keys import points_identity, portable, recipe_key, sampling_inputs
 from simgap.experiment.runner import Stage
 from simgap.experiment.specs import (
     Data,
@@ -20,7 +21,6 @@ from simgap.experiment.specs import (
     check_benchmarks,
     data_of,
     reference_line,
-    reference_points_path,
     split_specs,
     trained_splits,
     where,
@@ -46,11 +46,10 @@ from simgap.experiment.steps import (
     train_similarity_model,
     train_split,
 )
-from simgap.io import sha256_bytes
 from simgap.layout import RunLayout, bench_store_name
 from simgap.models import device_key
 from simgap.parallel import Executor
-from simgap.train import Recipe, open_clip_argv
+from simgap.train import Recipe
 from simgap.types import Log
 from simgap.world import generate_world
 
@@ -69,16 +68,6 @@ class Plan:
     trained: list[str]
     evaluated: list[str]
     reference_line: list[str] = dataclasses.field(default_factory=list)
-
-
-def recipe_key(recipe: Recipe) -> list[str]:
-    """A recipe as what open_clip_train is told: a field added to Recipe with a default that
-    changes nothing does not invalidate every cached training. A warm-up fraction is named as
-    such: its steps depend on the data, which the key stands in for."""
-    share = (
-        [] if recipe.warmup_fraction is None else ["warmup_fraction", repr(recipe.warmup_fraction)]
-    )
-    return open_clip_argv(recipe, "<data>", 1, Path("/<out>"), "<name>") + share
 
 
 def _source_stages(
@@ -377,7 +366,7 @@ def _analysis_stages(
     """Effective robustness, intervals, accuracy vs NN similarity, class separation."""
     evals = tuple(f"evaluate-{model_name(s, k)}" for s in trained for k in range(cfg.train.seeds))
     line = [name for name, _ in reference_line(cfg)]
-    sampling = _sampling_inputs(cfg)
+    sampling = sampling_inputs(cfg)
     id_bench = cfg.analysis.id_benchmark or evaluated[0]
 
     def guard(what: str, fn: Callable[[], dict]) -> Callable[[Results], dict]:
@@ -386,7 +375,7 @@ def _analysis_stages(
     stages = [
         Stage(
             "analysis-robustness",
-            {**sampling, "reference_line": line, "reference_points": _points_identity(cfg)},
+            {**sampling, "reference_line": line, "reference_points": points_identity(cfg)},
             guard("robustness", lambda: robustness_step(run, cfg, trained, evaluated, line)),
             after=(*evals, *(f"evaluate-{n}" for n in line)),
         ),
@@ -429,27 +418,6 @@ def _audit_stages(
             chain="audit",
         )
     ]
-
-
-def _sampling_inputs(cfg: Config) -> dict[str, Any]:
-    """What every interval is drawn with (analysis.Sampling): a change redoes the robustness and
-    statistics analyses."""
-    return {
-        "id_benchmark": cfg.analysis.id_benchmark,
-        "bootstrap": cfg.analysis.bootstrap,
-        "seeds": cfg.train.seeds,
-        "seed": cfg.seed,
-    }
-
-
-def _points_identity(cfg: Config) -> list | None:
-    """analysis.reference_points as path and content hash (None: no published points)."""
-    return _file_identity(reference_points_path(cfg)) if cfg.analysis.reference_points else None
-
-
-def _file_identity(path: Path) -> list:
-    """A given file's path and content hash: an edited points.csv redoes the analysis."""
-    return [str(path), sha256_bytes(path.read_bytes()) if path.is_file() else None]
 
 
 def make_plan(
@@ -500,11 +468,3 @@ def make_plan(
     ]
     line = [name for name, _ in reference_line(cfg)]
     return Plan(stages, benchmarks, specs, trained, evaluated, line)
-
-
-def portable(source: str, run: Path) -> str:
-    """Sources inside the run folder are keyed relative to it: a moved run stays cached."""
-    try:
-        return str(Path(source).relative_to(run))
-    except ValueError:
-        return source
