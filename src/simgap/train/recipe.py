@@ -29,7 +29,7 @@ class Recipe:
     lr: float = 5e-4
     warmup: int = 10  # steps
     # A share of the training's steps instead (replaces `warmup`): every model of a run, from a
-    # 28-step reference-line model to a 3,000-step split, then warms up over the same share.
+    # 29-step reference-line model to a 3,000-step split, then warms up over the same share.
     warmup_fraction: float | None = None
     wd: float = 0.2
     # AdamW betas/eps, always passed: open_clip_train picks its ViT defaults (0.9, 0.98, 1e-6)
