@@ -171,6 +171,9 @@ def test_paper_world_plans_the_papers_grid(tmp_path):
     assert cfg.train.recipe.samples_seen == 200_000
     assert cfg.train.seeds == 4
     assert cfg.train.recipe.warmup_fraction == 0.08
+    # The world's captions fit 17 tokens (tests/test_short_context.py): the same text function
+    # as simgap-tiny's 32 at less cost.
+    assert cfg.train.recipe.model == "simgap-tiny-ctx17"
     # Parameters in `simgap select`'s vocabulary, as split.json records them.
     assert specs["semdedup"].params == {"clusters": 10, "eps": 0.124, "rule": "kept"}
     assert specs["image-based"].params == {"clusters": 10}

@@ -48,6 +48,11 @@ class Recipe:
     # 4,200 (33,600 over 8 GPUs) in memory (estimate in configs/paper-laion.toml).
     grad_checkpointing: bool = False
 
+    def __post_init__(self) -> None:
+        # Here rather than where the steps are computed: a config names the key it came from.
+        if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
 
 def run_dir(out_dir: Path, name: str) -> Path:
     return Path(out_dir) / name
@@ -67,8 +72,6 @@ def warmup_steps(recipe: Recipe, num_samples: int) -> int:
     scheduler's steps (open_clip_train: ceil(samples an epoch / global batch) x epochs)."""
     if recipe.warmup_fraction is None:
         return recipe.warmup
-    if not 0 <= recipe.warmup_fraction < 1:
-        raise ValueError(f"warmup_fraction must be in [0, 1), got {recipe.warmup_fraction}")
     steps = math.ceil(num_samples / recipe.batch_size) * recipe.epochs
     return max(1, round(recipe.warmup_fraction * steps))
 
